@@ -1,0 +1,1 @@
+//! kiln-containerd (being written).

@@ -1,0 +1,20 @@
+//! Compiles the `.proto` files under `proto/` with tonic. `protoc` comes from
+//! the system (Debian's `protobuf-compiler`) or `$PROTOC`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/pb/ops.proto",
+        "proto/fsutil/types/wire.proto",
+        "proto/moby/filesync/v1/filesync.proto",
+        "proto/moby/buildkit/v1/types/worker.proto",
+        "proto/moby/buildkit/v1/control.proto",
+    ];
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&protos, &["proto"])?;
+    Ok(())
+}

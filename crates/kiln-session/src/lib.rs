@@ -1,0 +1,1 @@
+//! kiln-session (being written).
