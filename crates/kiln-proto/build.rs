@@ -12,7 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }
+    // Maps as BTreeMap: marshaled LLB ops must be byte-identical for the same
+    // content (op digests are hashes of the bytes), as Go's deterministic
+    // marshaling gives upstream.
     tonic_prost_build::configure()
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &["proto"])?;
