@@ -1,1 +1,642 @@
-//! kiln-solver (being written).
+//! The solver: turns an LLB definition into snapshots on a worker.
+//!
+//! For every vertex reachable from the result it computes a [`CacheKey`]
+//! from what determines the vertex's output — the op itself with its input
+//! digests cleared, the cache keys of its inputs, and for sources the
+//! identity of what they read (the image manifest digest, a content checksum
+//! of the local directory) — and looks the key up in the persistent
+//! [`CacheRecords`]. A hit whose snapshots still exist is reported as cached
+//! and not run. Everything else runs on the [`Worker`], with independent
+//! vertices running concurrently (each vertex is a shared future awaiting its
+//! inputs), and its result is recorded.
+//!
+//! Local sources come through [`LocalSources`] (the daemon serves them from
+//! the client's session); progress goes out through [`ProgressWriter`].
+
+pub mod cache;
+pub mod progress;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use kiln_image::oci::Platform;
+use kiln_image::reference::Reference;
+use kiln_llb::Graph;
+use kiln_proto::pb;
+use kiln_worker::{SnapshotId, Worker};
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+
+pub use cache::{CacheKey, CacheRecord, CacheRecords};
+pub use progress::{ProgressWriter, VertexProgress};
+
+/// A boxed error from a collaborator (session, frontend).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a vertex comes from in the user's source (a Dockerfile range).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceRange {
+    /// File name as the frontend recorded it (`Dockerfile`).
+    pub filename: String,
+    /// First line, 1-based.
+    pub start_line: u32,
+    /// Last line, 1-based.
+    pub end_line: u32,
+    /// The whole source text, for rendering the excerpt.
+    pub data: Vec<u8>,
+}
+
+/// Solver errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The definition is not a valid LLB graph.
+    #[error("invalid build definition")]
+    Definition(#[source] kiln_llb::Error),
+    /// A vertex failed on the worker.
+    #[error("{source}")]
+    Vertex {
+        /// Vertex name (`[2/2] RUN false`).
+        name: String,
+        /// Where the vertex comes from, if the frontend said.
+        location: Option<SourceRange>,
+        /// The worker's error.
+        #[source]
+        source: kiln_worker::Error,
+    },
+    /// Reading a local source from the client failed.
+    #[error("failed to transfer local source {name:?}")]
+    Local {
+        /// Local name (`context`).
+        name: String,
+        /// The session error.
+        #[source]
+        source: BoxError,
+    },
+    /// An op kind or source scheme kiln cannot run yet.
+    #[error("{what} is not supported yet")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+    },
+    /// A source identifier could not be understood.
+    #[error("invalid source {identifier:?}: {reason}")]
+    InvalidSource {
+        /// The identifier.
+        identifier: String,
+        /// Why.
+        reason: String,
+    },
+    /// A filesystem error in the solver's own state.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input of this vertex failed (the first failure is reported).
+    #[error(transparent)]
+    Input(Arc<Error>),
+}
+
+impl Error {
+    /// The innermost vertex failure, skipping `Input` wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Input(inner) => inner.root(),
+            other => other,
+        }
+    }
+
+    /// The source location of the failing vertex, if known.
+    pub fn location(&self) -> Option<&SourceRange> {
+        match self.root() {
+            Error::Vertex { location, .. } => location.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// Supplies local sources (`local://<name>`) — the daemon implements it over
+/// the client's session.
+#[async_trait::async_trait]
+pub trait LocalSources: Send + Sync {
+    /// Brings the local directory `name` up to date on the daemon side and
+    /// returns the directory holding it. `attrs` are the source op's attrs
+    /// (session id, include/exclude patterns, followpaths, shared key hint).
+    async fn sync(
+        &self,
+        name: &str,
+        attrs: &BTreeMap<String, String>,
+        progress: &VertexProgress,
+    ) -> Result<PathBuf, BoxError>;
+}
+
+/// Counters of one solve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SolveStats {
+    /// Vertices taken from the cache.
+    pub cached: usize,
+    /// Vertices run.
+    pub executed: usize,
+}
+
+/// The outcome of a solve.
+#[derive(Clone, Debug)]
+pub struct SolveResult {
+    /// The result snapshot (`None` = scratch or empty definition).
+    pub snapshot: Option<SnapshotId>,
+    /// Cache key of the result vertex.
+    pub cache_key: Option<CacheKey>,
+    /// Cache hit / run counts.
+    pub stats: SolveStats,
+}
+
+/// Per-solve options.
+#[derive(Clone, Debug, Default)]
+pub struct SolveOptions {
+    /// Ignore the cache for every vertex (results are still recorded).
+    pub no_cache: bool,
+}
+
+/// The solver of one worker.
+pub struct Solver {
+    worker: Arc<dyn Worker>,
+    records: CacheRecords,
+}
+
+impl fmt::Debug for Solver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Solver")
+            .field("worker", &self.worker.id())
+            .field("records", &self.records)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Resolved {
+    key: CacheKey,
+    outputs: Vec<Option<SnapshotId>>,
+    cached: bool,
+}
+
+type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Resolved>, Arc<Error>>>>;
+
+struct Context {
+    worker: Arc<dyn Worker>,
+    records: CacheRecords,
+    locals: Arc<dyn LocalSources>,
+    progress: ProgressWriter,
+    options: SolveOptions,
+}
+
+impl Solver {
+    /// A solver for `worker`, keeping cache records in `state_dir/cache`.
+    pub fn open(worker: Arc<dyn Worker>, state_dir: &Path) -> Result<Self, Error> {
+        let records = CacheRecords::open(&state_dir.join("cache"))?;
+        Ok(Self { worker, records })
+    }
+
+    /// The worker this solver runs on.
+    pub fn worker(&self) -> &Arc<dyn Worker> {
+        &self.worker
+    }
+
+    /// The cache records.
+    pub fn records(&self) -> &CacheRecords {
+        &self.records
+    }
+
+    /// Solves `definition`: every vertex reachable from its result, in
+    /// parallel where the graph allows.
+    pub async fn solve(
+        &self,
+        definition: &pb::Definition,
+        locals: Arc<dyn LocalSources>,
+        progress: ProgressWriter,
+        options: SolveOptions,
+    ) -> Result<SolveResult, Arc<Error>> {
+        let graph = Arc::new(Graph::from_definition(definition).map_err(|e| Arc::new(Error::Definition(e)))?);
+        let Some(result) = graph.result() else {
+            return Ok(SolveResult {
+                snapshot: None,
+                cache_key: None,
+                stats: SolveStats::default(),
+            });
+        };
+        let context = Arc::new(Context {
+            worker: self.worker.clone(),
+            records: self.records.clone(),
+            locals,
+            progress,
+            options,
+        });
+        let mut futures: HashMap<String, VertexFuture> = HashMap::new();
+        for digest in graph.topological_order() {
+            let inputs: Vec<(VertexFuture, usize)> = graph
+                .op(&digest)
+                .map(|op| {
+                    op.inputs
+                        .iter()
+                        .filter_map(|input| {
+                            futures
+                                .get(&input.digest)
+                                .map(|f| (f.clone(), usize::try_from(input.index).unwrap_or(usize::MAX)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let future = run_vertex(context.clone(), graph.clone(), digest.clone(), inputs)
+                .boxed()
+                .shared();
+            futures.insert(digest, future);
+        }
+        let Some(top) = futures.get(&result.digest).cloned() else {
+            return Err(Arc::new(Error::Unsupported {
+                what: format!("result vertex {}", result.digest),
+            }));
+        };
+        // Drive every vertex, not only the result's chain: all of them are
+        // reachable from the result, so this only matters for error order.
+        let resolved = top.await?;
+        let mut stats = SolveStats::default();
+        for future in futures.values() {
+            if let Some(Ok(r)) = future.peek() {
+                if r.cached {
+                    stats.cached += 1;
+                } else {
+                    stats.executed += 1;
+                }
+            }
+        }
+        let index = usize::try_from(result.index).unwrap_or(usize::MAX);
+        let snapshot = resolved.outputs.get(index).cloned().flatten();
+        Ok(SolveResult {
+            snapshot,
+            cache_key: Some(resolved.key.clone()),
+            stats,
+        })
+    }
+}
+
+fn vertex_name(graph: &Graph, digest: &str, op: &pb::Op) -> String {
+    if let Some(name) = graph
+        .metadata(digest)
+        .and_then(|m| m.description.get("llb.customname"))
+    {
+        return name.clone();
+    }
+    match &op.op {
+        Some(pb::op::Op::Source(source)) => source.identifier.clone(),
+        Some(pb::op::Op::Exec(exec)) => exec
+            .meta
+            .as_ref()
+            .map(|m| m.args.join(" "))
+            .unwrap_or_else(|| "exec".to_string()),
+        Some(pb::op::Op::File(_)) => "file".to_string(),
+        _ => digest.to_string(),
+    }
+}
+
+fn location(graph: &Graph, digest: &str) -> Option<SourceRange> {
+    graph.source_location(digest).map(|l| SourceRange {
+        filename: l.filename,
+        start_line: l.start_line,
+        end_line: l.end_line,
+        data: l.data,
+    })
+}
+
+async fn run_vertex(
+    context: Arc<Context>,
+    graph: Arc<Graph>,
+    digest: String,
+    inputs: Vec<(VertexFuture, usize)>,
+) -> Result<Arc<Resolved>, Arc<Error>> {
+    let op = graph.op(&digest).cloned().ok_or_else(|| {
+        Arc::new(Error::Unsupported {
+            what: format!("vertex {digest}"),
+        })
+    })?;
+    // Inputs first, concurrently.
+    let mut input_keys = Vec::with_capacity(inputs.len());
+    let mut input_snapshots = Vec::with_capacity(inputs.len());
+    let results = futures::future::join_all(inputs.iter().map(|(f, _)| f.clone())).await;
+    for (result, (_, index)) in results.into_iter().zip(inputs.iter()) {
+        let resolved = result.map_err(|e| Arc::new(Error::Input(e)))?;
+        input_keys.push(format!("{}:{}", resolved.key, index));
+        input_snapshots.push(resolved.outputs.get(*index).cloned().flatten());
+    }
+
+    let name = vertex_name(&graph, &digest, &op);
+    let ignore_cache = context.options.no_cache || graph.metadata(&digest).is_some_and(|m| m.ignore_cache);
+    let input_digests: Vec<String> = op.inputs.iter().map(|i| i.digest.clone()).collect();
+    let vertex_error = |source: kiln_worker::Error| {
+        Arc::new(Error::Vertex {
+            name: name.clone(),
+            location: location(&graph, &digest),
+            source,
+        })
+    };
+
+    match &op.op {
+        Some(pb::op::Op::Source(source)) => {
+            let progress = context.progress.start_vertex(&digest, &name, input_digests);
+            let result = run_source(&context, source, op.platform.as_ref(), ignore_cache, &progress, &name).await;
+            finish(&progress, result, vertex_error)
+        }
+        Some(pb::op::Op::Exec(_)) | Some(pb::op::Op::File(_)) => {
+            let mut stripped = op.clone();
+            stripped.inputs.clear();
+            let op_bytes = stripped.encode_to_vec();
+            let mut parts: Vec<(&str, &[u8])> = vec![("op", &op_bytes)];
+            for key in &input_keys {
+                parts.push(("input", key.as_bytes()));
+            }
+            let key = CacheKey::from_parts(parts);
+            let progress = context.progress.start_vertex(&digest, &name, input_digests);
+            if !ignore_cache {
+                if let Some(outputs) = lookup(&context, &key) {
+                    progress.cached();
+                    return Ok(Arc::new(Resolved {
+                        key,
+                        outputs,
+                        cached: true,
+                    }));
+                }
+            }
+            let result = match &op.op {
+                Some(pb::op::Op::Exec(exec)) => context.worker.exec(exec, &input_snapshots, &progress).await,
+                Some(pb::op::Op::File(file)) => context.worker.file(file, &input_snapshots).await,
+                _ => Ok(Vec::new()),
+            };
+            let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
+                record(&context, &key, &outputs, &name)?;
+                Ok(Resolved {
+                    key: key.clone(),
+                    outputs,
+                    cached: false,
+                })
+            });
+            finish(&progress, result, vertex_error)
+        }
+        Some(pb::op::Op::Merge(_)) => Err(Arc::new(Error::Unsupported {
+            what: "merge op".to_string(),
+        })),
+        Some(pb::op::Op::Diff(_)) => Err(Arc::new(Error::Unsupported {
+            what: "diff op".to_string(),
+        })),
+        Some(pb::op::Op::Build(_)) => Err(Arc::new(Error::Unsupported {
+            what: "build op".to_string(),
+        })),
+        None => Err(Arc::new(Error::Unsupported {
+            what: "an op without a kind".to_string(),
+        })),
+    }
+}
+
+/// Why a vertex failed, before it is wrapped with its name.
+enum SourceFailure {
+    Worker(kiln_worker::Error),
+    Other(Arc<Error>),
+}
+
+fn finish(
+    progress: &VertexProgress,
+    result: Result<Resolved, SourceFailure>,
+    vertex_error: impl Fn(kiln_worker::Error) -> Arc<Error>,
+) -> Result<Arc<Resolved>, Arc<Error>> {
+    match result {
+        Ok(resolved) => {
+            if resolved.cached {
+                progress.cached();
+            } else {
+                progress.done();
+            }
+            Ok(Arc::new(resolved))
+        }
+        Err(failure) => {
+            let error = match failure {
+                SourceFailure::Worker(e) => vertex_error(e),
+                SourceFailure::Other(e) => e,
+            };
+            progress.failed(&error.to_string());
+            Err(error)
+        }
+    }
+}
+
+/// A cache record whose snapshots all still exist.
+fn lookup(context: &Context, key: &CacheKey) -> Option<Vec<Option<SnapshotId>>> {
+    let record = context.records.get(key)?;
+    let all_present = record
+        .outputs
+        .iter()
+        .flatten()
+        .all(|id| context.worker.exists(&id.clone().into()));
+    all_present.then(|| record.outputs.into_iter().map(|o| o.map(Into::into)).collect())
+}
+
+fn record(context: &Context, key: &CacheKey, outputs: &[Option<SnapshotId>], name: &str) -> Result<(), SourceFailure> {
+    let plain: Vec<Option<String>> = outputs.iter().map(|o| o.as_ref().map(|s| s.to_string())).collect();
+    context
+        .records
+        .put(key, &plain, name)
+        .map_err(|e| SourceFailure::Other(Arc::new(e)))
+}
+
+fn to_platform(platform: Option<&pb::Platform>) -> Platform {
+    match platform {
+        Some(p) if !p.os.is_empty() => Platform {
+            architecture: p.architecture.clone(),
+            os: p.os.clone(),
+            variant: (!p.variant.is_empty()).then(|| p.variant.clone()),
+            ..Platform::host()
+        },
+        _ => Platform::host(),
+    }
+}
+
+async fn run_source(
+    context: &Context,
+    source: &pb::SourceOp,
+    platform: Option<&pb::Platform>,
+    ignore_cache: bool,
+    progress: &VertexProgress,
+    name: &str,
+) -> Result<Resolved, SourceFailure> {
+    let identifier = source.identifier.as_str();
+    if let Some(reference) = identifier.strip_prefix("docker-image://") {
+        let reference = Reference::parse_normalized(reference).map_err(|e| {
+            SourceFailure::Other(Arc::new(Error::InvalidSource {
+                identifier: identifier.to_string(),
+                reason: e.to_string(),
+            }))
+        })?;
+        let platform = to_platform(platform);
+        let platform_id = format!(
+            "{}/{}/{}",
+            platform.os,
+            platform.architecture,
+            platform.variant.clone().unwrap_or_default()
+        );
+        // A pinned digest names the content: no registry round trip is
+        // needed to know whether the cache holds it.
+        if let Some(digest) = reference.digest() {
+            let key = CacheKey::from_parts([
+                ("image", digest.to_string().as_bytes()),
+                ("platform", platform_id.as_bytes()),
+            ]);
+            if !ignore_cache {
+                if let Some(outputs) = lookup(context, &key) {
+                    return Ok(Resolved {
+                        key,
+                        outputs,
+                        cached: true,
+                    });
+                }
+            }
+        }
+        let resolved = context
+            .worker
+            .resolve_image(&reference, &platform)
+            .await
+            .map_err(SourceFailure::Worker)?;
+        let key = CacheKey::from_parts([
+            ("image", reference.digest().unwrap_or(&resolved.manifest_digest).to_string().as_bytes()),
+            ("platform", platform_id.as_bytes()),
+        ]);
+        if !ignore_cache {
+            if let Some(outputs) = lookup(context, &key) {
+                return Ok(Resolved {
+                    key,
+                    outputs,
+                    cached: true,
+                });
+            }
+        }
+        let snapshot = context
+            .worker
+            .pull(&resolved, progress)
+            .await
+            .map_err(SourceFailure::Worker)?;
+        let outputs = vec![snapshot];
+        record(context, &key, &outputs, name)?;
+        return Ok(Resolved {
+            key,
+            outputs,
+            cached: false,
+        });
+    }
+    if let Some(local_name) = identifier.strip_prefix("local://") {
+        let dir = context
+            .locals
+            .sync(local_name, &source.attrs, progress)
+            .await
+            .map_err(|source| {
+                SourceFailure::Other(Arc::new(Error::Local {
+                    name: local_name.to_string(),
+                    source,
+                }))
+            })?;
+        let checksum = checksum_dir(&dir).map_err(|source| {
+            SourceFailure::Other(Arc::new(Error::Io {
+                path: dir.clone(),
+                source,
+            }))
+        })?;
+        let key = CacheKey::from_parts([("local", checksum.as_bytes())]);
+        if let Some(outputs) = lookup(context, &key) {
+            // The content is what an earlier build snapshotted: reuse it.
+            // The vertex itself ran (the transfer happened), so it is not
+            // reported as cached.
+            return Ok(Resolved {
+                key,
+                outputs,
+                cached: false,
+            });
+        }
+        let snapshot = context
+            .worker
+            .snapshot_from_dir(&dir)
+            .await
+            .map_err(SourceFailure::Worker)?;
+        let outputs = vec![Some(snapshot)];
+        record(context, &key, &outputs, name)?;
+        return Ok(Resolved {
+            key,
+            outputs,
+            cached: false,
+        });
+    }
+    let scheme = identifier.split("://").next().unwrap_or(identifier);
+    Err(SourceFailure::Other(Arc::new(Error::Unsupported {
+        what: format!("source {scheme}://"),
+    })))
+}
+
+/// A checksum of a directory's content: paths, types, permission bits,
+/// symlink targets and file contents — not timestamps or owners, so touching
+/// a file keeps the cache.
+pub fn checksum_dir(root: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    checksum_into(root, root, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn checksum_into(root: &Path, dir: &Path, hasher: &mut Sha256) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let relative = path.strip_prefix(root).unwrap_or(&path);
+        let metadata = std::fs::symlink_metadata(&path)?;
+        let kind = metadata.file_type();
+        hasher.update(relative.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+        hasher.update(metadata.permissions().mode().to_le_bytes());
+        if kind.is_symlink() {
+            hasher.update(b"l");
+            hasher.update(std::fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+        } else if kind.is_dir() {
+            hasher.update(b"d");
+            checksum_into(root, &path, hasher)?;
+            hasher.update(b"/d");
+        } else if kind.is_file() {
+            hasher.update(b"f");
+            let mut file_hasher = Sha256::new();
+            let mut file = std::fs::File::open(&path)?;
+            std::io::copy(&mut file, &mut file_hasher)?;
+            hasher.update(file_hasher.finalize());
+        } else {
+            hasher.update(b"o");
+        }
+        hasher.update([0]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_mtime_but_not_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/a"), b"one").unwrap();
+        std::fs::write(dir.path().join("b"), b"two").unwrap();
+        let first = checksum_dir(dir.path()).unwrap();
+        let file = std::fs::File::options().write(true).open(dir.path().join("b")).unwrap();
+        file.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(first, checksum_dir(dir.path()).unwrap());
+        std::fs::write(dir.path().join("sub/a"), b"ONE").unwrap();
+        assert_ne!(first, checksum_dir(dir.path()).unwrap());
+    }
+}

@@ -1,0 +1,335 @@
+//! `buildkitd.toml` and buildkitd's flags (reference §4.2–4.3), resolved
+//! into one [`Config`]: the file first, then every flag that was given.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+/// The daemon's flags, named as buildkitd's.
+#[derive(Debug, clap::Parser)]
+#[command(name = "kilnd", version, about = "kiln's build daemon, speaking BuildKit's API")]
+pub struct Flags {
+    /// Path to the TOML configuration (default /etc/buildkit/buildkitd.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Enable debug output in logs.
+    #[arg(long)]
+    pub debug: bool,
+    /// Path to state directory.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Listening address (socket or tcp), repeatable.
+    #[arg(long = "addr")]
+    pub addr: Vec<String>,
+    /// Log formatter: json or text.
+    #[arg(long = "log-format")]
+    pub log_format: Option<String>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long = "log-level", env = "BUILDKITD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Group (name or gid) owning the unix sockets.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Enable the OCI worker (true, false or auto).
+    #[arg(long = "oci-worker")]
+    pub oci_worker: Option<String>,
+    /// Path to the runc binary of the OCI worker.
+    #[arg(long = "oci-worker-binary")]
+    pub oci_worker_binary: Option<PathBuf>,
+    /// Snapshotter of the OCI worker (auto or overlayfs).
+    #[arg(long = "oci-worker-snapshotter")]
+    pub oci_worker_snapshotter: Option<String>,
+    /// Extra worker labels (key=value), repeatable.
+    #[arg(long = "oci-worker-labels")]
+    pub oci_worker_labels: Vec<String>,
+    /// Enable the containerd worker (true, false or auto).
+    #[arg(long = "containerd-worker")]
+    pub containerd_worker: Option<String>,
+    /// Debug HTTP address (not supported yet).
+    #[arg(long = "debugaddr", env = "BUILDKITD_DEBUGADDR")]
+    pub debugaddr: Option<String>,
+}
+
+/// `[registry."host"]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RegistryConfig {
+    /// Plain HTTP.
+    pub http: bool,
+    /// Skip TLS verification.
+    pub insecure: bool,
+    /// Mirrors (parsed, not used yet).
+    pub mirrors: Vec<String>,
+}
+
+/// `[worker.oci]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct OciWorkerConfig {
+    /// Enabled (unset = auto).
+    pub enabled: Option<bool>,
+    /// runc binary.
+    pub binary: Option<PathBuf>,
+    /// Snapshotter.
+    pub snapshotter: Option<String>,
+    /// Extra labels.
+    pub labels: BTreeMap<String, String>,
+    /// Platforms (`linux/amd64`).
+    pub platforms: Vec<String>,
+}
+
+/// `[worker.containerd]` (only `enabled` is read in this version).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ContainerdWorkerConfig {
+    /// Enabled (unset = auto).
+    pub enabled: Option<bool>,
+}
+
+/// `[worker]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct WorkersConfig {
+    /// The OCI worker.
+    pub oci: OciWorkerConfig,
+    /// The containerd worker.
+    pub containerd: ContainerdWorkerConfig,
+}
+
+/// `[grpc]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct GrpcConfig {
+    /// Listen addresses.
+    pub address: Vec<String>,
+    /// Socket group id.
+    pub gid: Option<u32>,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: Option<String>,
+    /// Level.
+    pub level: Option<String>,
+}
+
+/// The TOML file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileConfig {
+    /// State directory.
+    pub root: Option<PathBuf>,
+    /// Debug logging.
+    pub debug: bool,
+    /// `[grpc]`.
+    pub grpc: GrpcConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[registry."host"]`.
+    pub registry: BTreeMap<String, RegistryConfig>,
+    /// `[worker]`.
+    pub worker: WorkersConfig,
+}
+
+/// Everything the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// State directory.
+    pub root: PathBuf,
+    /// Listen addresses.
+    pub addresses: Vec<String>,
+    /// Log level filter.
+    pub log_level: String,
+    /// `json` or `text`.
+    pub log_format: String,
+    /// Socket group.
+    pub group: Option<u32>,
+    /// Registry host settings.
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// OCI worker settings.
+    pub oci: OciWorkerConfig,
+}
+
+/// Default config file path (rootful).
+pub const DEFAULT_CONFIG: &str = "/etc/buildkit/buildkitd.toml";
+/// Default state directory (rootful).
+pub const DEFAULT_ROOT: &str = "/var/lib/buildkit";
+/// Default listen address (rootful).
+pub const DEFAULT_ADDRESS: &str = "unix:///run/buildkit/buildkitd.sock";
+
+fn parse_tristate(flag: &str, value: &str) -> anyhow::Result<Option<bool>> {
+    match value {
+        "true" | "1" => Ok(Some(true)),
+        "false" | "0" => Ok(Some(false)),
+        "auto" | "" => Ok(None),
+        other => bail!("invalid value {other:?} for --{flag}: expected true, false or auto"),
+    }
+}
+
+fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("failed to read /etc/group")?;
+    for line in groups.lines() {
+        let mut fields = line.split(':');
+        if fields.next() == Some(group) {
+            if let Some(gid) = fields.nth(1).and_then(|g| g.parse().ok()) {
+                return Ok(gid);
+            }
+        }
+    }
+    bail!("group {group:?} not found")
+}
+
+impl Config {
+    /// Loads the file (the default path may be missing; an explicit one may
+    /// not), then applies the flags.
+    pub fn load(flags: &Flags) -> anyhow::Result<Self> {
+        let (path, explicit) = match &flags.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let file = read_file_config(&path, explicit)?;
+
+        if let Some(addr) = &flags.debugaddr {
+            if !addr.is_empty() {
+                bail!("--debugaddr is not supported yet");
+            }
+        }
+        if let Some(v) = &flags.containerd_worker {
+            if parse_tristate("containerd-worker", v)? == Some(true) {
+                bail!("the containerd worker is not supported yet; use --oci-worker");
+            }
+        }
+        let mut oci = file.worker.oci.clone();
+        if let Some(v) = &flags.oci_worker {
+            oci.enabled = parse_tristate("oci-worker", v)?;
+        }
+        if let Some(binary) = &flags.oci_worker_binary {
+            oci.binary = Some(binary.clone());
+        }
+        if let Some(s) = &flags.oci_worker_snapshotter {
+            oci.snapshotter = Some(s.clone());
+        }
+        if let Some(s) = &oci.snapshotter {
+            if s != "auto" && s != "overlayfs" {
+                bail!("snapshotter {s:?} is not supported yet by the OCI worker (overlayfs only)");
+            }
+        }
+        for label in &flags.oci_worker_labels {
+            let Some((k, v)) = label.split_once('=') else {
+                bail!("invalid worker label {label:?}: expected key=value");
+            };
+            oci.labels.insert(k.to_string(), v.to_string());
+        }
+
+        let addresses = if !flags.addr.is_empty() {
+            flags.addr.clone()
+        } else if !file.grpc.address.is_empty() {
+            file.grpc.address.clone()
+        } else {
+            vec![DEFAULT_ADDRESS.to_string()]
+        };
+        for address in &addresses {
+            if !address.contains("://") {
+                bail!("address {address} does not contain proto, you meant unix://{address} ?");
+            }
+        }
+        let log_level = if flags.debug || file.debug {
+            "debug".to_string()
+        } else {
+            flags
+                .log_level
+                .clone()
+                .or(file.log.level.clone())
+                .unwrap_or_else(|| "info".to_string())
+        };
+        let group = match &flags.group {
+            Some(g) => Some(resolve_group(g)?),
+            None => file.grpc.gid,
+        };
+        Ok(Self {
+            root: flags
+                .root
+                .clone()
+                .or(file.root.clone())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
+            addresses,
+            log_level,
+            log_format: flags
+                .log_format
+                .clone()
+                .or(file.log.format.clone())
+                .unwrap_or_else(|| "text".to_string()),
+            group,
+            registries: file.registry.clone(),
+            oci,
+        })
+    }
+}
+
+fn read_file_config(path: &Path, explicit: bool) -> anyhow::Result<FileConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("failed to parse config {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("failed to read config {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            r#"
+root = "/from/file"
+[grpc]
+address = ["unix:///file.sock"]
+[registry."127.0.0.1:5000"]
+http = true
+[worker.oci]
+labels = { a = "b" }
+"#,
+        )
+        .unwrap();
+        let flags = Flags::parse_from([
+            "kilnd",
+            "--config",
+            path.to_str().unwrap(),
+            "--root",
+            "/from/flag",
+            "--oci-worker-labels",
+            "c=d",
+        ]);
+        let config = Config::load(&flags).unwrap();
+        assert_eq!(config.root, PathBuf::from("/from/flag"));
+        assert_eq!(config.addresses, vec!["unix:///file.sock".to_string()]);
+        assert!(config.registries["127.0.0.1:5000"].http);
+        assert_eq!(config.oci.labels.get("a").map(String::as_str), Some("b"));
+        assert_eq!(config.oci.labels.get("c").map(String::as_str), Some("d"));
+    }
+
+    #[test]
+    fn address_without_scheme_is_rejected() {
+        let flags = Flags::parse_from(["kilnd", "--config", "/nonexistent-kiln.toml"]);
+        assert!(Config::load(&flags).is_err(), "explicit missing config must fail");
+        let flags = Flags::parse_from(["kilnd", "--addr", "/tmp/x.sock"]);
+        let err = Config::load(&flags).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "address /tmp/x.sock does not contain proto, you meant unix:///tmp/x.sock ?"
+        );
+    }
+}

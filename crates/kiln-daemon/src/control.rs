@@ -1,0 +1,370 @@
+//! `moby.buildkit.v1.Control`: workers, sessions, progress and builds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::Stream;
+use kiln_image::oci::{ImageConfig, Platform};
+use kiln_proto::moby::buildkit::v1 as api;
+use kiln_proto::moby::buildkit::v1::control_server::Control;
+use kiln_proto::moby::buildkit::v1::types::{BuildkitVersion, WorkerRecord};
+use kiln_proto::pb;
+use kiln_session::SessionManager;
+use kiln_solver::{ProgressWriter, SolveOptions, Solver};
+use tonic::{Request, Response, Status};
+
+use crate::exporter::{self, ExporterKind};
+use crate::frontend::{self, UserError};
+use crate::jobs::{Jobs, StatusStream};
+use crate::locals::{SessionLocals, SESSION_WAIT};
+
+/// The daemon's state shared by every request.
+pub struct ControlService {
+    solver: Arc<Solver>,
+    sessions: Arc<SessionManager>,
+    jobs: Jobs,
+    root: PathBuf,
+}
+
+impl ControlService {
+    /// A service over `solver`, keeping transient files under `root`.
+    pub fn new(solver: Arc<Solver>, sessions: Arc<SessionManager>, root: PathBuf) -> Self {
+        Self {
+            solver,
+            sessions,
+            jobs: Jobs::default(),
+            root,
+        }
+    }
+
+    fn version() -> BuildkitVersion {
+        BuildkitVersion {
+            package: "kiln".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            revision: String::new(),
+        }
+    }
+
+    fn worker_record(&self) -> WorkerRecord {
+        let worker = self.solver.worker();
+        WorkerRecord {
+            id: worker.id().to_string(),
+            labels: worker.labels().into_iter().collect(),
+            platforms: worker.platforms().iter().map(to_pb_platform).collect(),
+            gc_policy: Vec::new(),
+            buildkit_version: Some(Self::version()),
+            cdi_devices: Vec::new(),
+        }
+    }
+}
+
+fn to_pb_platform(p: &Platform) -> pb::Platform {
+    pb::Platform {
+        architecture: p.architecture.clone(),
+        os: p.os.clone(),
+        variant: p.variant.clone().unwrap_or_default(),
+        os_version: p.os_version.clone().unwrap_or_default(),
+        os_features: p.os_features.clone().unwrap_or_default(),
+    }
+}
+
+/// Renders a failing step's place as BuildKit's client does: file and line,
+/// then the lines with the failing range marked.
+fn excerpt(location: &kiln_solver::SourceRange) -> String {
+    let text = String::from_utf8_lossy(&location.data);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = location.start_line.max(1) as usize;
+    let end = (location.end_line as usize).max(start);
+    let from = start.saturating_sub(3).max(1);
+    let to = (end + 2).min(lines.len());
+    let mut out = format!("{}:{}\n--------------------\n", location.filename, start);
+    for n in from..=to {
+        let line = lines.get(n - 1).copied().unwrap_or_default();
+        let marker = if (start..=end).contains(&n) { ">>>" } else { "   " };
+        out.push_str(&format!("{n:>4} | {marker} {line}\n"));
+    }
+    out.push_str("--------------------\n");
+    out
+}
+
+fn solve_error(e: &kiln_solver::Error) -> Status {
+    let place = e.location().map(excerpt).unwrap_or_default();
+    let message = format!("{place}failed to solve: {}", error_chain(e));
+    match e.root() {
+        kiln_solver::Error::Definition(_) | kiln_solver::Error::InvalidSource { .. } => {
+            Status::invalid_argument(message)
+        }
+        kiln_solver::Error::Unsupported { .. } => Status::unimplemented(message),
+        _ => Status::unknown(message),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn anyhow_status(e: anyhow::Error) -> Status {
+    let message = format!("failed to solve: {e:#}");
+    if e.downcast_ref::<UserError>().is_some() {
+        Status::invalid_argument(message)
+    } else {
+        Status::unknown(message)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl ControlService {
+    async fn run_solve(&self, request: api::SolveRequest, progress: &ProgressWriter) -> Result<api::SolveResponse, Status> {
+        let mut exporters: Vec<(String, BTreeMap<String, String>)> = request
+            .exporters
+            .iter()
+            .map(|e| (e.r#type.clone(), e.attrs.clone()))
+            .collect();
+        if exporters.is_empty() && !request.exporter_deprecated.is_empty() {
+            exporters.push((
+                request.exporter_deprecated.clone(),
+                request.exporter_attrs_deprecated.clone(),
+            ));
+        }
+        let kinds = exporters
+            .iter()
+            .map(|(kind, _)| ExporterKind::parse(kind))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+
+        let session = if request.session.is_empty() {
+            None
+        } else {
+            Some(
+                self.sessions
+                    .get(&request.session, SESSION_WAIT)
+                    .await
+                    .map_err(|e| Status::failed_precondition(format!("session {}: {e}", request.session)))?,
+            )
+        };
+        let tmp_root = self.root.join("tmp");
+        let request_ref = request.r#ref.clone();
+        let worker = self.solver.worker().clone();
+
+        let (definition, image_config) = match (request.frontend.as_str(), request.definition) {
+            ("dockerfile.v0", _) => {
+                let session = session.as_ref().ok_or_else(|| {
+                    Status::invalid_argument("the dockerfile.v0 frontend needs a session to read the Dockerfile")
+                })?;
+                let result = frontend::dockerfile(
+                    worker.clone(),
+                    session,
+                    &request.frontend_attrs,
+                    progress,
+                    &request.r#ref,
+                    &tmp_root,
+                )
+                .await
+                .map_err(anyhow_status)?;
+                (result.definition, result.image_config)
+            }
+            ("", Some(definition)) => {
+                let host = Platform::host();
+                let config = ImageConfig {
+                    architecture: host.architecture,
+                    os: host.os,
+                    ..Default::default()
+                };
+                (definition, config)
+            }
+            ("", None) => {
+                return Err(Status::unimplemented(
+                    "the gateway frontend API (LLBBridge) is not supported yet: send the frontend in Control.Solve",
+                ))
+            }
+            (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
+        };
+
+        let locals = Arc::new(SessionLocals::new(
+            self.sessions.clone(),
+            request.session.clone(),
+            &self.root.join("locals"),
+        ));
+        let options = SolveOptions {
+            no_cache: request.frontend_attrs.contains_key("no-cache"),
+        };
+        let result = self
+            .solver
+            .solve(&definition, locals, progress.clone(), options)
+            .await
+            .map_err(|e| solve_error(&e))?;
+
+        let mut response = BTreeMap::new();
+        for (index, ((_, attrs), kind)) in exporters.iter().zip(kinds).enumerate() {
+            let names = exporter::names(attrs).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            let oci_types = exporter::bool_attr(attrs, "oci-mediatypes", kind == ExporterKind::Oci)
+                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            let title = match kind {
+                ExporterKind::Image => "exporting to image",
+                ExporterKind::Docker => "exporting to docker image format",
+                ExporterKind::Oci => "exporting to oci image format",
+            };
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, title, &index.to_string()]),
+                title,
+                Vec::new(),
+            );
+            let exported: anyhow::Result<BTreeMap<String, String>> = async {
+                if kind == ExporterKind::Image && exporter::bool_attr(attrs, "push", false)? {
+                    anyhow::bail!("pushing images is not supported yet");
+                }
+                let image = exporter::commit_image(
+                    worker.as_ref(),
+                    result.snapshot.as_ref(),
+                    image_config.clone(),
+                    oci_types,
+                    &vertex,
+                )
+                .await?;
+                let response = exporter::response(&image, &names)?;
+                if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && exporter::bool_attr(attrs, "tar", true)? {
+                    let session = session
+                        .as_ref()
+                        .context("a tarball exporter needs a session to send the file to")?;
+                    let file = exporter::archive_to_temp(worker.as_ref(), &image, &names, &tmp_root).await?;
+                    let mut metadata = BTreeMap::new();
+                    for (k, v) in &response {
+                        metadata.insert(k.clone(), v.clone());
+                    }
+                    vertex.status("sending tarball", "sending tarball", 0, None, false);
+                    let sent = kiln_session::filesend::send(
+                        session.channel(),
+                        index,
+                        &metadata,
+                        tokio::fs::File::from_std(file),
+                    )
+                    .await
+                    .context("failed to send the image to the client")?;
+                    vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
+                }
+                Ok(response)
+            }
+            .await;
+            match exported {
+                Ok(r) => {
+                    vertex.done();
+                    response.extend(r);
+                }
+                Err(e) => {
+                    vertex.failed(&format!("{e:#}"));
+                    return Err(Status::unknown(format!("failed to export: {e:#}")));
+                }
+            }
+        }
+        Ok(api::SolveResponse {
+            exporter_response: response,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn disk_usage(
+        &self,
+        _request: Request<api::DiskUsageRequest>,
+    ) -> Result<Response<api::DiskUsageResponse>, Status> {
+        Err(Status::unimplemented("disk usage is not supported yet"))
+    }
+
+    type PruneStream = BoxStream<api::UsageRecord>;
+
+    async fn prune(&self, _request: Request<api::PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
+        Err(Status::unimplemented("prune is not supported yet"))
+    }
+
+    async fn solve(&self, request: Request<api::SolveRequest>) -> Result<Response<api::SolveResponse>, Status> {
+        let request = request.into_inner();
+        let build_ref = request.r#ref.clone();
+        let span = tracing::info_span!("build", r#ref = %build_ref);
+        let _entered = span.enter();
+        tracing::info!(frontend = %request.frontend, "solve");
+        drop(_entered);
+        let (writer, guard) = self.jobs.start(&build_ref);
+        // The solve runs inside this handler: when the client goes away,
+        // tonic drops the future and with it every running step.
+        let result = self.run_solve(request, &writer).await;
+        guard.finish(writer).await;
+        if let Err(status) = &result {
+            tracing::info!(r#ref = %build_ref, error = %status.message(), "solve failed");
+        }
+        result.map(Response::new)
+    }
+
+    type StatusStream = StatusStream;
+
+    async fn status(&self, request: Request<api::StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+        Ok(Response::new(self.jobs.subscribe(&request.into_inner().r#ref)))
+    }
+
+    type SessionStream = BoxStream<api::BytesMessage>;
+
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<api::BytesMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let metadata = request.metadata().clone();
+        let outbound = self
+            .sessions
+            .handle(&metadata, request.into_inner())
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(Box::pin(outbound)))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<api::ListWorkersRequest>,
+    ) -> Result<Response<api::ListWorkersResponse>, Status> {
+        Ok(Response::new(api::ListWorkersResponse {
+            record: vec![self.worker_record()],
+        }))
+    }
+
+    async fn info(&self, _request: Request<api::InfoRequest>) -> Result<Response<api::InfoResponse>, Status> {
+        Ok(Response::new(api::InfoResponse {
+            buildkit_version: Some(Self::version()),
+        }))
+    }
+}
+
+/// How long `Solve` waits for a session (re-exported for tests).
+pub const SESSION_TIMEOUT: Duration = SESSION_WAIT;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_marks_the_failing_line() {
+        let location = kiln_solver::SourceRange {
+            filename: "Dockerfile".into(),
+            start_line: 2,
+            end_line: 2,
+            data: b"FROM a\nRUN false\nCMD x\n".to_vec(),
+        };
+        let text = excerpt(&location);
+        assert!(text.starts_with("Dockerfile:2\n"), "{text}");
+        assert!(text.contains("   2 | >>> RUN false\n"), "{text}");
+        assert!(text.contains("   1 |     FROM a\n"), "{text}");
+    }
+}

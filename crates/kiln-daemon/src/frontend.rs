@@ -1,0 +1,257 @@
+//! The builtin `dockerfile.v0` frontend: reads the Dockerfile and
+//! `.dockerignore` over the session, resolves base images on the worker,
+//! compiles to LLB (reference §5.10).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use kiln_dockerfile::{CompileOptions, ImageMetaResolver};
+use kiln_image::oci::{ImageConfig, Platform};
+use kiln_image::reference::Reference;
+use kiln_image::Digest;
+use kiln_proto::pb;
+use kiln_session::filesync::{self, Differ, ReceiveRequest};
+use kiln_session::Session;
+use kiln_solver::ProgressWriter;
+use kiln_worker::Worker;
+use sha2::{Digest as _, Sha256};
+
+/// What the frontend hands to the solver and the exporter.
+pub struct FrontendResult {
+    /// The LLB of the target stage.
+    pub definition: pb::Definition,
+    /// The image config of the target stage (rootfs filled by the exporter).
+    pub image_config: ImageConfig,
+}
+
+/// A frontend failure the user caused (bad Dockerfile, missing file).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct UserError {
+    /// The message shown to the user.
+    pub message: String,
+}
+
+/// A stable vertex digest for daemon-side steps that are not LLB ops.
+pub fn synthetic_digest(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for p in parts {
+        hasher.update(p.as_bytes());
+        hasher.update([0]);
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Resolves base images on the worker, reporting each as
+/// `[internal] load metadata for <ref>`.
+struct WorkerResolver {
+    worker: Arc<dyn Worker>,
+    progress: ProgressWriter,
+    build_ref: String,
+}
+
+#[async_trait::async_trait]
+impl ImageMetaResolver for WorkerResolver {
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<(Digest, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+        let name = format!("[internal] load metadata for {reference}");
+        let vertex = self
+            .progress
+            .start_vertex(&synthetic_digest(&[&self.build_ref, &name]), &name, Vec::new());
+        match self.worker.resolve_image(reference, platform).await {
+            Ok(resolved) => {
+                vertex.done();
+                Ok((resolved.manifest_digest.clone(), resolved.config_bytes.clone()))
+            }
+            Err(e) => {
+                vertex.failed(&e.to_string());
+                Err(Box::new(e))
+            }
+        }
+    }
+}
+
+/// Parses `platform` (`linux/amd64[/v8]`, first of a list) or the host's.
+fn target_platform(attrs: &BTreeMap<String, String>) -> anyhow::Result<Platform> {
+    match attrs.get("platform").map(String::as_str) {
+        None | Some("") => Ok(Platform::host()),
+        Some(list) => {
+            let platforms: Vec<&str> = list.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+            if platforms.len() > 1 {
+                bail!("building for several platforms is not supported yet");
+            }
+            let first = platforms.first().copied().unwrap_or_default();
+            Platform::parse(first).with_context(|| format!("invalid platform {first:?}"))
+        }
+    }
+}
+
+/// Reads one small file set from a local of the session into `dir`.
+async fn fetch_files(
+    session: &Session,
+    local: &str,
+    files: Vec<String>,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    filesync::receive(
+        session.channel(),
+        ReceiveRequest {
+            dir_name: local.to_string(),
+            dest: dir.to_path_buf(),
+            include_patterns: Vec::new(),
+            exclude_patterns: Vec::new(),
+            followpaths: files,
+            differ: Differ::None,
+        },
+    )
+    .await
+    .with_context(|| format!("failed to read {local:?} from the client"))?;
+    Ok(())
+}
+
+/// Parses `.dockerignore` text into patterns (comments and blanks dropped).
+pub fn dockerignore_patterns(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs the Dockerfile frontend up to the LLB.
+pub async fn dockerfile(
+    worker: Arc<dyn Worker>,
+    session: &Session,
+    attrs: &BTreeMap<String, String>,
+    progress: &ProgressWriter,
+    build_ref: &str,
+    tmp_root: &Path,
+) -> anyhow::Result<FrontendResult> {
+    let filename = attrs
+        .get("filename")
+        .filter(|f| !f.is_empty())
+        .cloned()
+        .unwrap_or_else(|| "Dockerfile".to_string());
+    let dockerfile_key = attrs.get("dockerfilekey").cloned().unwrap_or_else(|| "dockerfile".to_string());
+    let context_key = attrs.get("contextkey").cloned().unwrap_or_else(|| "context".to_string());
+    if filename.contains("..") || filename.starts_with('/') {
+        return Err(UserError {
+            message: format!("invalid dockerfile name {filename:?}"),
+        }
+        .into());
+    }
+    std::fs::create_dir_all(tmp_root).with_context(|| format!("failed to create {}", tmp_root.display()))?;
+
+    // Dockerfile (and <Dockerfile>.dockerignore).
+    let name = format!("[internal] load build definition from {filename}");
+    let vertex = progress.start_vertex(&synthetic_digest(&[build_ref, &name]), &name, Vec::new());
+    let dir = tempfile::tempdir_in(tmp_root).context("failed to create temporary directory")?;
+    let own_ignore = format!("{filename}.dockerignore");
+    if let Err(e) = fetch_files(session, &dockerfile_key, vec![filename.clone(), own_ignore.clone()], dir.path()).await
+    {
+        vertex.failed(&format!("{e:#}"));
+        return Err(e);
+    }
+    let source = match std::fs::read(dir.path().join(&filename)) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let message = format!("failed to read dockerfile: open {filename}: {e}");
+            vertex.failed(&message);
+            return Err(UserError { message }.into());
+        }
+    };
+    let status = format!("transferring {dockerfile_key}: {}B", source.len());
+    vertex.status(&status, &status, source.len() as u64, None, true);
+    vertex.done();
+    let own_ignore_text = std::fs::read_to_string(dir.path().join(&own_ignore)).ok();
+
+    // .dockerignore from the context, unless the Dockerfile has its own.
+    let excludes = match own_ignore_text {
+        Some(text) => dockerignore_patterns(&text),
+        None => {
+            let name = "[internal] load .dockerignore".to_string();
+            let vertex = progress.start_vertex(&synthetic_digest(&[build_ref, &name]), &name, Vec::new());
+            let ignore_dir = tempfile::tempdir_in(tmp_root).context("failed to create temporary directory")?;
+            if let Err(e) =
+                fetch_files(session, &context_key, vec![".dockerignore".to_string()], ignore_dir.path()).await
+            {
+                vertex.failed(&format!("{e:#}"));
+                return Err(e);
+            }
+            let text = std::fs::read_to_string(ignore_dir.path().join(".dockerignore")).unwrap_or_default();
+            let status = format!("transferring {context_key}: {}B", text.len());
+            vertex.status(&status, &status, text.len() as u64, None, true);
+            vertex.done();
+            dockerignore_patterns(&text)
+        }
+    };
+
+    let text = String::from_utf8(source.clone()).map_err(|_| UserError {
+        message: format!("{filename}: not valid UTF-8"),
+    })?;
+    let parsed = kiln_dockerfile::parse(&text).map_err(|e| UserError {
+        message: format!("{filename}:{}: dockerfile parse error on line {}: {}", e.line, e.line, e.message),
+    })?;
+    let mut build_args = BTreeMap::new();
+    let mut labels = BTreeMap::new();
+    for (key, value) in attrs {
+        if let Some(arg) = key.strip_prefix("build-arg:") {
+            build_args.insert(arg.to_string(), value.clone());
+        } else if let Some(label) = key.strip_prefix("label:") {
+            labels.insert(label.to_string(), value.clone());
+        }
+    }
+    let options = CompileOptions {
+        filename: filename.clone(),
+        source,
+        target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
+        build_args,
+        labels,
+        platform: target_platform(attrs)?,
+        session_id: session.id().to_string(),
+        context_name: context_key,
+        excludes,
+    };
+    let resolver = WorkerResolver {
+        worker,
+        progress: progress.clone(),
+        build_ref: build_ref.to_string(),
+    };
+    let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
+        .await
+        .map_err(|e| UserError {
+            message: format!("{filename}: {e}"),
+        })?;
+    Ok(FrontendResult {
+        definition: compiled.definition,
+        image_config: compiled.image_config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerignore_lines() {
+        assert_eq!(
+            dockerignore_patterns("# c\n\n a \n!b\n"),
+            vec!["a".to_string(), "!b".to_string()]
+        );
+    }
+
+    #[test]
+    fn platform_attr() {
+        let mut attrs = BTreeMap::new();
+        assert_eq!(target_platform(&attrs).unwrap(), Platform::host());
+        attrs.insert("platform".into(), "linux/arm64".into());
+        assert_eq!(target_platform(&attrs).unwrap().architecture, "arm64");
+        attrs.insert("platform".into(), "linux/arm64,linux/amd64".into());
+        assert!(target_platform(&attrs).is_err());
+    }
+}

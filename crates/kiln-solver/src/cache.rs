@@ -1,0 +1,170 @@
+//! Persistent cache records: cache key → the snapshots a vertex produced.
+//!
+//! One small JSON file per record under `<state>/cache/`, written to a
+//! temporary name, fsynced and renamed, so a killed daemon leaves either the
+//! old record or the new one, never half of one. A record whose snapshots no
+//! longer exist in the worker is a miss.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::Error;
+
+/// What a vertex produced, by output index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// Snapshot per output (`None` = scratch).
+    pub outputs: Vec<Option<String>>,
+    /// The vertex name when the record was made (for `du` and debugging).
+    #[serde(default)]
+    pub description: String,
+    /// Seconds since the epoch.
+    #[serde(default)]
+    pub created: u64,
+}
+
+/// A cache key: hex of a sha256 over everything that determines a result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// Builds a key from labelled parts; the labels keep parts of different
+    /// kinds from colliding.
+    pub fn from_parts<'a>(parts: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"kiln-cache-v1\0");
+        for (label, bytes) in parts {
+            hasher.update((label.len() as u64).to_le_bytes());
+            hasher.update(label.as_bytes());
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        Self(hex::encode(hasher.finalize()))
+    }
+
+    /// The hex form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The on-disk record store.
+#[derive(Clone, Debug)]
+pub struct CacheRecords {
+    dir: PathBuf,
+}
+
+impl CacheRecords {
+    /// Opens (creating) the store in `dir`, removing leftovers of
+    /// interrupted writes.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, key: &CacheKey) -> PathBuf {
+        self.dir.join(format!("{}.json", key.as_str()))
+    }
+
+    /// The record for `key`, if any. An unreadable record counts as absent.
+    pub fn get(&self, key: &CacheKey) -> Option<CacheRecord> {
+        let bytes = fs::read(self.path(key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Stores a record atomically.
+    pub fn put(&self, key: &CacheKey, outputs: &[Option<String>], description: &str) -> Result<(), Error> {
+        let record = CacheRecord {
+            outputs: outputs.to_vec(),
+            description: description.to_string(),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let path = self.path(key);
+        let tmp = self.dir.join(format!("{}.{}.tmp", key.as_str(), std::process::id()));
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut file = fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+
+    /// Every record, for disk-usage reporting.
+    pub fn all(&self) -> Vec<(String, CacheRecord)> {
+        let mut out = Vec::new();
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(key) = name.strip_suffix(".json") {
+                    if let Ok(bytes) = fs::read(entry.path()) {
+                        if let Ok(record) = serde_json::from_slice(&bytes) {
+                            out.push((key.to_string(), record));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_separate_parts() {
+        let a = CacheKey::from_parts([("a", b"bc".as_slice())]);
+        let b = CacheKey::from_parts([("ab", b"c".as_slice())]);
+        let c = CacheKey::from_parts([("a", b"b".as_slice()), ("", b"c".as_slice())]);
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, CacheKey::from_parts([("a", b"bc".as_slice())]));
+    }
+
+    #[test]
+    fn records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = CacheRecords::open(dir.path()).unwrap();
+        let key = CacheKey::from_parts([("op", b"x".as_slice())]);
+        assert!(records.get(&key).is_none());
+        records.put(&key, &[Some("snap1".into()), None], "RUN x").unwrap();
+        std::fs::write(dir.path().join("junk.1.tmp"), b"{").unwrap();
+        let reopened = CacheRecords::open(dir.path()).unwrap();
+        let record = reopened.get(&key).unwrap();
+        assert_eq!(record.outputs, vec![Some("snap1".to_string()), None]);
+        assert!(!dir.path().join("junk.1.tmp").exists());
+        assert_eq!(reopened.all().len(), 1);
+    }
+}
