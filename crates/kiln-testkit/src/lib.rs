@@ -1,1 +1,188 @@
-//! kiln-testkit (being written).
+//! Test support for kiln's integration and end-to-end tests.
+//!
+//! - [`Kilnd`] starts the real `kilnd` binary in a temporary root on a given
+//!   address and stops it (SIGTERM, then SIGKILL) when dropped.
+//! - [`cargo_bin`] finds a workspace binary next to the running test.
+//! - [`run`] runs a command and captures its output as [`Output`].
+//! - [`BUSYBOX`] names the base-image fixture `scripts/fixtures` pushes to
+//!   the local registry.
+//!
+//! Tests that need the outside services (containerd, the registry) expect
+//! them started by `scripts/services start` (as `.ci/run` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The base image fixture (fully qualified: a short name would normalize to
+/// a public registry).
+pub const BUSYBOX: &str = "127.0.0.1:5000/busybox:latest";
+
+/// Path of a workspace binary built into the same target dir as the test.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Captured output of a finished command.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics with the whole output unless the command succeeded.
+    pub fn success(self) -> Self {
+        assert_eq!(self.code, 0, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Runs `command` to completion, capturing stdout and stderr.
+pub fn run(command: &mut Command) -> Output {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {command:?}: {e}"));
+    Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Whether a containerd answers on the default socket.
+pub fn containerd_available() -> bool {
+    Path::new("/run/containerd/containerd.sock").exists()
+}
+
+/// A running `kilnd` in its own root.
+#[derive(Debug)]
+pub struct Kilnd {
+    child: Option<Child>,
+    /// The state directory (`--root`).
+    pub root: PathBuf,
+    /// The listen address (`unix:///…`).
+    pub address: String,
+    /// The daemon's log file (stderr).
+    pub log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Kilnd {
+    /// Starts kilnd on `address` with a fresh temporary root and the local
+    /// registry marked plain-http; `extra` flags are appended. Waits until
+    /// the socket accepts connections.
+    pub fn start(address: &str, extra: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("kilnd-root-")
+            .tempdir_in(std::env::temp_dir())
+            .expect("temporary root");
+        let root = tmp.path().join("root");
+        let config = tmp.path().join("buildkitd.toml");
+        std::fs::write(&config, "[registry.\"127.0.0.1:5000\"]\nhttp = true\n").expect("write config");
+        let mut daemon = Self::start_in(&root, &config, address, extra);
+        daemon._tmp = Some(tmp);
+        daemon
+    }
+
+    /// Starts kilnd with the given root and config.
+    pub fn start_in(root: &Path, config: &Path, address: &str, extra: &[&str]) -> Self {
+        let log = root.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("kilnd log file");
+        let mut command = Command::new(cargo_bin("kilnd"));
+        command
+            .arg("--root")
+            .arg(root)
+            .arg("--config")
+            .arg(config)
+            .arg("--addr")
+            .arg(address)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        let child = command.spawn().expect("spawn kilnd");
+        let mut daemon = Self {
+            child: Some(child),
+            root: root.to_path_buf(),
+            address: address.to_string(),
+            log,
+            _tmp: None,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let socket = self.address.strip_prefix("unix://").map(PathBuf::from);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("kilnd exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            let ready = match &socket {
+                Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+                None => true,
+            };
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "kilnd did not listen in 30s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL after 10 s) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: sending a signal to our own child process.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
