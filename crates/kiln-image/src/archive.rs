@@ -1,0 +1,4 @@
+//! Archive (stub).
+#[derive(Debug, thiserror::Error)]
+/// An archive failure.
+pub enum Error {}

@@ -1,0 +1,4 @@
+//! Registry pull (stub).
+#[derive(Debug, thiserror::Error)]
+/// A registry failure.
+pub enum Error {}
