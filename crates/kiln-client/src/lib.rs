@@ -1,1 +1,120 @@
-//! kiln-client (being written).
+//! kiln's client of BuildKit's control API (`moby.buildkit.v1.Control`).
+//!
+//! - [`connect`] dials `unix://<path>` or `tcp://host:port` (h2c, 16 MiB
+//!   messages) and returns the generated [`ControlClient`];
+//!   [`ping`] is the liveness check nerdctl uses (`ListWorkers`).
+//! - `solve` runs one build: opens the session tunnel (kiln-session), then
+//!   `Control.Status` and `Control.Solve` concurrently, forwarding progress to a
+//!   channel (see [`SolveOptions`]).
+//! - [`progress`] models status messages as [`progress::ProgressEvent`]s and
+//!   renders them as buildctl's `--progress=plain` text with
+//!   [`progress::PlainPrinter`]; the caller owns the writer.
+//!
+//! Library code never prints; it logs with `tracing`.
+
+mod connect;
+pub mod progress;
+#[cfg(feature = "session")]
+mod solve;
+
+use std::time::Duration;
+
+pub use connect::{connect, ping, ping_address, Address, MAX_MESSAGE_SIZE};
+pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
+pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
+pub use kiln_proto::moby::buildkit::v1::StatusResponse;
+#[cfg(feature = "session")]
+pub use solve::{new_ref, solve, SolveOptions, SolveOutcome};
+
+/// Errors of the control-API client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The address is neither `unix://` nor `tcp://`.
+    #[error("unsupported address scheme: {address:?}")]
+    UnsupportedScheme {
+        /// The address as given.
+        address: String,
+    },
+    /// The address has a supported scheme but is malformed.
+    #[error("invalid address {address:?}: {reason}")]
+    InvalidAddress {
+        /// The address as given.
+        address: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Connecting (socket or HTTP/2 handshake) failed.
+    #[error("failed to connect to {address}")]
+    Connect {
+        /// The address dialed.
+        address: String,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting took longer than allowed.
+    #[error("timed out after {timeout:?} connecting to {address}")]
+    ConnectTimeout {
+        /// The address dialed.
+        address: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// Connecting and pinging took longer than allowed.
+    #[error("timed out after {timeout:?} pinging {address}")]
+    PingTimeout {
+        /// The address pinged.
+        address: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// A control-API call failed; the daemon's status message is kept.
+    #[error("{method} failed: {}", status.message())]
+    Rpc {
+        /// The method called (`ListWorkers`, ...).
+        method: &'static str,
+        /// The gRPC status as received.
+        status: tonic::Status,
+    },
+    /// The daemon rejected or failed the build; the message is the daemon's.
+    #[error("failed to solve: {}", status.message())]
+    Solve {
+        /// The gRPC status as received (code, message, details).
+        status: tonic::Status,
+    },
+    /// The session tunnel could not be opened.
+    #[cfg(feature = "session")]
+    #[error("failed to start the session")]
+    Session {
+        /// The session error.
+        #[source]
+        source: kiln_session::Error,
+    },
+}
+
+impl Error {
+    /// The daemon's gRPC status, when the error came from an RPC.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Error::Rpc { status, .. } | Error::Solve { status } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+/// Renders an error with its `source()` chain, `: `-separated (the form
+/// the CLI and the discovery messages use).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some transports repeat their cause in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
