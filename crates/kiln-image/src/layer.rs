@@ -253,6 +253,14 @@ fn parse_pax_time(value: &[u8]) -> Option<(i64, i64)> {
     Some((secs, nanos))
 }
 
+/// A numeric header field; an empty one (all NUL or spaces) reads as 0, as in Go's reader.
+fn numeric(raw: &[u8], parsed: io::Result<u64>) -> Result<u64> {
+    if raw.iter().all(|&b| b == 0 || b == b' ') {
+        return Ok(0);
+    }
+    parsed.map_err(|source| Error::Read { source })
+}
+
 fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &mut Vec<(PathBuf, (i64, i64))>) -> Result<()> {
     let raw = entry.path_bytes().into_owned();
     let kind = entry.header().entry_type();
@@ -270,24 +278,13 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
         return xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(io_err("set opaque xattr on", &parent));
     }
-    if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-        if hidden.is_empty() || hidden == b"." || hidden == b".." {
-            return Err(Error::UnsafePath {
-                path: String::from_utf8_lossy(&raw).into_owned(),
-                reason: "invalid whiteout name",
-            });
-        }
-        let target = parent.join(OsStr::from_bytes(hidden));
-        remove_existing(&target)?;
-        return mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(nix_err("create whiteout", &target));
-    }
-
-    let target = parent.join(name);
     let header = entry.header();
-    let mode = header.mode().map_err(|source| Error::Read { source })? & 0o7777;
-    let uid = header.uid().map_err(|source| Error::Read { source })?;
-    let gid = header.gid().map_err(|source| Error::Read { source })?;
-    let mut mtime = (header.mtime().map_err(|source| Error::Read { source })? as i64, 0);
+    let mode = numeric(&header.as_old().mode, header.mode().map(u64::from))? as u32 & 0o7777;
+    let uid = numeric(&header.as_old().uid, header.uid())?;
+    let gid = numeric(&header.as_old().gid, header.gid())?;
+    let mut mtime = (numeric(&header.as_old().mtime, header.mtime())? as i64, 0);
+    let uid = u32::try_from(uid).unwrap_or(u32::MAX);
+    let gid = u32::try_from(gid).unwrap_or(u32::MAX);
     let device = (
         header.device_major().ok().flatten().unwrap_or(0),
         header.device_minor().ok().flatten().unwrap_or(0),
@@ -309,6 +306,22 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
         }
     }
 
+    if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(Error::UnsafePath {
+                path: String::from_utf8_lossy(&raw).into_owned(),
+                reason: "invalid whiteout name",
+            });
+        }
+        let target = parent.join(OsStr::from_bytes(hidden));
+        remove_existing(&target)?;
+        mknod(&target, SFlag::S_IFCHR, Mode::from_bits_truncate(mode), makedev(0, 0))
+            .map_err(nix_err("create whiteout", &target))?;
+        std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err("change owner of", &target))?;
+        return set_mtime(&target, mtime);
+    }
+
+    let target = parent.join(name);
     let existing = fs::symlink_metadata(&target).ok();
     let keep_dir = kind == EntryType::Directory && existing.as_ref().is_some_and(|m| m.is_dir());
     if existing.is_some() && !keep_dir {
@@ -379,8 +392,6 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     }
 
     let is_symlink = kind == EntryType::Symlink;
-    let uid = u32::try_from(uid).unwrap_or(u32::MAX);
-    let gid = u32::try_from(gid).unwrap_or(u32::MAX);
     std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err("change owner of", &target))?;
     for (name, value) in &xattrs {
         if let Err(e) = xattr::set(&target, name, value) {
