@@ -1,4 +1,768 @@
-//! Registry pull (stub).
+//! Pulling images from an OCI distribution registry: manifests (with platform selection in
+//! indexes), configs and blobs, with anonymous bearer-token authentication.
+//!
+//! Hosts are reached over https unless [`RegistryHosts`] says otherwise; `localhost`, `127.0.0.1`
+//! and `[::1]` without configuration try https first and fall back to plain http, like BuildKit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::{Response, StatusCode};
+use serde::Deserialize;
+
+use crate::content::{self, ContentStore};
+use crate::oci::{media_types, Descriptor, ImageConfig, ImageIndex, ImageManifest, Platform};
+use crate::reference::{Reference, DEFAULT_DOMAIN};
+use crate::Digest;
+
+/// Manifests and configs above this size are refused (they are read into memory).
+const MAX_DOCUMENT_SIZE: usize = 16 << 20;
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A registry failure. Every variant names the image reference involved.
 #[derive(Debug, thiserror::Error)]
-/// A registry failure.
-pub enum Error {}
+pub enum Error {
+    /// The HTTP client could not be built.
+    #[error("failed to create http client")]
+    Client {
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request failed before an HTTP status was received.
+    #[error("failed to fetch {url} for {reference}")]
+    Request {
+        /// The image.
+        reference: Reference,
+        /// The URL requested.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an unexpected status.
+    #[error("failed to fetch {url} for {reference}: {status}")]
+    Status {
+        /// The image.
+        reference: Reference,
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+    },
+    /// The registry wants credentials other than an anonymous bearer token.
+    #[error("failed to fetch {url} for {reference}: {status} (only anonymous bearer tokens are supported)")]
+    Unauthorized {
+        /// The image.
+        reference: Reference,
+        /// The URL requested.
+        url: String,
+        /// The HTTP status (401 or 403).
+        status: StatusCode,
+    },
+    /// The token endpoint could not be reached or refused.
+    #[error("failed to get anonymous token from {realm} for {reference}")]
+    TokenRequest {
+        /// The image.
+        reference: Reference,
+        /// The token endpoint.
+        realm: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The token endpoint answered with an error status or without a token.
+    #[error("failed to get anonymous token from {realm} for {reference}: {detail}")]
+    Token {
+        /// The image.
+        reference: Reference,
+        /// The token endpoint.
+        realm: String,
+        /// The status or missing field.
+        detail: String,
+    },
+    /// A manifest of a media type we cannot handle.
+    #[error("manifest {digest} of {reference} has unsupported media type {media_type:?}")]
+    UnsupportedMediaType {
+        /// The image.
+        reference: Reference,
+        /// The manifest's digest.
+        digest: Digest,
+        /// Its media type.
+        media_type: String,
+    },
+    /// A JSON document did not parse.
+    #[error("failed to parse {what} {digest} of {reference}")]
+    Json {
+        /// The image.
+        reference: Reference,
+        /// `manifest`, `index` or `config`.
+        what: &'static str,
+        /// The document's digest.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Content does not have the digest it was asked for by.
+    #[error("{what} of {reference} has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        /// The image.
+        reference: Reference,
+        /// `manifest`, `config` or `blob`.
+        what: &'static str,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest received.
+        actual: Digest,
+    },
+    /// Content does not have the size its descriptor says.
+    #[error("blob {digest} of {reference} has size {actual}, expected {expected}")]
+    SizeMismatch {
+        /// The image.
+        reference: Reference,
+        /// The blob.
+        digest: Digest,
+        /// The descriptor's size.
+        expected: u64,
+        /// The size received.
+        actual: u64,
+    },
+    /// A manifest or config larger than we read into memory.
+    #[error("{what} of {reference} is larger than {limit} bytes")]
+    TooLarge {
+        /// The image.
+        reference: Reference,
+        /// `manifest` or `config`.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// The index has no manifest for the wanted platform.
+    #[error("no match for platform {platform} in manifest {digest} of {reference} (available: {available})")]
+    NoMatchingPlatform {
+        /// The image.
+        reference: Reference,
+        /// The wanted platform.
+        platform: String,
+        /// The index digest.
+        digest: Digest,
+        /// The platforms the index has, comma-separated.
+        available: String,
+    },
+    /// Storing a blob failed.
+    #[error("failed to store blob {digest} of {reference}")]
+    Content {
+        /// The image.
+        reference: Reference,
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: content::Error,
+    },
+}
+
+/// Result of registry operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach one registry host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Use plain http.
+    pub http: bool,
+    /// Accept any TLS certificate.
+    pub insecure: bool,
+}
+
+/// Per-host settings, keyed by registry domain as written in references (`127.0.0.1:5000`,
+/// `docker.io`).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryHosts {
+    hosts: BTreeMap<String, HostConfig>,
+}
+
+/// One way to reach a host: base URL and TLS leniency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    base: String,
+    insecure: bool,
+}
+
+impl RegistryHosts {
+    /// No host configured: https everywhere, http fallback for loopback hosts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the configuration of `host`.
+    pub fn insert(&mut self, host: impl Into<String>, config: HostConfig) -> &mut Self {
+        self.hosts.insert(host.into(), config);
+        self
+    }
+
+    /// Builder form of [`insert`](Self::insert).
+    pub fn with(mut self, host: impl Into<String>, config: HostConfig) -> Self {
+        self.insert(host, config);
+        self
+    }
+
+    /// The configuration of `host`, if any.
+    pub fn get(&self, host: &str) -> Option<&HostConfig> {
+        self.hosts.get(host)
+    }
+
+    /// Endpoints to try for `domain`, in order.
+    fn endpoints(&self, domain: &str) -> Vec<Endpoint> {
+        let host = if domain == DEFAULT_DOMAIN {
+            "registry-1.docker.io"
+        } else {
+            domain
+        };
+        match self.hosts.get(domain) {
+            Some(c) if c.http => vec![Endpoint {
+                base: format!("http://{host}"),
+                insecure: false,
+            }],
+            Some(c) => vec![Endpoint {
+                base: format!("https://{host}"),
+                insecure: c.insecure,
+            }],
+            None if is_loopback(domain) => vec![
+                Endpoint {
+                    base: format!("https://{host}"),
+                    insecure: false,
+                },
+                Endpoint {
+                    base: format!("http://{host}"),
+                    insecure: false,
+                },
+            ],
+            None => vec![Endpoint {
+                base: format!("https://{host}"),
+                insecure: false,
+            }],
+        }
+    }
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+fn is_loopback(domain: &str) -> bool {
+    let host = if domain.starts_with('[') {
+        domain.split_once(']').map_or(domain, |(h, _)| h).trim_start_matches('[')
+    } else {
+        domain.split(':').next().unwrap_or(domain)
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "::1")
+}
+
+/// An image resolved to one platform's manifest, with its config.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// The reference that was resolved (as given).
+    pub reference: Reference,
+    /// Digest of the platform manifest (not of the index).
+    pub manifest_digest: Digest,
+    /// The platform manifest.
+    pub manifest: ImageManifest,
+    /// Its exact bytes.
+    pub manifest_bytes: Vec<u8>,
+    /// The image config.
+    pub config: ImageConfig,
+    /// Its exact bytes.
+    pub config_bytes: Vec<u8>,
+}
+
+impl ResolvedImage {
+    /// Descriptor of the platform manifest.
+    pub fn manifest_descriptor(&self) -> Descriptor {
+        let media_type = self
+            .manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| media_types::OCI_MANIFEST.to_owned());
+        Descriptor::new(media_type, self.manifest_digest.clone(), self.manifest_bytes.len() as u64)
+    }
+}
+
+/// Resolves references and fetches blobs. Cheap to clone; remembers tokens and which loopback
+/// hosts speak plain http.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hosts: RegistryHosts,
+    client: reqwest::Client,
+    insecure_client: reqwest::Client,
+    /// `(host, scope)` → bearer token.
+    tokens: Mutex<HashMap<(String, String), String>>,
+    /// Domain → index of the endpoint that worked.
+    working: Mutex<HashMap<String, usize>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct Challenge {
+    scheme: String,
+    params: BTreeMap<String, String>,
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."` (quoted values may contain commas).
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let mut params = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while matches!(chars.peek(), Some(' ' | ',')) {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            break;
+        }
+        chars.next()?; // '='
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+impl Resolver {
+    /// A resolver for `hosts`.
+    pub fn new(hosts: RegistryHosts) -> Result<Self> {
+        let build = |insecure: bool| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(30))
+                .danger_accept_invalid_certs(insecure)
+                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|source| Error::Client { source })
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                hosts,
+                client: build(false)?,
+                insecure_client: build(true)?,
+                tokens: Mutex::new(HashMap::new()),
+                working: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Resolves `reference` to the manifest for `platform` (choosing in an index) and fetches and
+    /// verifies its config.
+    pub async fn resolve(&self, reference: &Reference, platform: &Platform) -> Result<ResolvedImage> {
+        let target = match (reference.digest(), reference.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_owned(),
+            (None, None) => crate::reference::DEFAULT_TAG.to_owned(),
+        };
+        let (mut bytes, mut media_type) = self.fetch_manifest(reference, &target).await?;
+        let mut digest = Digest::of(&bytes);
+        if let Some(expected) = reference.digest() {
+            check_digest(reference, "manifest", expected, &digest)?;
+        }
+        if media_types::is_index(&media_type) {
+            let index: ImageIndex = parse_json(reference, "index", &digest, &bytes)?;
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|m| m.platform.as_ref().is_some_and(|p| platform.matches(p)) && media_types::is_manifest(&m.media_type))
+                .ok_or_else(|| Error::NoMatchingPlatform {
+                    reference: reference.clone(),
+                    platform: platform.to_string(),
+                    digest: digest.clone(),
+                    available: index
+                        .manifests
+                        .iter()
+                        .filter_map(|m| m.platform.as_ref().map(ToString::to_string))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let expected = chosen.digest.clone();
+            tracing::debug!(%reference, %platform, manifest = %expected, "selected manifest from index");
+            (bytes, media_type) = self.fetch_manifest(reference, &expected.to_string()).await?;
+            digest = Digest::of(&bytes);
+            check_digest(reference, "manifest", &expected, &digest)?;
+        }
+        if !media_types::is_manifest(&media_type) {
+            return Err(Error::UnsupportedMediaType {
+                reference: reference.clone(),
+                digest,
+                media_type,
+            });
+        }
+        let manifest: ImageManifest = parse_json(reference, "manifest", &digest, &bytes)?;
+        let config_bytes = self.fetch_config(reference, &manifest.config).await?;
+        let config: ImageConfig = parse_json(reference, "config", &manifest.config.digest, &config_bytes)?;
+        Ok(ResolvedImage {
+            reference: reference.clone(),
+            manifest_digest: digest,
+            manifest,
+            manifest_bytes: bytes,
+            config,
+            config_bytes,
+        })
+    }
+
+    /// Streams the blob `descriptor` of `reference` into `store`, verifying digest and size.
+    /// Does nothing when the store already has it.
+    pub async fn fetch_blob(&self, reference: &Reference, descriptor: &Descriptor, store: &ContentStore) -> Result<()> {
+        let digest = &descriptor.digest;
+        if store.has(digest) {
+            return Ok(());
+        }
+        let (url, mut response) = self.get(reference, &format!("blobs/{digest}"), None).await?;
+        let content_err = |source| Error::Content {
+            reference: reference.clone(),
+            digest: digest.clone(),
+            source,
+        };
+        let mut writer = store.writer().map_err(content_err)?;
+        while let Some(chunk) = response.chunk().await.map_err(|source| Error::Request {
+            reference: reference.clone(),
+            url: url.clone(),
+            source,
+        })? {
+            std::io::Write::write_all(&mut writer, &chunk).map_err(|source| {
+                content_err(content::Error::Io {
+                    path: store.root().join("ingest"),
+                    source,
+                })
+            })?;
+            if writer.size() > descriptor.size {
+                break;
+            }
+        }
+        if writer.size() != descriptor.size {
+            return Err(Error::SizeMismatch {
+                reference: reference.clone(),
+                digest: digest.clone(),
+                expected: descriptor.size,
+                actual: writer.size(),
+            });
+        }
+        match writer.commit(Some(digest)) {
+            Ok(_) => Ok(()),
+            Err(content::Error::DigestMismatch { expected, actual }) => Err(Error::DigestMismatch {
+                reference: reference.clone(),
+                what: "blob",
+                expected,
+                actual,
+            }),
+            Err(e) => Err(content_err(e)),
+        }
+    }
+
+    async fn fetch_manifest(&self, reference: &Reference, target: &str) -> Result<(Vec<u8>, String)> {
+        let (url, response) = self.get(reference, &format!("manifests/{target}"), Some(MANIFEST_ACCEPT)).await?;
+        let header_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+        let bytes = read_limited(reference, "manifest", &url, response).await?;
+        // The body's own mediaType wins; registries may answer with a generic content type.
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(rename = "mediaType", default)]
+            media_type: Option<String>,
+            #[serde(default)]
+            manifests: Option<serde_json::Value>,
+            #[serde(default)]
+            config: Option<serde_json::Value>,
+        }
+        let probe: Option<Probe> = serde_json::from_slice(&bytes).ok();
+        let media_type = match probe {
+            Some(Probe {
+                media_type: Some(m), ..
+            }) => m,
+            Some(Probe { manifests: Some(_), .. }) => media_types::OCI_INDEX.to_owned(),
+            Some(Probe { config: Some(_), .. }) => media_types::OCI_MANIFEST.to_owned(),
+            _ => header_type.unwrap_or_default(),
+        };
+        Ok((bytes, media_type))
+    }
+
+    async fn fetch_config(&self, reference: &Reference, descriptor: &Descriptor) -> Result<Vec<u8>> {
+        let (url, response) = self.get(reference, &format!("blobs/{}", descriptor.digest), None).await?;
+        let bytes = read_limited(reference, "config", &url, response).await?;
+        check_digest(reference, "config", &descriptor.digest, &Digest::of(&bytes))?;
+        Ok(bytes)
+    }
+
+    /// GET `/v2/<path>/<suffix>` on the first endpoint that answers, with token auth; fails on a
+    /// non-success status.
+    async fn get(&self, reference: &Reference, suffix: &str, accept: Option<&str>) -> Result<(String, Response)> {
+        let domain = reference.domain();
+        let endpoints = self.inner.hosts.endpoints(domain);
+        let start = self.lock_working().get(domain).copied().unwrap_or(0).min(endpoints.len().saturating_sub(1));
+        let mut last_err = None;
+        for (i, endpoint) in endpoints.iter().enumerate().skip(start) {
+            let url = format!("{}/v2/{}/{}", endpoint.base, reference.path(), suffix);
+            match self.get_authorized(reference, endpoint, &url, accept).await {
+                Ok(response) => {
+                    if i != start {
+                        self.lock_working().insert(domain.to_owned(), i);
+                    }
+                    return check_status(reference, url, response);
+                }
+                Err(e @ Error::Request { .. }) if i + 1 < endpoints.len() => {
+                    tracing::debug!(%reference, %url, error = %e, "endpoint failed, trying the next one");
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::Status {
+            reference: reference.clone(),
+            url: domain.to_owned(),
+            status: StatusCode::BAD_GATEWAY,
+        }))
+    }
+
+    fn lock_working(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.inner.working.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_tokens(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.inner.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn get_authorized(&self, reference: &Reference, endpoint: &Endpoint, url: &str, accept: Option<&str>) -> Result<Response> {
+        let client = if endpoint.insecure {
+            &self.inner.insecure_client
+        } else {
+            &self.inner.client
+        };
+        let scope = format!("repository:{}:pull", reference.path());
+        let key = (endpoint.base.clone(), scope.clone());
+        let send = |token: Option<String>| {
+            let mut request = client.get(url);
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept);
+            }
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            async move {
+                request.send().await.map_err(|source| Error::Request {
+                    reference: reference.clone(),
+                    url: url.to_owned(),
+                    source,
+                })
+            }
+        };
+        let cached = self.lock_tokens().get(&key).cloned();
+        let response = send(cached.clone()).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let challenge = response
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v: &HeaderValue| v.to_str().ok())
+            .filter_map(parse_challenge)
+            .find(|c| c.scheme == "bearer");
+        let Some(challenge) = challenge else {
+            return Ok(response);
+        };
+        let Some(realm) = challenge.params.get("realm").cloned() else {
+            return Ok(response);
+        };
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(service) = challenge.params.get("service") {
+            query.push(("service", service));
+        }
+        let scope = challenge.params.get("scope").cloned().unwrap_or(scope);
+        query.push(("scope", &scope));
+        tracing::debug!(%reference, %realm, %scope, "fetching anonymous bearer token");
+        let token_response = client
+            .get(&realm)
+            .query(&query)
+            .send()
+            .await
+            .map_err(|source| Error::TokenRequest {
+                reference: reference.clone(),
+                realm: realm.clone(),
+                source,
+            })?;
+        let status = token_response.status();
+        if !status.is_success() {
+            return Err(Error::Token {
+                reference: reference.clone(),
+                realm,
+                detail: status.to_string(),
+            });
+        }
+        let body = token_response.bytes().await.map_err(|source| Error::TokenRequest {
+            reference: reference.clone(),
+            realm: realm.clone(),
+            source,
+        })?;
+        let token = serde_json::from_slice::<TokenResponse>(&body)
+            .ok()
+            .and_then(|t| t.token.or(t.access_token))
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::Token {
+                reference: reference.clone(),
+                realm: realm.clone(),
+                detail: "response has no token".to_owned(),
+            })?;
+        self.lock_tokens().insert(key, token.clone());
+        send(Some(token)).await
+    }
+}
+
+fn check_status(reference: &Reference, url: String, response: Response) -> Result<(String, Response)> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok((url, response));
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Err(Error::Unauthorized {
+            reference: reference.clone(),
+            url,
+            status,
+        });
+    }
+    Err(Error::Status {
+        reference: reference.clone(),
+        url,
+        status,
+    })
+}
+
+async fn read_limited(reference: &Reference, what: &'static str, url: &str, mut response: Response) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|source| Error::Request {
+        reference: reference.clone(),
+        url: url.to_owned(),
+        source,
+    })? {
+        if out.len() + chunk.len() > MAX_DOCUMENT_SIZE {
+            return Err(Error::TooLarge {
+                reference: reference.clone(),
+                what,
+                limit: MAX_DOCUMENT_SIZE,
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn check_digest(reference: &Reference, what: &'static str, expected: &Digest, actual: &Digest) -> Result<()> {
+    if expected == actual {
+        return Ok(());
+    }
+    Err(Error::DigestMismatch {
+        reference: reference.clone(),
+        what,
+        expected: expected.clone(),
+        actual: actual.clone(),
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(reference: &Reference, what: &'static str, digest: &Digest, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Json {
+        reference: reference.clone(),
+        what,
+        digest: digest.clone(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_follow_host_config_and_loopback_fallback() {
+        let hosts = RegistryHosts::new()
+            .with(
+                "reg.example:5000",
+                HostConfig {
+                    http: true,
+                    insecure: false,
+                },
+            )
+            .with(
+                "self.example",
+                HostConfig {
+                    http: false,
+                    insecure: true,
+                },
+            );
+        let bases = |d: &str| hosts.endpoints(d).into_iter().map(|e| e.base).collect::<Vec<_>>();
+        assert_eq!(bases("reg.example:5000"), ["http://reg.example:5000"]);
+        assert_eq!(bases("ghcr.io"), ["https://ghcr.io"]);
+        assert_eq!(bases("docker.io"), ["https://registry-1.docker.io"]);
+        assert_eq!(bases("127.0.0.1:5000"), ["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
+        assert_eq!(bases("localhost"), ["https://localhost", "http://localhost"]);
+        assert_eq!(bases("[::1]:5000"), ["https://[::1]:5000", "http://[::1]:5000"]);
+        assert_eq!(bases("127.0.0.2:5000"), ["https://127.0.0.2:5000"]);
+        assert!(hosts.endpoints("self.example")[0].insecure);
+    }
+
+    #[test]
+    fn bearer_challenge_parsing() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.example/token");
+        assert_eq!(c.params["service"], "registry.example");
+        assert_eq!(c.params["scope"], "repository:a/b:pull,push");
+        let c = parse_challenge(r#"Basic realm="Registry""#).unwrap();
+        assert_eq!(c.scheme, "basic");
+        assert_eq!(c.params["realm"], "Registry");
+    }
+}
