@@ -244,6 +244,10 @@ async fn import_unpack_run_and_reimport_busybox() {
         .get("containerd.io/uncompressed")
         .is_some_and(|d| d.starts_with("sha256:")));
 
+    // The import and unpack leases are gone.
+    let leases = ctr(&["-n", &ns.0, "leases", "ls", "-q"]);
+    assert!(leases.trim().is_empty(), "leftover leases: {leases}");
+
     // Tagging: a new name, then replacing an existing one.
     let second = format!("127.0.0.1:5000/kiln-test/second:{}", random());
     containerd.tag(&ns.0, &name, &second).await.unwrap();
@@ -342,6 +346,193 @@ async fn empty_archives_and_missing_sockets_fail_clearly() {
         error
             .to_string()
             .contains("/run/kiln-test-absent/containerd.sock"),
+        "{error}"
+    );
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+fn blob_path(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// A multi-platform image whose host manifest stacks a 3 MiB uncompressed layer on busybox, in
+/// an index that also names a manifest for another platform that the archive does not hold.
+#[tokio::test]
+async fn index_with_two_layers_reuses_the_base_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = skopeo_archive(tmp.path());
+    let ns = TestNamespace::new("stack");
+    let containerd = Containerd::connect(SOCKET).await.unwrap();
+    let platform = Platform::host();
+
+    // Busybox alone first: its layer's snapshot is then present for the stacked image.
+    let base_name = format!("127.0.0.1:5000/kiln-test/base:{}", random());
+    let options = ImportOptions::new(Some(base_name.clone()), platform.clone(), SNAPSHOTTER);
+    let base = containerd
+        .import_archive(&ns.0, std::fs::File::open(&archive).unwrap(), &options)
+        .await
+        .unwrap();
+    let base_stats = containerd
+        .unpack(&ns.0, &base[0], SNAPSHOTTER, &platform)
+        .await
+        .unwrap();
+    assert_eq!(base_stats.layers_present, 0);
+
+    let mut entries = tar_entries(&archive);
+    let index: serde_json::Value = serde_json::from_slice(&entries["index.json"]).unwrap();
+    let base_manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let base_manifest: serde_json::Value =
+        serde_json::from_slice(&entries[&blob_path(base_manifest_digest)]).unwrap();
+    let base_config: serde_json::Value = serde_json::from_slice(
+        &entries[&blob_path(base_manifest["config"]["digest"].as_str().unwrap())],
+    )
+    .unwrap();
+
+    // An uncompressed layer holding /data/blob: 3 MiB, so Content.Write takes several messages.
+    let payload: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_size(0);
+    dir.set_mode(0o755);
+    dir.set_cksum();
+    layer.append_data(&mut dir, "data/", &[][..]).unwrap();
+    let mut file = tar::Header::new_gnu();
+    file.set_size(payload.len() as u64);
+    file.set_mode(0o644);
+    file.set_cksum();
+    layer
+        .append_data(&mut file, "data/blob", &payload[..])
+        .unwrap();
+    let layer = layer.into_inner().unwrap();
+    let layer_digest = sha256(&layer);
+
+    let mut config = base_config.clone();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(layer_digest));
+    config["history"] = serde_json::json!([]);
+    let config = serde_json::to_vec(&config).unwrap();
+    let mut manifest = base_manifest.clone();
+    manifest["config"]["digest"] = serde_json::json!(sha256(&config));
+    manifest["config"]["size"] = serde_json::json!(config.len());
+    manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }));
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let other_arch = if platform.architecture == "s390x" {
+        "amd64"
+    } else {
+        "s390x"
+    };
+    let image_index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": format!("sha256:{}", "e".repeat(64)),
+                "size": 100,
+                "platform": {"os": "linux", "architecture": other_arch},
+            },
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": sha256(&manifest),
+                "size": manifest.len(),
+                "platform": {"os": platform.os, "architecture": platform.architecture},
+            },
+        ],
+    }))
+    .unwrap();
+    let name = format!("127.0.0.1:5000/kiln-test/stacked:{}", random());
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": sha256(&image_index),
+            "size": image_index.len(),
+            "annotations": {"io.containerd.image.name": name},
+        }],
+    });
+    entries.insert("index.json".into(), serde_json::to_vec(&top).unwrap());
+    for blob in [&layer, &config, &manifest, &image_index] {
+        entries.insert(blob_path(&sha256(blob)), blob.clone());
+    }
+
+    let options = ImportOptions::new(None, platform.clone(), SNAPSHOTTER);
+    let report = containerd
+        .import_archive_with_report(&ns.0, std::io::Cursor::new(write_tar(&entries)), &options)
+        .await
+        .unwrap();
+    assert_eq!(report.images.len(), 1);
+    assert_eq!(report.images[0].name, name);
+    assert_eq!(report.blobs_written, 4, "layer, config, manifest, index");
+    let index_info = containerd
+        .content_info(&ns.0, &report.images[0].target.digest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        index_info.labels.get("containerd.io/gc.ref.content.m.0"),
+        Some(&sha256(&manifest)),
+        "only the host manifest is referenced: {:?}",
+        index_info.labels
+    );
+    assert!(!index_info
+        .labels
+        .contains_key("containerd.io/gc.ref.content.m.1"));
+    let layer_info = containerd
+        .content_info(&ns.0, &layer_digest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(layer_info.size, layer.len() as i64);
+
+    let stats = containerd
+        .unpack(&ns.0, &report.images[0], SNAPSHOTTER, &platform)
+        .await
+        .unwrap();
+    assert_eq!(stats.manifest.digest, sha256(&manifest));
+    assert_eq!(stats.layers_present, base_stats.layers_unpacked);
+    assert_eq!(stats.layers_unpacked, 1);
+
+    let container = format!("t{}", random());
+    let output = ctr(&[
+        "-n",
+        &ns.0,
+        "run",
+        "--rm",
+        &name,
+        &container,
+        "/bin/sh",
+        "-c",
+        "wc -c < /data/blob; echo ok",
+    ]);
+    let lines: Vec<&str> = output.split_whitespace().collect();
+    assert_eq!(lines, vec![(3u32 << 20).to_string().as_str(), "ok"]);
+
+    // Asking for a platform the index lacks fails clearly.
+    let other = Platform::new("linux", "riscv64", None);
+    let error = containerd
+        .unpack(&ns.0, &report.images[0], SNAPSHOTTER, &other)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("no manifest for platform linux/riscv64"),
         "{error}"
     );
 }
