@@ -58,6 +58,21 @@ impl Containerd {
             &manifest.config.digest,
             &self.read_blob(namespace, &manifest.config.digest).await?,
         )?;
+        // A single-manifest target says its platform only in its config; check it as
+        // containerd's platform matcher does.
+        if !config.os.is_empty() && !config.architecture.is_empty() {
+            let image_platform = Platform {
+                os: config.os.clone(),
+                architecture: config.architecture.clone(),
+                variant: config.variant.clone(),
+            };
+            if !platform.matches(&image_platform) {
+                return Err(Error::NoMatchingPlatform {
+                    image: image.name.clone(),
+                    platform: platform.to_string(),
+                });
+            }
+        }
         let diff_ids = &config.rootfs.diff_ids;
         if diff_ids.len() != manifest.layers.len() {
             return Err(Error::LayerCountMismatch {

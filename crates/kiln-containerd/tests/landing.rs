@@ -265,6 +265,18 @@ async fn import_unpack_run_and_reimport_busybox() {
         .unwrap_err();
     assert!(matches!(missing, Error::ImageNotFound { .. }), "{missing}");
 
+    // A single-platform image refuses another platform (its config says linux/<host arch>).
+    let error = containerd
+        .unpack(
+            &ns.0,
+            &image,
+            SNAPSHOTTER,
+            &Platform::new("linux", "riscv64", None),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::NoMatchingPlatform { .. }), "{error}");
+
     for n in [&name, &second] {
         containerd.delete_image(&ns.0, n).await.unwrap();
     }
