@@ -1,0 +1,492 @@
+//! fsutil DiffCopy **receiver** (daemon end): validates the STAT stream,
+//! makes the destination match it and fetches only the files it needs.
+//!
+//! Safety against a hostile client: every path is checked to be clean,
+//! relative, ordered and under a directory already sent, and the destination
+//! is never written through a symlink — each parent is a real directory we
+//! checked or created, files are written to a fresh temporary name
+//! (`O_EXCL`) and renamed into place, and metadata calls on final paths do
+//! not follow symlinks.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, FileTimes, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_proto::fsutil::types::{Packet, PacketType, Stat};
+use kiln_proto::moby::filesync::v1::file_sync_client::FileSyncClient;
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::{Differ, ReceiveRequest, TransferStats};
+use crate::stat::{compare_path, go_mode, kind, mtime_nanos, parent, path_problem, unix_perm, Kind};
+use crate::{metadata, Error, MAX_MESSAGE_SIZE};
+
+const METHOD: &str = "/moby.filesync.v1.FileSync/DiffCopy";
+
+/// Pulls `request.dir_name` from the session into `request.dest`.
+pub async fn receive(channel: Channel, request: ReceiveRequest) -> Result<TransferStats, Error> {
+    let (tx, rx) = mpsc::channel::<Packet>(64);
+    let mut grpc_request = tonic::Request::new(ReceiverStream::new(rx));
+    let md = grpc_request.metadata_mut();
+    metadata::append_values(md, "dir-name", std::slice::from_ref(&request.dir_name))?;
+    metadata::append_values(md, "include-patterns", &request.include_patterns)?;
+    metadata::append_values(md, "exclude-patterns", &request.exclude_patterns)?;
+    metadata::append_values(md, "followpaths", &request.followpaths)?;
+
+    let mut client = FileSyncClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let mut inbound = client
+        .diff_copy(grpc_request)
+        .await
+        .map_err(|status| Error::Rpc {
+            method: METHOD,
+            status,
+        })?
+        .into_inner();
+
+    let mut receiver = Receiver {
+        dest: request.dest.clone(),
+        differ: request.differ,
+        inbound: &mut inbound,
+        tx: tx.clone(),
+    };
+    match receiver.run().await {
+        Ok(stats) => Ok(stats),
+        Err(error) => {
+            // Best effort: tell the sender why we stop.
+            let _ = tx.try_send(Packet {
+                r#type: PacketType::PacketErr as i32,
+                data: crate::error_chain(&error).into_bytes(),
+                ..Packet::default()
+            });
+            Err(error)
+        }
+    }
+}
+
+struct Receiver<'a> {
+    dest: PathBuf,
+    differ: Differ,
+    inbound: &'a mut tonic::Streaming<Packet>,
+    tx: mpsc::Sender<Packet>,
+}
+
+/// A file being written: temporary file, final path and its STAT.
+struct Incoming {
+    file: File,
+    temp: PathBuf,
+    target: PathBuf,
+    stat: Stat,
+}
+
+impl Receiver<'_> {
+    async fn next(&mut self, context: &'static str) -> Result<Packet, Error> {
+        let packet = self
+            .inbound
+            .message()
+            .await
+            .map_err(|status| Error::Rpc {
+                method: METHOD,
+                status,
+            })?
+            .ok_or(Error::StreamEnded { context })?;
+        if packet.r#type == PacketType::PacketErr as i32 {
+            return Err(Error::Remote {
+                message: String::from_utf8_lossy(&packet.data).into_owned(),
+            });
+        }
+        Ok(packet)
+    }
+
+    async fn run(&mut self) -> Result<TransferStats, Error> {
+        let stats = self.read_stats().await?;
+        fs::create_dir_all(&self.dest)
+            .map_err(|source| Error::io("create destination", &self.dest, source))?;
+        let wanted: HashMap<&str, usize> = stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.path.as_str(), i))
+            .collect();
+        remove_unlisted(&self.dest, "", &stats, &wanted)?;
+
+        let mut needed: Vec<u32> = Vec::new();
+        let mut hardlinks: Vec<&Stat> = Vec::new();
+        for (index, stat) in stats.iter().enumerate() {
+            let target = self.dest.join(&stat.path);
+            let existing = fs::symlink_metadata(&target).ok();
+            match kind(stat.mode) {
+                Kind::Dir => {
+                    if existing.is_none() {
+                        fs::create_dir(&target)
+                            .map_err(|source| Error::io("create directory", &target, source))?;
+                    }
+                }
+                Kind::Symlink => {
+                    let same = existing.is_some()
+                        && fs::read_link(&target).ok().as_deref() == Some(Path::new(&stat.linkname));
+                    if !same {
+                        remove_existing(&target, existing.as_ref())?;
+                        std::os::unix::fs::symlink(&stat.linkname, &target)
+                            .map_err(|source| Error::io("create symlink", &target, source))?;
+                    }
+                }
+                Kind::File if !stat.linkname.is_empty() => hardlinks.push(stat),
+                Kind::File => {
+                    let unchanged = self.differ == Differ::Metadata
+                        && existing.as_ref().is_some_and(|m| {
+                            m.is_file()
+                                && m.len() as i64 == stat.size
+                                && mtime_nanos(m) == stat.mod_time
+                                && go_mode(m) == stat.mode
+                        });
+                    if !unchanged {
+                        needed.push(index as u32);
+                    }
+                }
+                Kind::Fifo | Kind::BlockDevice | Kind::CharDevice => {
+                    remove_existing(&target, existing.as_ref())?;
+                    make_node(&target, stat)?;
+                }
+                Kind::Socket => {}
+            }
+        }
+
+        let bytes_received = self.fetch(&stats, &needed).await?;
+
+        for stat in &hardlinks {
+            let target = self.dest.join(&stat.path);
+            remove_existing(&target, fs::symlink_metadata(&target).ok().as_ref())?;
+            fs::hard_link(self.dest.join(&stat.linkname), &target)
+                .map_err(|source| Error::io("create hardlink", &target, source))?;
+        }
+        // Metadata of everything but regular files (set when written), deepest
+        // first so directory mtimes are not disturbed afterwards.
+        for stat in stats.iter().rev() {
+            match kind(stat.mode) {
+                Kind::File | Kind::Socket => {}
+                entry_kind => set_metadata(&self.dest.join(&stat.path), stat, entry_kind)?,
+            }
+        }
+
+        self.tx
+            .send(Packet {
+                r#type: PacketType::PacketFin as i32,
+                ..Packet::default()
+            })
+            .await
+            .map_err(|_| Error::StreamEnded {
+                context: "before FIN could be sent",
+            })?;
+        // Drain until the sender ends the stream.
+        loop {
+            match self.inbound.message().await {
+                Ok(Some(packet)) if packet.r#type == PacketType::PacketErr as i32 => {
+                    return Err(Error::Remote {
+                        message: String::from_utf8_lossy(&packet.data).into_owned(),
+                    })
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(status) => {
+                    return Err(Error::Rpc {
+                        method: METHOD,
+                        status,
+                    })
+                }
+            }
+        }
+        Ok(TransferStats {
+            files_requested: needed.len() as u64,
+            bytes_received,
+        })
+    }
+
+    /// Reads and validates STAT packets up to the empty one.
+    async fn read_stats(&mut self) -> Result<Vec<Stat>, Error> {
+        let mut stats: Vec<Stat> = Vec::new();
+        let mut dirs: HashSet<String> = HashSet::new();
+        let mut files: HashSet<String> = HashSet::new();
+        loop {
+            let packet = self.next("before the end of the file list").await?;
+            if packet.r#type != PacketType::PacketStat as i32 {
+                return Err(Error::UnexpectedPacket {
+                    packet: packet_name(packet.r#type),
+                    context: "before the end of the file list",
+                });
+            }
+            let Some(stat) = packet.stat else {
+                return Ok(stats);
+            };
+            if let Some(reason) = path_problem(&stat.path) {
+                return Err(Error::InvalidPath {
+                    path: stat.path,
+                    reason,
+                });
+            }
+            if let Some(previous) = stats.last() {
+                if compare_path(&previous.path, &stat.path) != std::cmp::Ordering::Less {
+                    return Err(Error::OutOfOrder {
+                        path: stat.path,
+                        previous: previous.path.clone(),
+                    });
+                }
+            }
+            let parent_dir = parent(&stat.path);
+            if !parent_dir.is_empty() && !dirs.contains(parent_dir) {
+                return Err(Error::ParentMissing { path: stat.path });
+            }
+            match kind(stat.mode) {
+                Kind::Dir => {
+                    dirs.insert(stat.path.clone());
+                }
+                Kind::File if !stat.linkname.is_empty() => {
+                    if !files.contains(&stat.linkname) {
+                        return Err(Error::InvalidHardlink {
+                            path: stat.path,
+                            target: stat.linkname,
+                        });
+                    }
+                }
+                Kind::File => {
+                    files.insert(stat.path.clone());
+                }
+                _ => {}
+            }
+            stats.push(stat);
+        }
+    }
+
+    /// Requests `needed` and writes the DATA that comes back; returns the
+    /// number of bytes received.
+    async fn fetch(&mut self, stats: &[Stat], needed: &[u32]) -> Result<u64, Error> {
+        if needed.is_empty() {
+            return Ok(0);
+        }
+        // Requests go out from their own task: the sender answers each REQ
+        // with DATA we must keep reading, or both ends stall.
+        let requests = self.tx.clone();
+        let ids = needed.to_vec();
+        let request_task = tokio::spawn(async move {
+            for id in ids {
+                let packet = Packet {
+                    r#type: PacketType::PacketReq as i32,
+                    id,
+                    ..Packet::default()
+                };
+                if requests.send(packet).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let result = self.write_data(stats, needed).await;
+        request_task.abort();
+        result
+    }
+
+    async fn write_data(&mut self, stats: &[Stat], needed: &[u32]) -> Result<u64, Error> {
+        let mut outstanding: HashSet<u32> = needed.iter().copied().collect();
+        let mut open: HashMap<u32, Incoming> = HashMap::new();
+        let mut total = 0u64;
+        while !outstanding.is_empty() {
+            let packet = self.next("while receiving file data").await?;
+            if packet.r#type != PacketType::PacketData as i32 {
+                return Err(Error::UnexpectedPacket {
+                    packet: packet_name(packet.r#type),
+                    context: "while receiving file data",
+                });
+            }
+            let id = packet.id;
+            if !outstanding.contains(&id) {
+                return Err(Error::UnknownFileId { id });
+            }
+            if !open.contains_key(&id) {
+                let stat = stats[id as usize].clone();
+                let incoming = self.create_temp(stat, id)?;
+                open.insert(id, incoming);
+            }
+            if packet.data.is_empty() {
+                if let Some(incoming) = open.remove(&id) {
+                    finish_file(incoming)?;
+                }
+                outstanding.remove(&id);
+                continue;
+            }
+            if let Some(incoming) = open.get_mut(&id) {
+                incoming
+                    .file
+                    .write_all(&packet.data)
+                    .map_err(|source| Error::io("write", &incoming.temp, source))?;
+                total += packet.data.len() as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    fn create_temp(&self, stat: Stat, id: u32) -> Result<Incoming, Error> {
+        let target = self.dest.join(&stat.path);
+        let dir = target.parent().unwrap_or(&self.dest).to_path_buf();
+        let temp = dir.join(format!(".kiln-receive-{id}-{:08x}", rand::random::<u32>()));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|source| Error::io("create", &temp, source))?;
+        Ok(Incoming {
+            file,
+            temp,
+            target,
+            stat,
+        })
+    }
+}
+
+/// Sets mode, owner and mtime on the open file, then renames it into place
+/// (rename replaces a symlink at the target rather than following it).
+fn finish_file(incoming: Incoming) -> Result<(), Error> {
+    let Incoming {
+        file,
+        temp,
+        target,
+        stat,
+    } = incoming;
+    let result = (|| {
+        file.set_permissions(Permissions::from_mode(unix_perm(stat.mode)))?;
+        std::os::unix::fs::fchown(&file, Some(0), Some(0)).or_else(ignore_eperm)?;
+        let time = system_time(stat.mod_time);
+        file.set_times(FileTimes::new().set_modified(time).set_accessed(time))?;
+        Ok(())
+    })();
+    drop(file);
+    if let Err(source) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(Error::io("set metadata of", &target, source));
+    }
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+        fs::remove_dir_all(&target).map_err(|source| Error::io("remove", &target, source))?;
+    }
+    fs::rename(&temp, &target).map_err(|source| {
+        let _ = fs::remove_file(&temp);
+        Error::io("rename into", &target, source)
+    })
+}
+
+fn ignore_eperm(error: std::io::Error) -> std::io::Result<()> {
+    // Unprivileged daemons keep their own ownership.
+    if error.kind() == std::io::ErrorKind::PermissionDenied {
+        Ok(())
+    } else {
+        Err(error)
+    }
+}
+
+fn system_time(nanos: i64) -> SystemTime {
+    if nanos >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs())
+    }
+}
+
+fn set_metadata(path: &Path, stat: &Stat, entry_kind: Kind) -> Result<(), Error> {
+    if entry_kind != Kind::Symlink {
+        // Not a symlink (we created or checked it), so this does not follow one.
+        fs::set_permissions(path, Permissions::from_mode(unix_perm(stat.mode)))
+            .map_err(|source| Error::io("chmod", path, source))?;
+    }
+    std::os::unix::fs::lchown(path, Some(0), Some(0))
+        .or_else(ignore_eperm)
+        .map_err(|source| Error::io("chown", path, source))?;
+    let time = TimeSpec::new(
+        stat.mod_time.div_euclid(1_000_000_000),
+        stat.mod_time.rem_euclid(1_000_000_000),
+    );
+    nix::sys::stat::utimensat(None, path, &time, &time, UtimensatFlags::NoFollowSymlink)
+        .map_err(|errno| Error::io("set times of", path, errno.into()))
+}
+
+fn make_node(path: &Path, stat: &Stat) -> Result<(), Error> {
+    let perm = Mode::from_bits_truncate(unix_perm(stat.mode) as nix::libc::mode_t);
+    let result = match kind(stat.mode) {
+        Kind::Fifo => nix::unistd::mkfifo(path, perm),
+        Kind::BlockDevice | Kind::CharDevice => {
+            let flag = if kind(stat.mode) == Kind::CharDevice {
+                SFlag::S_IFCHR
+            } else {
+                SFlag::S_IFBLK
+            };
+            let dev = nix::sys::stat::makedev(stat.devmajor as u64, stat.devminor as u64);
+            nix::sys::stat::mknod(path, flag, perm, dev)
+        }
+        _ => Ok(()),
+    };
+    result.map_err(|errno| Error::io("create node", path, errno.into()))
+}
+
+/// Removes whatever is at `path` (never following a symlink).
+fn remove_existing(path: &Path, existing: Option<&fs::Metadata>) -> Result<(), Error> {
+    match existing {
+        None => Ok(()),
+        Some(m) if m.is_dir() => {
+            fs::remove_dir_all(path).map_err(|source| Error::io("remove", path, source))
+        }
+        Some(_) => fs::remove_file(path).map_err(|source| Error::io("remove", path, source)),
+    }
+}
+
+/// Deletes entries under `dest/rel_dir` that the sender did not list, or
+/// whose directory-ness differs from what it listed.
+fn remove_unlisted(
+    dest: &Path,
+    rel_dir: &str,
+    stats: &[Stat],
+    wanted: &HashMap<&str, usize>,
+) -> Result<(), Error> {
+    let dir = dest.join(rel_dir);
+    let reader = fs::read_dir(&dir).map_err(|source| Error::io("read directory", &dir, source))?;
+    for entry in reader {
+        let entry = entry.map_err(|source| Error::io("read directory", &dir, source))?;
+        let path = entry.path();
+        let metadata = fs::symlink_metadata(&path).map_err(|source| Error::io("stat", &path, source))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            remove_existing(&path, Some(&metadata))?;
+            continue;
+        };
+        let rel = if rel_dir.is_empty() {
+            name
+        } else {
+            format!("{rel_dir}/{name}")
+        };
+        match wanted.get(rel.as_str()) {
+            None => remove_existing(&path, Some(&metadata))?,
+            Some(&index) => {
+                let wants_dir = kind(stats[index].mode) == Kind::Dir;
+                if wants_dir != metadata.is_dir() {
+                    remove_existing(&path, Some(&metadata))?;
+                } else if wants_dir {
+                    remove_unlisted(dest, &rel, stats, wanted)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn packet_name(packet_type: i32) -> &'static str {
+    match PacketType::try_from(packet_type) {
+        Ok(PacketType::PacketStat) => "STAT",
+        Ok(PacketType::PacketReq) => "REQ",
+        Ok(PacketType::PacketData) => "DATA",
+        Ok(PacketType::PacketFin) => "FIN",
+        Ok(PacketType::PacketErr) => "ERR",
+        Err(_) => "unknown",
+    }
+}
