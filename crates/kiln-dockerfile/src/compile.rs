@@ -1,0 +1,1423 @@
+//! [`Dockerfile`] → LLB definition + image config, the way BuildKit's `dockerfile2llb` does it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_image::oci::{History, ImageConfig, Platform, RuntimeConfig};
+use kiln_image::reference::Reference;
+use kiln_image::Digest;
+use kiln_llb::{pb, DefinitionBuilder, OutputRef};
+
+use crate::parser::{
+    CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue, Span, Stage,
+};
+use crate::shell::{ExpandError, Lexer};
+
+/// `PATH` BuildKit adds when the image has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
+const CUSTOM_NAME: &str = "llb.customname";
+const DOCKERFILE_COMMAND: &str = "com.docker.dockerfile.v1.command";
+
+/// Boxed error returned by an [`ImageMetaResolver`].
+pub type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Resolves an image reference to its manifest digest and config JSON for a platform.
+#[async_trait::async_trait]
+pub trait ImageMetaResolver: Send + Sync {
+    /// The manifest digest and the config blob of `reference` for `platform`.
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<(Digest, Vec<u8>), ResolveError>;
+}
+
+/// Inputs of [`compile`] besides the Dockerfile.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// Dockerfile name shown in source locations (default `Dockerfile`).
+    pub filename: String,
+    /// The Dockerfile bytes, carried in `pb::Source`.
+    pub source: Vec<u8>,
+    /// Stage to build (default: the last one).
+    pub target: Option<String>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--label` values, merged into the result's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Target platform.
+    pub platform: Platform,
+    /// Session id for the local context source.
+    pub session_id: String,
+    /// Name of the main context local source (default `context`).
+    pub context_name: String,
+    /// `.dockerignore` patterns for the main context.
+    pub excludes: Vec<String>,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            filename: "Dockerfile".to_string(),
+            source: Vec::new(),
+            target: None,
+            build_args: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            platform: Platform::host(),
+            session_id: String::new(),
+            context_name: "context".to_string(),
+            excludes: Vec::new(),
+        }
+    }
+}
+
+/// What [`compile`] produces.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The LLB of the target stage.
+    pub definition: pb::Definition,
+    /// The image config of the target stage (`rootfs.diff_ids` left to the exporter).
+    pub image_config: ImageConfig,
+}
+
+/// Why a Dockerfile could not be compiled. Messages start with the 1-based line.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The file has no `FROM`.
+    #[error("dockerfile contains no stages to build")]
+    NoStages,
+    /// `--target` names no stage.
+    #[error("target stage {target:?} could not be found")]
+    TargetNotFound {
+        /// The requested target.
+        target: String,
+    },
+    /// A known instruction kiln does not compile yet.
+    #[error("{line}: instruction {instruction} is not supported yet")]
+    Unsupported {
+        /// Line of the instruction.
+        line: usize,
+        /// The keyword.
+        instruction: String,
+    },
+    /// A flag kiln does not support yet.
+    #[error("{line}: {instruction} --{flag} is not supported yet")]
+    UnsupportedFlag {
+        /// Line of the instruction.
+        line: usize,
+        /// The keyword.
+        instruction: String,
+        /// The flag name.
+        flag: String,
+    },
+    /// Heredoc syntax (`<<EOF`).
+    #[error("{line}: heredocs in {instruction} are not supported yet")]
+    Heredoc {
+        /// Line of the instruction.
+        line: usize,
+        /// The keyword.
+        instruction: String,
+    },
+    /// A variable expansion failed.
+    #[error("{line}: failed to expand {word:?}")]
+    Expand {
+        /// Line of the instruction.
+        line: usize,
+        /// The word.
+        word: String,
+        /// What went wrong.
+        #[source]
+        source: ExpandError,
+    },
+    /// `FROM` expands to nothing.
+    #[error("{line}: base name ({base}) should not be blank")]
+    BlankBase {
+        /// Line of the `FROM`.
+        line: usize,
+        /// The base as written.
+        base: String,
+    },
+    /// An image reference does not parse.
+    #[error("{line}: failed to parse image reference {reference:?}")]
+    Reference {
+        /// Line of the instruction.
+        line: usize,
+        /// The reference.
+        reference: String,
+        /// Parser error.
+        #[source]
+        source: kiln_image::reference::ParseError,
+    },
+    /// `--platform` does not parse.
+    #[error("{line}: failed to parse platform {platform:?}")]
+    Platform {
+        /// Line of the `FROM`.
+        line: usize,
+        /// The expanded value.
+        platform: String,
+    },
+    /// The resolver failed.
+    #[error("{line}: failed to resolve {reference}")]
+    Resolve {
+        /// Line of the instruction.
+        line: usize,
+        /// The reference.
+        reference: String,
+        /// Resolver error.
+        #[source]
+        source: ResolveError,
+    },
+    /// The image config the resolver returned is not valid JSON.
+    #[error("{line}: failed to parse image config of {reference}")]
+    ImageConfig {
+        /// Line of the instruction.
+        line: usize,
+        /// The reference.
+        reference: String,
+        /// JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `COPY --from` with a variable.
+    #[error("{line}: variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround")]
+    FromExpansion {
+        /// Line of the `COPY`.
+        line: usize,
+    },
+    /// `COPY --from=<n>` out of range.
+    #[error("{line}: invalid stage index {index}")]
+    StageIndex {
+        /// Line of the `COPY`.
+        line: usize,
+        /// The index.
+        index: usize,
+    },
+    /// `COPY --from` names a later stage.
+    #[error("{line}: cannot copy from stage {from:?}, it needs to be defined before current stage {stage:?}")]
+    StageOrder {
+        /// Line of the `COPY`.
+        line: usize,
+        /// The `--from` value.
+        from: String,
+        /// The current stage name.
+        stage: String,
+    },
+    /// `COPY --from=<own stage>` or a stage built on itself.
+    #[error("{line}: circular dependency detected on stage: {stage}")]
+    Circular {
+        /// Line of the instruction.
+        line: usize,
+        /// The stage.
+        stage: String,
+    },
+    /// `--chmod` is not octal.
+    #[error("{line}: invalid chmod parameter: '{value}'. it should be octal string and between 0 and 07777")]
+    Chmod {
+        /// Line of the `COPY`.
+        line: usize,
+        /// The value.
+        value: String,
+    },
+    /// `--chown` is malformed.
+    #[error("{line}: invalid chown parameter: {value:?}")]
+    Chown {
+        /// Line of the `COPY`.
+        line: usize,
+        /// The value.
+        value: String,
+    },
+    /// `WORKDIR` expands to nothing.
+    #[error("{line}: cannot normalize nothing")]
+    EmptyWorkdir {
+        /// Line of the `WORKDIR`.
+        line: usize,
+    },
+    /// Building the LLB failed (a bug in the compiler).
+    #[error("failed to build llb")]
+    Llb(#[from] kiln_llb::Error),
+}
+
+/// What a stage starts from.
+#[derive(Debug, Clone)]
+enum Base {
+    Scratch,
+    Image(String),
+    Stage(usize),
+}
+
+/// What `COPY --from` names.
+#[derive(Debug, Clone)]
+enum CopySource {
+    Stage(usize),
+    Image(String),
+}
+
+/// A stage's build state: the LLB output plus what later instructions see.
+#[derive(Debug, Clone)]
+struct State {
+    output: Option<OutputRef>,
+    platform: Platform,
+    /// The process environment (image env plus stage ARGs), in definition order.
+    env: Vec<(String, String)>,
+    dir: String,
+    user: String,
+    image: ImageConfig,
+    /// ARGs declared in the stage with their values, for `RUN` history.
+    build_args: Vec<(String, Option<String>)>,
+    /// CMD set in this stage (so ENTRYPOINT keeps it).
+    cmd_set: bool,
+}
+
+impl State {
+    fn runtime(&mut self) -> &mut RuntimeConfig {
+        self.image.config.get_or_insert_with(RuntimeConfig::default)
+    }
+
+    fn add_env(&mut self, key: &str, value: &str) {
+        set_pair(&mut self.env, key, value);
+    }
+}
+
+fn set_pair(list: &mut Vec<(String, String)>, key: &str, value: &str) {
+    match list.iter_mut().find(|(k, _)| k == key) {
+        Some(pair) => pair.1 = value.to_string(),
+        None => list.push((key.to_string(), value.to_string())),
+    }
+}
+
+/// Progress-name counter of one stage (`[name 2/5] ...`).
+#[derive(Debug, Clone, Default)]
+struct Prefix {
+    stage_name: String,
+    index: usize,
+    total: usize,
+}
+
+impl Prefix {
+    fn apply(&mut self, text: &str) -> String {
+        if self.total == 0 {
+            return text.to_string();
+        }
+        self.index += 1;
+        let width = self.total.to_string().len();
+        let name = if self.stage_name.is_empty() {
+            String::new()
+        } else {
+            format!("{} ", self.stage_name)
+        };
+        format!(
+            "[{name}{:>width$}/{}] {text}",
+            self.index,
+            self.total,
+            width = width
+        )
+    }
+}
+
+struct Compiler<'a> {
+    dockerfile: &'a Dockerfile,
+    options: &'a CompileOptions,
+    resolver: &'a dyn ImageMetaResolver,
+    lexer: Lexer,
+    builder: DefinitionBuilder,
+    source_index: i32,
+    global_args: Vec<(String, String)>,
+    context: Option<OutputRef>,
+}
+
+/// Compiles `dockerfile` for `options.target` (default: the last stage).
+///
+/// Only stages the target needs are compiled and emitted; base images are resolved through
+/// `resolver` (once per `FROM`/`COPY --from=<image>` reached).
+pub async fn compile(
+    dockerfile: &Dockerfile,
+    options: &CompileOptions,
+    resolver: &dyn ImageMetaResolver,
+) -> Result<Compiled, CompileError> {
+    if dockerfile.stages.is_empty() {
+        return Err(CompileError::NoStages);
+    }
+    let mut builder = DefinitionBuilder::new();
+    let source_index = builder.add_source(
+        options.filename.clone(),
+        options.source.clone(),
+        "Dockerfile",
+    );
+    let mut compiler = Compiler {
+        dockerfile,
+        options,
+        resolver,
+        lexer: Lexer::new(dockerfile.escape),
+        builder,
+        source_index,
+        global_args: Vec::new(),
+        context: None,
+    };
+    compiler.run().await
+}
+
+impl Compiler<'_> {
+    async fn run(&mut self) -> Result<Compiled, CompileError> {
+        let stages = &self.dockerfile.stages;
+        let target = match &self.options.target {
+            None => stages.len() - 1,
+            Some(target) => stages
+                .iter()
+                .position(|s| s.name.as_deref() == Some(target.to_ascii_lowercase().as_str()))
+                .ok_or_else(|| CompileError::TargetNotFound {
+                    target: target.clone(),
+                })?,
+        };
+        self.global_args = self.meta_args(target)?;
+
+        // Bases and COPY --from sources of every stage, as BuildKit resolves them up front.
+        let mut bases = Vec::new();
+        let mut platforms = Vec::new();
+        let mut copy_sources: Vec<Vec<Option<CopySource>>> = Vec::new();
+        let mut image_copies = 0;
+        for (i, stage) in stages.iter().enumerate() {
+            let line = stage.span.start;
+            let base = self.expand(&stage.base, &self.global_args, line)?;
+            if base.is_empty() {
+                return Err(CompileError::BlankBase {
+                    line,
+                    base: stage.base.clone(),
+                });
+            }
+            let earlier = stages[..i]
+                .iter()
+                .position(|s| s.name.as_deref() == Some(base.to_ascii_lowercase().as_str()));
+            bases.push(match earlier {
+                Some(j) => Base::Stage(j),
+                None if base == "scratch" => Base::Scratch,
+                None => Base::Image(base),
+            });
+            platforms.push(match &stage.platform {
+                None => None,
+                Some(raw) => {
+                    let value = self.expand(raw, &self.global_args, line)?;
+                    Some(Platform::parse(&value).ok_or(CompileError::Platform {
+                        line,
+                        platform: value,
+                    })?)
+                }
+            });
+            let mut sources = Vec::new();
+            for command in &stage.commands {
+                let source = match &command.instruction {
+                    Instruction::Copy(CopyInstruction {
+                        from: Some(from), ..
+                    }) => {
+                        let line = command.span.start;
+                        if self.expand(from, &[], line)? != *from {
+                            return Err(CompileError::FromExpansion { line });
+                        }
+                        if let Ok(index) = from.parse::<usize>() {
+                            if index >= stages.len() {
+                                return Err(CompileError::StageIndex { line, index });
+                            }
+                            Some(CopySource::Stage(index))
+                        } else if let Some(j) = stages
+                            .iter()
+                            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
+                        {
+                            Some(CopySource::Stage(j))
+                        } else {
+                            image_copies += 1;
+                            Some(CopySource::Image(from.clone()))
+                        }
+                    }
+                    _ => None,
+                };
+                sources.push(source);
+            }
+            copy_sources.push(sources);
+        }
+
+        // Stages reachable from the target.
+        let mut reachable = BTreeSet::new();
+        let mut stack = vec![target];
+        while let Some(i) = stack.pop() {
+            if !reachable.insert(i) {
+                continue;
+            }
+            if let Base::Stage(j) = bases[i] {
+                stack.push(j);
+            }
+            for source in copy_sources[i].iter().flatten() {
+                if let CopySource::Stage(j) = source {
+                    stack.push(*j);
+                }
+            }
+        }
+
+        let single = stages.len() + image_copies == 1;
+        let mut states: Vec<Option<State>> = vec![None; stages.len()];
+        for i in 0..stages.len() {
+            if !reachable.contains(&i) {
+                continue;
+            }
+            let stage = &stages[i];
+            let stage_name = if single {
+                String::new()
+            } else {
+                stage.name.clone().unwrap_or_else(|| format!("stage-{i}"))
+            };
+            let mut total = usize::from(matches!(bases[i], Base::Image(_)));
+            total += stage
+                .commands
+                .iter()
+                .filter(|c| matches!(c.keyword.as_str(), "RUN" | "COPY" | "ADD" | "WORKDIR"))
+                .count();
+            let mut prefix = Prefix {
+                stage_name: stage_name.clone(),
+                index: 0,
+                total,
+            };
+            let platform = platforms[i]
+                .clone()
+                .unwrap_or_else(|| self.options.platform.clone());
+            let mut state = match &bases[i] {
+                Base::Stage(j) => states[*j].clone().ok_or_else(|| CompileError::Circular {
+                    line: stage.span.start,
+                    stage: stage_name.clone(),
+                })?,
+                Base::Scratch => self.init_state(None, empty_image(&platform), platform),
+                Base::Image(name) => {
+                    let (output, image) = self
+                        .resolve_image(name, &platform, stage.span, Some(stage), &mut prefix)
+                        .await?;
+                    self.init_state(output, image, platform)
+                }
+            };
+            state.cmd_set = false;
+
+            for (command, source) in stage.commands.iter().zip(&copy_sources[i]) {
+                let from_state = match source {
+                    None => None,
+                    Some(CopySource::Stage(j)) => match &states[*j] {
+                        Some(s) => Some(s.output.clone()),
+                        None => {
+                            let from = match &command.instruction {
+                                Instruction::Copy(c) => c.from.clone().unwrap_or_default(),
+                                _ => String::new(),
+                            };
+                            return Err(if *j == i {
+                                CompileError::Circular {
+                                    line: command.span.start,
+                                    stage: stage_name.clone(),
+                                }
+                            } else {
+                                CompileError::StageOrder {
+                                    line: command.span.start,
+                                    from,
+                                    stage: stage_name.clone(),
+                                }
+                            });
+                        }
+                    },
+                    Some(CopySource::Image(name)) => {
+                        let mut no_prefix = Prefix::default();
+                        let (output, _) = self
+                            .resolve_image(
+                                name,
+                                &state.platform.clone(),
+                                command.span,
+                                None,
+                                &mut no_prefix,
+                            )
+                            .await?;
+                        Some(output)
+                    }
+                };
+                self.dispatch(&mut state, command, from_state, &mut prefix)?;
+            }
+            states[i] = Some(state);
+        }
+
+        let mut result = states[target].take().ok_or(CompileError::NoStages)?;
+        self.finalize(&mut result);
+        let definition = self.builder.build(result.output.clone());
+        Ok(Compiled {
+            definition,
+            image_config: result.image,
+        })
+    }
+
+    /// Global scope: BuildKit's platform args, then `ARG`s before the first `FROM`.
+    fn meta_args(&self, target: usize) -> Result<Vec<(String, String)>, CompileError> {
+        let p = &self.options.platform;
+        let platform = p.to_string();
+        let variant = p.variant.clone().unwrap_or_default();
+        let mut args = Vec::new();
+        for prefix in ["BUILD", "TARGET"] {
+            args.push((format!("{prefix}PLATFORM"), platform.clone()));
+            args.push((format!("{prefix}OS"), p.os.clone()));
+            args.push((format!("{prefix}ARCH"), p.architecture.clone()));
+            args.push((format!("{prefix}VARIANT"), variant.clone()));
+        }
+        args.push((
+            "TARGETSTAGE".to_string(),
+            self.dockerfile.stages[target]
+                .name
+                .clone()
+                .unwrap_or_default(),
+        ));
+        for command in &self.dockerfile.meta_args {
+            let Instruction::Arg(defs) = &command.instruction else {
+                continue;
+            };
+            for def in defs {
+                let value = match (self.options.build_args.get(&def.name), &def.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(default)) => {
+                        Some(self.expand(default, &args, command.span.start)?)
+                    }
+                    (None, None) => None,
+                };
+                if let Some(value) = value {
+                    set_pair(&mut args, &def.name, &value);
+                }
+            }
+        }
+        Ok(args)
+    }
+
+    fn expand(&self, word: &str, env: &[(String, String)], line: usize) -> Result<String, CompileError> {
+        self.lexer
+            .process_word(word, env)
+            .map_err(|source| CompileError::Expand {
+                line,
+                word: word.to_string(),
+                source,
+            })
+    }
+
+    /// A progress name: the instruction text with known variables expanded, keyword upper-cased.
+    fn display_name(&self, original: &str, env: &[(String, String)]) -> String {
+        let lexer = Lexer {
+            raw_quotes: true,
+            skip_unset: true,
+            ..self.lexer
+        };
+        let text = lexer
+            .process_word(original, env)
+            .unwrap_or_else(|_| original.to_string());
+        match text.split_once(' ') {
+            Some((keyword, rest)) => format!("{} {rest}", keyword.to_ascii_uppercase()),
+            None => text.to_ascii_uppercase(),
+        }
+    }
+
+    fn metadata(&self, name: &str, command: Option<&str>) -> pb::OpMetadata {
+        let mut description = BTreeMap::from([(CUSTOM_NAME.to_string(), name.to_string())]);
+        if let Some(command) = command {
+            description.insert(DOCKERFILE_COMMAND.to_string(), command.to_string());
+        }
+        pb::OpMetadata {
+            description,
+            ..Default::default()
+        }
+    }
+
+    fn add_op(
+        &mut self,
+        op: pb::Op,
+        inputs: &[OutputRef],
+        metadata: pb::OpMetadata,
+        span: Option<Span>,
+    ) -> Result<OutputRef, CompileError> {
+        let digest = self.builder.add_with_metadata(op, inputs, metadata)?;
+        if let Some(span) = span {
+            self.builder.add_location(
+                &digest,
+                self.source_index,
+                span.start as i32,
+                span.end as i32,
+            )?;
+        }
+        Ok(OutputRef::new(digest, 0))
+    }
+
+    /// Resolves an image and adds its source op (unless it has no layers); returns the output and
+    /// the image config with `created` cleared.
+    async fn resolve_image(
+        &mut self,
+        name: &str,
+        platform: &Platform,
+        span: Span,
+        stage: Option<&Stage>,
+        prefix: &mut Prefix,
+    ) -> Result<(Option<OutputRef>, ImageConfig), CompileError> {
+        let line = span.start;
+        let reference =
+            Reference::parse_normalized(name).map_err(|source| CompileError::Reference {
+                line,
+                reference: name.to_string(),
+                source,
+            })?;
+        let (digest, bytes) = self
+            .resolver
+            .resolve(&reference, platform)
+            .await
+            .map_err(|source| CompileError::Resolve {
+                line,
+                reference: reference.to_string(),
+                source,
+            })?;
+        let mut image: ImageConfig =
+            serde_json::from_slice(&bytes).map_err(|source| CompileError::ImageConfig {
+                line,
+                reference: reference.to_string(),
+                source,
+            })?;
+        image.created = None;
+        let pinned = reference.with_digest(digest);
+        tracing::debug!(reference = %pinned, "resolved base image");
+        let scratch =
+            image.rootfs.diff_ids.is_empty() && image.history.iter().all(|h| h.empty_layer);
+        if scratch {
+            return Ok((None, image));
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("docker-image://{pinned}"),
+                attrs: BTreeMap::new(),
+            })),
+            platform: Some(pb_platform(platform)),
+            ..Default::default()
+        };
+        let name = prefix.apply(&format!("FROM {pinned}"));
+        let metadata = self.metadata(&name, stage.map(|s| s.original.as_str()));
+        let output = self.add_op(op, &[], metadata, Some(span))?;
+        Ok((Some(output), image))
+    }
+
+    /// A fresh state on top of `image` (BuildKit's per-stage initialisation).
+    fn init_state(&self, output: Option<OutputRef>, mut image: ImageConfig, platform: Platform) -> State {
+        let runtime = image.config.get_or_insert_with(RuntimeConfig::default);
+        let env = runtime.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.split('=').next() == Some("PATH")) {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        let mut state = State {
+            output,
+            platform,
+            env: Vec::new(),
+            dir: "/".to_string(),
+            user: String::new(),
+            image,
+            build_args: Vec::new(),
+            cmd_set: false,
+        };
+        let runtime = state.runtime().clone();
+        for entry in runtime.env.iter().flatten() {
+            let (key, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+            state.add_env(key, value);
+        }
+        if let Some(dir) = runtime.working_dir.as_deref().filter(|d| !d.is_empty()) {
+            state.dir = normalize_workdir("/", dir);
+        }
+        if let Some(user) = runtime.user.as_deref() {
+            state.user = user.to_string();
+        }
+        state
+    }
+
+    fn history(&self, state: &mut State, created_by: String, layer: bool) {
+        state.image.history.push(History {
+            created: None,
+            created_by: Some(created_by),
+            author: None,
+            comment: Some(HISTORY_COMMENT.to_string()),
+            empty_layer: !layer,
+        });
+    }
+
+    fn dispatch(
+        &mut self,
+        state: &mut State,
+        command: &crate::parser::Command,
+        from: Option<Option<OutputRef>>,
+        prefix: &mut Prefix,
+    ) -> Result<(), CompileError> {
+        let line = command.span.start;
+        match &command.instruction {
+            Instruction::Run { flags, command: cmd } => {
+                if let Some(flag) = flags.first() {
+                    let name = flag.split('=').next().unwrap_or(flag);
+                    return Err(CompileError::UnsupportedFlag {
+                        line,
+                        instruction: "RUN".to_string(),
+                        flag: name.to_string(),
+                    });
+                }
+                self.dispatch_run(state, command, cmd, prefix)
+            }
+            Instruction::Copy(copy) => {
+                if let Some(flag) = copy.unsupported_flags.first() {
+                    return Err(CompileError::UnsupportedFlag {
+                        line,
+                        instruction: "COPY".to_string(),
+                        flag: flag.clone(),
+                    });
+                }
+                self.dispatch_copy(state, command, copy, from, prefix)
+            }
+            Instruction::Env(pairs) => {
+                let pairs = self.expand_pairs(pairs, &state.env, line)?;
+                let mut message = String::from("ENV");
+                for (key, value) in pairs {
+                    message.push_str(&format!(" {key}={value}"));
+                    state.add_env(&key, &value);
+                    let env = state.runtime().env.get_or_insert_with(Vec::new);
+                    let entry = format!("{key}={value}");
+                    match env
+                        .iter_mut()
+                        .find(|e| e.split('=').next() == Some(key.as_str()))
+                    {
+                        Some(existing) => *existing = entry,
+                        None => env.push(entry),
+                    }
+                }
+                self.history(state, message, false);
+                Ok(())
+            }
+            Instruction::Label(pairs) => {
+                let pairs = self.expand_pairs(pairs, &state.env, line)?;
+                let mut message = String::from("LABEL");
+                let labels = state.runtime().labels.get_or_insert_with(BTreeMap::new);
+                for (key, value) in pairs {
+                    message.push_str(&format!(" {key}={value}"));
+                    labels.insert(key, value);
+                }
+                self.history(state, message, false);
+                Ok(())
+            }
+            Instruction::Workdir(path) => {
+                let path = self.expand(path, &state.env, line)?;
+                if path.is_empty() {
+                    return Err(CompileError::EmptyWorkdir { line });
+                }
+                let current = state
+                    .runtime()
+                    .working_dir
+                    .clone()
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| "/".to_string());
+                let dir = normalize_workdir(&current, &path);
+                state.runtime().working_dir = Some(dir.clone());
+                state.dir = dir.clone();
+                let mut layer = false;
+                if dir != "/" {
+                    let owner = if state.user.is_empty() {
+                        None
+                    } else {
+                        Some(chown_opt(&state.user, 0, line)?)
+                    };
+                    let action = pb::FileAction {
+                        input: if state.output.is_some() { 0 } else { -1 },
+                        secondary_input: -1,
+                        output: 0,
+                        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                            path: dir.clone(),
+                            mode: 0o755,
+                            make_parents: true,
+                            owner,
+                            timestamp: -1,
+                        })),
+                    };
+                    let name = prefix.apply(&self.display_name(&command.original, &state.env));
+                    let op = pb::Op {
+                        op: Some(pb::op::Op::File(pb::FileOp {
+                            actions: vec![action],
+                        })),
+                        platform: Some(pb_platform(&state.platform)),
+                        ..Default::default()
+                    };
+                    let inputs: Vec<OutputRef> = state.output.iter().cloned().collect();
+                    let metadata = self.metadata(&name, None);
+                    state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
+                    layer = true;
+                }
+                self.history(state, format!("WORKDIR {dir}"), layer);
+                Ok(())
+            }
+            Instruction::User(user) => {
+                let user = self.expand(user, &state.env, line)?;
+                state.user = user.clone();
+                state.runtime().user = Some(user.clone());
+                self.history(state, format!("USER {user}"), false);
+                Ok(())
+            }
+            Instruction::Cmd(cmd) => {
+                let args = self.with_shell(state, cmd);
+                let runtime = state.runtime();
+                runtime.cmd = Some(args.clone());
+                runtime.args_escaped = Some(true);
+                state.cmd_set = true;
+                self.history(state, format!("CMD {}", go_quote_list(&args)), false);
+                Ok(())
+            }
+            Instruction::Entrypoint(cmd) => {
+                let args = self.with_shell(state, cmd);
+                let keep_cmd = state.cmd_set;
+                let runtime = state.runtime();
+                runtime.entrypoint = Some(args.clone());
+                if !keep_cmd {
+                    runtime.cmd = None;
+                }
+                self.history(state, format!("ENTRYPOINT {}", go_quote_list(&args)), false);
+                Ok(())
+            }
+            Instruction::Shell(args) => {
+                state.runtime().shell = Some(args.clone());
+                self.history(state, format!("SHELL [{}]", args.join(" ")), false);
+                Ok(())
+            }
+            Instruction::Arg(defs) => {
+                let mut parts = Vec::new();
+                for def in defs {
+                    let value = match (self.options.build_args.get(&def.name), &def.default) {
+                        (Some(v), _) => Some(v.clone()),
+                        (None, Some(default)) => Some(self.expand(default, &state.env, line)?),
+                        (None, None) => self
+                            .global_args
+                            .iter()
+                            .find(|(k, _)| *k == def.name)
+                            .map(|(_, v)| v.clone()),
+                    };
+                    match &value {
+                        Some(v) => {
+                            state.add_env(&def.name, v);
+                            parts.push(format!("{}={v}", def.name));
+                        }
+                        None => parts.push(def.name.clone()),
+                    }
+                    state.build_args.push((def.name.clone(), value));
+                }
+                self.history(state, format!("ARG {}", parts.join(" ")), false);
+                Ok(())
+            }
+            Instruction::Unsupported { .. } => Err(CompileError::Unsupported {
+                line,
+                instruction: command.keyword.clone(),
+            }),
+        }
+    }
+
+    fn expand_pairs(
+        &self,
+        pairs: &[KeyValue],
+        env: &[(String, String)],
+        line: usize,
+    ) -> Result<Vec<(String, String)>, CompileError> {
+        pairs
+            .iter()
+            .map(|p| Ok((self.expand(&p.key, env, line)?, self.expand(&p.value, env, line)?)))
+            .collect()
+    }
+
+    /// Shell form → `SHELL` (default `/bin/sh -c`) plus the text; exec form as is.
+    fn with_shell(&self, state: &State, cmd: &CommandLine) -> Vec<String> {
+        match cmd {
+            CommandLine::Exec(args) => args.clone(),
+            CommandLine::Shell(text) => {
+                let mut args = state
+                    .image
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.shell.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| vec!["/bin/sh".to_string(), "-c".to_string()]);
+                args.push(text.clone());
+                args
+            }
+        }
+    }
+
+    fn dispatch_run(
+        &mut self,
+        state: &mut State,
+        command: &crate::parser::Command,
+        cmd: &CommandLine,
+        prefix: &mut Prefix,
+    ) -> Result<(), CompileError> {
+        if let CommandLine::Shell(text) = cmd {
+            if has_heredoc(text) {
+                return Err(CompileError::Heredoc {
+                    line: command.span.start,
+                    instruction: "RUN".to_string(),
+                });
+            }
+        }
+        let args = self.with_shell(state, cmd);
+        let env: Vec<String> = state.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let proxy_env = proxy_env(&self.options.build_args);
+        let exec = pb::ExecOp {
+            meta: Some(pb::Meta {
+                args: args.clone(),
+                env,
+                cwd: state.dir.clone(),
+                user: state.user.clone(),
+                proxy_env,
+                ..Default::default()
+            }),
+            mounts: vec![pb::Mount {
+                input: if state.output.is_some() { 0 } else { -1 },
+                dest: "/".to_string(),
+                output: 0,
+                ..Default::default()
+            }],
+            network: pb::NetMode::Unset as i32,
+            security: pb::SecurityMode::Sandbox as i32,
+            ..Default::default()
+        };
+        let op = pb::Op {
+            op: Some(pb::op::Op::Exec(exec)),
+            platform: Some(pb_platform(&state.platform)),
+            ..Default::default()
+        };
+        let name = prefix.apply(&self.display_name(&command.original, &state.env));
+        let metadata = self.metadata(&name, Some(&command.original));
+        let inputs: Vec<OutputRef> = state.output.iter().cloned().collect();
+        state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
+
+        // BuildKit's runCommandString: `|<n> K=V ... <args>` when the stage declared ARGs.
+        let mut build_env: Vec<(String, String)> = Vec::new();
+        for (key, value) in &state.build_args {
+            let v = state
+                .env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .or_else(|| value.clone())
+                .unwrap_or_default();
+            set_pair(&mut build_env, key, &v);
+        }
+        let mut words: Vec<String> = Vec::new();
+        if !build_env.is_empty() {
+            words.push(format!("|{}", build_env.len()));
+            words.extend(build_env.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        words.extend(args);
+        self.history(state, format!("RUN {} # buildkit", words.join(" ")), true);
+        Ok(())
+    }
+
+    fn dispatch_copy(
+        &mut self,
+        state: &mut State,
+        command: &crate::parser::Command,
+        copy: &CopyInstruction,
+        from: Option<Option<OutputRef>>,
+        prefix: &mut Prefix,
+    ) -> Result<(), CompileError> {
+        let line = command.span.start;
+        if copy.sources.iter().any(|s| s.starts_with("<<")) {
+            return Err(CompileError::Heredoc {
+                line,
+                instruction: "COPY".to_string(),
+            });
+        }
+        let sources = copy
+            .sources
+            .iter()
+            .map(|s| self.expand(s, &state.env, line))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dest_raw = self.expand(&copy.dest, &state.env, line)?;
+        let chown = match &copy.chown {
+            Some(c) => Some(self.expand(c, &state.env, line)?),
+            None => None,
+        };
+        let chmod = match &copy.chmod {
+            Some(c) => Some(self.expand(c, &state.env, line)?),
+            None => None,
+        };
+        let mode = match &chmod {
+            None => -1,
+            Some(value) => match u32::from_str_radix(value, 8) {
+                Ok(m) if m <= 0o7777 => m as i32,
+                _ => {
+                    return Err(CompileError::Chmod {
+                        line,
+                        value: value.clone(),
+                    })
+                }
+            },
+        };
+
+        // The source: another stage/image, or the main build context.
+        let source = match from {
+            Some(output) => output,
+            None => Some(self.context()?),
+        };
+
+        let dest = dest_path(&state.dir, &dest_raw);
+        let mut inputs: Vec<OutputRef> = Vec::new();
+        let base_index = match &state.output {
+            Some(output) => {
+                inputs.push(output.clone());
+                0
+            }
+            None => -1,
+        };
+        let secondary = match &source {
+            Some(output) => match inputs.iter().position(|i| i == output) {
+                Some(p) => p as i64,
+                None => {
+                    inputs.push(output.clone());
+                    (inputs.len() - 1) as i64
+                }
+            },
+            None => -1,
+        };
+        let owner = match &chown {
+            Some(c) => Some(chown_opt(c, base_index, line)?),
+            None => None,
+        };
+        let count = sources.len();
+        let mut actions = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let input = if i == 0 {
+                base_index
+            } else {
+                // The previous action's output: `number of inputs + action index`.
+                (inputs.len() + i - 1) as i64
+            };
+            actions.push(pb::FileAction {
+                input,
+                secondary_input: secondary,
+                output: if i + 1 == count { 0 } else { -1 },
+                action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
+                    src: clean_path(&format!("/{src}")),
+                    dest: dest.clone(),
+                    owner: owner.clone(),
+                    mode,
+                    follow_symlink: true,
+                    dir_copy_contents: true,
+                    attempt_unpack_docker_compatibility: false,
+                    create_dest_path: true,
+                    allow_wildcard: true,
+                    allow_empty_wildcard: true,
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            });
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::File(pb::FileOp { actions })),
+            platform: Some(pb_platform(&state.platform)),
+            ..Default::default()
+        };
+        let name = prefix.apply(&self.display_name(&command.original, &state.env));
+        let metadata = self.metadata(&name, None);
+        state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
+
+        let mut message = String::from("COPY");
+        if let Some(c) = &chown {
+            message.push_str(&format!(" --chown={c}"));
+        }
+        if let Some(c) = &chmod {
+            message.push_str(&format!(" --chmod={c}"));
+        }
+        for src in &sources {
+            message.push_str(&format!(" {src}"));
+        }
+        message.push_str(&format!(" {dest_raw} # buildkit"));
+        self.history(state, message, true);
+        Ok(())
+    }
+
+    /// The main build context source op, added on first use.
+    fn context(&mut self) -> Result<OutputRef, CompileError> {
+        if let Some(context) = &self.context {
+            return Ok(context.clone());
+        }
+        let mut attrs = BTreeMap::from([
+            (
+                "local.session".to_string(),
+                self.options.session_id.clone(),
+            ),
+            (
+                "local.sharedkeyhint".to_string(),
+                self.options.context_name.clone(),
+            ),
+        ]);
+        if !self.options.excludes.is_empty() {
+            // Serialising a list of strings cannot fail.
+            let json = serde_json::to_string(&self.options.excludes).unwrap_or_default();
+            attrs.insert("local.excludepatterns".to_string(), json);
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{}", self.options.context_name),
+                attrs,
+            })),
+            platform: Some(pb_platform(&self.options.platform)),
+            ..Default::default()
+        };
+        let metadata = self.metadata("[internal] load build context", None);
+        let output = self.add_op(op, &[], metadata, None)?;
+        self.context = Some(output.clone());
+        Ok(output)
+    }
+
+    /// Target-level settings: platform fields, `--label`s, layers left to the exporter.
+    fn finalize(&self, state: &mut State) {
+        let platform = &self.options.platform;
+        let same = state.image.os == platform.os && state.image.architecture == platform.architecture;
+        state.image.os = platform.os.clone();
+        state.image.architecture = platform.architecture.clone();
+        if platform.variant.is_some() || !same {
+            state.image.variant = platform.variant.clone();
+        }
+        if !self.options.labels.is_empty() {
+            let labels = state.runtime().labels.get_or_insert_with(BTreeMap::new);
+            for (k, v) in &self.options.labels {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        state.image.rootfs.diff_ids.clear();
+    }
+}
+
+/// The image `FROM scratch` starts from.
+fn empty_image(platform: &Platform) -> ImageConfig {
+    ImageConfig {
+        architecture: platform.architecture.clone(),
+        os: platform.os.clone(),
+        variant: platform.variant.clone(),
+        config: Some(RuntimeConfig {
+            working_dir: Some("/".to_string()),
+            env: Some(vec![format!("PATH={DEFAULT_PATH}")]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pb_platform(platform: &Platform) -> pb::Platform {
+    pb::Platform {
+        architecture: platform.architecture.clone(),
+        os: platform.os.clone(),
+        variant: platform.variant.clone().unwrap_or_default(),
+        os_version: platform.os_version.clone().unwrap_or_default(),
+        os_features: platform.os_features.clone().unwrap_or_default(),
+    }
+}
+
+/// `http_proxy` & co. from build args (matched case-insensitively), as BuildKit passes them.
+fn proxy_env(build_args: &BTreeMap<String, String>) -> Option<pb::ProxyEnv> {
+    let mut proxy = pb::ProxyEnv::default();
+    let mut set = false;
+    for (key, value) in build_args {
+        let slot = match key.to_ascii_lowercase().as_str() {
+            "http_proxy" => &mut proxy.http_proxy,
+            "https_proxy" => &mut proxy.https_proxy,
+            "ftp_proxy" => &mut proxy.ftp_proxy,
+            "no_proxy" => &mut proxy.no_proxy,
+            "all_proxy" => &mut proxy.all_proxy,
+            _ => continue,
+        };
+        *slot = value.clone();
+        set = true;
+    }
+    set.then_some(proxy)
+}
+
+/// `--chown` / `USER` → `ChownOpt`: numeric ids by id, names by name (looked up in `input`).
+fn chown_opt(value: &str, input: i64, line: usize) -> Result<pb::ChownOpt, CompileError> {
+    let user_opt = |part: &str| -> Result<pb::UserOpt, CompileError> {
+        if part.is_empty() {
+            return Err(CompileError::Chown {
+                line,
+                value: value.to_string(),
+            });
+        }
+        Ok(pb::UserOpt {
+            user: Some(match part.parse::<u32>() {
+                Ok(id) => pb::user_opt::User::ById(id),
+                Err(_) => pb::user_opt::User::ByName(pb::NamedUserOpt {
+                    name: part.to_string(),
+                    input,
+                }),
+            }),
+        })
+    };
+    let (user, group) = match value.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (value, None),
+    };
+    Ok(pb::ChownOpt {
+        user: Some(user_opt(user)?),
+        group: match group {
+            Some(g) => Some(user_opt(g)?),
+            None => None,
+        },
+    })
+}
+
+/// Lexical `path.Clean` for absolute paths.
+fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// BuildKit's `NormalizeWorkdir`: relative paths are joined to the current directory.
+fn normalize_workdir(current: &str, requested: &str) -> String {
+    if requested.starts_with('/') {
+        clean_path(requested)
+    } else {
+        clean_path(&format!("{current}/{requested}"))
+    }
+}
+
+/// COPY destination relative to the working directory; a trailing `/` (or `.`) is kept, since it
+/// means "into this directory".
+fn dest_path(dir: &str, dest: &str) -> String {
+    let dest = if dest.is_empty() || dest == "." {
+        "./"
+    } else {
+        dest
+    };
+    let joined = if dest.starts_with('/') {
+        clean_path(dest)
+    } else {
+        clean_path(&format!("{dir}/{dest}"))
+    };
+    let keep_slash = dest.ends_with('/') || dest.ends_with("/.") || dest == "./";
+    if keep_slash && joined != "/" {
+        format!("{joined}/")
+    } else {
+        joined
+    }
+}
+
+fn has_heredoc(text: &str) -> bool {
+    let mut rest = text;
+    while let Some(i) = rest.find("<<") {
+        let after = rest[i + 2..].trim_start_matches('-');
+        let after = after.trim_start_matches(['"', '\'']);
+        if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            return true;
+        }
+        rest = &rest[i + 2..];
+    }
+    false
+}
+
+/// Go's `fmt.Sprintf("%q", []string{...})`: `["a" "b"]`.
+fn go_quote_list(args: &[String]) -> String {
+    let quoted: Vec<String> = args.iter().map(|a| go_quote(a)).collect();
+    format!("[{}]", quoted.join(" "))
+}
+
+/// Go's `strconv.Quote`.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\u{b}' => out.push_str("\\v"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dest_rules() {
+        assert_eq!(dest_path("/", "."), "/");
+        assert_eq!(dest_path("/app", "."), "/app/");
+        assert_eq!(dest_path("/app", "sub/"), "/app/sub/");
+        assert_eq!(dest_path("/app", "file"), "/app/file");
+        assert_eq!(dest_path("/app", "/abs/../x"), "/x");
+        assert_eq!(dest_path("/app", "/"), "/");
+    }
+
+    #[test]
+    fn workdir_rules() {
+        assert_eq!(normalize_workdir("/", "app"), "/app");
+        assert_eq!(normalize_workdir("/app", "sub/.."), "/app");
+        assert_eq!(normalize_workdir("/app", "/x/"), "/x");
+    }
+
+    #[test]
+    fn prefix_widths() {
+        let mut p = Prefix {
+            stage_name: String::new(),
+            index: 0,
+            total: 12,
+        };
+        assert_eq!(p.apply("FROM x"), "[ 1/12] FROM x");
+        let mut p = Prefix {
+            stage_name: "build".into(),
+            index: 0,
+            total: 3,
+        };
+        assert_eq!(p.apply("RUN a"), "[build 1/3] RUN a");
+        let mut p = Prefix::default();
+        assert_eq!(p.apply("FROM x"), "FROM x");
+    }
+
+    #[test]
+    fn go_quoting() {
+        assert_eq!(
+            go_quote_list(&["/bin/sh".into(), "-c".into(), "echo \"hi\"\n".into()]),
+            r#"["/bin/sh" "-c" "echo \"hi\"\n"]"#
+        );
+    }
+
+    #[test]
+    fn heredoc_detection() {
+        assert!(has_heredoc("<<EOF"));
+        assert!(has_heredoc("cat <<-'EOF'"));
+        assert!(!has_heredoc("echo $((1 << 2))"));
+    }
+
+    #[test]
+    fn chown_forms() {
+        let opt = chown_opt("1000:1001", 0, 1).unwrap();
+        assert_eq!(
+            opt.user.unwrap().user,
+            Some(pb::user_opt::User::ById(1000))
+        );
+        assert_eq!(
+            opt.group.unwrap().user,
+            Some(pb::user_opt::User::ById(1001))
+        );
+        let opt = chown_opt("app", 0, 1).unwrap();
+        assert!(opt.group.is_none());
+        assert!(matches!(
+            opt.user.unwrap().user,
+            Some(pb::user_opt::User::ByName(ref n)) if n.name == "app"
+        ));
+        assert!(chown_opt(":1", 0, 1).is_err());
+    }
+}
