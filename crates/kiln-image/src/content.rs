@@ -259,7 +259,11 @@ impl Drop for ContentWriter {
 }
 
 /// Copies everything from `reader` into a new blob and commits it against `expected`.
-pub fn ingest(store: &ContentStore, mut reader: impl Read, expected: Option<&Digest>) -> Result<(Digest, u64)> {
+pub fn ingest(
+    store: &ContentStore,
+    mut reader: impl Read,
+    expected: Option<&Digest>,
+) -> Result<(Digest, u64)> {
     let mut w = store.writer()?;
     io::copy(&mut reader, &mut w).map_err(|source| Error::Io {
         path: w.temp_path.clone(),
@@ -279,7 +283,10 @@ mod tests {
         let d = store.write_blob(b"hello").unwrap();
         assert_eq!(d, Digest::of(b"hello"));
         assert!(store.has(&d));
-        assert_eq!(store.path(&d), dir.path().join("blobs/sha256").join(d.hex()));
+        assert_eq!(
+            store.path(&d),
+            dir.path().join("blobs/sha256").join(d.hex())
+        );
         assert_eq!(store.read(&d).unwrap(), b"hello");
         assert_eq!(store.info(&d).unwrap(), 5);
         store.delete(&d).unwrap();

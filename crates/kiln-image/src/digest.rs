@@ -19,7 +19,9 @@ pub struct Digest {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DigestError {
     /// The algorithm prefix is missing or not `sha256`.
-    #[error("invalid digest {value:?}: unsupported or missing algorithm (only sha256 is supported)")]
+    #[error(
+        "invalid digest {value:?}: unsupported or missing algorithm (only sha256 is supported)"
+    )]
     Algorithm {
         /// The rejected input.
         value: String,
@@ -43,7 +45,11 @@ impl Digest {
 
     /// A digest from its 64 lowercase hex digits (without the `sha256:` prefix).
     pub fn from_hex(hex: &str) -> Result<Self, DigestError> {
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DigestError::Hex {
                 value: hex.to_owned(),
             });
@@ -76,8 +82,12 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hex = s
             .strip_prefix("sha256:")
-            .ok_or_else(|| DigestError::Algorithm { value: s.to_owned() })?;
-        Self::from_hex(hex).map_err(|_| DigestError::Hex { value: s.to_owned() })
+            .ok_or_else(|| DigestError::Algorithm {
+                value: s.to_owned(),
+            })?;
+        Self::from_hex(hex).map_err(|_| DigestError::Hex {
+            value: s.to_owned(),
+        })
     }
 }
 
@@ -212,7 +222,10 @@ mod tests {
             Err(DigestError::Algorithm { .. })
         ));
         assert!(matches!(
-            EMPTY.to_uppercase().replace("SHA256", "sha256").parse::<Digest>(),
+            EMPTY
+                .to_uppercase()
+                .replace("SHA256", "sha256")
+                .parse::<Digest>(),
             Err(DigestError::Hex { .. })
         ));
         assert!("sha256:abc".parse::<Digest>().is_err());

@@ -235,7 +235,8 @@ fn remove_existing(path: &Path) -> Result<()> {
 
 fn set_mtime(path: &Path, (secs, nanos): (i64, i64)) -> Result<()> {
     let ts = TimeSpec::new(secs, nanos);
-    utimensat(None, path, &ts, &ts, UtimensatFlags::NoFollowSymlink).map_err(nix_err("set mtime of", path))
+    utimensat(None, path, &ts, &ts, UtimensatFlags::NoFollowSymlink)
+        .map_err(nix_err("set mtime of", path))
 }
 
 /// Parses a PAX time (`1700000000.123`) into seconds and nanoseconds.
@@ -261,10 +262,20 @@ fn numeric(raw: &[u8], parsed: io::Result<u64>) -> Result<u64> {
     parsed.map_err(|source| Error::Read { source })
 }
 
-fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &mut Vec<(PathBuf, (i64, i64))>) -> Result<()> {
+fn apply_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dest: &Path,
+    dir_times: &mut Vec<(PathBuf, (i64, i64))>,
+) -> Result<()> {
     let raw = entry.path_bytes().into_owned();
     let kind = entry.header().entry_type();
-    if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+    if matches!(
+        kind,
+        EntryType::XGlobalHeader
+            | EntryType::XHeader
+            | EntryType::GNULongName
+            | EntryType::GNULongLink
+    ) {
         return Ok(());
     }
     let components = clean_path(&raw)?;
@@ -276,7 +287,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     let name_bytes = name.as_bytes();
 
     if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
-        return xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(io_err("set opaque xattr on", &parent));
+        return xattr::set(&parent, OPAQUE_XATTR, b"y")
+            .map_err(io_err("set opaque xattr on", &parent));
     }
     let header = entry.header();
     let mode = numeric(&header.as_old().mode, header.mode().map(u64::from))? as u32 & 0o7777;
@@ -292,7 +304,10 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     let link = entry.link_name_bytes().map(|l| l.into_owned());
 
     let mut xattrs = Vec::new();
-    if let Some(extensions) = entry.pax_extensions().map_err(|source| Error::Read { source })? {
+    if let Some(extensions) = entry
+        .pax_extensions()
+        .map_err(|source| Error::Read { source })?
+    {
         for ext in extensions {
             let ext = ext.map_err(|source| Error::Read { source })?;
             let Ok(key) = ext.key() else { continue };
@@ -315,9 +330,15 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
         }
         let target = parent.join(OsStr::from_bytes(hidden));
         remove_existing(&target)?;
-        mknod(&target, SFlag::S_IFCHR, Mode::from_bits_truncate(mode), makedev(0, 0))
-            .map_err(nix_err("create whiteout", &target))?;
-        std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err("change owner of", &target))?;
+        mknod(
+            &target,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(mode),
+            makedev(0, 0),
+        )
+        .map_err(nix_err("create whiteout", &target))?;
+        std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+            .map_err(io_err("change owner of", &target))?;
         return set_mtime(&target, mtime);
     }
 
@@ -349,7 +370,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
                 path: String::from_utf8_lossy(&raw).into_owned(),
                 reason: "symlink without target",
             })?;
-            std::os::unix::fs::symlink(OsStr::from_bytes(&link), &target).map_err(io_err("create symlink", &target))?;
+            std::os::unix::fs::symlink(OsStr::from_bytes(&link), &target)
+                .map_err(io_err("create symlink", &target))?;
         }
         EntryType::Link => {
             let link = link.ok_or_else(|| Error::UnsafePath {
@@ -364,7 +386,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
                 });
             };
             let source = safe_dir(dest, link_parents, &link, false)?.join(link_name);
-            let meta = fs::symlink_metadata(&source).map_err(io_err("find hard link target", &source))?;
+            let meta =
+                fs::symlink_metadata(&source).map_err(io_err("find hard link target", &source))?;
             if meta.is_dir() {
                 return Err(Error::UnsafePath {
                     path: String::from_utf8_lossy(&link).into_owned(),
@@ -383,7 +406,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
                 _ => SFlag::S_IFIFO,
             };
             let dev = makedev(u64::from(device.0), u64::from(device.1));
-            mknod(&target, sflag, Mode::from_bits_truncate(mode), dev).map_err(nix_err("create device node", &target))?;
+            mknod(&target, sflag, Mode::from_bits_truncate(mode), dev)
+                .map_err(nix_err("create device node", &target))?;
         }
         other => {
             tracing::debug!(path = %String::from_utf8_lossy(&raw), kind = ?other, "skipping unsupported tar entry type");
@@ -392,10 +416,12 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     }
 
     let is_symlink = kind == EntryType::Symlink;
-    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err("change owner of", &target))?;
+    std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+        .map_err(io_err("change owner of", &target))?;
     for (name, value) in &xattrs {
         if let Err(e) = xattr::set(&target, name, value) {
-            let unsupported = e.raw_os_error() == Some(libc::ENOTSUP) || (is_symlink && e.raw_os_error() == Some(libc::EPERM));
+            let unsupported = e.raw_os_error() == Some(libc::ENOTSUP)
+                || (is_symlink && e.raw_os_error() == Some(libc::EPERM));
             if !unsupported {
                 return Err(io_err("set xattr on", &target)(e));
             }
@@ -404,7 +430,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, dir_times: &
     }
     if !is_symlink {
         // After chown, which clears setuid/setgid bits.
-        fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_err("change mode of", &target))?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+            .map_err(io_err("change mode of", &target))?;
     }
     if kind == EntryType::Directory {
         dir_times.push((target, mtime));
@@ -433,12 +460,19 @@ pub fn diff_upper(upper: &Path, out: impl Write) -> Result<LayerBlob> {
     };
     writer.walk(upper, b"")?;
     // End of archive: two zero blocks.
-    writer.out.write_all(&[0u8; 1024]).map_err(|source| Error::Write { source })?;
+    writer
+        .out
+        .write_all(&[0u8; 1024])
+        .map_err(|source| Error::Write { source })?;
     let (encoder, diff_id, _) = writer.out.finish();
     let compressed = finish_compressor(encoder).map_err(|source| Error::Write { source })?;
     let (mut out, digest, size) = compressed.finish();
     out.flush().map_err(|source| Error::Write { source })?;
-    Ok(LayerBlob { diff_id, digest, size })
+    Ok(LayerBlob {
+        diff_id,
+        digest,
+        size,
+    })
 }
 
 struct TarWriter<W: Write> {
@@ -490,7 +524,10 @@ fn set_ustar_name(header: &mut Header, path: &[u8]) -> bool {
         return true;
     }
     let split = path.iter().enumerate().position(|(i, &b)| {
-        b == b'/' && i <= USTAR_PREFIX_LEN && path.len() - i - 1 <= USTAR_NAME_LEN && path.len() - i - 1 > 0
+        b == b'/'
+            && i <= USTAR_PREFIX_LEN
+            && path.len() - i - 1 <= USTAR_NAME_LEN
+            && path.len() - i - 1 > 0
     });
     match split {
         Some(i) => {
@@ -523,8 +560,15 @@ impl<W: Write> TarWriter<W> {
                 let mut dir_path = tar_path.clone();
                 dir_path.push(b'/');
                 let xattrs = self.xattrs(&path)?;
-                self.append(&dir_path, EntryMeta::from_lstat(EntryType::Directory, &meta), None, &xattrs, io::empty())?;
-                let opaque = xattr::get(&path, OPAQUE_XATTR).map_err(io_err("read xattr of", &path))?;
+                self.append(
+                    &dir_path,
+                    EntryMeta::from_lstat(EntryType::Directory, &meta),
+                    None,
+                    &xattrs,
+                    io::empty(),
+                )?;
+                let opaque =
+                    xattr::get(&path, OPAQUE_XATTR).map_err(io_err("read xattr of", &path))?;
                 if opaque.as_deref() == Some(b"y") {
                     let mut opq = dir_path.clone();
                     opq.extend_from_slice(OPAQUE_WHITEOUT.as_bytes());
@@ -552,7 +596,13 @@ impl<W: Write> TarWriter<W> {
                 let target = fs::read_link(&path).map_err(io_err("read symlink", &path))?;
                 let xattrs = self.xattrs(&path)?;
                 let m = EntryMeta::from_lstat(EntryType::Symlink, &meta);
-                self.append(&tar_path, m, Some(target.as_os_str().as_bytes()), &xattrs, io::empty())?;
+                self.append(
+                    &tar_path,
+                    m,
+                    Some(target.as_os_str().as_bytes()),
+                    &xattrs,
+                    io::empty(),
+                )?;
             } else if ft.is_char_device() && meta.rdev() == 0 {
                 let mut wh = rel.to_vec();
                 if !wh.is_empty() {
@@ -571,7 +621,13 @@ impl<W: Write> TarWriter<W> {
                     EntryType::Fifo
                 };
                 let xattrs = self.xattrs(&path)?;
-                self.append(&tar_path, EntryMeta::from_lstat(kind, &meta), None, &xattrs, io::empty())?;
+                self.append(
+                    &tar_path,
+                    EntryMeta::from_lstat(kind, &meta),
+                    None,
+                    &xattrs,
+                    io::empty(),
+                )?;
             } else {
                 tracing::debug!(path = %path.display(), "skipping socket in layer diff");
             }
@@ -601,7 +657,14 @@ impl<W: Write> TarWriter<W> {
         Ok(out)
     }
 
-    fn append(&mut self, path: &[u8], meta: EntryMeta, link: Option<&[u8]>, xattrs: &BTreeMap<String, Vec<u8>>, mut data: impl Read) -> Result<()> {
+    fn append(
+        &mut self,
+        path: &[u8],
+        meta: EntryMeta,
+        link: Option<&[u8]>,
+        xattrs: &BTreeMap<String, Vec<u8>>,
+        mut data: impl Read,
+    ) -> Result<()> {
         let mut header = Header::new_ustar();
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         if !set_ustar_name(&mut header, path) {
@@ -611,7 +674,9 @@ impl<W: Write> TarWriter<W> {
         }
         if let Some(link) = link {
             if link.len() <= USTAR_NAME_LEN {
-                header.set_link_name_literal(link).map_err(|source| Error::Write { source })?;
+                header
+                    .set_link_name_literal(link)
+                    .map_err(|source| Error::Write { source })?;
             } else {
                 pax.push(("linkpath".to_owned(), link.to_vec()));
             }
@@ -629,21 +694,31 @@ impl<W: Write> TarWriter<W> {
         header.set_mtime(meta.mtime);
         header.set_size(meta.size);
         if matches!(meta.kind, EntryType::Char | EntryType::Block) {
-            header.set_device_major(meta.device.0).map_err(|source| Error::Write { source })?;
-            header.set_device_minor(meta.device.1).map_err(|source| Error::Write { source })?;
+            header
+                .set_device_major(meta.device.0)
+                .map_err(|source| Error::Write { source })?;
+            header
+                .set_device_minor(meta.device.1)
+                .map_err(|source| Error::Write { source })?;
         }
         header.set_cksum();
         if !pax.is_empty() {
             self.write_pax(path, &pax, meta.mtime)?;
         }
-        self.out.write_all(header.as_bytes()).map_err(|source| Error::Write { source })?;
-        let copied = io::copy(&mut data, &mut self.out).map_err(|source| Error::Write { source })?;
+        self.out
+            .write_all(header.as_bytes())
+            .map_err(|source| Error::Write { source })?;
+        let copied =
+            io::copy(&mut data, &mut self.out).map_err(|source| Error::Write { source })?;
         if copied != meta.size {
             // The file changed size under us; the tar would be corrupt.
             return Err(Error::Write {
                 source: io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("{} changed size while being archived", String::from_utf8_lossy(path)),
+                    format!(
+                        "{} changed size while being archived",
+                        String::from_utf8_lossy(path)
+                    ),
                 ),
             });
         }
@@ -664,7 +739,10 @@ impl<W: Write> TarWriter<W> {
             data.push(b'\n');
         }
         let mut header = Header::new_ustar();
-        let base = path.rsplit(|&b| b == b'/').find(|c| !c.is_empty()).unwrap_or(b"entry");
+        let base = path
+            .rsplit(|&b| b == b'/')
+            .find(|c| !c.is_empty())
+            .unwrap_or(b"entry");
         let mut name = b"PaxHeaders/".to_vec();
         name.extend_from_slice(&base[..base.len().min(USTAR_NAME_LEN - name.len())]);
         set_ustar_name(&mut header, &name);
@@ -673,15 +751,21 @@ impl<W: Write> TarWriter<W> {
         header.set_mtime(mtime);
         header.set_size(data.len() as u64);
         header.set_cksum();
-        self.out.write_all(header.as_bytes()).map_err(|source| Error::Write { source })?;
-        self.out.write_all(&data).map_err(|source| Error::Write { source })?;
+        self.out
+            .write_all(header.as_bytes())
+            .map_err(|source| Error::Write { source })?;
+        self.out
+            .write_all(&data)
+            .map_err(|source| Error::Write { source })?;
         self.pad(data.len() as u64)
     }
 
     fn pad(&mut self, size: u64) -> Result<()> {
         let rem = (size % 512) as usize;
         if rem != 0 {
-            self.out.write_all(&[0u8; 512][..512 - rem]).map_err(|source| Error::Write { source })?;
+            self.out
+                .write_all(&[0u8; 512][..512 - rem])
+                .map_err(|source| Error::Write { source })?;
         }
         Ok(())
     }

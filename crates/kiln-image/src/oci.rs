@@ -28,7 +28,8 @@ pub mod media_types {
     /// Docker image manifest v2 schema 2.
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     /// Docker manifest list.
-    pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
     /// Docker image config.
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
     /// Docker gzip layer.
@@ -87,10 +88,18 @@ pub struct Platform {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     /// OS version (Windows).
-    #[serde(rename = "os.version", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_version: Option<String>,
     /// OS features (Windows).
-    #[serde(rename = "os.features", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.features",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_features: Option<Vec<String>>,
 }
 
@@ -438,7 +447,10 @@ mod tests {
         let text = String::from_utf8(a).unwrap();
         assert!(text.contains(r#""Labels":{"a":"1","b":"2"}"#), "{text}");
         assert!(!text.contains("empty_layer\":false"), "{text}");
-        assert!(text.contains(r#""rootfs":{"type":"layers","diff_ids":["#), "{text}");
+        assert!(
+            text.contains(r#""rootfs":{"type":"layers","diff_ids":["#),
+            "{text}"
+        );
     }
 
     #[test]
@@ -447,7 +459,11 @@ mod tests {
             schema_version: 2,
             media_type: Some(media_types::OCI_MANIFEST.into()),
             config: Descriptor::new(media_types::OCI_CONFIG, Digest::of(b"c"), 1),
-            layers: vec![Descriptor::new(media_types::OCI_LAYER_GZIP, Digest::of(b"l"), 1)],
+            layers: vec![Descriptor::new(
+                media_types::OCI_LAYER_GZIP,
+                Digest::of(b"l"),
+                1,
+            )],
             annotations: None,
         };
         let v = serde_json::to_value(&m).unwrap();
@@ -457,7 +473,10 @@ mod tests {
             r#"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}}]}"#,
         )
         .unwrap();
-        assert_eq!(i.manifests[0].platform.as_ref().unwrap().architecture, "arm64");
+        assert_eq!(
+            i.manifests[0].platform.as_ref().unwrap().architecture,
+            "arm64"
+        );
     }
 
     #[test]
@@ -470,8 +489,13 @@ mod tests {
         let armv7 = Platform::new("linux", "arm", None);
         assert!(armv7.matches(&Platform::new("linux", "arm", Some("v7"))));
         assert!(!armv7.matches(&Platform::new("linux", "arm", Some("v6"))));
-        assert!(Platform::new("linux", "x86_64", None).matches(&Platform::new("linux", "amd64", None)));
-        assert_eq!(Platform::parse("linux/arm/v6").unwrap().to_string(), "linux/arm/v6");
+        assert!(
+            Platform::new("linux", "x86_64", None).matches(&Platform::new("linux", "amd64", None))
+        );
+        assert_eq!(
+            Platform::parse("linux/arm/v6").unwrap().to_string(),
+            "linux/arm/v6"
+        );
         assert!(Platform::parse("linux").is_none());
     }
 

@@ -28,7 +28,9 @@ pub enum ParseError {
         name: String,
     },
     /// The name is a 64-hex-digit string (an image id, not a name).
-    #[error("invalid reference format: repository name ({name}) cannot be a 64-byte hexadecimal string")]
+    #[error(
+        "invalid reference format: repository name ({name}) cannot be a 64-byte hexadecimal string"
+    )]
     HexName {
         /// The offending name.
         name: String,
@@ -274,7 +276,9 @@ fn split_domain(name: &str) -> (&str, &str) {
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `[\w][\w.-]{0,127}`.
@@ -324,7 +328,11 @@ fn is_valid_domain(domain: &str) -> bool {
         let Some((ip, after)) = rest.split_once(']') else {
             return false;
         };
-        if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+        if ip.is_empty()
+            || !ip
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
             return false;
         }
         match after {
@@ -385,7 +393,10 @@ mod tests {
             ("ghcr.io/o/r", "ghcr.io/o/r:latest"),
             ("docker.io/a-b__c.d/e", "docker.io/a-b__c.d/e:latest"),
             ("u/a-b__c.d---e", "docker.io/u/a-b__c.d---e:latest"),
-            ("my-reg.example.com:443/x/y", "my-reg.example.com:443/x/y:latest"),
+            (
+                "my-reg.example.com:443/x/y",
+                "my-reg.example.com:443/x/y:latest",
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(norm(input), want, "{input}");
@@ -405,8 +416,14 @@ mod tests {
         assert_eq!(r.name(), "127.0.0.1:5000/busybox");
         let r = Reference::parse_normalized("foo").unwrap();
         let pinned = r.with_digest(D.parse().unwrap());
-        assert_eq!(pinned.to_string(), format!("docker.io/library/foo:latest@{D}"));
-        assert_eq!(pinned.with_tag("2").unwrap().to_string(), "docker.io/library/foo:2");
+        assert_eq!(
+            pinned.to_string(),
+            format!("docker.io/library/foo:latest@{D}")
+        );
+        assert_eq!(
+            pinned.with_tag("2").unwrap().to_string(),
+            "docker.io/library/foo:2"
+        );
     }
 
     #[test]

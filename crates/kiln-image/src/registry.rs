@@ -38,8 +38,8 @@ pub enum Error {
     /// The request failed before an HTTP status was received.
     #[error("failed to fetch {url} for {reference}")]
     Request {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The URL requested.
         url: String,
         /// The cause.
@@ -49,8 +49,8 @@ pub enum Error {
     /// The registry answered with an unexpected status.
     #[error("failed to fetch {url} for {reference}: {status}")]
     Status {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The URL requested.
         url: String,
         /// The HTTP status.
@@ -59,8 +59,8 @@ pub enum Error {
     /// The registry wants credentials other than an anonymous bearer token.
     #[error("failed to fetch {url} for {reference}: {status} (only anonymous bearer tokens are supported)")]
     Unauthorized {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The URL requested.
         url: String,
         /// The HTTP status (401 or 403).
@@ -69,8 +69,8 @@ pub enum Error {
     /// The token endpoint could not be reached or refused.
     #[error("failed to get anonymous token from {realm} for {reference}")]
     TokenRequest {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The token endpoint.
         realm: String,
         /// The cause.
@@ -80,8 +80,8 @@ pub enum Error {
     /// The token endpoint answered with an error status or without a token.
     #[error("failed to get anonymous token from {realm} for {reference}: {detail}")]
     Token {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The token endpoint.
         realm: String,
         /// The status or missing field.
@@ -90,8 +90,8 @@ pub enum Error {
     /// A manifest of a media type we cannot handle.
     #[error("manifest {digest} of {reference} has unsupported media type {media_type:?}")]
     UnsupportedMediaType {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The manifest's digest.
         digest: Digest,
         /// Its media type.
@@ -100,8 +100,8 @@ pub enum Error {
     /// A JSON document did not parse.
     #[error("failed to parse {what} {digest} of {reference}")]
     Json {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// `manifest`, `index` or `config`.
         what: &'static str,
         /// The document's digest.
@@ -113,8 +113,8 @@ pub enum Error {
     /// Content does not have the digest it was asked for by.
     #[error("{what} of {reference} has digest {actual}, expected {expected}")]
     DigestMismatch {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// `manifest`, `config` or `blob`.
         what: &'static str,
         /// The digest asked for.
@@ -125,8 +125,8 @@ pub enum Error {
     /// Content does not have the size its descriptor says.
     #[error("blob {digest} of {reference} has size {actual}, expected {expected}")]
     SizeMismatch {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The blob.
         digest: Digest,
         /// The descriptor's size.
@@ -137,8 +137,8 @@ pub enum Error {
     /// A manifest or config larger than we read into memory.
     #[error("{what} of {reference} is larger than {limit} bytes")]
     TooLarge {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// `manifest` or `config`.
         what: &'static str,
         /// The limit.
@@ -147,8 +147,8 @@ pub enum Error {
     /// The index has no manifest for the wanted platform.
     #[error("no match for platform {platform} in manifest {digest} of {reference} (available: {available})")]
     NoMatchingPlatform {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The wanted platform.
         platform: String,
         /// The index digest.
@@ -159,8 +159,8 @@ pub enum Error {
     /// Storing a blob failed.
     #[error("failed to store blob {digest} of {reference}")]
     Content {
-        /// The image.
-        reference: Reference,
+        /// The image (full normalized reference).
+        reference: String,
         /// The blob.
         digest: Digest,
         /// The cause.
@@ -255,7 +255,10 @@ impl RegistryHosts {
 /// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
 fn is_loopback(domain: &str) -> bool {
     let host = if domain.starts_with('[') {
-        domain.split_once(']').map_or(domain, |(h, _)| h).trim_start_matches('[')
+        domain
+            .split_once(']')
+            .map_or(domain, |(h, _)| h)
+            .trim_start_matches('[')
     } else {
         domain.split(':').next().unwrap_or(domain)
     };
@@ -287,7 +290,11 @@ impl ResolvedImage {
             .media_type
             .clone()
             .unwrap_or_else(|| media_types::OCI_MANIFEST.to_owned());
-        Descriptor::new(media_type, self.manifest_digest.clone(), self.manifest_bytes.len() as u64)
+        Descriptor::new(
+            media_type,
+            self.manifest_digest.clone(),
+            self.manifest_bytes.len() as u64,
+        )
     }
 }
 
@@ -396,7 +403,11 @@ impl Resolver {
 
     /// Resolves `reference` to the manifest for `platform` (choosing in an index) and fetches and
     /// verifies its config.
-    pub async fn resolve(&self, reference: &Reference, platform: &Platform) -> Result<ResolvedImage> {
+    pub async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedImage> {
         let target = match (reference.digest(), reference.tag()) {
             (Some(d), _) => d.to_string(),
             (None, Some(t)) => t.to_owned(),
@@ -412,9 +423,12 @@ impl Resolver {
             let chosen = index
                 .manifests
                 .iter()
-                .find(|m| m.platform.as_ref().is_some_and(|p| platform.matches(p)) && media_types::is_manifest(&m.media_type))
+                .find(|m| {
+                    m.platform.as_ref().is_some_and(|p| platform.matches(p))
+                        && media_types::is_manifest(&m.media_type)
+                })
                 .ok_or_else(|| Error::NoMatchingPlatform {
-                    reference: reference.clone(),
+                    reference: reference.to_string(),
                     platform: platform.to_string(),
                     digest: digest.clone(),
                     available: index
@@ -426,20 +440,23 @@ impl Resolver {
                 })?;
             let expected = chosen.digest.clone();
             tracing::debug!(%reference, %platform, manifest = %expected, "selected manifest from index");
-            (bytes, media_type) = self.fetch_manifest(reference, &expected.to_string()).await?;
+            (bytes, media_type) = self
+                .fetch_manifest(reference, &expected.to_string())
+                .await?;
             digest = Digest::of(&bytes);
             check_digest(reference, "manifest", &expected, &digest)?;
         }
         if !media_types::is_manifest(&media_type) {
             return Err(Error::UnsupportedMediaType {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 digest,
                 media_type,
             });
         }
         let manifest: ImageManifest = parse_json(reference, "manifest", &digest, &bytes)?;
         let config_bytes = self.fetch_config(reference, &manifest.config).await?;
-        let config: ImageConfig = parse_json(reference, "config", &manifest.config.digest, &config_bytes)?;
+        let config: ImageConfig =
+            parse_json(reference, "config", &manifest.config.digest, &config_bytes)?;
         Ok(ResolvedImage {
             reference: reference.clone(),
             manifest_digest: digest,
@@ -452,20 +469,27 @@ impl Resolver {
 
     /// Streams the blob `descriptor` of `reference` into `store`, verifying digest and size.
     /// Does nothing when the store already has it.
-    pub async fn fetch_blob(&self, reference: &Reference, descriptor: &Descriptor, store: &ContentStore) -> Result<()> {
+    pub async fn fetch_blob(
+        &self,
+        reference: &Reference,
+        descriptor: &Descriptor,
+        store: &ContentStore,
+    ) -> Result<()> {
         let digest = &descriptor.digest;
         if store.has(digest) {
             return Ok(());
         }
-        let (url, mut response) = self.get(reference, &format!("blobs/{digest}"), None).await?;
+        let (url, mut response) = self
+            .get(reference, &format!("blobs/{digest}"), None)
+            .await?;
         let content_err = |source| Error::Content {
-            reference: reference.clone(),
+            reference: reference.to_string(),
             digest: digest.clone(),
             source,
         };
         let mut writer = store.writer().map_err(content_err)?;
         while let Some(chunk) = response.chunk().await.map_err(|source| Error::Request {
-            reference: reference.clone(),
+            reference: reference.to_string(),
             url: url.clone(),
             source,
         })? {
@@ -481,7 +505,7 @@ impl Resolver {
         }
         if writer.size() != descriptor.size {
             return Err(Error::SizeMismatch {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 digest: digest.clone(),
                 expected: descriptor.size,
                 actual: writer.size(),
@@ -489,18 +513,30 @@ impl Resolver {
         }
         match writer.commit(Some(digest)) {
             Ok(_) => Ok(()),
-            Err(content::Error::DigestMismatch { expected, actual }) => Err(Error::DigestMismatch {
-                reference: reference.clone(),
-                what: "blob",
-                expected,
-                actual,
-            }),
+            Err(content::Error::DigestMismatch { expected, actual }) => {
+                Err(Error::DigestMismatch {
+                    reference: reference.to_string(),
+                    what: "blob",
+                    expected,
+                    actual,
+                })
+            }
             Err(e) => Err(content_err(e)),
         }
     }
 
-    async fn fetch_manifest(&self, reference: &Reference, target: &str) -> Result<(Vec<u8>, String)> {
-        let (url, response) = self.get(reference, &format!("manifests/{target}"), Some(MANIFEST_ACCEPT)).await?;
+    async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        target: &str,
+    ) -> Result<(Vec<u8>, String)> {
+        let (url, response) = self
+            .get(
+                reference,
+                &format!("manifests/{target}"),
+                Some(MANIFEST_ACCEPT),
+            )
+            .await?;
         let header_type = response
             .headers()
             .get(CONTENT_TYPE)
@@ -520,17 +556,28 @@ impl Resolver {
         let probe: Option<Probe> = serde_json::from_slice(&bytes).ok();
         let media_type = match probe {
             Some(Probe {
-                media_type: Some(m), ..
+                media_type: Some(m),
+                ..
             }) => m,
-            Some(Probe { manifests: Some(_), .. }) => media_types::OCI_INDEX.to_owned(),
-            Some(Probe { config: Some(_), .. }) => media_types::OCI_MANIFEST.to_owned(),
+            Some(Probe {
+                manifests: Some(_), ..
+            }) => media_types::OCI_INDEX.to_owned(),
+            Some(Probe {
+                config: Some(_), ..
+            }) => media_types::OCI_MANIFEST.to_owned(),
             _ => header_type.unwrap_or_default(),
         };
         Ok((bytes, media_type))
     }
 
-    async fn fetch_config(&self, reference: &Reference, descriptor: &Descriptor) -> Result<Vec<u8>> {
-        let (url, response) = self.get(reference, &format!("blobs/{}", descriptor.digest), None).await?;
+    async fn fetch_config(
+        &self,
+        reference: &Reference,
+        descriptor: &Descriptor,
+    ) -> Result<Vec<u8>> {
+        let (url, response) = self
+            .get(reference, &format!("blobs/{}", descriptor.digest), None)
+            .await?;
         let bytes = read_limited(reference, "config", &url, response).await?;
         check_digest(reference, "config", &descriptor.digest, &Digest::of(&bytes))?;
         Ok(bytes)
@@ -538,10 +585,20 @@ impl Resolver {
 
     /// GET `/v2/<path>/<suffix>` on the first endpoint that answers, with token auth; fails on a
     /// non-success status.
-    async fn get(&self, reference: &Reference, suffix: &str, accept: Option<&str>) -> Result<(String, Response)> {
+    async fn get(
+        &self,
+        reference: &Reference,
+        suffix: &str,
+        accept: Option<&str>,
+    ) -> Result<(String, Response)> {
         let domain = reference.domain();
         let endpoints = self.inner.hosts.endpoints(domain);
-        let start = self.lock_working().get(domain).copied().unwrap_or(0).min(endpoints.len().saturating_sub(1));
+        let start = self
+            .lock_working()
+            .get(domain)
+            .copied()
+            .unwrap_or(0)
+            .min(endpoints.len().saturating_sub(1));
         let mut last_err = None;
         for (i, endpoint) in endpoints.iter().enumerate().skip(start) {
             let url = format!("{}/v2/{}/{}", endpoint.base, reference.path(), suffix);
@@ -560,7 +617,7 @@ impl Resolver {
             }
         }
         Err(last_err.unwrap_or_else(|| Error::Status {
-            reference: reference.clone(),
+            reference: reference.to_string(),
             url: domain.to_owned(),
             status: StatusCode::BAD_GATEWAY,
         }))
@@ -574,7 +631,13 @@ impl Resolver {
         self.inner.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn get_authorized(&self, reference: &Reference, endpoint: &Endpoint, url: &str, accept: Option<&str>) -> Result<Response> {
+    async fn get_authorized(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        url: &str,
+        accept: Option<&str>,
+    ) -> Result<Response> {
         let client = if endpoint.insecure {
             &self.inner.insecure_client
         } else {
@@ -592,7 +655,7 @@ impl Resolver {
             }
             async move {
                 request.send().await.map_err(|source| Error::Request {
-                    reference: reference.clone(),
+                    reference: reference.to_string(),
                     url: url.to_owned(),
                     source,
                 })
@@ -629,29 +692,32 @@ impl Resolver {
             .send()
             .await
             .map_err(|source| Error::TokenRequest {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 realm: realm.clone(),
                 source,
             })?;
         let status = token_response.status();
         if !status.is_success() {
             return Err(Error::Token {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 realm,
                 detail: status.to_string(),
             });
         }
-        let body = token_response.bytes().await.map_err(|source| Error::TokenRequest {
-            reference: reference.clone(),
-            realm: realm.clone(),
-            source,
-        })?;
+        let body = token_response
+            .bytes()
+            .await
+            .map_err(|source| Error::TokenRequest {
+                reference: reference.to_string(),
+                realm: realm.clone(),
+                source,
+            })?;
         let token = serde_json::from_slice::<TokenResponse>(&body)
             .ok()
             .and_then(|t| t.token.or(t.access_token))
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::Token {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 realm: realm.clone(),
                 detail: "response has no token".to_owned(),
             })?;
@@ -660,35 +726,44 @@ impl Resolver {
     }
 }
 
-fn check_status(reference: &Reference, url: String, response: Response) -> Result<(String, Response)> {
+fn check_status(
+    reference: &Reference,
+    url: String,
+    response: Response,
+) -> Result<(String, Response)> {
     let status = response.status();
     if status.is_success() {
         return Ok((url, response));
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Err(Error::Unauthorized {
-            reference: reference.clone(),
+            reference: reference.to_string(),
             url,
             status,
         });
     }
     Err(Error::Status {
-        reference: reference.clone(),
+        reference: reference.to_string(),
         url,
         status,
     })
 }
 
-async fn read_limited(reference: &Reference, what: &'static str, url: &str, mut response: Response) -> Result<Vec<u8>> {
+async fn read_limited(
+    reference: &Reference,
+    what: &'static str,
+    url: &str,
+    mut response: Response,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|source| Error::Request {
-        reference: reference.clone(),
+        reference: reference.to_string(),
         url: url.to_owned(),
         source,
     })? {
         if out.len() + chunk.len() > MAX_DOCUMENT_SIZE {
             return Err(Error::TooLarge {
-                reference: reference.clone(),
+                reference: reference.to_string(),
                 what,
                 limit: MAX_DOCUMENT_SIZE,
             });
@@ -698,21 +773,31 @@ async fn read_limited(reference: &Reference, what: &'static str, url: &str, mut 
     Ok(out)
 }
 
-fn check_digest(reference: &Reference, what: &'static str, expected: &Digest, actual: &Digest) -> Result<()> {
+fn check_digest(
+    reference: &Reference,
+    what: &'static str,
+    expected: &Digest,
+    actual: &Digest,
+) -> Result<()> {
     if expected == actual {
         return Ok(());
     }
     Err(Error::DigestMismatch {
-        reference: reference.clone(),
+        reference: reference.to_string(),
         what,
         expected: expected.clone(),
         actual: actual.clone(),
     })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(reference: &Reference, what: &'static str, digest: &Digest, bytes: &[u8]) -> Result<T> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    reference: &Reference,
+    what: &'static str,
+    digest: &Digest,
+    bytes: &[u8],
+) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|source| Error::Json {
-        reference: reference.clone(),
+        reference: reference.to_string(),
         what,
         digest: digest.clone(),
         source,
@@ -740,13 +825,28 @@ mod tests {
                     insecure: true,
                 },
             );
-        let bases = |d: &str| hosts.endpoints(d).into_iter().map(|e| e.base).collect::<Vec<_>>();
+        let bases = |d: &str| {
+            hosts
+                .endpoints(d)
+                .into_iter()
+                .map(|e| e.base)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(bases("reg.example:5000"), ["http://reg.example:5000"]);
         assert_eq!(bases("ghcr.io"), ["https://ghcr.io"]);
         assert_eq!(bases("docker.io"), ["https://registry-1.docker.io"]);
-        assert_eq!(bases("127.0.0.1:5000"), ["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
-        assert_eq!(bases("localhost"), ["https://localhost", "http://localhost"]);
-        assert_eq!(bases("[::1]:5000"), ["https://[::1]:5000", "http://[::1]:5000"]);
+        assert_eq!(
+            bases("127.0.0.1:5000"),
+            ["https://127.0.0.1:5000", "http://127.0.0.1:5000"]
+        );
+        assert_eq!(
+            bases("localhost"),
+            ["https://localhost", "http://localhost"]
+        );
+        assert_eq!(
+            bases("[::1]:5000"),
+            ["https://[::1]:5000", "http://[::1]:5000"]
+        );
         assert_eq!(bases("127.0.0.2:5000"), ["https://127.0.0.2:5000"]);
         assert!(hosts.endpoints("self.example")[0].insecure);
     }

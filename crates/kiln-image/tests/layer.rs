@@ -19,7 +19,9 @@ fn set_mtime(path: &Path, secs: i64) {
 
 fn gunzip(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
@@ -41,9 +43,27 @@ fn make_upper(root: &Path) {
     fs::hard_link(root.join("bin/tool"), root.join("bin/tool2")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
     std::os::unix::fs::symlink("x".repeat(150), root.join("longlink")).unwrap();
-    mknod(&root.join("fifo"), SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0).unwrap();
-    mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
-    mknod(&root.join("removed"), SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).unwrap();
+    mknod(
+        &root.join("fifo"),
+        SFlag::S_IFIFO,
+        Mode::from_bits_truncate(0o600),
+        0,
+    )
+    .unwrap();
+    mknod(
+        &root.join("null"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
+    mknod(
+        &root.join("removed"),
+        SFlag::S_IFCHR,
+        Mode::empty(),
+        makedev(0, 0),
+    )
+    .unwrap();
     fs::create_dir(root.join("opq")).unwrap();
     fs::write(root.join("opq/keep"), "kept").unwrap();
     xattr::set(root.join("opq"), "trusted.overlay.opaque", b"y").unwrap();
@@ -81,7 +101,8 @@ fn entry_names(tar_bytes: &[u8]) -> Vec<(String, EntryType, Option<String>)> {
             (
                 String::from_utf8(e.path_bytes().into_owned()).unwrap(),
                 e.header().entry_type(),
-                e.link_name_bytes().map(|l| String::from_utf8(l.into_owned()).unwrap()),
+                e.link_name_bytes()
+                    .map(|l| String::from_utf8(l.into_owned()).unwrap()),
             )
         })
         .collect()
@@ -115,7 +136,7 @@ fn diff_then_apply_round_trips_every_entry_kind() {
         "bin/tool2",
         "deep/",
         "deep/dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd/",
-        &LONG_DIR[..],
+        LONG_DIR,
         &long,
         "empty/",
         "etc/",
@@ -132,7 +153,13 @@ fn diff_then_apply_round_trips_every_entry_kind() {
     // Directories carry a trailing slash in the tar; the long directory too.
     let expected: Vec<String> = expected
         .into_iter()
-        .map(|s| if s == LONG_DIR { format!("{s}/") } else { s.to_owned() })
+        .map(|s| {
+            if s == LONG_DIR {
+                format!("{s}/")
+            } else {
+                s.to_owned()
+            }
+        })
         .collect();
     assert_eq!(only, expected);
     let tool2 = names.iter().find(|(n, _, _)| n == "bin/tool2").unwrap();
@@ -151,7 +178,8 @@ fn diff_then_apply_round_trips_every_entry_kind() {
     for path in walkdir(&upper) {
         let rel = path.strip_prefix(&upper).unwrap();
         let a = fs::symlink_metadata(&path).unwrap();
-        let b = fs::symlink_metadata(dest.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let b = fs::symlink_metadata(dest.join(rel))
+            .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
         assert_eq!(a.file_type(), b.file_type(), "{}", rel.display());
         assert_eq!(a.uid(), b.uid(), "{}", rel.display());
         assert_eq!(a.gid(), b.gid(), "{}", rel.display());
@@ -166,18 +194,34 @@ fn diff_then_apply_round_trips_every_entry_kind() {
             assert_eq!(fs::read(&path).unwrap(), fs::read(dest.join(rel)).unwrap());
         }
         if a.file_type().is_symlink() {
-            assert_eq!(fs::read_link(&path).unwrap(), fs::read_link(dest.join(rel)).unwrap());
+            assert_eq!(
+                fs::read_link(&path).unwrap(),
+                fs::read_link(dest.join(rel)).unwrap()
+            );
         }
     }
     assert_eq!(walkdir(&upper).len(), walkdir(&dest).len());
-    assert_eq!(xattr::get(dest.join("etc/passwd"), "user.kiln").unwrap().as_deref(), Some(&b"hello"[..]));
-    assert_eq!(xattr::get(dest.join("opq"), "trusted.overlay.opaque").unwrap().as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr::get(dest.join("etc/passwd"), "user.kiln")
+            .unwrap()
+            .as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(
+        xattr::get(dest.join("opq"), "trusted.overlay.opaque")
+            .unwrap()
+            .as_deref(),
+        Some(&b"y"[..])
+    );
     assert!(!dest.join("opq/.wh..wh..opq").exists());
     assert_eq!(
         fs::metadata(dest.join("bin/tool")).unwrap().ino(),
         fs::metadata(dest.join("bin/tool2")).unwrap().ino()
     );
-    assert_eq!(fs::metadata(dest.join("bin/tool")).unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!(
+        fs::metadata(dest.join("bin/tool")).unwrap().mode() & 0o7777,
+        0o4755
+    );
 
     // The applied tree diffs to the very same blob.
     let mut third = Vec::new();
@@ -186,7 +230,10 @@ fn diff_then_apply_round_trips_every_entry_kind() {
     // A plain (uncompressed) tar applies too, with the same diff id.
     let dest2 = tmp.path().join("dest2");
     fs::create_dir(&dest2).unwrap();
-    assert_eq!(layer::apply(&tar_bytes[..], &dest2).unwrap().diff_id, info.diff_id);
+    assert_eq!(
+        layer::apply(&tar_bytes[..], &dest2).unwrap().diff_id,
+        info.diff_id
+    );
     assert!(dest2.join(long_file_name()).is_file());
 }
 
@@ -213,7 +260,11 @@ impl RawTar {
         old.name[..name.len()].copy_from_slice(name.as_bytes());
         old.linkname[..link.len()].copy_from_slice(link.as_bytes());
         h.set_entry_type(kind);
-        h.set_mode(if kind == EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if kind == EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_size(data.len() as u64);
         h.set_mtime(1_700_000_000);
         h.set_cksum();
@@ -277,7 +328,10 @@ fn entries_below_a_symlink_are_rejected() {
         .entry("link", EntryType::Symlink, target, b"")
         .file("link/evil", b"x")
         .finish();
-    assert_unsafe(layer::apply(&tar[..], &dest), "write through absolute symlink");
+    assert_unsafe(
+        layer::apply(&tar[..], &dest),
+        "write through absolute symlink",
+    );
     assert!(!outside.join("evil").exists());
 
     let (_tmp, dest, outside) = sandbox();
@@ -285,14 +339,19 @@ fn entries_below_a_symlink_are_rejected() {
         .entry("rel", EntryType::Symlink, "../outside", b"")
         .entry("rel/sub", EntryType::Directory, "", b"")
         .finish();
-    assert_unsafe(layer::apply(&tar[..], &dest), "mkdir through relative symlink");
+    assert_unsafe(
+        layer::apply(&tar[..], &dest),
+        "mkdir through relative symlink",
+    );
     assert!(!outside.join("sub").exists());
 }
 
 #[test]
 fn hard_links_must_stay_inside_dest() {
     let (_tmp, dest, _) = sandbox();
-    let tar = RawTar::new().entry("x", EntryType::Link, "../outside/secret", b"").finish();
+    let tar = RawTar::new()
+        .entry("x", EntryType::Link, "../outside/secret", b"")
+        .finish();
     assert_unsafe(layer::apply(&tar[..], &dest), "hard link with ..");
 
     let (_tmp, dest, _) = sandbox();
@@ -310,7 +369,10 @@ fn hard_links_must_stay_inside_dest() {
         .entry("b", EntryType::Link, "/a", b"")
         .finish();
     layer::apply(&tar[..], &dest).unwrap();
-    assert_eq!(fs::metadata(dest.join("a")).unwrap().ino(), fs::metadata(dest.join("b")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(dest.join("a")).unwrap().ino(),
+        fs::metadata(dest.join("b")).unwrap().ino()
+    );
 }
 
 #[test]
@@ -344,7 +406,12 @@ fn oci_whiteouts_become_overlay_whiteouts() {
     assert!(meta.file_type().is_char_device());
     assert_eq!(meta.rdev(), 0);
     assert!(!dest.join(".wh.gone").exists());
-    assert_eq!(xattr::get(dest.join("d"), "trusted.overlay.opaque").unwrap().as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr::get(dest.join("d"), "trusted.overlay.opaque")
+            .unwrap()
+            .as_deref(),
+        Some(&b"y"[..])
+    );
     assert!(dest.join("d/new").is_file());
 
     for bad in [".wh..", "d/.wh."] {
@@ -361,4 +428,31 @@ fn garbage_is_a_read_error() {
     assert!(matches!(err, Error::Read { .. }), "{err}");
     let err = layer::apply(&[b'x'; 700][..], &dest).unwrap_err();
     assert!(matches!(err, Error::Read { .. }), "{err}");
+}
+
+#[test]
+fn gnu_tar_reads_the_layer_with_long_names_and_whiteouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let upper = tmp.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    make_upper(&upper);
+    let blob_path = tmp.path().join("layer.tar.gz");
+    let info = layer::diff_upper(&upper, fs::File::create(&blob_path).unwrap()).unwrap();
+    assert_eq!(info.size, fs::metadata(&blob_path).unwrap().len());
+    let out = std::process::Command::new("tar")
+        .arg("-tzf")
+        .arg(&blob_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = listing.lines().collect();
+    assert!(lines.contains(&long_file_name().as_str()), "{listing}");
+    assert!(lines.contains(&".wh.removed"), "{listing}");
+    assert!(lines.contains(&"opq/.wh..wh..opq"), "{listing}");
+    assert!(!listing.contains("PaxHeaders"), "{listing}");
 }
