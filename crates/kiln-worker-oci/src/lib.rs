@@ -1,1 +1,509 @@
-//! kiln-worker-oci (being written).
+//! kiln's OCI worker: BuildKit's `runc-overlayfs` worker rebuilt on the host's kernel and runc.
+//!
+//! [`OciWorker`] keeps everything under `<root>/runc-overlayfs/`:
+//! - `content/` — a [`ContentStore`] of pulled and exported blobs;
+//! - `snapshots/<id>/{fs,meta.json}` — immutable snapshots; `fs` is an overlayfs upper dir (the
+//!   snapshot's own changes, with overlay whiteouts) and `meta.json` names the parent, the diff id
+//!   and, once known, the compressed layer blob;
+//! - `executor/` — runc state, per-op bundles and temporary mount points;
+//! - `cachemounts/` — directories behind `RUN --mount=type=cache`;
+//! - `workerid` — the persisted random worker id.
+//!
+//! Pulled layers are unpacked once per chain id and keep their original blob for export. `exec`
+//! runs runc on an overlay of the input chain and commits the upper as the new snapshot; `file`
+//! does the same for file actions; `layers` turns each snapshot of a chain into a gzip layer once.
+
+mod exec;
+mod fileop;
+mod fsx;
+mod mount;
+mod snapshot;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use kiln_image::content::ContentStore;
+use kiln_image::oci::{media_types, Descriptor, Platform};
+use kiln_image::reference::Reference;
+use kiln_image::registry::{RegistryHosts, ResolvedImage, Resolver};
+use kiln_image::Digest;
+use kiln_proto::pb;
+use kiln_worker::{Error, Layer, ProgressSink, SnapshotId, SnapshotView, Worker, LABEL_PREFIX};
+
+use crate::fsx::io_err;
+use crate::snapshot::{random_id, SnapshotMeta, SnapshotStore};
+
+/// How to open an [`OciWorker`].
+#[derive(Debug, Clone)]
+pub struct OciWorkerConfig {
+    /// The daemon root (`kilnd --root`); the worker lives in `<root>/runc-overlayfs/`.
+    pub root: PathBuf,
+    /// The runc binary.
+    pub runc_binary: PathBuf,
+    /// Per-registry settings (plain HTTP, skip TLS verification).
+    pub registry_hosts: RegistryHosts,
+    /// Extra worker labels, merged over the built-in ones.
+    pub labels: BTreeMap<String, String>,
+    /// Supported platforms; `None` means the host's.
+    pub platforms: Option<Vec<Platform>>,
+}
+
+/// The OCI worker. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct OciWorker {
+    id: String,
+    dir: PathBuf,
+    labels: BTreeMap<String, String>,
+    platforms: Vec<Platform>,
+    content: ContentStore,
+    snapshots: SnapshotStore,
+    executor: exec::Executor,
+    resolver: Resolver,
+    /// Serialises `meta.json` updates of `layers`, so concurrent exports compress once.
+    export_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for OciWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciWorker")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The worker's directory under the daemon root.
+pub const WORKER_DIR: &str = "runc-overlayfs";
+
+impl OciWorker {
+    /// Opens (creating) the worker state, removing what a crash may have left: mounts under the
+    /// worker directory, uncommitted snapshots, bundles and runc state.
+    pub fn open(config: OciWorkerConfig) -> Result<Self, Error> {
+        let dir = config.root.join(WORKER_DIR);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let dir = dir.canonicalize().map_err(io_err("resolve", &dir))?;
+        mount::unmount_all_under(&dir);
+
+        let content_dir = dir.join("content");
+        let content = ContentStore::open(&content_dir).map_err(|e| Error::Content {
+            path: content_dir.clone(),
+            source: e.into(),
+        })?;
+        let snapshots = SnapshotStore::open(&dir.join("snapshots"))?;
+
+        let executor_dir = dir.join("executor");
+        let bundles = executor_dir.join("bundles");
+        if bundles.exists() {
+            fs::remove_dir_all(&bundles).map_err(io_err("remove", &bundles))?;
+        }
+        let runc_state = executor_dir.join("runc");
+        for d in [&bundles, &runc_state] {
+            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        cleanup_runc_state(&config.runc_binary, &runc_state);
+        let cache_mounts = dir.join("cachemounts");
+        fs::create_dir_all(&cache_mounts).map_err(io_err("create", &cache_mounts))?;
+
+        let id = load_or_create_id(&dir.join("workerid"))?;
+        let platforms = config
+            .platforms
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| vec![Platform::host()]);
+        let mut labels = BTreeMap::new();
+        let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        for (k, v) in [
+            ("executor", "oci"),
+            ("snapshotter", "overlayfs"),
+            ("hostname", hostname.as_str()),
+            ("network", "host"),
+            ("oci.process-mode", "sandbox"),
+            ("selinux.enabled", "false"),
+        ] {
+            labels.insert(format!("{LABEL_PREFIX}{k}"), v.to_string());
+        }
+        labels.extend(config.labels);
+
+        Ok(Self {
+            id,
+            labels,
+            platforms,
+            content,
+            snapshots,
+            executor: exec::Executor {
+                runc: config.runc_binary,
+                runc_state,
+                bundles,
+                cache_mounts,
+            },
+            resolver: Resolver::new(config.registry_hosts)
+                .map_err(|e| Error::RegistryClient { source: e.into() })?,
+            export_lock: tokio::sync::Mutex::new(()),
+            dir,
+        })
+    }
+
+    /// The worker directory (`<root>/runc-overlayfs`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory holding the snapshot's own changes (an overlay upper dir), for inspection.
+    pub fn snapshot_upper(&self, id: &SnapshotId) -> Result<PathBuf, Error> {
+        if !self.snapshots.exists(id) {
+            return Err(Error::SnapshotNotFound { id: id.clone() });
+        }
+        Ok(self.snapshots.fs_path(id))
+    }
+
+    fn unpack_layer(
+        snapshots: &SnapshotStore,
+        content: &ContentStore,
+        layer: &Descriptor,
+        expected_diff_id: &Digest,
+        parent: Option<SnapshotId>,
+        id: &str,
+    ) -> Result<(), Error> {
+        let blob = content.open_blob(&layer.digest).map_err(|e| Error::Pull {
+            digest: layer.digest.clone(),
+            source: e.into(),
+        })?;
+        let pending = snapshots.prepare()?;
+        let applied = kiln_image::layer::apply(io::BufReader::new(blob), &pending.fs_path())
+            .map_err(|e| Error::Pull {
+                digest: layer.digest.clone(),
+                source: e.into(),
+            })?;
+        if &applied.diff_id != expected_diff_id {
+            return Err(Error::DiffIdMismatch {
+                digest: layer.digest.clone(),
+                expected: expected_diff_id.clone(),
+                actual: applied.diff_id,
+            });
+        }
+        pending.commit(
+            id,
+            &SnapshotMeta {
+                parent,
+                diff_id: Some(applied.diff_id),
+                blob: Some(layer.clone()),
+            },
+        )
+    }
+}
+
+/// The id of the snapshot holding the layer with chain id `chain`.
+fn chain_snapshot_id(chain: &Digest) -> SnapshotId {
+    format!("layer-{}", chain.hex())
+}
+
+/// The OCI chain id of `parent` + `diff_id`.
+fn chain_id(parent: Option<&Digest>, diff_id: &Digest) -> Digest {
+    match parent {
+        None => diff_id.clone(),
+        Some(p) => Digest::of(format!("{p} {diff_id}").as_bytes()),
+    }
+}
+
+fn load_or_create_id(path: &Path) -> Result<String, Error> {
+    match fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", path)(e)),
+    }
+    let bytes: [u8; 16] = rand::random();
+    // Base-32-like lowercase id, as BuildKit's worker ids look.
+    let id: String = bytes
+        .iter()
+        .map(|b| char::from(b"0123456789abcdefghijklmnopqrstuv"[(*b & 31) as usize]))
+        .collect();
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, &id).map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    Ok(id)
+}
+
+/// Deletes containers left in runc's state dir by a crash.
+fn cleanup_runc_state(runc: &Path, state: &Path) {
+    let Ok(entries) = fs::read_dir(state) else { return };
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let out = std::process::Command::new(runc)
+            .arg("--root")
+            .arg(state)
+            .args(["delete", "--force", &id])
+            .output();
+        if let Err(e) = out {
+            tracing::warn!(id, error = %e, "failed to delete leftover container");
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Io {
+        op: "run blocking task for",
+        path: PathBuf::new(),
+        source: io::Error::other(e),
+    }
+}
+
+#[async_trait]
+impl Worker for OciWorker {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.labels.clone()
+    }
+
+    fn platforms(&self) -> Vec<Platform> {
+        self.platforms.clone()
+    }
+
+    fn content(&self) -> &ContentStore {
+        &self.content
+    }
+
+    async fn resolve_image(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, Error> {
+        self.resolver
+            .resolve(reference, platform)
+            .await
+            .map_err(|e| Error::Resolve {
+                reference: reference.to_string(),
+                source: e.into(),
+            })
+    }
+
+    async fn pull(
+        &self,
+        image: &ResolvedImage,
+        progress: &dyn ProgressSink,
+    ) -> Result<Option<SnapshotId>, Error> {
+        let layers = &image.manifest.layers;
+        let diff_ids = &image.config.rootfs.diff_ids;
+        if layers.len() != diff_ids.len() {
+            return Err(Error::InvalidOp {
+                op: "pull",
+                reason: format!(
+                    "manifest of {} has {} layers but its config {} diff ids",
+                    image.reference,
+                    layers.len(),
+                    diff_ids.len()
+                ),
+            });
+        }
+        let mut parent: Option<SnapshotId> = None;
+        let mut chain: Option<Digest> = None;
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let this_chain = chain_id(chain.as_ref(), diff_id);
+            let id = chain_snapshot_id(&this_chain);
+            let status_id = layer.digest.to_string();
+            if !self.snapshots.exists(&id) {
+                progress.status(&status_id, &status_id, 0, Some(layer.size), false);
+                self.resolver
+                    .fetch_blob(&image.reference, layer, &self.content)
+                    .await
+                    .map_err(|e| Error::Pull {
+                        digest: layer.digest.clone(),
+                        source: e.into(),
+                    })?;
+                let snapshots = self.snapshots.clone();
+                let content = self.content.clone();
+                let (layer_c, diff_c, parent_c, id_c) =
+                    (layer.clone(), diff_id.clone(), parent.clone(), id.clone());
+                tokio::task::spawn_blocking(move || {
+                    Self::unpack_layer(&snapshots, &content, &layer_c, &diff_c, parent_c, &id_c)
+                })
+                .await
+                .map_err(join_error)??;
+            }
+            progress.status(&status_id, &status_id, layer.size, Some(layer.size), true);
+            parent = Some(id);
+            chain = Some(this_chain);
+        }
+        Ok(parent)
+    }
+
+    async fn snapshot_from_dir(&self, dir: &Path) -> Result<SnapshotId, Error> {
+        let snapshots = self.snapshots.clone();
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let pending = snapshots.prepare()?;
+            let fs_dir = pending.fs_path();
+            for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
+                let entry = entry.map_err(io_err("read", &dir))?;
+                let from = entry.path();
+                fsx::copy_tree(&from, &fs_dir.join(entry.file_name()), &Default::default())
+                    .map_err(io_err("copy", &from))?;
+            }
+            let id = random_id();
+            pending.commit(&id, &SnapshotMeta::default())?;
+            Ok(id)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    async fn exec(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        self.check_inputs(inputs)?;
+        self.executor
+            .run(&self.snapshots, op, inputs, progress)
+            .await
+    }
+
+    async fn file(
+        &self,
+        op: &pb::FileOp,
+        inputs: &[Option<SnapshotId>],
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        self.check_inputs(inputs)?;
+        let snapshots = self.snapshots.clone();
+        let scratch = self.executor.bundles.clone();
+        let op = op.clone();
+        let inputs = inputs.to_vec();
+        tokio::task::spawn_blocking(move || fileop::run(&snapshots, &scratch, &op, &inputs))
+            .await
+            .map_err(join_error)?
+    }
+
+    fn exists(&self, id: &SnapshotId) -> bool {
+        self.snapshots.exists(id)
+    }
+
+    async fn snapshot_path(&self, id: &SnapshotId) -> Result<SnapshotView, Error> {
+        let lowers = self.snapshots.lowers(id)?;
+        if lowers.len() == 1 {
+            return Ok(SnapshotView::new(lowers[0].clone(), None));
+        }
+        let target = self.executor.bundles.join(format!("view-{}", random_id()));
+        fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+        let mut guard = ViewGuard {
+            mount: None,
+            dir: target.clone(),
+        };
+        guard.mount = Some(mount::mount_overlay(&lowers, None, &target)?);
+        Ok(SnapshotView::new(target, Some(Box::new(guard))))
+    }
+
+    async fn layers(&self, id: &SnapshotId) -> Result<Vec<Layer>, Error> {
+        let _lock = self.export_lock.lock().await;
+        let chain = self.snapshots.chain(id)?;
+        let mut out = Vec::with_capacity(chain.len());
+        for (snapshot, meta) in chain {
+            if let (Some(blob), Some(diff_id)) = (&meta.blob, &meta.diff_id) {
+                if self.content.has(&blob.digest) {
+                    out.push(Layer {
+                        descriptor: blob.clone(),
+                        diff_id: diff_id.clone(),
+                    });
+                    continue;
+                }
+            }
+            let snapshots = self.snapshots.clone();
+            let content = self.content.clone();
+            let layer = tokio::task::spawn_blocking(move || {
+                export_snapshot(&snapshots, &content, &snapshot, meta)
+            })
+            .await
+            .map_err(join_error)??;
+            out.push(layer);
+        }
+        Ok(out)
+    }
+}
+
+impl OciWorker {
+    fn check_inputs(&self, inputs: &[Option<SnapshotId>]) -> Result<(), Error> {
+        for id in inputs.iter().flatten() {
+            if !self.snapshots.exists(id) {
+                return Err(Error::SnapshotNotFound { id: id.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Unmounts and removes a view's mount point.
+struct ViewGuard {
+    mount: Option<mount::Mounted>,
+    dir: PathBuf,
+}
+
+impl Drop for ViewGuard {
+    fn drop(&mut self) {
+        drop(self.mount.take());
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Compresses a snapshot's upper into the content store and records the blob in its meta.
+fn export_snapshot(
+    snapshots: &SnapshotStore,
+    content: &ContentStore,
+    id: &str,
+    mut meta: SnapshotMeta,
+) -> Result<Layer, Error> {
+    let export_err = |e: kiln_image::Error| Error::Export {
+        id: id.to_string(),
+        source: e,
+    };
+    let mut writer = content.writer().map_err(|e| export_err(e.into()))?;
+    let blob = kiln_image::layer::diff_upper(&snapshots.fs_path(id), &mut writer)
+        .map_err(|e| export_err(e.into()))?;
+    let (digest, size) = writer
+        .commit(Some(&blob.digest))
+        .map_err(|e| export_err(e.into()))?;
+    let descriptor = Descriptor::new(media_types::OCI_LAYER_GZIP, digest, size);
+    if let Some(known) = &meta.diff_id {
+        if known != &blob.diff_id {
+            tracing::warn!(id, %known, actual = %blob.diff_id, "snapshot diff id changed on re-export");
+        }
+    }
+    meta.diff_id = Some(blob.diff_id.clone());
+    meta.blob = Some(descriptor.clone());
+    snapshots.update_meta(id, &meta)?;
+    tracing::debug!(id, digest = %descriptor.digest, "exported snapshot as layer");
+    Ok(Layer {
+        descriptor,
+        diff_id: blob.diff_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        assert_eq!(chain_id(None, &a), a);
+        let ab = chain_id(Some(&a), &b);
+        assert_eq!(ab, Digest::of(format!("{a} {b}").as_bytes()));
+        assert!(snapshot::valid_id(&chain_snapshot_id(&ab)));
+    }
+
+    #[test]
+    fn worker_id_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workerid");
+        let first = load_or_create_id(&path).unwrap();
+        assert_eq!(first.len(), 16);
+        assert_eq!(load_or_create_id(&path).unwrap(), first);
+    }
+}

@@ -1,1 +1,313 @@
-//! kiln-worker (being written).
+//! The build backend seen by the solver.
+//!
+//! A [`Worker`] owns content (blobs in a [`ContentStore`]) and snapshots (immutable filesystem
+//! trees named by a [`SnapshotId`]). The solver resolves and pulls images through it, runs LLB
+//! `ExecOp`s and `FileOp`s on snapshots, and asks it for the layers of a result to export.
+//! Progress of long operations (pulls, process output) goes to a [`ProgressSink`] supplied by
+//! the caller; the worker never renders anything itself.
+//!
+//! Main types: [`Worker`], [`SnapshotId`], [`Layer`], [`SnapshotView`], [`ProgressSink`],
+//! [`Error`]. The OCI backend lives in `kiln-worker-oci`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use kiln_image::content::ContentStore;
+use kiln_image::oci::{Descriptor, Platform};
+use kiln_image::reference::Reference;
+use kiln_image::registry::ResolvedImage;
+use kiln_image::Digest;
+use kiln_proto::pb;
+
+/// Label key prefix of worker labels (`org.mobyproject.buildkit.worker.executor`, …).
+pub const LABEL_PREFIX: &str = "org.mobyproject.buildkit.worker.";
+
+/// The name of an immutable snapshot inside one worker.
+///
+/// Opaque to callers: only the worker that returned it gives it meaning. A plain string so it can
+/// be stored in cache records as is.
+pub type SnapshotId = String;
+
+/// One layer of a snapshot chain, as it would appear in an image manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The compressed blob (present in [`Worker::content`]).
+    pub descriptor: Descriptor,
+    /// The digest of the uncompressed tar (the image config's `rootfs.diff_ids` entry).
+    pub diff_id: Digest,
+}
+
+/// Receives progress of worker operations. Implementations must be cheap: they are called from
+/// the middle of I/O loops.
+pub trait ProgressSink: Send + Sync {
+    /// Output of a process: `stream` 1 is stdout, 2 is stderr.
+    fn log(&self, stream: i64, data: &[u8]);
+    /// Status of a sub-task such as one layer download: `id` is stable across updates, `name` is
+    /// what a user sees, `current`/`total` count bytes, `done` marks the last update.
+    fn status(&self, id: &str, name: &str, current: u64, total: Option<u64>, done: bool);
+}
+
+/// A [`ProgressSink`] that drops everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn log(&self, _stream: i64, _data: &[u8]) {}
+    fn status(&self, _id: &str, _name: &str, _current: u64, _total: Option<u64>, _done: bool) {}
+}
+
+/// A read-only view of a snapshot's full tree on the host, valid while the value lives.
+///
+/// Dropping it releases whatever was needed to present the tree (for example an overlay mount).
+pub struct SnapshotView {
+    path: PathBuf,
+    _release: Option<Box<dyn Send + Sync>>,
+}
+
+impl SnapshotView {
+    /// A view of `path` that holds `release` (dropped, and so run, after the view is dropped).
+    pub fn new(path: PathBuf, release: Option<Box<dyn Send + Sync>>) -> Self {
+        Self {
+            path,
+            _release: release,
+        }
+    }
+
+    /// The root of the tree. Do not write under it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl std::fmt::Debug for SnapshotView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotView")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A process of an `ExecOp` exited with a status not accepted as success. The message is
+    /// BuildKit's, word for word, because users and tests match on it.
+    #[error("process \"{command}\" did not complete successfully: exit code: {exit_code}")]
+    ExecFailed {
+        /// The process arguments joined by spaces.
+        command: String,
+        /// The exit status (128 + signal when killed by a signal).
+        exit_code: i32,
+    },
+    /// The snapshot does not exist in this worker.
+    #[error("snapshot {id} not found")]
+    SnapshotNotFound {
+        /// The unknown id.
+        id: SnapshotId,
+    },
+    /// An op refers to an input that was not given, or is malformed.
+    #[error("invalid {op}: {reason}")]
+    InvalidOp {
+        /// `exec` or `file`.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The op asks for something this worker does not implement.
+    #[error("{what} is not supported by this worker")]
+    Unsupported {
+        /// The feature.
+        what: String,
+    },
+    /// Resolving an image reference against its registry failed.
+    #[error("failed to resolve {reference}")]
+    Resolve {
+        /// The reference.
+        reference: String,
+        /// The cause.
+        #[source]
+        source: kiln_image::Error,
+    },
+    /// The registry client could not be created.
+    #[error("failed to create registry client")]
+    RegistryClient {
+        /// The cause.
+        #[source]
+        source: kiln_image::Error,
+    },
+    /// The content store failed.
+    #[error("content store failed at {path}")]
+    Content {
+        /// The store or blob path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: kiln_image::Error,
+    },
+    /// Fetching or unpacking a layer failed.
+    #[error("failed to pull layer {digest}")]
+    Pull {
+        /// The layer blob.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: kiln_image::Error,
+    },
+    /// A layer's uncompressed digest does not match the image config.
+    #[error("layer {digest} has diff id {actual}, image config says {expected}")]
+    DiffIdMismatch {
+        /// The layer blob.
+        digest: Digest,
+        /// What the config says.
+        expected: Digest,
+        /// What the blob holds.
+        actual: Digest,
+    },
+    /// Writing a snapshot as a layer blob failed.
+    #[error("failed to export snapshot {id} as a layer")]
+    Export {
+        /// The snapshot.
+        id: SnapshotId,
+        /// The cause.
+        #[source]
+        source: kiln_image::Error,
+    },
+    /// A file action of a `FileOp` failed.
+    #[error("file action {index} ({action}) failed on {path}: {reason}")]
+    FileAction {
+        /// Index of the action in the op.
+        index: usize,
+        /// `copy`, `mkdir`, `mkfile`, `rm` or `symlink`.
+        action: &'static str,
+        /// The path inside the snapshot.
+        path: String,
+        /// What went wrong.
+        reason: String,
+        /// The cause, when it is an I/O error.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// The container runtime could not run the process.
+    #[error("failed to run container {id}: {reason}")]
+    Runtime {
+        /// The container id.
+        id: String,
+        /// What failed.
+        reason: String,
+        /// The cause, when it is an I/O error.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// A filesystem operation of the worker failed.
+    #[error("failed to {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A build backend: content, snapshots, and the ability to run LLB ops on them.
+///
+/// All methods may be called concurrently. A future that is dropped before completion (the
+/// client went away) must leave nothing behind: no mounts, no containers, no temporary
+/// directories, no half-written snapshot.
+#[async_trait]
+pub trait Worker: Send + Sync {
+    /// A stable random id, persisted in the worker's state.
+    fn id(&self) -> &str;
+
+    /// Labels reported by `ListWorkers` (keys prefixed with [`LABEL_PREFIX`] plus configured ones).
+    fn labels(&self) -> BTreeMap<String, String>;
+
+    /// Platforms this worker can run processes for, preferred first.
+    fn platforms(&self) -> Vec<Platform>;
+
+    /// The worker's blob store: pulled layers, exported layers.
+    fn content(&self) -> &ContentStore;
+
+    /// Resolves `reference` to a manifest and config for `platform` (no layer is fetched).
+    async fn resolve_image(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, Error>;
+
+    /// Fetches and unpacks the layers of `image`; returns the top snapshot, `None` for an image
+    /// without layers. Layers already unpacked (same chain) are reused.
+    async fn pull(
+        &self,
+        image: &ResolvedImage,
+        progress: &dyn ProgressSink,
+    ) -> Result<Option<SnapshotId>, Error>;
+
+    /// Makes a snapshot holding a copy of the directory `dir` (for local sources).
+    async fn snapshot_from_dir(&self, dir: &Path) -> Result<SnapshotId, Error>;
+
+    /// Runs an `ExecOp`. `inputs[i]` is the snapshot of op input `i` (`None` = scratch). Returns
+    /// one entry per mount with `output >= 0`, ordered by output index.
+    async fn exec(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error>;
+
+    /// Runs a `FileOp`. Returns one entry per action output index, ordered by it.
+    async fn file(
+        &self,
+        op: &pb::FileOp,
+        inputs: &[Option<SnapshotId>],
+    ) -> Result<Vec<Option<SnapshotId>>, Error>;
+
+    /// Whether the snapshot exists.
+    fn exists(&self, id: &SnapshotId) -> bool;
+
+    /// A read-only view of the snapshot's full tree (for frontends reading build files).
+    async fn snapshot_path(&self, id: &SnapshotId) -> Result<SnapshotView, Error>;
+
+    /// The layers of the snapshot chain ending at `id`, bottom → top, blobs in
+    /// [`content`](Self::content). Each snapshot is compressed at most once.
+    async fn layers(&self, id: &SnapshotId) -> Result<Vec<Layer>, Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_failed_message_is_buildkits() {
+        let err = Error::ExecFailed {
+            command: "/bin/sh -c false".into(),
+            exit_code: 1,
+        };
+        assert_eq!(
+            err.to_string(),
+            "process \"/bin/sh -c false\" did not complete successfully: exit code: 1"
+        );
+    }
+
+    #[test]
+    fn snapshot_view_runs_release_on_drop() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        let view = SnapshotView::new("/x".into(), Some(Box::new(Flag(flag.clone()))));
+        assert_eq!(view.path(), Path::new("/x"));
+        assert!(!flag.load(Ordering::SeqCst));
+        drop(view);
+        assert!(flag.load(Ordering::SeqCst));
+    }
+}

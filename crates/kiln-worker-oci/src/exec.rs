@@ -1,0 +1,510 @@
+//! Running an `ExecOp` with runc on overlay mounts of the input snapshots.
+//!
+//! Every writable mount gets a [`PendingSnapshot`] whose `fs` dir is the overlay upper, so
+//! committing an output is a rename, never a copy. An [`ExecGuard`] owns the container, the mounts
+//! and the bundle directory: whatever way the future ends (success, error, or being dropped
+//! because the client went away) the container is deleted, the mounts are unmounted and the
+//! temporary directories are removed.
+
+use std::fs;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use kiln_proto::pb;
+use kiln_worker::{Error, ProgressSink, SnapshotId};
+use sha2::Digest as _;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::fsx::{io_err, mkdir_all, resolve_in_root};
+use crate::mount::{mount_overlay, Mounted};
+use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
+use crate::spec::{self, SpecInput};
+
+/// Where the executor keeps its state.
+#[derive(Debug, Clone)]
+pub(crate) struct Executor {
+    pub runc: PathBuf,
+    /// `runc --root`.
+    pub runc_state: PathBuf,
+    /// Bundles, one per running op.
+    pub bundles: PathBuf,
+    /// Persistent `type=cache` mount directories.
+    pub cache_mounts: PathBuf,
+}
+
+/// Owns everything an exec creates; see the module docs.
+struct ExecGuard {
+    bundle: PathBuf,
+    container: Option<(PathBuf, PathBuf, String)>,
+    mounts: Vec<Mounted>,
+    pending: Vec<Option<PendingSnapshot>>,
+}
+
+impl ExecGuard {
+    fn delete_container(&mut self) {
+        if let Some((runc, state, id)) = self.container.take() {
+            let result = std::process::Command::new(&runc)
+                .arg("--root")
+                .arg(&state)
+                .args(["delete", "--force", &id])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output();
+            match result {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    // runc run removes its container on exit; "does not exist" is the usual case.
+                    if !stderr.contains("does not exist") && !stderr.contains("not exist") {
+                        tracing::warn!(id, stderr = %stderr.trim(), "runc delete failed");
+                    }
+                }
+                Err(e) => tracing::warn!(id, error = %e, "failed to run runc delete"),
+            }
+        }
+    }
+
+    fn unmount_all(&mut self) -> Result<(), Error> {
+        let mut first_err = None;
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = m.unmount() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for ExecGuard {
+    fn drop(&mut self) {
+        self.delete_container();
+        while let Some(m) = self.mounts.pop() {
+            drop(m);
+        }
+        if let Err(e) = fs::remove_dir_all(&self.bundle) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(bundle = %self.bundle.display(), error = %e, "failed to remove bundle");
+            }
+        }
+        // `pending` is dropped after this, removing uncommitted uppers.
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidOp {
+        op: "exec",
+        reason: reason.into(),
+    }
+}
+
+/// What the container sees at one mount.
+struct Prepared {
+    /// Host path of the tree mounted at `dest`.
+    view: PathBuf,
+    /// Index into `ExecGuard::pending` when writable.
+    pending: Option<usize>,
+    input: Option<SnapshotId>,
+}
+
+impl Executor {
+    /// Runs `op`; see `Worker::exec`.
+    pub(crate) async fn run(
+        &self,
+        store: &SnapshotStore,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        let meta = op.meta.as_ref().ok_or_else(|| invalid("missing meta"))?;
+        if meta.args.is_empty() {
+            return Err(invalid("no process arguments"));
+        }
+        let exec_id = random_id();
+        let bundle = self.bundles.join(&exec_id);
+        fs::create_dir_all(&bundle).map_err(io_err("create", &bundle))?;
+        let mut guard = ExecGuard {
+            bundle: bundle.clone(),
+            container: None,
+            mounts: Vec::new(),
+            pending: Vec::new(),
+        };
+
+        // Prepare every mount; the root first so the others can be checked against it.
+        let root_index = op
+            .mounts
+            .iter()
+            .position(|m| m.dest == "/")
+            .ok_or_else(|| invalid("no root mount"))?;
+        let mut prepared: Vec<Option<Prepared>> = (0..op.mounts.len()).map(|_| None).collect();
+        let mut extra_mounts = Vec::new();
+        let mut order: Vec<usize> = vec![root_index];
+        order.extend((0..op.mounts.len()).filter(|&i| i != root_index));
+        for i in order {
+            let m = &op.mounts[i];
+            let kind = pb::MountType::try_from(m.mount_type)
+                .map_err(|_| invalid(format!("unknown mount type {}", m.mount_type)))?;
+            match kind {
+                pb::MountType::Bind => {
+                    let input = if m.input < 0 {
+                        None
+                    } else {
+                        inputs
+                            .get(m.input as usize)
+                            .ok_or_else(|| invalid(format!("mount {} refers to missing input {}", m.dest, m.input)))?
+                            .clone()
+                    };
+                    let p = self.prepare_bind(store, &mut guard, i, input, m.readonly)?;
+                    if i != root_index {
+                        let source = resolve_in_root(&p.view, &m.selector, true)
+                            .map_err(io_err("resolve selector in", &p.view))?;
+                        let mut options = vec!["rbind".to_string()];
+                        if m.readonly {
+                            options.push("ro".into());
+                        }
+                        extra_mounts.push(spec::Mount {
+                            destination: m.dest.clone(),
+                            kind: "bind".into(),
+                            source: source.to_string_lossy().into_owned(),
+                            options,
+                        });
+                    }
+                    prepared[i] = Some(p);
+                }
+                pb::MountType::Tmpfs => {
+                    let mut options = vec!["nosuid".to_string(), "nodev".into()];
+                    if let Some(size) = m.tmpfs_opt.as_ref().map(|t| t.size).filter(|s| *s > 0) {
+                        options.push(format!("size={size}"));
+                    }
+                    extra_mounts.push(spec::Mount {
+                        destination: m.dest.clone(),
+                        kind: "tmpfs".into(),
+                        source: "tmpfs".into(),
+                        options,
+                    });
+                }
+                pb::MountType::Cache => {
+                    let id = m.cache_opt.as_ref().map(|c| c.id.as_str()).unwrap_or(&m.dest);
+                    let dir = self
+                        .cache_mounts
+                        .join(hex::encode(sha2::Sha256::digest(id.as_bytes())));
+                    fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+                    extra_mounts.push(spec::Mount {
+                        destination: m.dest.clone(),
+                        kind: "bind".into(),
+                        source: dir.to_string_lossy().into_owned(),
+                        options: vec!["rbind".into()],
+                    });
+                }
+                pb::MountType::Secret | pb::MountType::Ssh => {
+                    let optional = m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false)
+                        || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
+                    if !optional {
+                        return Err(Error::Unsupported {
+                            what: format!("{} mount at {}", kind.as_str_name().to_lowercase(), m.dest),
+                        });
+                    }
+                }
+            }
+        }
+        let root = match &prepared[root_index] {
+            Some(p) => p.view.clone(),
+            None => return Err(invalid("root mount is not a bind mount")),
+        };
+        let root_readonly = op.mounts[root_index].readonly;
+
+        // /etc/hosts and /etc/resolv.conf of the sandbox.
+        let hostname = if meta.hostname.is_empty() {
+            spec::DEFAULT_HOSTNAME
+        } else {
+            meta.hostname.as_str()
+        };
+        let extra_hosts: Vec<(String, String)> = meta
+            .extra_hosts
+            .iter()
+            .map(|h| (h.host.clone(), h.ip.clone()))
+            .collect();
+        let hosts_path = bundle.join("hosts");
+        fs::write(&hosts_path, spec::hosts_file(hostname, &extra_hosts))
+            .map_err(io_err("write", &hosts_path))?;
+        let resolv_path = bundle.join("resolv.conf");
+        let resolv = fs::read("/etc/resolv.conf").unwrap_or_default();
+        fs::write(&resolv_path, resolv).map_err(io_err("write", &resolv_path))?;
+        for (dest, source) in [("/etc/hosts", &hosts_path), ("/etc/resolv.conf", &resolv_path)] {
+            if !op.mounts.iter().any(|m| m.dest == dest) {
+                extra_mounts.push(spec::Mount {
+                    destination: dest.into(),
+                    kind: "bind".into(),
+                    source: source.to_string_lossy().into_owned(),
+                    options: vec!["rbind".into(), "ro".into()],
+                });
+            }
+        }
+        // Parents before children, as runc mounts in order.
+        extra_mounts.sort_by_key(|m| Path::new(&m.destination).components().count());
+
+        // User and working directory, from the rootfs.
+        let passwd = read_in_root(&root, "/etc/passwd");
+        let group = read_in_root(&root, "/etc/group");
+        let user = spec::resolve_user(&meta.user, &passwd, &group).map_err(invalid)?;
+        let cwd = if meta.cwd.is_empty() { "/" } else { meta.cwd.as_str() };
+        if !root_readonly {
+            let host_cwd = resolve_in_root(&root, cwd, true).map_err(io_err("resolve cwd in", &root))?;
+            mkdir_all(&host_cwd, 0o755, Some(user.uid), Some(user.gid))
+                .map_err(io_err("create working directory", &host_cwd))?;
+        }
+
+        // Mount targets that do not exist yet: runc creates them in the rootfs, we remove them
+        // afterwards so they do not end up in the layer.
+        let mut stubs = Vec::new();
+        if !root_readonly {
+            let defaults = ["/proc", "/dev", "/sys"];
+            for dest in defaults
+                .iter()
+                .map(|s| s.to_string())
+                .chain(extra_mounts.iter().map(|m| m.destination.clone()))
+            {
+                collect_stubs(&root, &dest, &mut stubs);
+            }
+        }
+
+        let mut env = meta.env.clone();
+        if let Some(proxy) = &meta.proxy_env {
+            for (names, value) in [
+                (["HTTP_PROXY", "http_proxy"], &proxy.http_proxy),
+                (["HTTPS_PROXY", "https_proxy"], &proxy.https_proxy),
+                (["FTP_PROXY", "ftp_proxy"], &proxy.ftp_proxy),
+                (["NO_PROXY", "no_proxy"], &proxy.no_proxy),
+                (["ALL_PROXY", "all_proxy"], &proxy.all_proxy),
+            ] {
+                if !value.is_empty() {
+                    for name in names {
+                        env.push(format!("{name}={value}"));
+                    }
+                }
+            }
+        }
+        let spec = spec::generate(SpecInput {
+            args: &meta.args,
+            env,
+            cwd,
+            user,
+            hostname,
+            rootfs: &root,
+            readonly_root: root_readonly,
+            host_network: op.network != pb::NetMode::None as i32,
+            insecure: op.security == pb::SecurityMode::Insecure as i32,
+            extra_mounts,
+            ulimits: meta
+                .ulimit
+                .iter()
+                .map(|u| (u.name.clone(), u.soft.max(0) as u64, u.hard.max(0) as u64))
+                .collect(),
+        });
+        let config = bundle.join("config.json");
+        let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Io {
+            op: "encode",
+            path: config.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        fs::write(&config, bytes).map_err(io_err("write", &config))?;
+
+        // Run.
+        let container_id = format!("kiln-{exec_id}");
+        let command = meta.args.join(" ");
+        tracing::debug!(container = %container_id, %command, "running container");
+        let mut child = tokio::process::Command::new(&self.runc)
+            .arg("--root")
+            .arg(&self.runc_state)
+            .arg("run")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(&container_id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Runtime {
+                id: container_id.clone(),
+                reason: format!("cannot start {}", self.runc.display()),
+                source: Some(e),
+            })?;
+        guard.container = Some((self.runc.clone(), self.runc_state.clone(), container_id.clone()));
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let (_, _, status) = tokio::join!(
+            pump(stdout, 1, progress),
+            pump(stderr, 2, progress),
+            child.wait()
+        );
+        let status = status.map_err(|e| Error::Runtime {
+            id: container_id.clone(),
+            reason: "cannot wait for runc".into(),
+            source: Some(e),
+        })?;
+        guard.delete_container();
+        let exit_code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        let ok = if meta.valid_exit_codes.is_empty() {
+            exit_code == 0
+        } else {
+            meta.valid_exit_codes.contains(&exit_code)
+        };
+        if !ok {
+            return Err(Error::ExecFailed { command, exit_code });
+        }
+
+        for stub in stubs.iter().rev() {
+            remove_stub(stub);
+        }
+        guard.unmount_all()?;
+
+        // Outputs, ordered by output index.
+        let mut by_output: Vec<(i64, usize)> = op
+            .mounts
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.output >= 0)
+            .map(|(i, m)| (m.output, i))
+            .collect();
+        by_output.sort();
+        let mut outputs = Vec::with_capacity(by_output.len());
+        for (_, i) in by_output {
+            let Some(p) = prepared[i].as_ref() else {
+                // tmpfs / cache / secret mounts have no snapshot output.
+                outputs.push(None);
+                continue;
+            };
+            match p.pending {
+                Some(slot) => {
+                    let pending = guard.pending[slot]
+                        .take()
+                        .ok_or_else(|| invalid("mount output committed twice"))?;
+                    let id = random_id();
+                    pending.commit(
+                        &id,
+                        &SnapshotMeta {
+                            parent: p.input.clone(),
+                            ..Default::default()
+                        },
+                    )?;
+                    outputs.push(Some(id));
+                }
+                None => outputs.push(p.input.clone()),
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn prepare_bind(
+        &self,
+        store: &SnapshotStore,
+        guard: &mut ExecGuard,
+        index: usize,
+        input: Option<SnapshotId>,
+        readonly: bool,
+    ) -> Result<Prepared, Error> {
+        let lowers = match &input {
+            Some(id) => store.lowers(id)?,
+            None => Vec::new(),
+        };
+        if readonly {
+            let view = match lowers.len() {
+                0 => {
+                    let empty = guard.bundle.join(format!("empty-{index}"));
+                    fs::create_dir_all(&empty).map_err(io_err("create", &empty))?;
+                    empty
+                }
+                1 => lowers[0].clone(),
+                _ => {
+                    let target = guard.bundle.join(format!("mnt-{index}"));
+                    fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+                    let m = mount_overlay(&lowers, None, &target)?;
+                    guard.mounts.push(m);
+                    target
+                }
+            };
+            return Ok(Prepared {
+                view,
+                pending: None,
+                input,
+            });
+        }
+        let pending = store.prepare()?;
+        let upper = pending.fs_path();
+        let view = if lowers.is_empty() {
+            upper
+        } else {
+            let work = pending.scratch_dir("work")?;
+            let target = guard.bundle.join(format!("mnt-{index}"));
+            fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+            let m = mount_overlay(&lowers, Some((&upper, &work)), &target)?;
+            guard.mounts.push(m);
+            target
+        };
+        guard.pending.push(Some(pending));
+        Ok(Prepared {
+            view,
+            pending: Some(guard.pending.len() - 1),
+            input,
+        })
+    }
+}
+
+async fn pump(reader: Option<impl AsyncRead + Unpin>, stream: i64, progress: &dyn ProgressSink) {
+    let Some(mut reader) = reader else { return };
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => progress.log(stream, &buf[..n]),
+            Err(e) => {
+                tracing::debug!(stream, error = %e, "process output read failed");
+                break;
+            }
+        }
+    }
+}
+
+fn read_in_root(root: &Path, path: &str) -> String {
+    resolve_in_root(root, path, true)
+        .and_then(fs::read)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Records `dest` and its missing ancestors (outermost first) when absent from `root`.
+fn collect_stubs(root: &Path, dest: &str, stubs: &mut Vec<PathBuf>) {
+    let Ok(host) = resolve_in_root(root, dest, true) else { return };
+    let mut missing = Vec::new();
+    let mut cursor = Some(host.as_path());
+    while let Some(p) = cursor {
+        if p == root || !p.starts_with(root) || fs::symlink_metadata(p).is_ok() {
+            break;
+        }
+        missing.push(p.to_path_buf());
+        cursor = p.parent();
+    }
+    for p in missing.into_iter().rev() {
+        if !stubs.contains(&p) {
+            stubs.push(p);
+        }
+    }
+}
+
+/// Removes a mount stub runc created, if it is still an empty file or directory.
+fn remove_stub(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = fs::remove_dir(path);
+        }
+        Ok(m) if m.is_file() && m.len() == 0 => {
+            let _ = fs::remove_file(path);
+        }
+        _ => {}
+    }
+}

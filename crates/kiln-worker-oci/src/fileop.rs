@@ -1,0 +1,560 @@
+//! `FileOp`: copy, mkdir, mkfile, rm and symlink actions on overlay mounts of the inputs.
+//!
+//! Each action works on an "active" tree: a [`PendingSnapshot`] whose `fs` dir is the upper of an
+//! overlay over the input chain (or the plain tree for a scratch input), so the kernel writes the
+//! whiteouts and opaque dirs a layer needs. An action whose input is an earlier action used by
+//! nobody else continues on that tree in place; otherwise the earlier result is committed first.
+//! All paths are resolved inside the tree they name ([`resolve_in_root`]).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use kiln_proto::pb::{self, file_action::Action, user_opt};
+use kiln_worker::{Error, SnapshotId};
+
+use crate::fsx::{
+    copy_tree, glob_match, has_glob, io_err, lchown, mkdir_all, resolve_in_root, set_mtime,
+    CopyOptions,
+};
+use crate::mount::{mount_overlay, Mounted};
+use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
+
+/// A tree being modified by actions.
+struct Active {
+    pending: PendingSnapshot,
+    mount: Option<Mounted>,
+    view: PathBuf,
+    parent: Option<SnapshotId>,
+}
+
+enum Value {
+    Snapshot(Option<SnapshotId>),
+    Active(Active),
+    /// Continued in place by a later action.
+    Moved,
+}
+
+/// Mount points and read-only views of one op, released on drop.
+struct Scope<'a> {
+    store: &'a SnapshotStore,
+    dir: PathBuf,
+    views: Vec<Mounted>,
+    counter: usize,
+}
+
+impl Drop for Scope<'_> {
+    fn drop(&mut self) {
+        self.views.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Scope<'_> {
+    fn mount_point(&mut self) -> Result<PathBuf, Error> {
+        self.counter += 1;
+        let p = self.dir.join(format!("m{}", self.counter));
+        fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        Ok(p)
+    }
+
+    /// A read-only view of a committed snapshot.
+    fn view(&mut self, id: &Option<SnapshotId>) -> Result<PathBuf, Error> {
+        let lowers = match id {
+            Some(id) => self.store.lowers(id)?,
+            None => Vec::new(),
+        };
+        match lowers.len() {
+            0 => self.mount_point(),
+            1 => Ok(lowers[0].clone()),
+            _ => {
+                let target = self.mount_point()?;
+                let m = mount_overlay(&lowers, None, &target)?;
+                self.views.push(m);
+                Ok(target)
+            }
+        }
+    }
+
+    /// A writable tree over a committed snapshot.
+    fn activate(&mut self, parent: Option<SnapshotId>) -> Result<Active, Error> {
+        let pending = self.store.prepare()?;
+        let upper = pending.fs_path();
+        let lowers = match &parent {
+            Some(id) => self.store.lowers(id)?,
+            None => Vec::new(),
+        };
+        if lowers.is_empty() {
+            return Ok(Active {
+                view: upper,
+                pending,
+                mount: None,
+                parent,
+            });
+        }
+        let work = pending.scratch_dir("work")?;
+        let target = self.mount_point()?;
+        let mount = mount_overlay(&lowers, Some((&upper, &work)), &target)?;
+        Ok(Active {
+            pending,
+            mount: Some(mount),
+            view: target,
+            parent,
+        })
+    }
+}
+
+fn commit(active: Active) -> Result<SnapshotId, Error> {
+    if let Some(m) = active.mount {
+        m.unmount()?;
+    }
+    let id = random_id();
+    active.pending.commit(
+        &id,
+        &SnapshotMeta {
+            parent: active.parent,
+            ..Default::default()
+        },
+    )?;
+    Ok(id)
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidOp {
+        op: "file",
+        reason: reason.into(),
+    }
+}
+
+/// Runs `op`; see `Worker::file`. `scratch` is a directory for temporary mount points.
+pub(crate) fn run(
+    store: &SnapshotStore,
+    scratch: &Path,
+    op: &pb::FileOp,
+    inputs: &[Option<SnapshotId>],
+) -> Result<Vec<Option<SnapshotId>>, Error> {
+    let n = inputs.len() as i64;
+    let actions = &op.actions;
+    // How often each action result is used by later actions.
+    let mut uses = vec![0usize; actions.len()];
+    let mut note = |idx: i64, at: usize| -> Result<(), Error> {
+        if idx >= n {
+            let j = (idx - n) as usize;
+            if j >= at {
+                return Err(invalid(format!("action {at} refers to later action {j}")));
+            }
+            uses[j] += 1;
+        }
+        Ok(())
+    };
+    for (k, a) in actions.iter().enumerate() {
+        note(a.input, k)?;
+        note(a.secondary_input, k)?;
+        for owner in owner_of(a).into_iter().flatten() {
+            for u in [&owner.user, &owner.group].into_iter().flatten() {
+                if let Some(user_opt::User::ByName(named)) = &u.user {
+                    note(named.input, k)?;
+                }
+            }
+        }
+    }
+
+    let mut scope = Scope {
+        store,
+        dir: scratch.join(format!("file-{}", random_id())),
+        views: Vec::new(),
+        counter: 0,
+    };
+    fs::create_dir_all(&scope.dir).map_err(io_err("create", &scope.dir))?;
+    let mut results: Vec<Value> = Vec::with_capacity(actions.len());
+
+    for (k, action) in actions.iter().enumerate() {
+        // Make earlier results that are shared (or are op outputs) committed snapshots.
+        for idx in [action.input, action.secondary_input] {
+            if idx >= n {
+                let j = (idx - n) as usize;
+                let shared = uses[j] > 1 || actions[j].output >= 0 || idx != action.input;
+                if shared {
+                    if let Value::Active(_) = &results[j] {
+                        let Value::Active(a) = std::mem::replace(&mut results[j], Value::Moved)
+                        else {
+                            unreachable!("checked above")
+                        };
+                        results[j] = Value::Snapshot(Some(commit(a)?));
+                    }
+                }
+            }
+        }
+        let active = match action.input {
+            -1 => scope.activate(None)?,
+            i if i >= 0 && i < n => scope.activate(inputs[i as usize].clone())?,
+            i if i >= n => {
+                let j = (i - n) as usize;
+                match std::mem::replace(&mut results[j], Value::Moved) {
+                    Value::Active(a) => a,
+                    Value::Snapshot(s) => {
+                        results[j] = Value::Snapshot(s.clone());
+                        scope.activate(s)?
+                    }
+                    Value::Moved => return Err(invalid(format!("action {j} result used twice"))),
+                }
+            }
+            i => return Err(invalid(format!("action {k} has invalid input {i}"))),
+        };
+        let secondary = match action.secondary_input {
+            -1 => None,
+            i if i >= 0 && i < n => Some(scope.view(&inputs[i as usize])?),
+            i if i >= n => match &results[(i - n) as usize] {
+                Value::Snapshot(s) => Some(scope.view(&s.clone())?),
+                _ => return Err(invalid(format!("action {k} secondary input unavailable"))),
+            },
+            i => return Err(invalid(format!("action {k} has invalid secondary input {i}"))),
+        };
+        let owner = match owner_of(action).flatten() {
+            Some(chown) => Some(resolve_owner(chown, &mut scope, inputs, &results, &active.view, k)?),
+            None => None,
+        };
+        match &action.action {
+            Some(Action::Copy(c)) => {
+                let src_root = match secondary {
+                    Some(p) => p,
+                    None => scope.mount_point()?,
+                };
+                copy(k, &src_root, &active.view, c, owner)?
+            }
+            Some(Action::Mkdir(m)) => mkdir(k, &active.view, m, owner)?,
+            Some(Action::Mkfile(m)) => mkfile(k, &active.view, m, owner)?,
+            Some(Action::Rm(r)) => rm(k, &active.view, r)?,
+            Some(Action::Symlink(s)) => symlink(k, &active.view, s, owner)?,
+            None => return Err(invalid(format!("action {k} has no action"))),
+        }
+        results.push(Value::Active(active));
+    }
+
+    let max_output = actions.iter().map(|a| a.output).max().unwrap_or(-1);
+    let mut outputs: Vec<Option<SnapshotId>> = vec![None; (max_output + 1).max(0) as usize];
+    for (k, action) in actions.iter().enumerate() {
+        if action.output < 0 {
+            continue;
+        }
+        let id = match std::mem::replace(&mut results[k], Value::Moved) {
+            Value::Active(a) => Some(commit(a)?),
+            Value::Snapshot(s) => s,
+            Value::Moved => return Err(invalid(format!("output of action {k} was consumed"))),
+        };
+        outputs[action.output as usize] = id;
+    }
+    Ok(outputs)
+}
+
+fn owner_of(action: &pb::FileAction) -> Option<Option<&pb::ChownOpt>> {
+    match &action.action {
+        Some(Action::Copy(c)) => Some(c.owner.as_ref()),
+        Some(Action::Mkdir(m)) => Some(m.owner.as_ref()),
+        Some(Action::Mkfile(m)) => Some(m.owner.as_ref()),
+        Some(Action::Symlink(s)) => Some(s.owner.as_ref()),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+fn resolve_owner(
+    chown: &pb::ChownOpt,
+    scope: &mut Scope<'_>,
+    inputs: &[Option<SnapshotId>],
+    results: &[Value],
+    current: &Path,
+    k: usize,
+) -> Result<Owner, Error> {
+    let n = inputs.len() as i64;
+    let mut lookup = |opt: &pb::UserOpt, file: &str, field: usize| -> Result<Option<(u32, u32)>, Error> {
+        match &opt.user {
+            Some(user_opt::User::ById(id)) => Ok(Some((*id, *id))),
+            Some(user_opt::User::ByName(named)) => {
+                let root = if named.input >= 0 && named.input < n {
+                    scope.view(&inputs[named.input as usize])?
+                } else if named.input >= n {
+                    match &results[(named.input - n) as usize] {
+                        Value::Snapshot(s) => scope.view(&s.clone())?,
+                        _ => current.to_path_buf(),
+                    }
+                } else {
+                    current.to_path_buf()
+                };
+                let text = resolve_in_root(&root, file, true)
+                    .and_then(fs::read_to_string)
+                    .unwrap_or_default();
+                let entry = text
+                    .lines()
+                    .map(|l| l.split(':').collect::<Vec<_>>())
+                    .find(|f| f.first() == Some(&named.name.as_str()) && f.len() > field);
+                match entry {
+                    Some(f) => {
+                        let id = f[2].parse().unwrap_or(0);
+                        let gid = if field == 3 { f[3].parse().unwrap_or(id) } else { id };
+                        Ok(Some((id, gid)))
+                    }
+                    None => Err(Error::FileAction {
+                        index: k,
+                        action: "chown",
+                        path: file.to_string(),
+                        reason: format!("unknown user or group {}", named.name),
+                        source: None,
+                    }),
+                }
+            }
+            None => Ok(None),
+        }
+    };
+    let user = match &chown.user {
+        Some(u) => lookup(u, "/etc/passwd", 3)?,
+        None => None,
+    };
+    let group = match &chown.group {
+        Some(g) => lookup(g, "/etc/group", 2)?.map(|(gid, _)| gid),
+        None => None,
+    };
+    Ok(Owner {
+        uid: user.map(|(uid, _)| uid),
+        gid: group.or(user.map(|(_, gid)| gid)),
+    })
+}
+
+fn timestamp(ts: i64) -> Option<(i64, i64)> {
+    (ts != -1).then_some((ts.div_euclid(1_000_000_000), ts.rem_euclid(1_000_000_000)))
+}
+
+fn action_err<'a>(
+    index: usize,
+    action: &'static str,
+    path: &'a str,
+) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::FileAction {
+        index,
+        action,
+        path: path.to_string(),
+        reason: source.to_string(),
+        source: Some(source),
+    }
+}
+
+/// Sources named by `src` inside `root`: one path, or the matches of a glob in its last component.
+fn sources(root: &Path, src: &str, wildcard: bool, follow: bool) -> io::Result<Vec<PathBuf>> {
+    let clean = src.trim_end_matches('/');
+    let (dir, base) = match clean.rsplit_once('/') {
+        Some((d, b)) => (d, b),
+        None => ("", clean),
+    };
+    if wildcard && has_glob(base) {
+        let parent = resolve_in_root(root, dir, true)?;
+        let mut names: Vec<_> = match fs::read_dir(&parent) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| glob_match(base, name))
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        names.sort();
+        return names
+            .into_iter()
+            .map(|name| resolve_in_root(root, &format!("{dir}/{name}"), follow))
+            .collect();
+    }
+    let path = resolve_in_root(root, if clean.is_empty() { "/" } else { clean }, follow)?;
+    fs::symlink_metadata(&path)?;
+    Ok(vec![path])
+}
+
+fn copy(
+    k: usize,
+    src_root: &Path,
+    dest_root: &Path,
+    c: &pb::FileActionCopy,
+    owner: Option<Owner>,
+) -> Result<(), Error> {
+    if !c.include_patterns.is_empty() || !c.exclude_patterns.is_empty() {
+        return Err(Error::Unsupported {
+            what: "copy with include/exclude patterns".into(),
+        });
+    }
+    let srcs = sources(src_root, &c.src, c.allow_wildcard, c.follow_symlink)
+        .map_err(action_err(k, "copy", &c.src))?;
+    if srcs.is_empty() {
+        if c.allow_empty_wildcard {
+            return Ok(());
+        }
+        return Err(Error::FileAction {
+            index: k,
+            action: "copy",
+            path: c.src.clone(),
+            reason: format!("{} not found", c.src),
+            source: None,
+        });
+    }
+    let (uid, gid) = owner.map(|o| (o.uid, o.gid)).unwrap_or((None, None));
+    let mode = if c.mode >= 0 {
+        Some(c.mode as u32 & 0o7777)
+    } else if !c.mode_str.is_empty() {
+        Some(u32::from_str_radix(&c.mode_str, 8).map_err(|_| Error::Unsupported {
+            what: format!("symbolic copy mode {:?}", c.mode_str),
+        })?)
+    } else {
+        None
+    };
+    let opts = CopyOptions {
+        uid,
+        gid,
+        mode,
+        mtime: timestamp(c.timestamp),
+    };
+    let dest_is_dir_spec = c.dest.ends_with('/') || c.dest.ends_with("/.") || c.dest == ".";
+    let dest = resolve_in_root(dest_root, &c.dest, true).map_err(action_err(k, "copy", &c.dest))?;
+    let err = action_err(k, "copy", &c.dest);
+    if c.create_dest_path {
+        let dir = if dest_is_dir_spec || srcs.len() > 1 {
+            dest.as_path()
+        } else {
+            dest.parent().unwrap_or(dest_root)
+        };
+        mkdir_all(dir, 0o755, uid, gid).map_err(err)?;
+    } else if dest_is_dir_spec && !dest.is_dir() {
+        return Err(Error::FileAction {
+            index: k,
+            action: "copy",
+            path: c.dest.clone(),
+            reason: "destination directory does not exist".into(),
+            source: None,
+        });
+    }
+    for src in srcs {
+        let src_meta = fs::symlink_metadata(&src).map_err(action_err(k, "copy", &c.src))?;
+        let dest_meta = fs::metadata(&dest).ok();
+        let into = match &dest_meta {
+            Some(d) => (src_meta.is_dir() && !c.dir_copy_contents) || (!src_meta.is_dir() && d.is_dir()),
+            None => false,
+        };
+        let name = src.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let target = if into { dest.join(&name) } else { dest.clone() };
+        let err = action_err(k, "copy", &c.dest);
+        if let Some(parent) = target.parent() {
+            if !parent.exists() {
+                mkdir_all(parent, 0o755, uid, gid).map_err(action_err(k, "copy", &c.dest))?;
+            }
+        }
+        if src_meta.is_dir() && c.dir_copy_contents && target.is_dir() {
+            // Contents into an existing directory: its own metadata is kept.
+            let mut names: Vec<_> = fs::read_dir(&src)
+                .map_err(action_err(k, "copy", &c.src))?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            names.sort();
+            for child in names {
+                copy_tree(&src.join(&child), &target.join(&child), &opts)
+                    .map_err(action_err(k, "copy", &c.dest))?;
+            }
+        } else {
+            copy_tree(&src, &target, &opts).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn mkdir(k: usize, root: &Path, m: &pb::FileActionMkDir, owner: Option<Owner>) -> Result<(), Error> {
+    let path = resolve_in_root(root, &m.path, true).map_err(action_err(k, "mkdir", &m.path))?;
+    let err = || action_err(k, "mkdir", &m.path);
+    let (uid, gid) = owner.map(|o| (o.uid, o.gid)).unwrap_or((None, None));
+    let mode = (m.mode.max(0) as u32) & 0o7777;
+    if m.make_parents {
+        let created = mkdir_all(&path, mode, uid, gid).map_err(err())?;
+        if let Some(ts) = timestamp(m.timestamp) {
+            for p in created {
+                set_mtime(&p, ts.0, ts.1).map_err(err())?;
+            }
+        }
+        return Ok(());
+    }
+    fs::create_dir(&path).map_err(err())?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(err())?;
+    if uid.is_some() || gid.is_some() {
+        lchown(&path, uid, gid).map_err(err())?;
+    }
+    if let Some((s, ns)) = timestamp(m.timestamp) {
+        set_mtime(&path, s, ns).map_err(err())?;
+    }
+    Ok(())
+}
+
+fn mkfile(k: usize, root: &Path, m: &pb::FileActionMkFile, owner: Option<Owner>) -> Result<(), Error> {
+    let path = resolve_in_root(root, &m.path, true).map_err(action_err(k, "mkfile", &m.path))?;
+    let err = || action_err(k, "mkfile", &m.path);
+    fs::write(&path, &m.data).map_err(err())?;
+    fs::set_permissions(&path, fs::Permissions::from_mode((m.mode.max(0) as u32) & 0o7777))
+        .map_err(err())?;
+    if let Some(o) = owner {
+        lchown(&path, o.uid, o.gid).map_err(err())?;
+    }
+    if let Some((s, ns)) = timestamp(m.timestamp) {
+        set_mtime(&path, s, ns).map_err(err())?;
+    }
+    Ok(())
+}
+
+fn rm(k: usize, root: &Path, r: &pb::FileActionRm) -> Result<(), Error> {
+    let targets = match sources(root, &r.path, r.allow_wildcard, false) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(action_err(k, "rm", &r.path)(e)),
+    };
+    if targets.is_empty() && !r.allow_not_found {
+        return Err(Error::FileAction {
+            index: k,
+            action: "rm",
+            path: r.path.clone(),
+            reason: "no such file or directory".into(),
+            source: None,
+        });
+    }
+    for t in targets {
+        if t == root {
+            return Err(Error::FileAction {
+                index: k,
+                action: "rm",
+                path: r.path.clone(),
+                reason: "cannot remove the root".into(),
+                source: None,
+            });
+        }
+        let result = match fs::symlink_metadata(&t) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&t),
+            Ok(_) => fs::remove_file(&t),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && r.allow_not_found => {}
+            Err(e) => return Err(action_err(k, "rm", &r.path)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn symlink(k: usize, root: &Path, s: &pb::FileActionSymlink, owner: Option<Owner>) -> Result<(), Error> {
+    let path = resolve_in_root(root, &s.newpath, false).map_err(action_err(k, "symlink", &s.newpath))?;
+    let err = || action_err(k, "symlink", &s.newpath);
+    std::os::unix::fs::symlink(&s.oldpath, &path).map_err(err())?;
+    if let Some(o) = owner {
+        lchown(&path, o.uid, o.gid).map_err(err())?;
+    }
+    if let Some((sec, ns)) = timestamp(s.timestamp) {
+        set_mtime(&path, sec, ns).map_err(err())?;
+    }
+    Ok(())
+}
