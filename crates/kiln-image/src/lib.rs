@@ -3,7 +3,7 @@
 //! - [`Digest`] (`sha256:<hex>`) and [`DigestWriter`], the hashing `Write` wrapper every module reuses;
 //! - [`oci`]: OCI/Docker JSON types ([`oci::Descriptor`], [`oci::ImageManifest`], [`oci::ImageIndex`],
 //!   [`oci::ImageConfig`], [`oci::Platform`]) and [`oci::media_types`];
-//! - [`reference`]: docker-style image references with docker's normalisation;
+//! - [`reference`](mod@reference): docker-style image references with docker's normalisation;
 //! - [`content`]: a content-addressed blob store with atomic, verified ingestion;
 //! - [`registry`]: pulling manifests, configs and blobs from an OCI distribution registry;
 //! - [`layer`] (Linux): applying layer tars onto a directory and diffing an overlayfs upper dir into a
