@@ -167,7 +167,8 @@ impl SessionManager {
             .ok_or(Error::MissingHeader {
                 name: HEADER_SESSION_ID,
             })?;
-        let shared_key = metadata::first_value(metadata, HEADER_SESSION_SHARED_KEY).unwrap_or_default();
+        let shared_key =
+            metadata::first_value(metadata, HEADER_SESSION_SHARED_KEY).unwrap_or_default();
         let methods = metadata::read_values(metadata, HEADER_SESSION_METHOD);
         let health = match metadata::first_value(metadata, HEADER_HEALTH_TIMEOUT)
             .and_then(|ms| ms.parse::<u64>().ok())
@@ -226,7 +227,7 @@ impl SessionManager {
             .take_until(closed.cancelled_owned());
         Ok(Outbound {
             inner: Box::pin(outbound),
-            guard: guard,
+            guard,
         })
     }
 

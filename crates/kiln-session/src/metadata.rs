@@ -59,7 +59,10 @@ pub(crate) fn append_values(
         map.append(metadata_key.clone(), value);
     }
     if encode {
-        map.insert(key(&format!("{name}-encoded"))?, AsciiMetadataValue::from_static("1"));
+        map.insert(
+            key(&format!("{name}-encoded"))?,
+            AsciiMetadataValue::from_static("1"),
+        );
     }
     Ok(())
 }

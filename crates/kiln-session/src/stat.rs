@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(unix_perm(filemode::SETUID | 0o755), 0o4755);
         assert_eq!(unix_perm(filemode::DIR | filemode::STICKY | 0o777), 0o1777);
         assert_eq!(kind(filemode::DIR | 0o755), Kind::Dir);
-        assert_eq!(kind(filemode::DEVICE | filemode::CHAR_DEVICE), Kind::CharDevice);
+        assert_eq!(
+            kind(filemode::DEVICE | filemode::CHAR_DEVICE),
+            Kind::CharDevice
+        );
         assert_eq!(kind(0o644), Kind::File);
         let dir = tempfile::tempdir().unwrap();
         let meta = std::fs::symlink_metadata(dir.path()).unwrap();

@@ -80,11 +80,12 @@ impl FileSync for FileSyncService {
             .into_iter()
             .next()
             .unwrap_or_default();
-        let root = self
-            .dirs
-            .get(&dir_name)
-            .cloned()
-            .ok_or_else(|| Error::UnknownDir { name: dir_name.clone() }.to_status())?;
+        let root = self.dirs.get(&dir_name).cloned().ok_or_else(|| {
+            Error::UnknownDir {
+                name: dir_name.clone(),
+            }
+            .to_status()
+        })?;
         let includes = metadata::read_values(md, "include-patterns");
         let excludes = metadata::read_values(md, "exclude-patterns");
         let followpaths = metadata::read_values(md, "followpaths");

@@ -24,7 +24,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::{Differ, ReceiveRequest, TransferStats};
-use crate::stat::{compare_path, go_mode, kind, mtime_nanos, parent, path_problem, unix_perm, Kind};
+use crate::stat::{
+    compare_path, go_mode, kind, mtime_nanos, parent, path_problem, unix_perm, Kind,
+};
 use crate::{metadata, Error, MAX_MESSAGE_SIZE};
 
 const METHOD: &str = "/moby.filesync.v1.FileSync/DiffCopy";
@@ -130,7 +132,8 @@ impl Receiver<'_> {
                 }
                 Kind::Symlink => {
                     let same = existing.is_some()
-                        && fs::read_link(&target).ok().as_deref() == Some(Path::new(&stat.linkname));
+                        && fs::read_link(&target).ok().as_deref()
+                            == Some(Path::new(&stat.linkname));
                     if !same {
                         remove_existing(&target, existing.as_ref())?;
                         std::os::unix::fs::symlink(&stat.linkname, &target)
@@ -246,16 +249,14 @@ impl Receiver<'_> {
                 Kind::Dir => {
                     dirs.insert(stat.path.clone());
                 }
-                Kind::File if !stat.linkname.is_empty() => {
-                    if !files.contains(&stat.linkname) {
-                        return Err(Error::InvalidHardlink {
-                            path: stat.path,
-                            target: stat.linkname,
-                        });
-                    }
-                }
-                Kind::File => {
+                Kind::File if stat.linkname.is_empty() => {
                     files.insert(stat.path.clone());
+                }
+                Kind::File if !files.contains(&stat.linkname) => {
+                    return Err(Error::InvalidHardlink {
+                        path: stat.path,
+                        target: stat.linkname,
+                    });
                 }
                 _ => {}
             }
@@ -306,10 +307,8 @@ impl Receiver<'_> {
             if !outstanding.contains(&id) {
                 return Err(Error::UnknownFileId { id });
             }
-            if !open.contains_key(&id) {
-                let stat = stats[id as usize].clone();
-                let incoming = self.create_temp(stat, id)?;
-                open.insert(id, incoming);
+            if let std::collections::hash_map::Entry::Vacant(slot) = open.entry(id) {
+                slot.insert(self.create_temp(stats[id as usize].clone(), id)?);
             }
             if packet.data.is_empty() {
                 if let Some(incoming) = open.remove(&id) {
@@ -455,7 +454,8 @@ fn remove_unlisted(
     for entry in reader {
         let entry = entry.map_err(|source| Error::io("read directory", &dir, source))?;
         let path = entry.path();
-        let metadata = fs::symlink_metadata(&path).map_err(|source| Error::io("stat", &path, source))?;
+        let metadata =
+            fs::symlink_metadata(&path).map_err(|source| Error::io("stat", &path, source))?;
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             remove_existing(&path, Some(&metadata))?;
             continue;

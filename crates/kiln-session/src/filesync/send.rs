@@ -385,7 +385,10 @@ async fn send_file(
     }
 }
 
-async fn send(out: &mpsc::Sender<Result<Packet, tonic::Status>>, packet: Packet) -> Result<(), Error> {
+async fn send(
+    out: &mpsc::Sender<Result<Packet, tonic::Status>>,
+    packet: Packet,
+) -> Result<(), Error> {
     out.send(Ok(packet)).await.map_err(|_| Error::StreamEnded {
         context: "while sending to the receiver",
     })
@@ -423,14 +426,25 @@ mod tests {
         let dir = tree();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         // (includes, excludes, followpaths, expected paths)
-        let cases: Vec<(Vec<String>, Vec<String>, Vec<String>, Vec<&str>)> = vec![
+        type Case = (Vec<String>, Vec<String>, Vec<String>, Vec<&'static str>);
+        let cases: Vec<Case> = vec![
             (
                 vec![],
                 vec![],
                 vec![],
                 vec![
-                    "a", "a/b", "a/b/c.txt", "a-b", "a.b", "hard", "keep.log", "link", "secret",
-                    "secret/key", "secret/ok", "z.log",
+                    "a",
+                    "a/b",
+                    "a/b/c.txt",
+                    "a-b",
+                    "a.b",
+                    "hard",
+                    "keep.log",
+                    "link",
+                    "secret",
+                    "secret/key",
+                    "secret/ok",
+                    "z.log",
                 ],
             ),
             (
@@ -438,7 +452,15 @@ mod tests {
                 s(&["*.log", "!keep.log", "secret", "!secret/ok"]),
                 vec![],
                 vec![
-                    "a", "a/b", "a/b/c.txt", "a-b", "a.b", "hard", "keep.log", "link", "secret",
+                    "a",
+                    "a/b",
+                    "a/b/c.txt",
+                    "a-b",
+                    "a.b",
+                    "hard",
+                    "keep.log",
+                    "link",
+                    "secret",
                     "secret/ok",
                 ],
             ),
@@ -446,12 +468,37 @@ mod tests {
                 vec![],
                 s(&["secret"]),
                 vec![],
-                vec!["a", "a/b", "a/b/c.txt", "a-b", "a.b", "hard", "keep.log", "link", "z.log"],
+                vec![
+                    "a",
+                    "a/b",
+                    "a/b/c.txt",
+                    "a-b",
+                    "a.b",
+                    "hard",
+                    "keep.log",
+                    "link",
+                    "z.log",
+                ],
             ),
-            (s(&["a/b/c.txt"]), vec![], vec![], vec!["a", "a/b", "a/b/c.txt"]),
+            (
+                s(&["a/b/c.txt"]),
+                vec![],
+                vec![],
+                vec!["a", "a/b", "a/b/c.txt"],
+            ),
             (s(&["a"]), s(&["a/b/c.txt"]), vec![], vec!["a", "a/b"]),
-            (vec![], vec![], s(&["link"]), vec!["a", "a/b", "a/b/c.txt", "link"]),
-            (s(&["**/*.txt"]), vec![], vec![], vec!["a", "a/b", "a/b/c.txt"]),
+            (
+                vec![],
+                vec![],
+                s(&["link"]),
+                vec!["a", "a/b", "a/b/c.txt", "link"],
+            ),
+            (
+                s(&["**/*.txt"]),
+                vec![],
+                vec![],
+                vec!["a", "a/b", "a/b/c.txt"],
+            ),
         ];
         for (includes, excludes, follow, want) in cases {
             let filter = WalkFilter::new(dir.path(), &includes, &excludes, &follow).unwrap();
@@ -468,7 +515,14 @@ mod tests {
     fn stats_carry_types_links_and_no_owner() {
         let dir = tree();
         let entries = walk(dir.path(), &WalkFilter::default()).unwrap();
-        let by_path = |p: &str| entries.iter().find(|e| e.stat.path == p).unwrap().stat.clone();
+        let by_path = |p: &str| {
+            entries
+                .iter()
+                .find(|e| e.stat.path == p)
+                .unwrap()
+                .stat
+                .clone()
+        };
         let dir_stat = by_path("a");
         assert_eq!(kind(dir_stat.mode), Kind::Dir);
         assert_eq!(dir_stat.size, 0);
@@ -480,6 +534,8 @@ mod tests {
         let hard = by_path("hard");
         assert_eq!((hard.size, hard.linkname.as_str()), (0, "a.b"));
         assert!(entries.iter().all(|e| e.stat.uid == 0 && e.stat.gid == 0));
-        assert!(entries.iter().all(|e| e.stat.mod_time > 1_000_000_000_000_000_000));
+        assert!(entries
+            .iter()
+            .all(|e| e.stat.mod_time > 1_000_000_000_000_000_000));
     }
 }
