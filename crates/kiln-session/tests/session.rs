@@ -182,6 +182,13 @@ async fn receive_and_send_through_the_session() {
     fs::create_dir_all(dest.join("old/deeper")).unwrap();
     fs::write(dest.join("stale.txt"), "stale").unwrap();
     fs::write(dest.join("old/deeper/x"), "x").unwrap();
+    // Symlinks in dest where the sender has a dir and a file must be
+    // replaced, never written through.
+    let outside = temp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim"), "original").unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("src")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), dest.join("keep.log")).unwrap();
 
     // Frequent health checks: they run over the tunnel during the test and
     // must keep passing.
@@ -243,6 +250,15 @@ async fn receive_and_send_through_the_session() {
         "fn main() {}\n"
     );
     assert_eq!(fs::read_to_string(dest.join("keep.log")).unwrap(), "kept");
+    assert!(fs::symlink_metadata(dest.join("src")).unwrap().is_dir());
+    assert!(fs::symlink_metadata(dest.join("keep.log"))
+        .unwrap()
+        .is_file());
+    assert_eq!(tree(&outside), ["victim"]);
+    assert_eq!(
+        fs::read_to_string(outside.join("victim")).unwrap(),
+        "original"
+    );
     assert_eq!(
         fs::read_link(dest.join("link")).unwrap(),
         PathBuf::from("src/main.rs")

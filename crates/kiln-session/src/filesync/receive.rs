@@ -213,9 +213,7 @@ impl Receiver<'_> {
 
     /// Reads and validates STAT packets up to the empty one.
     async fn read_stats(&mut self) -> Result<Vec<Stat>, Error> {
-        let mut stats: Vec<Stat> = Vec::new();
-        let mut dirs: HashSet<String> = HashSet::new();
-        let mut files: HashSet<String> = HashSet::new();
+        let mut list = StatList::default();
         loop {
             let packet = self.next("before the end of the file list").await?;
             if packet.r#type != PacketType::PacketStat as i32 {
@@ -224,43 +222,10 @@ impl Receiver<'_> {
                     context: "before the end of the file list",
                 });
             }
-            let Some(stat) = packet.stat else {
-                return Ok(stats);
-            };
-            if let Some(reason) = path_problem(&stat.path) {
-                return Err(Error::InvalidPath {
-                    path: stat.path,
-                    reason,
-                });
+            match packet.stat {
+                Some(stat) => list.push(stat)?,
+                None => return Ok(list.stats),
             }
-            if let Some(previous) = stats.last() {
-                if compare_path(&previous.path, &stat.path) != std::cmp::Ordering::Less {
-                    return Err(Error::OutOfOrder {
-                        path: stat.path,
-                        previous: previous.path.clone(),
-                    });
-                }
-            }
-            let parent_dir = parent(&stat.path);
-            if !parent_dir.is_empty() && !dirs.contains(parent_dir) {
-                return Err(Error::ParentMissing { path: stat.path });
-            }
-            match kind(stat.mode) {
-                Kind::Dir => {
-                    dirs.insert(stat.path.clone());
-                }
-                Kind::File if stat.linkname.is_empty() => {
-                    files.insert(stat.path.clone());
-                }
-                Kind::File if !files.contains(&stat.linkname) => {
-                    return Err(Error::InvalidHardlink {
-                        path: stat.path,
-                        target: stat.linkname,
-                    });
-                }
-                _ => {}
-            }
-            stats.push(stat);
         }
     }
 
@@ -480,6 +445,57 @@ fn remove_unlisted(
     Ok(())
 }
 
+/// The STAT list as received, validated entry by entry.
+#[derive(Debug, Default)]
+struct StatList {
+    stats: Vec<Stat>,
+    dirs: HashSet<String>,
+    files: HashSet<String>,
+}
+
+impl StatList {
+    /// Appends `stat` if its path is clean and relative, sorts after the
+    /// previous one, sits in a directory already listed and (for hardlinks)
+    /// names a regular file already listed.
+    fn push(&mut self, stat: Stat) -> Result<(), Error> {
+        if let Some(reason) = path_problem(&stat.path) {
+            return Err(Error::InvalidPath {
+                path: stat.path,
+                reason,
+            });
+        }
+        if let Some(previous) = self.stats.last() {
+            if compare_path(&previous.path, &stat.path) != std::cmp::Ordering::Less {
+                return Err(Error::OutOfOrder {
+                    path: stat.path,
+                    previous: previous.path.clone(),
+                });
+            }
+        }
+        let parent_dir = parent(&stat.path);
+        if !parent_dir.is_empty() && !self.dirs.contains(parent_dir) {
+            return Err(Error::ParentMissing { path: stat.path });
+        }
+        match kind(stat.mode) {
+            Kind::Dir => {
+                self.dirs.insert(stat.path.clone());
+            }
+            Kind::File if stat.linkname.is_empty() => {
+                self.files.insert(stat.path.clone());
+            }
+            Kind::File if !self.files.contains(&stat.linkname) => {
+                return Err(Error::InvalidHardlink {
+                    path: stat.path,
+                    target: stat.linkname,
+                });
+            }
+            _ => {}
+        }
+        self.stats.push(stat);
+        Ok(())
+    }
+}
+
 fn packet_name(packet_type: i32) -> &'static str {
     match PacketType::try_from(packet_type) {
         Ok(PacketType::PacketStat) => "STAT",
@@ -488,5 +504,75 @@ fn packet_name(packet_type: i32) -> &'static str {
         Ok(PacketType::PacketFin) => "FIN",
         Ok(PacketType::PacketErr) => "ERR",
         Err(_) => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::filemode;
+
+    fn stat(path: &str, mode: u32, linkname: &str) -> Stat {
+        Stat {
+            path: path.to_string(),
+            mode,
+            linkname: linkname.to_string(),
+            ..Stat::default()
+        }
+    }
+
+    #[test]
+    fn stat_list_validation_table() {
+        const DIR: u32 = filemode::DIR | 0o755;
+        const FILE: u32 = 0o644;
+        // (entries, expected error text or None)
+        type Entry = (&'static str, u32, &'static str);
+        let cases: &[(&[Entry], Option<&str>)] = &[
+            (
+                &[("a", DIR, ""), ("a/b", FILE, ""), ("a.b", FILE, "")],
+                None,
+            ),
+            (&[("a", FILE, ""), ("hard", FILE, "a")], None),
+            (
+                &[("../x", FILE, "")],
+                Some("invalid path \"../x\": path escapes the destination"),
+            ),
+            (
+                &[("/etc", DIR, "")],
+                Some("invalid path \"/etc\": absolute path"),
+            ),
+            (
+                &[("a//b", FILE, "")],
+                Some("invalid path \"a//b\": path is not clean"),
+            ),
+            (
+                &[("b", FILE, ""), ("a", FILE, "")],
+                Some("changes out of order: \"a\" after \"b\""),
+            ),
+            (
+                &[("a.b", FILE, ""), ("a", DIR, ""), ("a/b", FILE, "")],
+                Some("changes out of order: \"a\" after \"a.b\""),
+            ),
+            (
+                &[("a", FILE, ""), ("a/b", FILE, "")],
+                Some("changes out of order: parent of \"a/b\" not seen as a directory"),
+            ),
+            (
+                &[("x/y", FILE, "")],
+                Some("changes out of order: parent of \"x/y\" not seen as a directory"),
+            ),
+            (
+                &[("a", DIR, ""), ("b", FILE, "a")],
+                Some("invalid hardlink \"b\" to \"a\""),
+            ),
+        ];
+        for (entries, want) in cases {
+            let mut list = StatList::default();
+            let result = entries
+                .iter()
+                .try_for_each(|(path, mode, link)| list.push(stat(path, *mode, link)));
+            let got = result.err().map(|e| e.to_string());
+            assert_eq!(got.as_deref(), *want, "{entries:?}");
+        }
     }
 }
