@@ -7,9 +7,7 @@ use kiln_image::reference::Reference;
 use kiln_image::Digest;
 use kiln_llb::{pb, DefinitionBuilder, OutputRef};
 
-use crate::parser::{
-    CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue, Span, Stage,
-};
+use crate::parser::{CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue, Span, Stage};
 use crate::shell::{ExpandError, Lexer};
 
 /// `PATH` BuildKit adds when the image has none.
@@ -110,14 +108,6 @@ pub enum CompileError {
         instruction: String,
         /// The flag name.
         flag: String,
-    },
-    /// Heredoc syntax (`<<EOF`).
-    #[error("{line}: heredocs in {instruction} are not supported yet")]
-    Heredoc {
-        /// Line of the instruction.
-        line: usize,
-        /// The keyword.
-        instruction: String,
     },
     /// A variable expansion failed.
     #[error("{line}: failed to expand {word:?}")]
@@ -418,10 +408,9 @@ impl Compiler<'_> {
                                 return Err(CompileError::StageIndex { line, index });
                             }
                             Some(CopySource::Stage(index))
-                        } else if let Some(j) = stages
-                            .iter()
-                            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
-                        {
+                        } else if let Some(j) = stages.iter().position(|s| {
+                            s.name.as_deref() == Some(from.to_ascii_lowercase().as_str())
+                        }) {
                             Some(CopySource::Stage(j))
                         } else {
                             image_copies += 1;
@@ -584,7 +573,12 @@ impl Compiler<'_> {
         Ok(args)
     }
 
-    fn expand(&self, word: &str, env: &[(String, String)], line: usize) -> Result<String, CompileError> {
+    fn expand(
+        &self,
+        word: &str,
+        env: &[(String, String)],
+        line: usize,
+    ) -> Result<String, CompileError> {
         self.lexer
             .process_word(word, env)
             .map_err(|source| CompileError::Expand {
@@ -657,15 +651,15 @@ impl Compiler<'_> {
                 reference: name.to_string(),
                 source,
             })?;
-        let (digest, bytes) = self
-            .resolver
-            .resolve(&reference, platform)
-            .await
-            .map_err(|source| CompileError::Resolve {
-                line,
-                reference: reference.to_string(),
-                source,
-            })?;
+        let (digest, bytes) =
+            self.resolver
+                .resolve(&reference, platform)
+                .await
+                .map_err(|source| CompileError::Resolve {
+                    line,
+                    reference: reference.to_string(),
+                    source,
+                })?;
         let mut image: ImageConfig =
             serde_json::from_slice(&bytes).map_err(|source| CompileError::ImageConfig {
                 line,
@@ -695,7 +689,12 @@ impl Compiler<'_> {
     }
 
     /// A fresh state on top of `image` (BuildKit's per-stage initialisation).
-    fn init_state(&self, output: Option<OutputRef>, mut image: ImageConfig, platform: Platform) -> State {
+    fn init_state(
+        &self,
+        output: Option<OutputRef>,
+        mut image: ImageConfig,
+        platform: Platform,
+    ) -> State {
         let runtime = image.config.get_or_insert_with(RuntimeConfig::default);
         let env = runtime.env.get_or_insert_with(Vec::new);
         if !env.iter().any(|e| e.split('=').next() == Some("PATH")) {
@@ -744,7 +743,10 @@ impl Compiler<'_> {
     ) -> Result<(), CompileError> {
         let line = command.span.start;
         match &command.instruction {
-            Instruction::Run { flags, command: cmd } => {
+            Instruction::Run {
+                flags,
+                command: cmd,
+            } => {
                 if let Some(flag) = flags.first() {
                     let name = flag.split('=').next().unwrap_or(flag);
                     return Err(CompileError::UnsupportedFlag {
@@ -915,7 +917,12 @@ impl Compiler<'_> {
     ) -> Result<Vec<(String, String)>, CompileError> {
         pairs
             .iter()
-            .map(|p| Ok((self.expand(&p.key, env, line)?, self.expand(&p.value, env, line)?)))
+            .map(|p| {
+                Ok((
+                    self.expand(&p.key, env, line)?,
+                    self.expand(&p.value, env, line)?,
+                ))
+            })
             .collect()
     }
 
@@ -944,14 +951,6 @@ impl Compiler<'_> {
         cmd: &CommandLine,
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
-        if let CommandLine::Shell(text) = cmd {
-            if has_heredoc(text) {
-                return Err(CompileError::Heredoc {
-                    line: command.span.start,
-                    instruction: "RUN".to_string(),
-                });
-            }
-        }
         let args = self.with_shell(state, cmd);
         let env: Vec<String> = state.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let proxy_env = proxy_env(&self.options.build_args);
@@ -1015,12 +1014,6 @@ impl Compiler<'_> {
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         let line = command.span.start;
-        if copy.sources.iter().any(|s| s.starts_with("<<")) {
-            return Err(CompileError::Heredoc {
-                line,
-                instruction: "COPY".to_string(),
-            });
-        }
         let sources = copy
             .sources
             .iter()
@@ -1136,10 +1129,7 @@ impl Compiler<'_> {
             return Ok(context.clone());
         }
         let mut attrs = BTreeMap::from([
-            (
-                "local.session".to_string(),
-                self.options.session_id.clone(),
-            ),
+            ("local.session".to_string(), self.options.session_id.clone()),
             (
                 "local.sharedkeyhint".to_string(),
                 self.options.context_name.clone(),
@@ -1167,7 +1157,8 @@ impl Compiler<'_> {
     /// Target-level settings: platform fields, `--label`s, layers left to the exporter.
     fn finalize(&self, state: &mut State) {
         let platform = &self.options.platform;
-        let same = state.image.os == platform.os && state.image.architecture == platform.architecture;
+        let same =
+            state.image.os == platform.os && state.image.architecture == platform.architecture;
         state.image.os = platform.os.clone();
         state.image.architecture = platform.architecture.clone();
         if platform.variant.is_some() || !same {
@@ -1304,19 +1295,6 @@ fn dest_path(dir: &str, dest: &str) -> String {
     }
 }
 
-fn has_heredoc(text: &str) -> bool {
-    let mut rest = text;
-    while let Some(i) = rest.find("<<") {
-        let after = rest[i + 2..].trim_start_matches('-');
-        let after = after.trim_start_matches(['"', '\'']);
-        if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
-            return true;
-        }
-        rest = &rest[i + 2..];
-    }
-    false
-}
-
 /// Go's `fmt.Sprintf("%q", []string{...})`: `["a" "b"]`.
 fn go_quote_list(args: &[String]) -> String {
     let quoted: Vec<String> = args.iter().map(|a| go_quote(a)).collect();
@@ -1395,19 +1373,9 @@ mod tests {
     }
 
     #[test]
-    fn heredoc_detection() {
-        assert!(has_heredoc("<<EOF"));
-        assert!(has_heredoc("cat <<-'EOF'"));
-        assert!(!has_heredoc("echo $((1 << 2))"));
-    }
-
-    #[test]
     fn chown_forms() {
         let opt = chown_opt("1000:1001", 0, 1).unwrap();
-        assert_eq!(
-            opt.user.unwrap().user,
-            Some(pb::user_opt::User::ById(1000))
-        );
+        assert_eq!(opt.user.unwrap().user, Some(pb::user_opt::User::ById(1000)));
         assert_eq!(
             opt.group.unwrap().user,
             Some(pb::user_opt::User::ById(1001))

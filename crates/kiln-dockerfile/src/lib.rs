@@ -18,8 +18,7 @@ mod parser;
 pub mod shell;
 
 pub use compile::{
-    compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, ResolveError,
-    DEFAULT_PATH,
+    compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, ResolveError, DEFAULT_PATH,
 };
 pub use parser::{
     parse, ArgDef, Command, CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue,

@@ -249,6 +249,14 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
                 .push(parse_from(&flags, rest, line.span, &original)?);
             continue;
         }
+        if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") && has_heredoc(rest) {
+            // BuildKit reads the following lines as the document; without support they would
+            // be misread as instructions.
+            return Err(error(
+                line.span.start,
+                format!("heredocs in {keyword} are not supported yet"),
+            ));
+        }
         let instruction = parse_instruction(&keyword, flags, rest, line.span.start, escape)?;
         let command = Command {
             span: line.span,
@@ -268,6 +276,20 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
         }
     }
     Ok(dockerfile)
+}
+
+/// Whether `text` holds a heredoc marker (`<<EOF`, `<<-"EOF"`).
+fn has_heredoc(text: &str) -> bool {
+    let mut rest = text;
+    while let Some(i) = rest.find("<<") {
+        let after = rest[i + 2..].trim_start_matches('-');
+        let after = after.trim_start_matches(['"', '\'']);
+        if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            return true;
+        }
+        rest = &rest[i + 2..];
+    }
+    false
 }
 
 /// Reads `# key=value` directives at the top of the file; returns them and the first line index
@@ -371,8 +393,18 @@ fn parse_from(
             }
             Some(name)
         }
-        [] => return Err(error(span.start, "FROM requires either one or three arguments")),
-        _ => return Err(error(span.start, "FROM requires either one or three arguments")),
+        [] => {
+            return Err(error(
+                span.start,
+                "FROM requires either one or three arguments",
+            ))
+        }
+        _ => {
+            return Err(error(
+                span.start,
+                "FROM requires either one or three arguments",
+            ))
+        }
     };
     Ok(Stage {
         name,
@@ -456,7 +488,10 @@ fn parse_instruction(
         "WORKDIR" | "USER" => {
             no_flags(&flags)?;
             if rest.is_empty() {
-                return Err(error(line, format!("{keyword} requires exactly one argument")));
+                return Err(error(
+                    line,
+                    format!("{keyword} requires exactly one argument"),
+                ));
             }
             if keyword == "WORKDIR" {
                 Instruction::Workdir(rest.to_string())
@@ -544,7 +579,10 @@ fn parse_key_values(
 ) -> Result<Vec<KeyValue>, ParseError> {
     let words = split_words(rest, escape);
     let Some(first) = words.first() else {
-        return Err(error(line, format!("{keyword} requires at least one argument")));
+        return Err(error(
+            line,
+            format!("{keyword} requires at least one argument"),
+        ));
     };
     if !first.contains('=') {
         // Legacy form: the key, then the rest of the line is the value.
@@ -647,6 +685,13 @@ mod tests {
     }
 
     #[test]
+    fn heredoc_detection() {
+        assert!(has_heredoc("<<EOF"));
+        assert!(has_heredoc("cat <<-'EOF'"));
+        assert!(!has_heredoc("echo $((1 << 2))"));
+    }
+
+    #[test]
     fn errors_carry_lines() {
         assert_eq!(
             parse("FROM x\nFOO bar\n").unwrap_err().to_string(),
@@ -656,10 +701,7 @@ mod tests {
             parse("RUN x\n").unwrap_err().to_string(),
             "1: no build stage in current context: RUN before FROM"
         );
-        assert_eq!(
-            parse("FROM x\nCOPY --bogus=1 a b\n").unwrap_err().line,
-            2
-        );
+        assert_eq!(parse("FROM x\nCOPY --bogus=1 a b\n").unwrap_err().line, 2);
         assert_eq!(parse("FROM a b\n").unwrap_err().line, 1);
     }
 }
