@@ -32,6 +32,8 @@ pub(crate) struct Executor {
     pub bundles: PathBuf,
     /// Persistent `type=cache` mount directories.
     pub cache_mounts: PathBuf,
+    /// `RLIMIT_NOFILE` of processes.
+    pub nofile: u64,
 }
 
 /// Owns everything an exec creates; see the module docs.
@@ -153,7 +155,12 @@ impl Executor {
                     } else {
                         inputs
                             .get(m.input as usize)
-                            .ok_or_else(|| invalid(format!("mount {} refers to missing input {}", m.dest, m.input)))?
+                            .ok_or_else(|| {
+                                invalid(format!(
+                                    "mount {} refers to missing input {}",
+                                    m.dest, m.input
+                                ))
+                            })?
                             .clone()
                     };
                     let p = self.prepare_bind(store, &mut guard, i, input, m.readonly)?;
@@ -186,7 +193,11 @@ impl Executor {
                     });
                 }
                 pb::MountType::Cache => {
-                    let id = m.cache_opt.as_ref().map(|c| c.id.as_str()).unwrap_or(&m.dest);
+                    let id = m
+                        .cache_opt
+                        .as_ref()
+                        .map(|c| c.id.as_str())
+                        .unwrap_or(&m.dest);
                     let dir = self
                         .cache_mounts
                         .join(hex::encode(sha2::Sha256::digest(id.as_bytes())));
@@ -203,7 +214,11 @@ impl Executor {
                         || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
                     if !optional {
                         return Err(Error::Unsupported {
-                            what: format!("{} mount at {}", kind.as_str_name().to_lowercase(), m.dest),
+                            what: format!(
+                                "{} mount at {}",
+                                kind.as_str_name().to_lowercase(),
+                                m.dest
+                            ),
                         });
                     }
                 }
@@ -232,7 +247,10 @@ impl Executor {
         let resolv_path = bundle.join("resolv.conf");
         let resolv = fs::read("/etc/resolv.conf").unwrap_or_default();
         fs::write(&resolv_path, resolv).map_err(io_err("write", &resolv_path))?;
-        for (dest, source) in [("/etc/hosts", &hosts_path), ("/etc/resolv.conf", &resolv_path)] {
+        for (dest, source) in [
+            ("/etc/hosts", &hosts_path),
+            ("/etc/resolv.conf", &resolv_path),
+        ] {
             if !op.mounts.iter().any(|m| m.dest == dest) {
                 extra_mounts.push(spec::Mount {
                     destination: dest.into(),
@@ -249,9 +267,14 @@ impl Executor {
         let passwd = read_in_root(&root, "/etc/passwd");
         let group = read_in_root(&root, "/etc/group");
         let user = spec::resolve_user(&meta.user, &passwd, &group).map_err(invalid)?;
-        let cwd = if meta.cwd.is_empty() { "/" } else { meta.cwd.as_str() };
+        let cwd = if meta.cwd.is_empty() {
+            "/"
+        } else {
+            meta.cwd.as_str()
+        };
         if !root_readonly {
-            let host_cwd = resolve_in_root(&root, cwd, true).map_err(io_err("resolve cwd in", &root))?;
+            let host_cwd =
+                resolve_in_root(&root, cwd, true).map_err(io_err("resolve cwd in", &root))?;
             mkdir_all(&host_cwd, 0o755, Some(user.uid), Some(user.gid))
                 .map_err(io_err("create working directory", &host_cwd))?;
         }
@@ -302,6 +325,7 @@ impl Executor {
                 .iter()
                 .map(|u| (u.name.clone(), u.soft.max(0) as u64, u.hard.max(0) as u64))
                 .collect(),
+            nofile: self.nofile,
         });
         let config = bundle.join("config.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Io {
@@ -332,7 +356,11 @@ impl Executor {
                 reason: format!("cannot start {}", self.runc.display()),
                 source: Some(e),
             })?;
-        guard.container = Some((self.runc.clone(), self.runc_state.clone(), container_id.clone()));
+        guard.container = Some((
+            self.runc.clone(),
+            self.runc_state.clone(),
+            container_id.clone(),
+        ));
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (_, _, status) = tokio::join!(
@@ -479,7 +507,9 @@ fn read_in_root(root: &Path, path: &str) -> String {
 
 /// Records `dest` and its missing ancestors (outermost first) when absent from `root`.
 fn collect_stubs(root: &Path, dest: &str, stubs: &mut Vec<PathBuf>) {
-    let Ok(host) = resolve_in_root(root, dest, true) else { return };
+    let Ok(host) = resolve_in_root(root, dest, true) else {
+        return;
+    };
     let mut missing = Vec::new();
     let mut cursor = Some(host.as_path());
     while let Some(p) = cursor {

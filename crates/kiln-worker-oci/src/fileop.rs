@@ -209,10 +209,21 @@ pub(crate) fn run(
                 Value::Snapshot(s) => Some(scope.view(&s.clone())?),
                 _ => return Err(invalid(format!("action {k} secondary input unavailable"))),
             },
-            i => return Err(invalid(format!("action {k} has invalid secondary input {i}"))),
+            i => {
+                return Err(invalid(format!(
+                    "action {k} has invalid secondary input {i}"
+                )))
+            }
         };
         let owner = match owner_of(action).flatten() {
-            Some(chown) => Some(resolve_owner(chown, &mut scope, inputs, &results, &active.view, k)?),
+            Some(chown) => Some(resolve_owner(
+                chown,
+                &mut scope,
+                inputs,
+                &results,
+                &active.view,
+                k,
+            )?),
             None => None,
         };
         match &action.action {
@@ -273,45 +284,50 @@ fn resolve_owner(
     k: usize,
 ) -> Result<Owner, Error> {
     let n = inputs.len() as i64;
-    let mut lookup = |opt: &pb::UserOpt, file: &str, field: usize| -> Result<Option<(u32, u32)>, Error> {
-        match &opt.user {
-            Some(user_opt::User::ById(id)) => Ok(Some((*id, *id))),
-            Some(user_opt::User::ByName(named)) => {
-                let root = if named.input >= 0 && named.input < n {
-                    scope.view(&inputs[named.input as usize])?
-                } else if named.input >= n {
-                    match &results[(named.input - n) as usize] {
-                        Value::Snapshot(s) => scope.view(&s.clone())?,
-                        _ => current.to_path_buf(),
+    let mut lookup =
+        |opt: &pb::UserOpt, file: &str, field: usize| -> Result<Option<(u32, u32)>, Error> {
+            match &opt.user {
+                Some(user_opt::User::ById(id)) => Ok(Some((*id, *id))),
+                Some(user_opt::User::ByName(named)) => {
+                    let root = if named.input >= 0 && named.input < n {
+                        scope.view(&inputs[named.input as usize])?
+                    } else if named.input >= n {
+                        match &results[(named.input - n) as usize] {
+                            Value::Snapshot(s) => scope.view(&s.clone())?,
+                            _ => current.to_path_buf(),
+                        }
+                    } else {
+                        current.to_path_buf()
+                    };
+                    let text = resolve_in_root(&root, file, true)
+                        .and_then(fs::read_to_string)
+                        .unwrap_or_default();
+                    let entry = text
+                        .lines()
+                        .map(|l| l.split(':').collect::<Vec<_>>())
+                        .find(|f| f.first() == Some(&named.name.as_str()) && f.len() > field);
+                    match entry {
+                        Some(f) => {
+                            let id = f[2].parse().unwrap_or(0);
+                            let gid = if field == 3 {
+                                f[3].parse().unwrap_or(id)
+                            } else {
+                                id
+                            };
+                            Ok(Some((id, gid)))
+                        }
+                        None => Err(Error::FileAction {
+                            index: k,
+                            action: "chown",
+                            path: file.to_string(),
+                            reason: format!("unknown user or group {}", named.name),
+                            source: None,
+                        }),
                     }
-                } else {
-                    current.to_path_buf()
-                };
-                let text = resolve_in_root(&root, file, true)
-                    .and_then(fs::read_to_string)
-                    .unwrap_or_default();
-                let entry = text
-                    .lines()
-                    .map(|l| l.split(':').collect::<Vec<_>>())
-                    .find(|f| f.first() == Some(&named.name.as_str()) && f.len() > field);
-                match entry {
-                    Some(f) => {
-                        let id = f[2].parse().unwrap_or(0);
-                        let gid = if field == 3 { f[3].parse().unwrap_or(id) } else { id };
-                        Ok(Some((id, gid)))
-                    }
-                    None => Err(Error::FileAction {
-                        index: k,
-                        action: "chown",
-                        path: file.to_string(),
-                        reason: format!("unknown user or group {}", named.name),
-                        source: None,
-                    }),
                 }
+                None => Ok(None),
             }
-            None => Ok(None),
-        }
-    };
+        };
     let user = match &chown.user {
         Some(u) => lookup(u, "/etc/passwd", 3)?,
         None => None,
@@ -403,9 +419,11 @@ fn copy(
     let mode = if c.mode >= 0 {
         Some(c.mode as u32 & 0o7777)
     } else if !c.mode_str.is_empty() {
-        Some(u32::from_str_radix(&c.mode_str, 8).map_err(|_| Error::Unsupported {
-            what: format!("symbolic copy mode {:?}", c.mode_str),
-        })?)
+        Some(
+            u32::from_str_radix(&c.mode_str, 8).map_err(|_| Error::Unsupported {
+                what: format!("symbolic copy mode {:?}", c.mode_str),
+            })?,
+        )
     } else {
         None
     };
@@ -438,10 +456,15 @@ fn copy(
         let src_meta = fs::symlink_metadata(&src).map_err(action_err(k, "copy", &c.src))?;
         let dest_meta = fs::metadata(&dest).ok();
         let into = match &dest_meta {
-            Some(d) => (src_meta.is_dir() && !c.dir_copy_contents) || (!src_meta.is_dir() && d.is_dir()),
+            Some(d) => {
+                (src_meta.is_dir() && !c.dir_copy_contents) || (!src_meta.is_dir() && d.is_dir())
+            }
             None => false,
         };
-        let name = src.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let name = src
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
         let target = if into { dest.join(&name) } else { dest.clone() };
         let err = action_err(k, "copy", &c.dest);
         if let Some(parent) = target.parent() {
@@ -467,7 +490,12 @@ fn copy(
     Ok(())
 }
 
-fn mkdir(k: usize, root: &Path, m: &pb::FileActionMkDir, owner: Option<Owner>) -> Result<(), Error> {
+fn mkdir(
+    k: usize,
+    root: &Path,
+    m: &pb::FileActionMkDir,
+    owner: Option<Owner>,
+) -> Result<(), Error> {
     let path = resolve_in_root(root, &m.path, true).map_err(action_err(k, "mkdir", &m.path))?;
     let err = || action_err(k, "mkdir", &m.path);
     let (uid, gid) = owner.map(|o| (o.uid, o.gid)).unwrap_or((None, None));
@@ -492,12 +520,20 @@ fn mkdir(k: usize, root: &Path, m: &pb::FileActionMkDir, owner: Option<Owner>) -
     Ok(())
 }
 
-fn mkfile(k: usize, root: &Path, m: &pb::FileActionMkFile, owner: Option<Owner>) -> Result<(), Error> {
+fn mkfile(
+    k: usize,
+    root: &Path,
+    m: &pb::FileActionMkFile,
+    owner: Option<Owner>,
+) -> Result<(), Error> {
     let path = resolve_in_root(root, &m.path, true).map_err(action_err(k, "mkfile", &m.path))?;
     let err = || action_err(k, "mkfile", &m.path);
     fs::write(&path, &m.data).map_err(err())?;
-    fs::set_permissions(&path, fs::Permissions::from_mode((m.mode.max(0) as u32) & 0o7777))
-        .map_err(err())?;
+    fs::set_permissions(
+        &path,
+        fs::Permissions::from_mode((m.mode.max(0) as u32) & 0o7777),
+    )
+    .map_err(err())?;
     if let Some(o) = owner {
         lchown(&path, o.uid, o.gid).map_err(err())?;
     }
@@ -546,8 +582,14 @@ fn rm(k: usize, root: &Path, r: &pb::FileActionRm) -> Result<(), Error> {
     Ok(())
 }
 
-fn symlink(k: usize, root: &Path, s: &pb::FileActionSymlink, owner: Option<Owner>) -> Result<(), Error> {
-    let path = resolve_in_root(root, &s.newpath, false).map_err(action_err(k, "symlink", &s.newpath))?;
+fn symlink(
+    k: usize,
+    root: &Path,
+    s: &pb::FileActionSymlink,
+    owner: Option<Owner>,
+) -> Result<(), Error> {
+    let path =
+        resolve_in_root(root, &s.newpath, false).map_err(action_err(k, "symlink", &s.newpath))?;
     let err = || action_err(k, "symlink", &s.newpath);
     std::os::unix::fs::symlink(&s.oldpath, &path).map_err(err())?;
     if let Some(o) = owner {

@@ -298,10 +298,16 @@ mod tests {
         symlink("../../../../..", r.join("a/up")).unwrap();
         symlink("b", r.join("a/rel")).unwrap();
         symlink("loop", r.join("loop")).unwrap();
-        assert_eq!(resolve_in_root(r, "/abs/passwd", true).unwrap(), r.join("etc/passwd"));
+        assert_eq!(
+            resolve_in_root(r, "/abs/passwd", true).unwrap(),
+            r.join("etc/passwd")
+        );
         assert_eq!(resolve_in_root(r, "a/up/x", true).unwrap(), r.join("x"));
         assert_eq!(resolve_in_root(r, "/../../x", true).unwrap(), r.join("x"));
-        assert_eq!(resolve_in_root(r, "a/rel/f", true).unwrap(), r.join("a/b/f"));
+        assert_eq!(
+            resolve_in_root(r, "a/rel/f", true).unwrap(),
+            r.join("a/b/f")
+        );
         assert_eq!(resolve_in_root(r, "a/rel", false).unwrap(), r.join("a/rel"));
         assert_eq!(resolve_in_root(r, "a/rel", true).unwrap(), r.join("a/b"));
         assert_eq!(resolve_in_root(r, "/", true).unwrap(), r.to_path_buf());
@@ -350,7 +356,10 @@ mod tests {
         )
         .unwrap();
         let meta = fs::metadata(d2.join("f")).unwrap();
-        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1234, 5678, 0o640));
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (1234, 5678, 0o640)
+        );
         assert_eq!(meta.mtime(), 42);
     }
 

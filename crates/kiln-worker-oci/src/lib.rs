@@ -90,7 +90,7 @@ impl OciWorker {
         let content_dir = dir.join("content");
         let content = ContentStore::open(&content_dir).map_err(|e| Error::Content {
             path: content_dir.clone(),
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let snapshots = SnapshotStore::open(&dir.join("snapshots"))?;
 
@@ -139,9 +139,11 @@ impl OciWorker {
                 runc_state,
                 bundles,
                 cache_mounts,
+                nofile: spec::nofile_limit(),
             },
-            resolver: Resolver::new(config.registry_hosts)
-                .map_err(|e| Error::RegistryClient { source: e.into() })?,
+            resolver: Resolver::new(config.registry_hosts).map_err(|e| Error::RegistryClient {
+                source: Box::new(e.into()),
+            })?,
             export_lock: tokio::sync::Mutex::new(()),
             dir,
         })
@@ -170,13 +172,13 @@ impl OciWorker {
     ) -> Result<(), Error> {
         let blob = content.open_blob(&layer.digest).map_err(|e| Error::Pull {
             digest: layer.digest.clone(),
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let pending = snapshots.prepare()?;
         let applied = kiln_image::layer::apply(io::BufReader::new(blob), &pending.fs_path())
             .map_err(|e| Error::Pull {
                 digest: layer.digest.clone(),
-                source: e.into(),
+                source: Box::new(e.into()),
             })?;
         if &applied.diff_id != expected_diff_id {
             return Err(Error::DiffIdMismatch {
@@ -230,7 +232,9 @@ fn load_or_create_id(path: &Path) -> Result<String, Error> {
 
 /// Deletes containers left in runc's state dir by a crash.
 fn cleanup_runc_state(runc: &Path, state: &Path) {
-    let Ok(entries) = fs::read_dir(state) else { return };
+    let Ok(entries) = fs::read_dir(state) else {
+        return;
+    };
     for entry in entries.flatten() {
         let id = entry.file_name().to_string_lossy().into_owned();
         let out = std::process::Command::new(runc)
@@ -280,7 +284,7 @@ impl Worker for OciWorker {
             .await
             .map_err(|e| Error::Resolve {
                 reference: reference.to_string(),
-                source: e.into(),
+                source: Box::new(e.into()),
             })
     }
 
@@ -315,7 +319,7 @@ impl Worker for OciWorker {
                     .await
                     .map_err(|e| Error::Pull {
                         digest: layer.digest.clone(),
-                        source: e.into(),
+                        source: Box::new(e.into()),
                     })?;
                 let snapshots = self.snapshots.clone();
                 let content = self.content.clone();
@@ -460,7 +464,7 @@ fn export_snapshot(
 ) -> Result<Layer, Error> {
     let export_err = |e: kiln_image::Error| Error::Export {
         id: id.to_string(),
-        source: e,
+        source: Box::new(e),
     };
     let mut writer = content.writer().map_err(|e| export_err(e.into()))?;
     let blob = kiln_image::layer::diff_upper(&snapshots.fs_path(id), &mut writer)

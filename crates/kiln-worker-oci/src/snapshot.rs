@@ -297,7 +297,12 @@ mod tests {
             .unwrap();
             parent = Some(id.to_string());
         }
-        let chain: Vec<_> = store.chain("c").unwrap().into_iter().map(|(id, _)| id).collect();
+        let chain: Vec<_> = store
+            .chain("c")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(chain, ["a", "b", "c"]);
         assert_eq!(store.lowers("c").unwrap()[0], store.fs_path("c"));
         assert!(matches!(
@@ -320,7 +325,13 @@ mod tests {
         assert_eq!(fs::read(store.fs_path("x").join("f")).unwrap(), b"1");
         let leftovers = fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(TMP_PREFIX))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TMP_PREFIX)
+            })
             .count();
         assert_eq!(leftovers, 0);
     }

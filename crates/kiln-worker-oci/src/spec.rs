@@ -204,6 +204,31 @@ pub(crate) struct SpecInput<'a> {
     pub extra_mounts: Vec<Mount>,
     /// `(name, soft, hard)` ulimits beyond the default `RLIMIT_NOFILE`.
     pub ulimits: Vec<(String, u64, u64)>,
+    /// The `RLIMIT_NOFILE` given to the process (see [`nofile_limit`]).
+    pub nofile: u64,
+}
+
+/// BuildKit's `RLIMIT_NOFILE` (1048576), lowered to this process' hard limit when it lacks
+/// `CAP_SYS_RESOURCE` (runc could not raise it, and the container would fail to start).
+pub(crate) fn nofile_limit() -> u64 {
+    const WANTED: u64 = 1_048_576;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let capable = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0);
+    if capable {
+        return WANTED;
+    }
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((_, hard)) => WANTED.min(hard),
+        Err(_) => WANTED,
+    }
 }
 
 fn default_mounts() -> Vec<Mount> {
@@ -246,7 +271,12 @@ fn default_mounts() -> Vec<Mount> {
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         ),
-        m("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        m(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ),
     ]
 }
 
@@ -261,7 +291,7 @@ pub(crate) fn generate(input: SpecInput<'_>) -> Spec {
         env.insert(0, DEFAULT_PATH.to_string());
     }
     let mut rlimits: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    rlimits.insert("RLIMIT_NOFILE".into(), (1_048_576, 1_048_576));
+    rlimits.insert("RLIMIT_NOFILE".into(), (input.nofile, input.nofile));
     for (name, soft, hard) in input.ulimits {
         rlimits.insert(format!("RLIMIT_{}", name.to_uppercase()), (soft, hard));
     }
@@ -360,7 +390,9 @@ pub(crate) fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User
         let entry = passwd_entries
             .iter()
             .find(|f| f[0] == user_part)
-            .ok_or_else(|| format!("unable to find user {user_part}: no matching entries in passwd file"))?;
+            .ok_or_else(|| {
+                format!("unable to find user {user_part}: no matching entries in passwd file")
+            })?;
         let uid = entry[2]
             .parse()
             .map_err(|_| format!("invalid uid for user {user_part}"))?;
@@ -378,7 +410,9 @@ pub(crate) fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User
                 .iter()
                 .find(|f| f[0] == g)
                 .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?,
+                .ok_or_else(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
         },
     };
 
@@ -406,9 +440,8 @@ pub(crate) fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User
 
 /// The `/etc/hosts` of build containers.
 pub(crate) fn hosts_file(hostname: &str, extra: &[(String, String)]) -> String {
-    let mut s = format!(
-        "127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    );
+    let mut s =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for (host, ip) in extra {
         s.push_str(&format!("{ip}\t{host}\n"));
     }
@@ -435,7 +468,14 @@ mod tests {
         let both = resolve_user("builder:staff", PASSWD, GROUP).unwrap();
         assert_eq!((both.uid, both.gid), (1000, 50));
         assert!(both.additional_gids.is_empty());
-        assert_eq!(resolve_user("7:8", "", "").unwrap(), User { uid: 7, gid: 8, additional_gids: vec![] });
+        assert_eq!(
+            resolve_user("7:8", "", "").unwrap(),
+            User {
+                uid: 7,
+                gid: 8,
+                additional_gids: vec![]
+            }
+        );
         assert!(resolve_user("ghost", PASSWD, GROUP).is_err());
         assert!(resolve_user("root:ghosts", PASSWD, GROUP).is_err());
     }
@@ -453,6 +493,7 @@ mod tests {
             insecure: false,
             extra_mounts: vec![],
             ulimits: vec![],
+            nofile: 1_048_576,
         }
     }
 
@@ -465,13 +506,40 @@ mod tests {
         assert_eq!(json["process"]["env"][0], DEFAULT_PATH);
         assert_eq!(json["process"]["rlimits"][0]["type"], "RLIMIT_NOFILE");
         assert_eq!(json["process"]["rlimits"][0]["soft"], 1_048_576);
-        assert_eq!(json["process"]["capabilities"]["bounding"].as_array().unwrap().len(), 14);
-        let ns: Vec<_> = spec.linux.namespaces.iter().map(|n| n.kind.as_str()).collect();
+        assert_eq!(
+            json["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            14
+        );
+        let ns: Vec<_> = spec
+            .linux
+            .namespaces
+            .iter()
+            .map(|n| n.kind.as_str())
+            .collect();
         assert_eq!(ns, ["pid", "ipc", "uts", "mount"]);
         let dests: Vec<_> = spec.mounts.iter().map(|m| m.destination.as_str()).collect();
-        assert_eq!(dests, ["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys"]);
-        assert!(json["linux"]["maskedPaths"].as_array().unwrap().contains(&"/proc/kcore".into()));
-        assert!(json["linux"]["readonlyPaths"].as_array().unwrap().contains(&"/proc/sys".into()));
+        assert_eq!(
+            dests,
+            [
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/dev/mqueue",
+                "/sys"
+            ]
+        );
+        assert!(json["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&"/proc/kcore".into()));
+        assert!(json["linux"]["readonlyPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&"/proc/sys".into()));
         assert_eq!(json["root"]["path"], "/r");
     }
 
@@ -484,10 +552,18 @@ mod tests {
         i.ulimits = vec![("nproc".into(), 10, 20)];
         let spec = generate(i);
         assert!(spec.linux.namespaces.iter().any(|n| n.kind == "network"));
-        assert!(spec.process.capabilities.bounding.contains(&"CAP_SYS_ADMIN".to_string()));
+        assert!(spec
+            .process
+            .capabilities
+            .bounding
+            .contains(&"CAP_SYS_ADMIN".to_string()));
         assert!(spec.linux.masked_paths.is_empty());
         assert_eq!(spec.process.env, ["PATH=/x"]);
-        assert!(spec.process.rlimits.iter().any(|r| r.kind == "RLIMIT_NPROC" && r.soft == 10 && r.hard == 20));
+        assert!(spec
+            .process
+            .rlimits
+            .iter()
+            .any(|r| r.kind == "RLIMIT_NPROC" && r.soft == 10 && r.hard == 20));
     }
 
     #[test]

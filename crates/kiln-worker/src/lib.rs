@@ -89,7 +89,7 @@ impl std::fmt::Debug for SnapshotView {
     }
 }
 
-/// A worker failure.
+/// A worker failure. `kiln_image` causes are boxed to keep `Result<_, Error>` small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A process of an `ExecOp` exited with a status not accepted as success. The message is
@@ -128,14 +128,14 @@ pub enum Error {
         reference: String,
         /// The cause.
         #[source]
-        source: kiln_image::Error,
+        source: Box<kiln_image::Error>,
     },
     /// The registry client could not be created.
     #[error("failed to create registry client")]
     RegistryClient {
         /// The cause.
         #[source]
-        source: kiln_image::Error,
+        source: Box<kiln_image::Error>,
     },
     /// The content store failed.
     #[error("content store failed at {path}")]
@@ -144,7 +144,7 @@ pub enum Error {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: kiln_image::Error,
+        source: Box<kiln_image::Error>,
     },
     /// Fetching or unpacking a layer failed.
     #[error("failed to pull layer {digest}")]
@@ -153,7 +153,7 @@ pub enum Error {
         digest: Digest,
         /// The cause.
         #[source]
-        source: kiln_image::Error,
+        source: Box<kiln_image::Error>,
     },
     /// A layer's uncompressed digest does not match the image config.
     #[error("layer {digest} has diff id {actual}, image config says {expected}")]
@@ -172,7 +172,7 @@ pub enum Error {
         id: SnapshotId,
         /// The cause.
         #[source]
-        source: kiln_image::Error,
+        source: Box<kiln_image::Error>,
     },
     /// A file action of a `FileOp` failed.
     #[error("file action {index} ({action}) failed on {path}: {reason}")]
@@ -291,6 +291,11 @@ mod tests {
             err.to_string(),
             "process \"/bin/sh -c false\" did not complete successfully: exit code: 1"
         );
+    }
+
+    #[test]
+    fn error_stays_small() {
+        assert!(std::mem::size_of::<Error>() <= 96);
     }
 
     #[test]
