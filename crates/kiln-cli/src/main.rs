@@ -1,1 +1,72 @@
-fn main() {}
+//! `kiln`: the client. `kiln build` is `nerdctl build` (reference §1): flags are
+//! parsed by clap ([`cli`]) and resolved into validated settings
+//! ([`settings`]), the build daemon is found as nerdctl finds buildkitd
+//! ([`discovery`]), the build runs over BuildKit's control API
+//! (kiln-client) and the result is loaded into containerd (kiln-containerd).
+//!
+//! `--progress=auto` currently renders plain text whether or not stderr is a
+//! terminal (no live TTY view yet). Data (image names, digests) goes to
+//! stdout; progress, warnings and errors go to stderr.
+
+mod build;
+mod cli;
+mod discovery;
+mod dockerfile;
+mod output;
+mod settings;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env = |key: &str| std::env::var(key).ok();
+    let settings = settings::resolve_build(cli.build_args(), &env)?;
+    let globals = build::Globals {
+        namespace: cli.namespace.clone(),
+        address: cli.address.clone(),
+        snapshotter: cli.snapshotter.clone(),
+    };
+    build::run(&globals, settings).await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(hint) = err
+                .downcast_ref::<discovery::DiscoveryError>()
+                .and_then(|e| e.hint())
+            {
+                eprintln!("error: {hint}");
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

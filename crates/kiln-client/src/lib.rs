@@ -3,7 +3,7 @@
 //! - [`connect`] dials `unix://<path>` or `tcp://host:port` (h2c, 16 MiB
 //!   messages) and returns the generated [`ControlClient`];
 //!   [`ping`] is the liveness check nerdctl uses (`ListWorkers`).
-//! - `solve` runs one build: opens the session tunnel (kiln-session), then
+//! - [`solve`] runs one build: opens the session tunnel (kiln-session), then
 //!   `Control.Status` and `Control.Solve` concurrently, forwarding progress to a
 //!   channel (see [`SolveOptions`]).
 //! - [`progress`] models status messages as [`progress::ProgressEvent`]s and
@@ -14,7 +14,6 @@
 
 mod connect;
 pub mod progress;
-#[cfg(feature = "session")]
 mod solve;
 
 use std::time::Duration;
@@ -23,7 +22,6 @@ pub use connect::{connect, ping, ping_address, Address, MAX_MESSAGE_SIZE};
 pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 pub use kiln_proto::moby::buildkit::v1::StatusResponse;
-#[cfg(feature = "session")]
 pub use solve::{new_ref, solve, SolveOptions, SolveOutcome};
 
 /// Errors of the control-API client.
@@ -83,7 +81,6 @@ pub enum Error {
         status: tonic::Status,
     },
     /// The session tunnel could not be opened.
-    #[cfg(feature = "session")]
     #[error("failed to start the session")]
     Session {
         /// The session error.

@@ -1,0 +1,264 @@
+//! Raw command-line arguments (step one of two: clap parses, `settings`
+//! resolves and validates).
+
+use clap::{Args, Parser, Subcommand};
+
+/// kiln — builds container images from Dockerfiles (nerdctl build + BuildKit).
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, disable_help_subcommand = true)]
+pub struct Cli {
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    /// containerd address (socket path, optionally `unix://`).
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub address: String,
+    /// containerd snapshotter.
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_SNAPSHOTTER",
+        default_value = "overlayfs"
+    )]
+    pub snapshotter: String,
+    /// Debug logging on stderr.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an image from a Dockerfile. Needs kilnd (or buildkitd) to be running.
+    ///
+    /// If Dockerfile is not present and -f is not specified, it will look for
+    /// Containerfile and build with it.
+    Build(BuildArgs),
+    /// Manage builds.
+    Builder {
+        /// Builder subcommand.
+        #[command(subcommand)]
+        command: BuilderCommand,
+    },
+    /// Manage images.
+    Image {
+        /// Image subcommand.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+/// `kiln builder ...`
+#[derive(Debug, Subcommand)]
+pub enum BuilderCommand {
+    /// Same as `kiln build`.
+    Build(BuildArgs),
+}
+
+/// `kiln image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Same as `kiln build`.
+    Build(BuildArgs),
+}
+
+/// `kiln build [flags] PATH`: every flag of `nerdctl build` (reference §1.2).
+///
+/// Flags this slice does not implement are still parsed so that using one is
+/// an explicit error rather than an unknown-flag or a silent no-op.
+#[derive(Debug, Default, Clone, Args)]
+pub struct BuildArgs {
+    /// Build context directory.
+    #[arg(value_name = "PATH")]
+    pub context: Vec<String>,
+
+    /// BuildKit address (`unix://<path>` or `tcp://host:port`).
+    #[arg(long, value_name = "ADDRESS")]
+    pub buildkit_host: Option<String>,
+    /// Name and optionally a tag in the `name:tag` format (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    pub tag: Vec<String>,
+    /// Name of the Dockerfile (relative to the working directory; `-` = stdin).
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        allow_hyphen_values = true
+    )]
+    pub file: Option<String>,
+    /// Set the target build stage to build.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Set build-time variables (`K=V`, or `K` to take the value from the environment).
+    #[arg(long = "build-arg", value_name = "ARG")]
+    pub build_arg: Vec<String>,
+    /// Progress output: auto, plain, quiet (tty, rawjson not yet).
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    pub progress: String,
+    /// Suppress the build output and print the image digest on success.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Deprecated no-op (`--rm=false` prints a warning).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub rm: Option<bool>,
+
+    // ---- accepted, not implemented yet -------------------------------------------------
+    /// Do not use cache when building the image (not supported yet).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub no_cache: Option<bool>,
+    /// Output destination (not supported yet).
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    /// Provenance attestation shorthand (not supported yet).
+    #[arg(long)]
+    pub provenance: Option<String>,
+    /// Always/never pull base images (not supported yet).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub pull: Option<bool>,
+    /// Secret to expose to the build (not supported yet).
+    #[arg(long)]
+    pub secret: Vec<String>,
+    /// Extra privileged entitlement (not supported yet).
+    #[arg(long)]
+    pub allow: Vec<String>,
+    /// Attestation parameters (not supported yet).
+    #[arg(long)]
+    pub attest: Vec<String>,
+    /// SSH agent socket or keys to expose (not supported yet).
+    #[arg(long)]
+    pub ssh: Vec<String>,
+    /// SBOM attestation shorthand (not supported yet).
+    #[arg(long)]
+    pub sbom: Option<String>,
+    /// External cache sources (not supported yet).
+    #[arg(long)]
+    pub cache_from: Vec<String>,
+    /// Cache export destinations (not supported yet).
+    #[arg(long)]
+    pub cache_to: Vec<String>,
+    /// Networking mode for RUN (`default` only for now).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Target platforms (not supported yet).
+    #[arg(long, value_delimiter = ',')]
+    pub platform: Vec<String>,
+    /// Additional build contexts (not supported yet).
+    #[arg(long)]
+    pub build_context: Vec<String>,
+    /// Write the image digest to a file (not supported yet).
+    #[arg(long)]
+    pub iidfile: Option<String>,
+    /// Image metadata labels (not supported yet).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Custom host-to-IP mappings (not supported yet).
+    #[arg(long)]
+    pub add_host: Vec<String>,
+    /// Source policy file (not supported yet).
+    #[arg(long)]
+    pub source_policy_file: Option<String>,
+}
+
+impl Cli {
+    /// The build arguments, whichever of the three spellings was used.
+    pub fn build_args(&self) -> &BuildArgs {
+        match &self.command {
+            Command::Build(args)
+            | Command::Builder {
+                command: BuilderCommand::Build(args),
+            }
+            | Command::Image {
+                command: ImageCommand::Build(args),
+            } => args,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn three_spellings_of_build() {
+        for args in [
+            &["build", "-t", "x", "."][..],
+            &["builder", "build", "-t", "x", "."][..],
+            &["image", "build", "-t", "x", "."][..],
+        ] {
+            let cli = parse(args);
+            assert_eq!(cli.build_args().tag, vec!["x"]);
+            assert_eq!(cli.build_args().context, vec!["."]);
+        }
+    }
+
+    #[test]
+    fn global_flags_anywhere() {
+        let cli = parse(&[
+            "build",
+            "--namespace",
+            "ns1",
+            "--snapshotter=native",
+            ".",
+            "--debug",
+        ]);
+        assert_eq!(cli.namespace, "ns1");
+        assert_eq!(cli.snapshotter, "native");
+        assert!(cli.debug);
+        let cli = parse(&["-n", "ns2", "build", "."]);
+        assert_eq!(cli.namespace, "ns2");
+    }
+
+    #[test]
+    fn file_dash_and_repeatables() {
+        let cli = parse(&[
+            "build",
+            "-f",
+            "-",
+            "--build-arg",
+            "A=1",
+            "--build-arg=B",
+            "-t",
+            "a",
+            "--tag=b",
+            ".",
+        ]);
+        let b = cli.build_args();
+        assert_eq!(b.file.as_deref(), Some("-"));
+        assert_eq!(b.build_arg, vec!["A=1", "B"]);
+        assert_eq!(b.tag, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn bool_flags_take_optional_values() {
+        let cli = parse(&["build", "--no-cache", "--rm=false", "."]);
+        assert_eq!(cli.build_args().no_cache, Some(true));
+        assert_eq!(cli.build_args().rm, Some(false));
+        assert_eq!(cli.build_args().context, vec!["."]);
+        let cli = parse(&["build", "--platform", "linux/amd64,linux/arm64", "."]);
+        assert_eq!(cli.build_args().platform.len(), 2);
+    }
+}
