@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::Stream;
@@ -25,14 +24,14 @@ use crate::locals::{SessionLocals, SESSION_WAIT};
 /// The daemon's state shared by every request.
 pub struct ControlService {
     solver: Arc<Solver>,
-    sessions: Arc<SessionManager>,
+    sessions: SessionManager,
     jobs: Jobs,
     root: PathBuf,
 }
 
 impl ControlService {
     /// A service over `solver`, keeping transient files under `root`.
-    pub fn new(solver: Arc<Solver>, sessions: Arc<SessionManager>, root: PathBuf) -> Self {
+    pub fn new(solver: Arc<Solver>, sessions: SessionManager, root: PathBuf) -> Self {
         Self {
             solver,
             sessions,
@@ -346,9 +345,6 @@ impl Control for ControlService {
         }))
     }
 }
-
-/// How long `Solve` waits for a session (re-exported for tests).
-pub const SESSION_TIMEOUT: Duration = SESSION_WAIT;
 
 #[cfg(test)]
 mod tests {

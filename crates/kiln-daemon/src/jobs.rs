@@ -105,8 +105,19 @@ impl Jobs {
                 return None;
             }
             loop {
-                let notified = job.changed.notified();
-                let (events, done) = job.since(next);
+                let (events, done) = {
+                    let notified = job.changed.notified();
+                    tokio::pin!(notified);
+                    // Register interest before reading, so a push between
+                    // the read and the wait is not missed.
+                    notified.as_mut().enable();
+                    let (events, done) = job.since(next);
+                    if events.is_empty() && !done {
+                        notified.await;
+                        continue;
+                    }
+                    (events, done)
+                };
                 if !events.is_empty() {
                     let count = events.len();
                     let mut merged = StatusResponse::default();
@@ -121,7 +132,6 @@ impl Jobs {
                 if done {
                     return None;
                 }
-                notified.await;
             }
         });
         Box::pin(stream)

@@ -17,7 +17,7 @@ pub const SESSION_WAIT: Duration = Duration::from_secs(15);
 
 /// [`LocalSources`] over client sessions.
 pub struct SessionLocals {
-    sessions: Arc<SessionManager>,
+    sessions: SessionManager,
     default_session: String,
     dir: PathBuf,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
@@ -26,7 +26,7 @@ pub struct SessionLocals {
 impl SessionLocals {
     /// Locals of a build whose main session is `default_session`, stored
     /// under `dir`.
-    pub fn new(sessions: Arc<SessionManager>, default_session: String, dir: &Path) -> Self {
+    pub fn new(sessions: SessionManager, default_session: String, dir: &Path) -> Self {
         Self {
             sessions,
             default_session,

@@ -24,6 +24,8 @@ pub struct SourceLocation {
     pub language: String,
     /// Line ranges in that file.
     pub ranges: Vec<LineRange>,
+    /// The whole source text, for rendering an excerpt around the ranges.
+    pub data: Vec<u8>,
 }
 
 /// A decoded and verified LLB definition.
@@ -153,6 +155,7 @@ impl Graph {
             filename: info.filename.clone(),
             language: info.language.clone(),
             ranges,
+            data: info.data.clone(),
         })
     }
 

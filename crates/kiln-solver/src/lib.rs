@@ -237,7 +237,7 @@ impl Solver {
             options,
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
-        for digest in graph.topological_order() {
+        for digest in graph.topological_order().iter().cloned() {
             let inputs: Vec<(VertexFuture, usize)> = graph
                 .op(&digest)
                 .map(|op| {
@@ -304,11 +304,14 @@ fn vertex_name(graph: &Graph, digest: &str, op: &pb::Op) -> String {
 }
 
 fn location(graph: &Graph, digest: &str) -> Option<SourceRange> {
-    graph.source_location(digest).map(|l| SourceRange {
-        filename: l.filename,
-        start_line: l.start_line,
-        end_line: l.end_line,
-        data: l.data,
+    let location = graph.source_location(digest)?;
+    let start = location.ranges.iter().map(|r| r.start).min()?;
+    let end = location.ranges.iter().map(|r| r.end).max()?;
+    Some(SourceRange {
+        filename: location.filename,
+        start_line: u32::try_from(start).unwrap_or(0),
+        end_line: u32::try_from(end).unwrap_or(0),
+        data: location.data,
     })
 }
 
