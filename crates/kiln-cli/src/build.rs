@@ -208,10 +208,11 @@ async fn load(
             .unpack(&globals.namespace, image, &globals.snapshotter, &platform)
             .await
             .with_context(|| format!("failed to unpack {}", image.name))?;
+        // Data (the digest) on stdout; the human message on stderr with the progress.
         if settings.quiet {
             writeln!(stdout, "{}", image.target.digest)?;
         } else {
-            writeln!(stdout, "Loaded image: {}", image.name)?;
+            eprintln!("Loaded image: {}", image.name);
         }
     }
     if let Some((first, rest)) = settings.tags.split_first() {

@@ -5,8 +5,9 @@
 //! (kiln-client) and the result is loaded into containerd (kiln-containerd).
 //!
 //! `--progress=auto` currently renders plain text whether or not stderr is a
-//! terminal (no live TTY view yet). Data (image names, digests) goes to
-//! stdout; progress, warnings and errors go to stderr.
+//! terminal (no live TTY view yet). Data (the digest printed by `-q`) goes to
+//! stdout; progress, `unpacking …`, `Loaded image: …`, warnings and errors go
+//! to stderr.
 
 mod build;
 mod cli;

@@ -89,7 +89,10 @@ fn buildkit_host_flag_is_used_verbatim() {
     let out = kiln(&["build", "--buildkit-host", &host, "."], ctx.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("listening on one of: {host}: ")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listening on one of: {host}: ")),
+        "{stderr}"
+    );
     assert!(!stderr.contains("/run/buildkit"), "no fallback: {stderr}");
 }
 
@@ -113,7 +116,10 @@ fn context_errors() {
 #[test]
 fn unsupported_flag_fails_before_anything_else() {
     let ctx = context_with_dockerfile();
-    let out = kiln(&["builder", "build", "--iidfile", "id.txt", "."], ctx.path());
+    let out = kiln(
+        &["builder", "build", "--iidfile", "id.txt", "."],
+        ctx.path(),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
@@ -124,7 +130,10 @@ fn unsupported_flag_fails_before_anything_else() {
 #[test]
 fn missing_dockerfile_and_containerfile() {
     let ctx = tempfile::tempdir().unwrap();
-    let out = kiln(&["build", "--buildkit-host", "unix:///nonexistent.sock", "."], ctx.path());
+    let out = kiln(
+        &["build", "--buildkit-host", "unix:///nonexistent.sock", "."],
+        ctx.path(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.starts_with("error: lstat "), "{stderr}");
