@@ -231,6 +231,7 @@ impl ControlService {
                     worker.as_ref(),
                     result.snapshot.as_ref(),
                     image_config.clone(),
+                    result.created,
                     oci_types,
                     &vertex,
                 )

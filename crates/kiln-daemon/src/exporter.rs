@@ -88,6 +88,7 @@ pub async fn commit_image(
     worker: &dyn Worker,
     snapshot: Option<&SnapshotId>,
     mut config: ImageConfig,
+    created: Option<u64>,
     oci_mediatypes: bool,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
@@ -98,13 +99,23 @@ pub async fn commit_image(
     };
     progress.status("exporting layers", "exporting layers", 0, None, true);
 
-    let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    // The time the result was first built, not the export time: a fully
+    // cached rebuild then yields the very same config and manifest digests.
+    let created = created
+        .and_then(|secs| chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
+        .unwrap_or_else(chrono::Utc::now)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     config.rootfs = RootFs {
         kind: "layers".to_string(),
         diff_ids: layers.iter().map(|l| l.diff_id.clone()).collect(),
     };
     if config.created.is_none() {
         config.created = Some(created.clone());
+    }
+    for entry in &mut config.history {
+        if entry.created.is_none() {
+            entry.created = Some(created.clone());
+        }
     }
     // The history must name one non-empty entry per layer; pad when the
     // frontend's history (or a base image's) has fewer.

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use kiln_proto::moby::buildkit::v1::StatusResponse;
 use kiln_solver::ProgressWriter;
 use tokio::sync::{mpsc, Notify};
@@ -119,22 +119,19 @@ impl Jobs {
                     (events, done)
                 };
                 if !events.is_empty() {
+                    // Events go out one by one, in the order they happened:
+                    // merging them would put a vertex's completion before
+                    // the statuses sent while it ran.
                     let count = events.len();
-                    let mut merged = StatusResponse::default();
-                    for e in events {
-                        merged.vertexes.extend(e.vertexes);
-                        merged.statuses.extend(e.statuses);
-                        merged.logs.extend(e.logs);
-                        merged.warnings.extend(e.warnings);
-                    }
-                    return Some((Ok(merged), (job, next + count, false)));
+                    let batch: Vec<Result<StatusResponse, tonic::Status>> = events.into_iter().map(Ok).collect();
+                    return Some((futures::stream::iter(batch), (job, next + count, false)));
                 }
                 if done {
                     return None;
                 }
             }
         });
-        Box::pin(stream)
+        Box::pin(stream.flatten())
     }
 }
 

@@ -53,22 +53,6 @@ pub fn json_list(attrs: &BTreeMap<String, String>, key: &str) -> Result<Vec<Stri
     }
 }
 
-/// Human size as buildctl prints it (`2B`, `1.5kB`, `3.2MB`).
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit < UNITS.len() - 1 {
-        value /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{value:.2}{}", UNITS[unit])
-    }
-}
-
 #[async_trait::async_trait]
 impl LocalSources for SessionLocals {
     async fn sync(
@@ -115,13 +99,6 @@ impl LocalSources for SessionLocals {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_print_like_buildctl() {
-        assert_eq!(human_size(2), "2B");
-        assert_eq!(human_size(1500), "1.50kB");
-        assert_eq!(human_size(3_200_000), "3.20MB");
-    }
 
     #[test]
     fn pattern_attrs_are_json_lists() {

@@ -109,7 +109,8 @@ fn open_worker(config: &Config) -> anyhow::Result<OciWorker> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let _lock = listen::RootLock::acquire(&config.root)?;
+    let lock = listen::RootLock::acquire(&config.root)?;
+    tracing::debug!(lock = %lock.path().display(), "locked the root");
     let worker = Arc::new(open_worker(&config)?);
     let solver = Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
     let sessions = SessionManager::new();

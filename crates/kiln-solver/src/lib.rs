@@ -154,6 +154,9 @@ pub struct SolveResult {
     pub cache_key: Option<CacheKey>,
     /// Cache hit / run counts.
     pub stats: SolveStats,
+    /// When the result was first made (seconds since the epoch): a fully
+    /// cached rebuild reports the original time, so its image is identical.
+    pub created: Option<u64>,
 }
 
 /// Per-solve options.
@@ -183,6 +186,9 @@ struct Resolved {
     key: CacheKey,
     outputs: Vec<Option<SnapshotId>>,
     cached: bool,
+    /// When the result was first made (seconds since the epoch): now for
+    /// a vertex that ran, the record's time for a cache hit.
+    created: u64,
 }
 
 type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Resolved>, Arc<Error>>>>;
@@ -227,6 +233,7 @@ impl Solver {
                 snapshot: None,
                 cache_key: None,
                 stats: SolveStats::default(),
+                created: None,
             });
         };
         let context = Arc::new(Context {
@@ -280,6 +287,7 @@ impl Solver {
             snapshot,
             cache_key: Some(resolved.key.clone()),
             stats,
+            created: Some(resolved.created),
         })
     }
 }
@@ -364,13 +372,9 @@ async fn run_vertex(
             let key = CacheKey::from_parts(parts);
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
             if !ignore_cache {
-                if let Some(outputs) = lookup(&context, &key) {
+                if let Some(resolved) = lookup(&context, &key) {
                     progress.cached();
-                    return Ok(Arc::new(Resolved {
-                        key,
-                        outputs,
-                        cached: true,
-                    }));
+                    return Ok(Arc::new(resolved));
                 }
             }
             let result = match &op.op {
@@ -384,6 +388,7 @@ async fn run_vertex(
                     key: key.clone(),
                     outputs,
                     cached: false,
+                    created: now_secs(),
                 })
             });
             finish(&progress, result, vertex_error)
@@ -434,15 +439,23 @@ fn finish(
     }
 }
 
-/// A cache record whose snapshots all still exist.
-fn lookup(context: &Context, key: &CacheKey) -> Option<Vec<Option<SnapshotId>>> {
+/// A cache record whose snapshots all still exist, as a cached result.
+fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
     let record = context.records.get(key)?;
-    let all_present = record
-        .outputs
-        .iter()
-        .flatten()
-        .all(|id| context.worker.exists(&id.clone().into()));
-    all_present.then(|| record.outputs.into_iter().map(|o| o.map(Into::into)).collect())
+    let all_present = record.outputs.iter().flatten().all(|id| context.worker.exists(id));
+    all_present.then(|| Resolved {
+        key: key.clone(),
+        outputs: record.outputs,
+        cached: true,
+        created: record.created,
+    })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn record(context: &Context, key: &CacheKey, outputs: &[Option<SnapshotId>], name: &str) -> Result<(), SourceFailure> {
@@ -496,12 +509,8 @@ async fn run_source(
                 ("platform", platform_id.as_bytes()),
             ]);
             if !ignore_cache {
-                if let Some(outputs) = lookup(context, &key) {
-                    return Ok(Resolved {
-                        key,
-                        outputs,
-                        cached: true,
-                    });
+                if let Some(resolved) = lookup(context, &key) {
+                    return Ok(resolved);
                 }
             }
         }
@@ -515,12 +524,8 @@ async fn run_source(
             ("platform", platform_id.as_bytes()),
         ]);
         if !ignore_cache {
-            if let Some(outputs) = lookup(context, &key) {
-                return Ok(Resolved {
-                    key,
-                    outputs,
-                    cached: true,
-                });
+            if let Some(resolved) = lookup(context, &key) {
+                return Ok(resolved);
             }
         }
         let snapshot = context
@@ -534,6 +539,7 @@ async fn run_source(
             key,
             outputs,
             cached: false,
+            created: now_secs(),
         });
     }
     if let Some(local_name) = identifier.strip_prefix("local://") {
@@ -554,14 +560,13 @@ async fn run_source(
             }))
         })?;
         let key = CacheKey::from_parts([("local", checksum.as_bytes())]);
-        if let Some(outputs) = lookup(context, &key) {
+        if let Some(resolved) = lookup(context, &key) {
             // The content is what an earlier build snapshotted: reuse it.
             // The vertex itself ran (the transfer happened), so it is not
             // reported as cached.
             return Ok(Resolved {
-                key,
-                outputs,
                 cached: false,
+                ..resolved
             });
         }
         let snapshot = context
@@ -575,6 +580,7 @@ async fn run_source(
             key,
             outputs,
             cached: false,
+            created: now_secs(),
         });
     }
     let scheme = identifier.split("://").next().unwrap_or(identifier);

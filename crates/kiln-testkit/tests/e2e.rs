@@ -135,4 +135,18 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
     }
     assert_eq!(container_runs(&runc_log), runs_before, "a cached rebuild started a container");
     assert!(second.stderr.contains(&format!("Loaded image: {IMAGE}")), "{}", second.stderr);
+    // Nothing changed, so the image is the same image: same manifest digest.
+    assert_eq!(
+        unpacked_digest(&first.stderr),
+        unpacked_digest(&second.stderr),
+        "a fully cached rebuild changed the image"
+    );
+}
+
+/// The manifest digest of `unpacking <name> (<digest>)...`.
+fn unpacked_digest(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("unpacking ")?.split_once(" (")?.1.strip_suffix(")...").map(str::to_string))
+        .unwrap_or_else(|| panic!("no unpacking line in:\n{stderr}"))
 }
