@@ -2,12 +2,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_image::oci::{History, ImageConfig, Platform, RuntimeConfig};
+use kiln_image::oci::{EmptyObject, HealthConfig, History, ImageConfig, Platform, RuntimeConfig};
 use kiln_image::reference::Reference;
 use kiln_image::Digest;
 use kiln_llb::{pb, DefinitionBuilder, OutputRef};
 
-use crate::parser::{CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue, Span, Stage};
+use crate::parser::{
+    parse_heredoc_word, CommandLine, CopyInstruction, Dockerfile, Heredoc, Instruction, KeyValue,
+    Span, Stage,
+};
 use crate::shell::{ExpandError, Lexer};
 
 /// `PATH` BuildKit adds when the image has none.
@@ -223,6 +226,34 @@ pub enum CompileError {
         /// Line of the `WORKDIR`.
         line: usize,
     },
+    /// An argument BuildKit rejects (bad port, signal, network mode, ...); the message is
+    /// BuildKit's.
+    #[error("{line}: {message}")]
+    Invalid {
+        /// Line of the instruction.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A source kind kiln cannot build from yet (a git repository).
+    #[error("{line}: {what} is not supported yet")]
+    UnsupportedSource {
+        /// Line of the instruction.
+        line: usize,
+        /// The kind of source.
+        what: String,
+    },
+    /// An `ONBUILD` trigger of the base does not parse.
+    #[error("{line}: failed to parse onbuild trigger {trigger:?}")]
+    Trigger {
+        /// Line of the `FROM` whose base carries the trigger.
+        line: usize,
+        /// The trigger text.
+        trigger: String,
+        /// Parser error (its line is relative to the trigger).
+        #[source]
+        source: crate::parser::ParseError,
+    },
     /// Building the LLB failed (a bug in the compiler).
     #[error("failed to build llb")]
     Llb(#[from] kiln_llb::Error),
@@ -282,6 +313,8 @@ struct Prefix {
     stage_name: String,
     index: usize,
     total: usize,
+    /// The instruction comes from an `ONBUILD` trigger of the base.
+    onbuild: bool,
 }
 
 impl Prefix {
@@ -296,8 +329,9 @@ impl Prefix {
         } else {
             format!("{} ", self.stage_name)
         };
+        let onbuild = if self.onbuild { "ONBUILD " } else { "" };
         format!(
-            "[{name}{:>width$}/{}] {text}",
+            "[{name}{:>width$}/{}] {onbuild}{text}",
             self.index,
             self.total,
             width = width
@@ -395,30 +429,10 @@ impl Compiler<'_> {
             });
             let mut sources = Vec::new();
             for command in &stage.commands {
-                let source = match &command.instruction {
-                    Instruction::Copy(CopyInstruction {
-                        from: Some(from), ..
-                    }) => {
-                        let line = command.span.start;
-                        if self.expand(from, &[], line)? != *from {
-                            return Err(CompileError::FromExpansion { line });
-                        }
-                        if let Ok(index) = from.parse::<usize>() {
-                            if index >= stages.len() {
-                                return Err(CompileError::StageIndex { line, index });
-                            }
-                            Some(CopySource::Stage(index))
-                        } else if let Some(j) = stages.iter().position(|s| {
-                            s.name.as_deref() == Some(from.to_ascii_lowercase().as_str())
-                        }) {
-                            Some(CopySource::Stage(j))
-                        } else {
-                            image_copies += 1;
-                            Some(CopySource::Image(from.clone()))
-                        }
-                    }
-                    _ => None,
-                };
+                let source = self.copy_source(command, stages)?;
+                if matches!(source, Some(CopySource::Image(_))) {
+                    image_copies += 1;
+                }
                 sources.push(source);
             }
             copy_sources.push(sources);
@@ -463,6 +477,7 @@ impl Compiler<'_> {
                 stage_name: stage_name.clone(),
                 index: 0,
                 total,
+                onbuild: false,
             };
             let platform = platforms[i]
                 .clone()
@@ -481,6 +496,51 @@ impl Compiler<'_> {
                 }
             };
             state.cmd_set = false;
+
+            // ONBUILD triggers of the base (image config `OnBuild`, or the ONBUILD
+            // instructions of a base stage) run first; the base's list is not inherited.
+            let triggers = state
+                .image
+                .config
+                .as_mut()
+                .and_then(|c| c.on_build.take())
+                .unwrap_or_default();
+            if !triggers.is_empty() {
+                // BuildKit counts triggers after naming the FROM step.
+                prefix.total += triggers.len();
+                prefix.onbuild = true;
+                for trigger in &triggers {
+                    let command = parse_trigger(trigger, stage.span)?;
+                    let source = self.copy_source(&command, stages)?;
+                    let from_state = match source {
+                        None => None,
+                        Some(CopySource::Stage(j)) => match &states[j] {
+                            Some(s) => Some(s.output.clone()),
+                            None => return Err(CompileError::UnsupportedSource {
+                                line: stage.span.start,
+                                what:
+                                    "ONBUILD COPY --from a stage the target does not otherwise need"
+                                        .to_string(),
+                            }),
+                        },
+                        Some(CopySource::Image(name)) => {
+                            let mut no_prefix = Prefix::default();
+                            let (output, _) = self
+                                .resolve_image(
+                                    &name,
+                                    &state.platform.clone(),
+                                    stage.span,
+                                    None,
+                                    &mut no_prefix,
+                                )
+                                .await?;
+                            Some(output)
+                        }
+                    };
+                    self.dispatch(&mut state, &command, from_state, &mut prefix)?;
+                }
+                prefix.onbuild = false;
+            }
 
             for (command, source) in stage.commands.iter().zip(&copy_sources[i]) {
                 let from_state = match source {
@@ -532,6 +592,37 @@ impl Compiler<'_> {
             definition,
             image_config: result.image,
         })
+    }
+
+    /// What `COPY --from` of `command` names, if it has one.
+    fn copy_source(
+        &self,
+        command: &crate::parser::Command,
+        stages: &[Stage],
+    ) -> Result<Option<CopySource>, CompileError> {
+        let Instruction::Copy(CopyInstruction {
+            from: Some(from), ..
+        }) = &command.instruction
+        else {
+            return Ok(None);
+        };
+        let line = command.span.start;
+        if self.expand(from, &[], line)? != *from {
+            return Err(CompileError::FromExpansion { line });
+        }
+        Ok(Some(if let Ok(index) = from.parse::<usize>() {
+            if index >= stages.len() {
+                return Err(CompileError::StageIndex { line, index });
+            }
+            CopySource::Stage(index)
+        } else if let Some(j) = stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
+        {
+            CopySource::Stage(j)
+        } else {
+            CopySource::Image(from.clone())
+        }))
     }
 
     /// Global scope: BuildKit's platform args, then `ARG`s before the first `FROM`.
@@ -746,26 +837,110 @@ impl Compiler<'_> {
             Instruction::Run {
                 flags,
                 command: cmd,
+                heredocs,
             } => {
-                if let Some(flag) = flags.first() {
-                    let name = flag.split('=').next().unwrap_or(flag);
-                    return Err(CompileError::UnsupportedFlag {
-                        line,
-                        instruction: "RUN".to_string(),
-                        flag: name.to_string(),
-                    });
-                }
-                self.dispatch_run(state, command, cmd, prefix)
+                let modes = run_modes(flags, line)?;
+                self.dispatch_run(state, command, cmd, heredocs, modes, prefix)
             }
-            Instruction::Copy(copy) => {
+            Instruction::Copy(copy) | Instruction::Add(copy) => {
+                let is_add = matches!(command.instruction, Instruction::Add(_));
                 if let Some(flag) = copy.unsupported_flags.first() {
                     return Err(CompileError::UnsupportedFlag {
                         line,
-                        instruction: "COPY".to_string(),
+                        instruction: command.keyword.clone(),
                         flag: flag.clone(),
                     });
                 }
-                self.dispatch_copy(state, command, copy, from, prefix)
+                self.dispatch_copy(state, command, copy, is_add, from, prefix)
+            }
+            Instruction::Expose(raw) => {
+                let mut ports = Vec::new();
+                for word in raw {
+                    let expanded = self.expand(word, &state.env, line)?;
+                    for spec in expanded.split_whitespace() {
+                        ports.extend(
+                            parse_port_spec(spec)
+                                .map_err(|message| CompileError::Invalid { line, message })?,
+                        );
+                    }
+                }
+                let exposed = state
+                    .runtime()
+                    .exposed_ports
+                    .get_or_insert_with(BTreeMap::new);
+                for port in &ports {
+                    exposed.insert(port.clone(), EmptyObject::default());
+                }
+                self.history(state, format!("EXPOSE [{}]", ports.join(" ")), false);
+                Ok(())
+            }
+            Instruction::Volume(raw) => {
+                let mut volumes = Vec::new();
+                for word in raw {
+                    let volume = self.expand(word, &state.env, line)?;
+                    if volume.is_empty() {
+                        return Err(CompileError::Invalid {
+                            line,
+                            message: "VOLUME specified can not be an empty string".to_string(),
+                        });
+                    }
+                    volumes.push(volume);
+                }
+                let set = state.runtime().volumes.get_or_insert_with(BTreeMap::new);
+                for volume in &volumes {
+                    set.insert(volume.clone(), EmptyObject::default());
+                }
+                self.history(state, format!("VOLUME [{}]", volumes.join(" ")), false);
+                Ok(())
+            }
+            Instruction::StopSignal(raw) => {
+                let signal = self.expand(raw, &state.env, line)?;
+                if !valid_signal(&signal) {
+                    return Err(CompileError::Invalid {
+                        line,
+                        message: format!("Invalid signal: {signal}"),
+                    });
+                }
+                state.runtime().stop_signal = Some(signal.clone());
+                self.history(state, format!("STOPSIGNAL {signal}"), false);
+                Ok(())
+            }
+            Instruction::Healthcheck(check) => {
+                let nonzero = |v: i64| (v != 0).then_some(v);
+                state.runtime().healthcheck = Some(HealthConfig {
+                    test: Some(check.test.clone()),
+                    interval: nonzero(check.interval),
+                    timeout: nonzero(check.timeout),
+                    start_period: nonzero(check.start_period),
+                    start_interval: nonzero(check.start_interval),
+                    retries: nonzero(check.retries),
+                });
+                // Go's `%+v` of Docker's HealthcheckConfig.
+                let message = format!(
+                    "HEALTHCHECK {{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+                    check.test.join(" "),
+                    go_duration(check.interval),
+                    go_duration(check.timeout),
+                    go_duration(check.start_period),
+                    go_duration(check.start_interval),
+                    check.retries
+                );
+                self.history(state, message, false);
+                Ok(())
+            }
+            Instruction::Onbuild(expression) => {
+                // BuildKit records no history entry for ONBUILD.
+                state
+                    .runtime()
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(expression.clone());
+                Ok(())
+            }
+            Instruction::Maintainer(name) => {
+                state.image.author = Some(name.clone());
+                self.history(state, format!("MAINTAINER {name}"), false);
+                Ok(())
             }
             Instruction::Env(pairs) => {
                 let pairs = self.expand_pairs(pairs, &state.env, line)?;
@@ -902,10 +1077,6 @@ impl Compiler<'_> {
                 self.history(state, format!("ARG {}", parts.join(" ")), false);
                 Ok(())
             }
-            Instruction::Unsupported { .. } => Err(CompileError::Unsupported {
-                line,
-                instruction: command.keyword.clone(),
-            }),
         }
     }
 
@@ -949,11 +1120,62 @@ impl Compiler<'_> {
         state: &mut State,
         command: &crate::parser::Command,
         cmd: &CommandLine,
+        heredocs: &[Heredoc],
+        modes: RunModes,
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
-        let args = self.with_shell(state, cmd);
+        // Heredocs (BuildKit's dispatchRun): a command that is only `<<EOF` runs the body with
+        // the shell, or, with a shebang, as a file mounted at /dev/pipes/; otherwise the bodies
+        // are appended to the command line for the shell to read.
+        let mut display = command.original.clone();
+        let mut pipe: Option<(String, Vec<u8>)> = None;
+        let line_args: CommandLine = match (cmd, heredocs.first()) {
+            (CommandLine::Shell(text), Some(first)) => {
+                if parse_heredoc_word(text.trim()).is_some() {
+                    let data = first.data();
+                    display.push_str(&format!(" ({})", summarize_heredoc(&first.content)));
+                    if data.starts_with("#!") {
+                        let path = format!("/dev/pipes/{}", first.name);
+                        pipe = Some((first.name.clone(), data.into_bytes()));
+                        CommandLine::Shell(path)
+                    } else {
+                        CommandLine::Shell(data)
+                    }
+                } else {
+                    let mut full = text.clone();
+                    for doc in heredocs {
+                        full.push('\n');
+                        full.push_str(&doc.content);
+                        full.push_str(&doc.name);
+                    }
+                    CommandLine::Shell(full)
+                }
+            }
+            _ => cmd.clone(),
+        };
+        let args = self.with_shell(state, &line_args);
         let env: Vec<String> = state.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let proxy_env = proxy_env(&self.options.build_args);
+        let mut inputs: Vec<OutputRef> = state.output.iter().cloned().collect();
+        let mut mounts = vec![pb::Mount {
+            input: if state.output.is_some() { 0 } else { -1 },
+            dest: "/".to_string(),
+            output: 0,
+            ..Default::default()
+        }];
+        if let Some((name, data)) = pipe {
+            let file = self.inline_file(state, &name, data, 0o755)?;
+            inputs.push(file);
+            mounts.push(pb::Mount {
+                input: (inputs.len() - 1) as i64,
+                selector: "/".to_string(),
+                dest: "/dev/pipes/".to_string(),
+                output: -1,
+                readonly: true,
+                mount_type: pb::MountType::Bind as i32,
+                ..Default::default()
+            });
+        }
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
                 args: args.clone(),
@@ -963,14 +1185,9 @@ impl Compiler<'_> {
                 proxy_env,
                 ..Default::default()
             }),
-            mounts: vec![pb::Mount {
-                input: if state.output.is_some() { 0 } else { -1 },
-                dest: "/".to_string(),
-                output: 0,
-                ..Default::default()
-            }],
-            network: pb::NetMode::Unset as i32,
-            security: pb::SecurityMode::Sandbox as i32,
+            mounts,
+            network: modes.network as i32,
+            security: modes.security as i32,
             ..Default::default()
         };
         let op = pb::Op {
@@ -978,9 +1195,8 @@ impl Compiler<'_> {
             platform: Some(pb_platform(&state.platform)),
             ..Default::default()
         };
-        let name = prefix.apply(&self.display_name(&command.original, &state.env));
+        let name = prefix.apply(&self.display_name(&display, &state.env));
         let metadata = self.metadata(&name, Some(&command.original));
-        let inputs: Vec<OutputRef> = state.output.iter().cloned().collect();
         state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
 
         // BuildKit's runCommandString: `|<n> K=V ... <args>` when the stage declared ARGs.
@@ -1005,15 +1221,50 @@ impl Compiler<'_> {
         Ok(())
     }
 
+    /// A scratch snapshot holding one file `/<name>` (BuildKit's "preparing inline document"
+    /// step for heredocs).
+    fn inline_file(
+        &mut self,
+        state: &State,
+        name: &str,
+        data: Vec<u8>,
+        mode: i32,
+    ) -> Result<OutputRef, CompileError> {
+        let action = pb::FileAction {
+            input: -1,
+            secondary_input: -1,
+            output: 0,
+            action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                path: clean_path(&format!("/{name}")),
+                mode,
+                data,
+                owner: None,
+                timestamp: -1,
+            })),
+        };
+        let op = pb::Op {
+            op: Some(pb::op::Op::File(pb::FileOp {
+                actions: vec![action],
+            })),
+            platform: Some(pb_platform(&state.platform)),
+            ..Default::default()
+        };
+        let metadata = self.metadata("[internal] preparing inline document", None);
+        self.add_op(op, &[], metadata, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn dispatch_copy(
         &mut self,
         state: &mut State,
         command: &crate::parser::Command,
         copy: &CopyInstruction,
+        is_add: bool,
         from: Option<Option<OutputRef>>,
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         let line = command.span.start;
+        let keyword = if is_add { "ADD" } else { "COPY" };
         let sources = copy
             .sources
             .iter()
@@ -1041,12 +1292,72 @@ impl Compiler<'_> {
             },
         };
 
-        // The source: another stage/image, or the main build context.
-        let source = match from {
-            Some(output) => output,
-            None => Some(self.context()?),
+        // What each source is: git and http(s) are ADD only; git is not supported yet.
+        let mut kinds = Vec::new();
+        for src in &sources {
+            let kind = if is_git_source(src) {
+                if !is_add {
+                    return Err(CompileError::Invalid {
+                        line,
+                        message: "source can't be a git ref for COPY".to_string(),
+                    });
+                }
+                if copy.keep_git_dir.is_some() {
+                    return Err(CompileError::UnsupportedFlag {
+                        line,
+                        instruction: keyword.to_string(),
+                        flag: "keep-git-dir".to_string(),
+                    });
+                }
+                return Err(CompileError::UnsupportedSource {
+                    line,
+                    what: format!("ADD of a git repository ({src})"),
+                });
+            } else if src.starts_with("http://") || src.starts_with("https://") {
+                if !is_add {
+                    return Err(CompileError::Invalid {
+                        line,
+                        message: "source can't be a URL for COPY".to_string(),
+                    });
+                }
+                true
+            } else {
+                false
+            };
+            kinds.push(kind);
+        }
+        if let Some(checksum) = &copy.checksum {
+            if sources.len() != 1 || !copy.heredocs.is_empty() {
+                return Err(CompileError::Invalid {
+                    line,
+                    message: "checksum can't be specified for multiple sources".to_string(),
+                });
+            }
+            if !kinds[0] {
+                return Err(CompileError::Invalid {
+                    line,
+                    message: "checksum requires HTTP(S) or Git sources".to_string(),
+                });
+            }
+            tracing::debug!(%checksum, "ADD --checksum requested");
+            return Err(CompileError::UnsupportedFlag {
+                line,
+                instruction: keyword.to_string(),
+                flag: "checksum".to_string(),
+            });
+        }
+
+        // The source for local paths: another stage/image, or the main build context.
+        let local_source = if kinds.iter().any(|http| !http) {
+            match from {
+                Some(output) => output,
+                None => Some(self.context()?),
+            }
+        } else {
+            None
         };
 
+        let name = prefix.apply(&self.display_name(&command.original, &state.env));
         let dest = dest_path(&state.dir, &dest_raw);
         let mut inputs: Vec<OutputRef> = Vec::new();
         let base_index = match &state.output {
@@ -1056,7 +1367,7 @@ impl Compiler<'_> {
             }
             None => -1,
         };
-        let secondary = match &source {
+        let input_of = |inputs: &mut Vec<OutputRef>, output: &Option<OutputRef>| match output {
             Some(output) => match inputs.iter().position(|i| i == output) {
                 Some(p) => p as i64,
                 None => {
@@ -1070,9 +1381,92 @@ impl Compiler<'_> {
             Some(c) => Some(chown_opt(c, base_index, line)?),
             None => None,
         };
-        let count = sources.len();
+
+        // (secondary input, action) per source; inputs are final once all are known.
+        let mut copies: Vec<(i64, pb::FileActionCopy)> = Vec::new();
+        for (src, http) in sources.iter().zip(&kinds) {
+            if *http {
+                let filename = url_filename(src);
+                let op = pb::Op {
+                    op: Some(pb::op::Op::Source(pb::SourceOp {
+                        identifier: src.clone(),
+                        attrs: BTreeMap::from([("http.filename".to_string(), filename.clone())]),
+                    })),
+                    platform: Some(pb_platform(&state.platform)),
+                    ..Default::default()
+                };
+                // BuildKit describes the http source with an empty dockerfile command.
+                let metadata = self.metadata(&name, Some(""));
+                let output = Some(self.add_op(op, &[], metadata, None)?);
+                let secondary = input_of(&mut inputs, &output);
+                copies.push((
+                    secondary,
+                    pb::FileActionCopy {
+                        src: clean_path(&format!("/{filename}")),
+                        dest: dest.clone(),
+                        owner: owner.clone(),
+                        mode,
+                        attempt_unpack_docker_compatibility: copy.unpack.unwrap_or(false),
+                        create_dest_path: true,
+                        timestamp: -1,
+                        ..Default::default()
+                    },
+                ));
+            } else {
+                let secondary = input_of(&mut inputs, &local_source);
+                copies.push((
+                    secondary,
+                    pb::FileActionCopy {
+                        src: clean_path(&format!("/{src}")),
+                        dest: dest.clone(),
+                        owner: owner.clone(),
+                        mode,
+                        follow_symlink: true,
+                        dir_copy_contents: true,
+                        attempt_unpack_docker_compatibility: is_add && copy.unpack.unwrap_or(true),
+                        create_dest_path: true,
+                        allow_wildcard: true,
+                        allow_empty_wildcard: true,
+                        timestamp: -1,
+                        ..Default::default()
+                    },
+                ));
+            }
+        }
+        for doc in &copy.heredocs {
+            let mut data = doc.data();
+            if doc.expand {
+                let lexer = Lexer {
+                    skip_quotes: true,
+                    ..Lexer::new('\\')
+                };
+                data = lexer.process_word(&data, &state.env).map_err(|source| {
+                    CompileError::Expand {
+                        line,
+                        word: doc.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let file = Some(self.inline_file(state, &doc.name, data.into_bytes(), 0o644)?);
+            let secondary = input_of(&mut inputs, &file);
+            copies.push((
+                secondary,
+                pb::FileActionCopy {
+                    src: clean_path(&format!("/{}", doc.name)),
+                    dest: dest.clone(),
+                    owner: owner.clone(),
+                    mode,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    ..Default::default()
+                },
+            ));
+        }
+
+        let count = copies.len();
         let mut actions = Vec::new();
-        for (i, src) in sources.iter().enumerate() {
+        for (i, (secondary, action)) in copies.into_iter().enumerate() {
             let input = if i == 0 {
                 base_index
             } else {
@@ -1083,20 +1477,7 @@ impl Compiler<'_> {
                 input,
                 secondary_input: secondary,
                 output: if i + 1 == count { 0 } else { -1 },
-                action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
-                    src: clean_path(&format!("/{src}")),
-                    dest: dest.clone(),
-                    owner: owner.clone(),
-                    mode,
-                    follow_symlink: true,
-                    dir_copy_contents: true,
-                    attempt_unpack_docker_compatibility: false,
-                    create_dest_path: true,
-                    allow_wildcard: true,
-                    allow_empty_wildcard: true,
-                    timestamp: -1,
-                    ..Default::default()
-                })),
+                action: Some(pb::file_action::Action::Copy(action)),
             });
         }
         let op = pb::Op {
@@ -1104,11 +1485,10 @@ impl Compiler<'_> {
             platform: Some(pb_platform(&state.platform)),
             ..Default::default()
         };
-        let name = prefix.apply(&self.display_name(&command.original, &state.env));
         let metadata = self.metadata(&name, None);
         state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
 
-        let mut message = String::from("COPY");
+        let mut message = String::from(keyword);
         if let Some(c) = &chown {
             message.push_str(&format!(" --chown={c}"));
         }
@@ -1117,6 +1497,9 @@ impl Compiler<'_> {
         }
         for src in &sources {
             message.push_str(&format!(" {src}"));
+        }
+        for doc in &copy.heredocs {
+            message.push_str(&format!(" <<{}", doc.name));
         }
         message.push_str(&format!(" {dest_raw} # buildkit"));
         self.history(state, message, true);
@@ -1171,6 +1554,255 @@ impl Compiler<'_> {
             }
         }
         state.image.rootfs.diff_ids.clear();
+    }
+}
+
+/// `RUN --network` and `RUN --security` as ExecOp fields.
+///
+/// The frontend only compiles them: `network=host` needs the `network.host` entitlement and
+/// `security=insecure` the `security.insecure` one, both granted by the daemon's configuration
+/// and the client's `--allow`. Checking them is the daemon's job before it solves.
+#[derive(Debug, Clone, Copy)]
+struct RunModes {
+    network: pb::NetMode,
+    security: pb::SecurityMode,
+}
+
+/// Parses `RUN` flags; `--mount` and `--device` are not supported yet.
+fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
+    let mut modes = RunModes {
+        network: pb::NetMode::Unset,
+        security: pb::SecurityMode::Sandbox,
+    };
+    for flag in flags {
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (flag.as_str(), None),
+        };
+        let missing = || CompileError::Invalid {
+            line,
+            message: format!("missing a value on flag: {name}"),
+        };
+        match name {
+            "network" => {
+                modes.network = match value.ok_or_else(missing)? {
+                    "default" => pb::NetMode::Unset,
+                    "none" => pb::NetMode::None,
+                    "host" => pb::NetMode::Host,
+                    other => {
+                        return Err(CompileError::Invalid {
+                            line,
+                            message: format!("invalid network mode {other:?}"),
+                        })
+                    }
+                }
+            }
+            "security" => {
+                modes.security = match value.ok_or_else(missing)? {
+                    "sandbox" => pb::SecurityMode::Sandbox,
+                    "insecure" => pb::SecurityMode::Insecure,
+                    other => {
+                        return Err(CompileError::Invalid {
+                            line,
+                            message: format!("security {other:?} is not valid"),
+                        })
+                    }
+                }
+            }
+            other => {
+                return Err(CompileError::UnsupportedFlag {
+                    line,
+                    instruction: "RUN".to_string(),
+                    flag: other.to_string(),
+                })
+            }
+        }
+    }
+    Ok(modes)
+}
+
+/// Parses an `ONBUILD` trigger as a single instruction placed at the `FROM` that runs it.
+fn parse_trigger(trigger: &str, span: Span) -> Result<crate::parser::Command, CompileError> {
+    let fail = |source| CompileError::Trigger {
+        line: span.start,
+        trigger: trigger.to_string(),
+        source,
+    };
+    let parsed = crate::parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(fail)?;
+    let mut commands = parsed
+        .stages
+        .into_iter()
+        .next()
+        .map(|s| s.commands)
+        .unwrap_or_default();
+    if commands.len() != 1 {
+        return Err(fail(crate::parser::ParseError {
+            line: 1,
+            message: "onbuild trigger should be a single expression".to_string(),
+        }));
+    }
+    let mut command = commands.remove(0);
+    command.span = span;
+    Ok(command)
+}
+
+/// BuildKit's `parsePortSpec` for `EXPOSE`: `[ip:][hostport:]port[-end][/proto]` → `port/proto`
+/// for each port of the range (`tcp` by default).
+fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
+    let parts: Vec<&str> = raw.split(':').collect();
+    let (ip, host_port, container) = match parts.len() {
+        1 => ("".to_string(), "", parts[0]),
+        2 => ("".to_string(), parts[0], parts[1]),
+        n => (parts[..n - 2].join(":"), parts[n - 2], parts[n - 1]),
+    };
+    let (port, proto) = container.split_once('/').unwrap_or((container, ""));
+    if port.is_empty() {
+        return Err(format!("no port specified: {raw}<empty>"));
+    }
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "" => "tcp".to_string(),
+        p @ ("tcp" | "udp" | "sctp") => p.to_string(),
+        other => return Err(format!("invalid proto: {other}")),
+    };
+    let ip = ip
+        .strip_prefix('[')
+        .and_then(|i| i.strip_suffix(']'))
+        .map(str::to_string)
+        .unwrap_or(ip);
+    if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("invalid IP address: {ip}"));
+    }
+    let (start, end) =
+        parse_port_range(port).ok_or_else(|| format!("invalid containerPort: {port}"))?;
+    if !host_port.is_empty() {
+        let (hs, he) =
+            parse_port_range(host_port).ok_or_else(|| format!("invalid hostPort: {host_port}"))?;
+        if end - start != he - hs && end != start {
+            return Err(format!(
+                "invalid ranges specified for container and host Ports: {port} and {host_port}"
+            ));
+        }
+    }
+    Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
+}
+
+fn parse_port_range(ports: &str) -> Option<(u32, u32)> {
+    let parse = |p: &str| p.parse::<u16>().ok().map(u32::from);
+    match ports.split_once('-') {
+        None => parse(ports).map(|p| (p, p)),
+        Some((a, b)) => {
+            let (start, end) = (parse(a)?, parse(b)?);
+            (end >= start).then_some((start, end))
+        }
+    }
+}
+
+/// Signal names Linux knows (moby's `signal.SignalMap`), without the `SIG` prefix.
+const SIGNALS: &[&str] = &[
+    "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL",
+    "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP",
+    "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ", "RTMIN", "RTMAX",
+];
+
+/// moby's `signal.ParseSignal`: a non-zero number, or a known name with or without `SIG`.
+fn valid_signal(raw: &str) -> bool {
+    if let Ok(n) = raw.parse::<i64>() {
+        return n != 0;
+    }
+    let upper = raw.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if SIGNALS.contains(&name) {
+        return true;
+    }
+    // RTMIN+1..RTMIN+15 and RTMAX-14..RTMAX-1.
+    let offset = |rest: &str| rest.parse::<u8>().is_ok_and(|n| (1..=15).contains(&n));
+    if let Some(rest) = name.strip_prefix("RTMIN+") {
+        return offset(rest);
+    }
+    if let Some(rest) = name.strip_prefix("RTMAX-") {
+        return rest.parse::<u8>().is_ok_and(|n| (1..=14).contains(&n));
+    }
+    false
+}
+
+/// Go's `time.Duration.String()` (`1m30s`, `500ms`, `0s`).
+fn go_duration(nanos: i64) -> String {
+    if nanos == 0 {
+        return "0s".to_string();
+    }
+    let sign = if nanos < 0 { "-" } else { "" };
+    let n = nanos.unsigned_abs();
+    let frac = |value: u64, unit: u64| -> String {
+        let whole = value / unit;
+        let rest = value % unit;
+        if rest == 0 {
+            return whole.to_string();
+        }
+        let digits = unit.to_string().len() - 1;
+        let text = format!("{rest:0digits$}");
+        format!("{whole}.{}", text.trim_end_matches('0'))
+    };
+    if n < 1_000 {
+        return format!("{sign}{n}ns");
+    }
+    if n < 1_000_000 {
+        return format!("{sign}{}\u{b5}s", frac(n, 1_000));
+    }
+    if n < 1_000_000_000 {
+        return format!("{sign}{}ms", frac(n, 1_000_000));
+    }
+    let hours = n / 3_600_000_000_000;
+    let minutes = (n / 60_000_000_000) % 60;
+    let seconds = frac(n % 60_000_000_000, 1_000_000_000);
+    if hours > 0 {
+        format!("{sign}{hours}h{minutes}m{seconds}s")
+    } else if minutes > 0 {
+        format!("{sign}{minutes}m{seconds}s")
+    } else {
+        format!("{sign}{seconds}s")
+    }
+}
+
+/// First line of a heredoc body, with `...` when there are more (progress names).
+fn summarize_heredoc(doc: &str) -> String {
+    let doc = doc.trim().replace("\r\n", "\n");
+    let mut lines = doc.split('\n');
+    let first = lines.next().unwrap_or_default().to_string();
+    if lines.next().is_some() {
+        format!("{first}...")
+    } else {
+        first
+    }
+}
+
+/// Whether an `ADD` source names a git repository (BuildKit's `dfgitutil.ParseGitRef` forms).
+fn is_git_source(src: &str) -> bool {
+    if src.starts_with("git://") || src.starts_with("git@") || src.starts_with("ssh://") {
+        return true;
+    }
+    if src.starts_with("github.com/") {
+        return true;
+    }
+    if src.starts_with("http://") || src.starts_with("https://") {
+        let path = src.split(['#', '?']).next().unwrap_or(src);
+        return path.ends_with(".git");
+    }
+    false
+}
+
+/// The file name BuildKit gives an http source: the last path element, `__unnamed__` if none.
+fn url_filename(url: &str) -> String {
+    let after_scheme = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let path = match after_scheme.find('/') {
+        Some(i) => &after_scheme[i..],
+        None => "",
+    };
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+    if base.is_empty() || base == "." {
+        "__unnamed__".to_string()
+    } else {
+        base.to_string()
     }
 }
 
@@ -1352,14 +1984,18 @@ mod tests {
             stage_name: String::new(),
             index: 0,
             total: 12,
+            onbuild: false,
         };
         assert_eq!(p.apply("FROM x"), "[ 1/12] FROM x");
         let mut p = Prefix {
             stage_name: "build".into(),
             index: 0,
             total: 3,
+            onbuild: false,
         };
         assert_eq!(p.apply("RUN a"), "[build 1/3] RUN a");
+        p.onbuild = true;
+        assert_eq!(p.apply("RUN b"), "[build 2/3] ONBUILD RUN b");
         let mut p = Prefix::default();
         assert_eq!(p.apply("FROM x"), "FROM x");
     }

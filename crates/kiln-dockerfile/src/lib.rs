@@ -9,9 +9,22 @@
 //!   [`CompileError`] whose message starts with the line.
 //! - [`shell`] — word expansion (`$v`, `${v:-d}`, quotes, escapes) as BuildKit's lexer does it.
 //!
-//! Supported: `FROM [--platform] image [AS name]`, `RUN`, `COPY [--from] [--chown] [--chmod]
-//! [--link]`, `ENV`, `LABEL`, `WORKDIR`, `USER`, `CMD`, `ENTRYPOINT`, `SHELL`, `ARG`. Other
-//! instructions parse but fail to compile with `<line>: instruction <X> is not supported yet`.
+//! Supported: every instruction — `FROM [--platform] image [AS name]`, `RUN [--network]
+//! [--security]` (shell and exec form, heredocs with and without a shebang), `COPY [--from]
+//! [--chown] [--chmod] [--link]` (heredoc sources included), `ADD [--chown] [--chmod] [--link]
+//! [--unpack]` (local archives extracted by the worker through
+//! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s), `ENV`, `LABEL`,
+//! `WORKDIR`, `USER`, `CMD`, `ENTRYPOINT`, `SHELL`, `ARG`, `EXPOSE`, `VOLUME`, `STOPSIGNAL`,
+//! `HEALTHCHECK`, `ONBUILD` (stored in `OnBuild`; a base's triggers run first in a stage built on
+//! it) and `MAINTAINER`, with image config and history as BuildKit writes them.
+//!
+//! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount`/`--device`,
+//! `COPY --parents`/`--exclude`, `ADD --exclude`, `ADD --checksum`, git sources of `ADD`
+//! (`--keep-git-dir`), and `ONBUILD COPY --from` a stage the target does not otherwise need.
+//!
+//! `RUN --network=host` and `--security=insecure` are only compiled into the ExecOp; whether the
+//! build may use them (the `network.host` / `security.insecure` entitlements) is for the daemon
+//! to check.
 
 mod compile;
 mod parser;
@@ -21,6 +34,6 @@ pub use compile::{
     compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, ResolveError, DEFAULT_PATH,
 };
 pub use parser::{
-    parse, ArgDef, Command, CommandLine, CopyInstruction, Dockerfile, Instruction, KeyValue,
-    ParseError, Span, Stage,
+    parse, ArgDef, Command, CommandLine, CopyInstruction, Dockerfile, HealthcheckInstruction,
+    Heredoc, Instruction, KeyValue, ParseError, Span, Stage,
 };

@@ -100,7 +100,36 @@ pub struct ArgDef {
     pub default: Option<String>,
 }
 
-/// `COPY [--from=] [--chown=] [--chmod=] [--link] src... dest`.
+/// An inline document (`<<EOF` ... `EOF`) attached to a `RUN`, `COPY` or `ADD`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heredoc {
+    /// The delimiter word with quotes removed (`EOF`); for `COPY`/`ADD` also the file name.
+    pub name: String,
+    /// The body: every line up to the delimiter, each with its newline.
+    pub content: String,
+    /// Whether variables in the body are expanded (the delimiter was not quoted).
+    pub expand: bool,
+    /// `<<-`: leading tabs are stripped from the body and the delimiter line.
+    pub chomp: bool,
+}
+
+impl Heredoc {
+    /// The body with leading tabs removed when [`Heredoc::chomp`] is set (BuildKit's
+    /// `ChompHeredocContent`).
+    pub fn data(&self) -> String {
+        if !self.chomp {
+            return self.content.clone();
+        }
+        let mut out = String::with_capacity(self.content.len());
+        for line in self.content.split_inclusive('\n') {
+            out.push_str(line.trim_start_matches('\t'));
+        }
+        out
+    }
+}
+
+/// `COPY`/`ADD [--from=] [--chown=] [--chmod=] [--link] src... dest` (`--from` is `COPY` only;
+/// `--keep-git-dir`, `--checksum` and `--unpack` are `ADD` only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyInstruction {
     /// `--from`: a stage name, a stage index or an image.
@@ -113,24 +142,67 @@ pub struct CopyInstruction {
     pub link: bool,
     /// Flags BuildKit knows but kiln does not support yet (`--parents`, `--exclude`).
     pub unsupported_flags: Vec<String>,
-    /// Sources, unexpanded.
+    /// `ADD --keep-git-dir` (only meaningful for git sources).
+    pub keep_git_dir: Option<bool>,
+    /// `ADD --checksum` (only meaningful for http and git sources).
+    pub checksum: Option<String>,
+    /// `ADD --unpack`: force or disable archive extraction.
+    pub unpack: Option<bool>,
+    /// Sources, unexpanded (heredoc sources are in [`CopyInstruction::heredocs`]).
     pub sources: Vec<String>,
+    /// Inline documents used as sources (`COPY <<EOF /dest`), in order.
+    pub heredocs: Vec<Heredoc>,
     /// Destination, unexpanded.
     pub dest: String,
+}
+
+/// `HEALTHCHECK`: `NONE` (test `["NONE"]`, no timings) or `CMD` with its options. Durations are
+/// in nanoseconds, zero when not given (Docker's config omits them then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthcheckInstruction {
+    /// `["NONE"]`, `["CMD", args...]` (exec form) or `["CMD-SHELL", command]`.
+    pub test: Vec<String>,
+    /// `--interval`.
+    pub interval: i64,
+    /// `--timeout`.
+    pub timeout: i64,
+    /// `--start-period`.
+    pub start_period: i64,
+    /// `--start-interval`.
+    pub start_interval: i64,
+    /// `--retries`.
+    pub retries: i64,
 }
 
 /// A Dockerfile instruction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
-    /// `RUN` with its flags (`--mount`, `--network`, ... — not supported yet).
+    /// `RUN` with its flags (`--network`, `--security`; `--mount` and `--device` are not
+    /// supported yet).
     Run {
-        /// Flags as written (`mount=type=cache,...`).
+        /// Flags as written (`network=none`).
         flags: Vec<String>,
         /// The command.
         command: CommandLine,
+        /// Inline documents named in the command line, in order.
+        heredocs: Vec<Heredoc>,
     },
     /// `COPY`.
     Copy(CopyInstruction),
+    /// `ADD` (local sources are extracted when they are archives; http(s) URLs are fetched).
+    Add(CopyInstruction),
+    /// `EXPOSE port...`, sorted as BuildKit does, unexpanded.
+    Expose(Vec<String>),
+    /// `VOLUME` (JSON or whitespace-separated paths), unexpanded.
+    Volume(Vec<String>),
+    /// `STOPSIGNAL signal`, unexpanded.
+    StopSignal(String),
+    /// `HEALTHCHECK`.
+    Healthcheck(HealthcheckInstruction),
+    /// `ONBUILD <instruction>`: the trigger text as stored in the image's `OnBuild`.
+    Onbuild(String),
+    /// `MAINTAINER name` (sets the image author).
+    Maintainer(String),
     /// `ENV k=v ...` (or legacy `ENV k v`).
     Env(Vec<KeyValue>),
     /// `LABEL k=v ...`.
@@ -147,11 +219,6 @@ pub enum Instruction {
     Shell(Vec<String>),
     /// `ARG name[=default] ...`.
     Arg(Vec<ArgDef>),
-    /// A known instruction kiln cannot compile yet (`ADD`, `EXPOSE`, `VOLUME`, ...).
-    Unsupported {
-        /// Its arguments as written.
-        arguments: String,
-    },
 }
 
 /// Every instruction keyword BuildKit's Dockerfile frontend knows.
@@ -180,6 +247,7 @@ const KNOWN: &[&str] = &[
 struct Logical {
     span: Span,
     text: String,
+    heredocs: Vec<Heredoc>,
 }
 
 /// Parses a Dockerfile.
@@ -220,9 +288,43 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
             text.push_str(&part);
             done = finished;
         }
+        let mut heredocs = Vec::new();
+        if can_contain_heredoc(&text) {
+            for (name, expand, chomp) in heredoc_markers(&text) {
+                let mut content = String::new();
+                let mut terminated = false;
+                while index < lines.len() {
+                    let line = lines[index];
+                    index += 1;
+                    end = index;
+                    let candidate = line.trim_end_matches('\r');
+                    let candidate = if chomp {
+                        candidate.trim_start_matches('\t')
+                    } else {
+                        candidate
+                    };
+                    if candidate == name {
+                        terminated = true;
+                        break;
+                    }
+                    content.push_str(line);
+                    content.push('\n');
+                }
+                if !terminated {
+                    return Err(error(start, "unterminated heredoc"));
+                }
+                heredocs.push(Heredoc {
+                    name,
+                    content,
+                    expand,
+                    chomp,
+                });
+            }
+        }
         logical.push(Logical {
             span: Span { start, end },
             text,
+            heredocs,
         });
     }
 
@@ -249,15 +351,15 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
                 .push(parse_from(&flags, rest, line.span, &original)?);
             continue;
         }
-        if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") && has_heredoc(rest) {
-            // BuildKit reads the following lines as the document; without support they would
-            // be misread as instructions.
-            return Err(error(
-                line.span.start,
-                format!("heredocs in {keyword} are not supported yet"),
-            ));
-        }
-        let instruction = parse_instruction(&keyword, flags, rest, line.span.start, escape)?;
+        let instruction = parse_instruction(
+            &keyword,
+            flags,
+            rest,
+            &original,
+            line.heredocs,
+            line.span.start,
+            escape,
+        )?;
         let command = Command {
             span: line.span,
             keyword: keyword.clone(),
@@ -278,18 +380,64 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
     Ok(dockerfile)
 }
 
-/// Whether `text` holds a heredoc marker (`<<EOF`, `<<-"EOF"`).
-fn has_heredoc(text: &str) -> bool {
-    let mut rest = text;
-    while let Some(i) = rest.find("<<") {
-        let after = rest[i + 2..].trim_start_matches('-');
-        let after = after.trim_start_matches(['"', '\'']);
-        if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
-            return true;
-        }
-        rest = &rest[i + 2..];
+/// Whether the logical line is an instruction whose following lines may hold heredoc bodies:
+/// `RUN`, `COPY`, `ADD` (also as an `ONBUILD` trigger) in shell form (BuildKit's
+/// `canContainHeredoc`).
+fn can_contain_heredoc(text: &str) -> bool {
+    let (word, rest) = split_first_word(text.trim());
+    let (word, rest) = if word.eq_ignore_ascii_case("ONBUILD") {
+        split_first_word(rest)
+    } else {
+        (word, rest)
+    };
+    if !["RUN", "COPY", "ADD"].contains(&word.to_ascii_uppercase().as_str()) {
+        return false;
     }
-    false
+    let (_, args) = extract_flags(rest);
+    !matches!(command_line(args), CommandLine::Exec(_))
+}
+
+/// Heredoc markers of a line in order: `(name, expand, chomp)`. Each whitespace-separated word
+/// (quotes and escapes kept) matching `<<[-]WORD` (optionally after a file-descriptor number) is
+/// one; the body is expanded only when no part of `WORD` is quoted.
+fn heredoc_markers(line: &str) -> Vec<(String, bool, bool)> {
+    let mut out = Vec::new();
+    for word in split_words(line, '\\') {
+        if let Some(marker) = parse_heredoc_word(&word) {
+            out.push(marker);
+        }
+    }
+    out
+}
+
+/// One word as a heredoc marker (BuildKit's `ParseHeredoc` on `^(\d*)<<(-?)([^<]*)$`).
+pub(crate) fn parse_heredoc_word(word: &str) -> Option<(String, bool, bool)> {
+    let rest = word.trim_start_matches(|c: char| c.is_ascii_digit());
+    let rest = rest.strip_prefix("<<")?;
+    let (chomp, rest) = match rest.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    if rest.is_empty() || rest.contains('<') {
+        return None;
+    }
+    let lexer = crate::shell::Lexer {
+        skip_unset: true,
+        ..crate::shell::Lexer::new('\\')
+    };
+    let name = lexer.process_word(rest, &[]).ok()?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return None;
+    }
+    let raw = crate::shell::Lexer {
+        raw_quotes: true,
+        ..lexer
+    }
+    .process_word(rest, &[])
+    .ok()?;
+    let quotes = |s: &str| s.chars().filter(|c| *c == '\'' || *c == '"').count();
+    let expand = quotes(&name) == quotes(&raw);
+    Some((name, expand, chomp))
 }
 
 /// Reads `# key=value` directives at the top of the file; returns them and the first line index
@@ -426,6 +574,8 @@ fn parse_instruction(
     keyword: &str,
     flags: Vec<(String, Option<String>)>,
     rest: &str,
+    original: &str,
+    heredocs: Vec<Heredoc>,
     line: usize,
     escape: char,
 ) -> Result<Instruction, ParseError> {
@@ -452,6 +602,7 @@ fn parse_instruction(
                     })
                     .collect(),
                 command: command_line(rest),
+                heredocs,
             }
         }
         "CMD" | "ENTRYPOINT" => {
@@ -475,7 +626,83 @@ fn parse_instruction(
                 }
             }
         }
-        "COPY" => parse_copy(flags, rest, line)?,
+        "COPY" => Instruction::Copy(parse_copy("COPY", flags, rest, heredocs, line)?),
+        "ADD" => Instruction::Add(parse_copy("ADD", flags, rest, heredocs, line)?),
+        "EXPOSE" => {
+            no_flags(&flags)?;
+            let mut ports: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
+            if ports.is_empty() {
+                return Err(error(line, "EXPOSE requires at least one argument"));
+            }
+            ports.sort();
+            Instruction::Expose(ports)
+        }
+        "VOLUME" => {
+            no_flags(&flags)?;
+            let words = match command_line(rest) {
+                CommandLine::Exec(words) => words,
+                CommandLine::Shell(text) => text.split_whitespace().map(str::to_string).collect(),
+            };
+            if words.is_empty() {
+                return Err(error(line, "VOLUME requires at least one argument"));
+            }
+            let mut volumes = Vec::new();
+            for word in words {
+                let word = word.trim();
+                if word.is_empty() {
+                    return Err(error(line, "VOLUME specified can not be an empty string"));
+                }
+                volumes.push(word.to_string());
+            }
+            Instruction::Volume(volumes)
+        }
+        "STOPSIGNAL" | "MAINTAINER" => {
+            no_flags(&flags)?;
+            if rest.is_empty() {
+                return Err(error(
+                    line,
+                    format!("{keyword} requires exactly one argument"),
+                ));
+            }
+            if keyword == "STOPSIGNAL" {
+                Instruction::StopSignal(rest.to_string())
+            } else {
+                Instruction::Maintainer(rest.to_string())
+            }
+        }
+        "HEALTHCHECK" => Instruction::Healthcheck(parse_healthcheck(&flags, rest, line)?),
+        "ONBUILD" => {
+            no_flags(&flags)?;
+            let (trigger, _) = split_first_word(rest);
+            if trigger.is_empty() {
+                return Err(error(line, "ONBUILD requires at least one argument"));
+            }
+            let trigger = trigger.to_ascii_uppercase();
+            match trigger.as_str() {
+                "ONBUILD" => {
+                    return Err(error(
+                        line,
+                        "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
+                    ))
+                }
+                "MAINTAINER" | "FROM" => {
+                    return Err(error(
+                        line,
+                        format!("{trigger} isn't allowed as an ONBUILD trigger"),
+                    ))
+                }
+                _ => {}
+            }
+            // The instruction text after the ONBUILD keyword, heredoc bodies appended.
+            let (_, expression) = split_first_word(original);
+            let mut expression = expression.to_string();
+            for doc in &heredocs {
+                expression.push('\n');
+                expression.push_str(&doc.content);
+                expression.push_str(&doc.name);
+            }
+            Instruction::Onbuild(expression)
+        }
         "ENV" | "LABEL" => {
             no_flags(&flags)?;
             let pairs = parse_key_values(keyword, rest, line, escape)?;
@@ -518,10 +745,142 @@ fn parse_instruction(
             }
             Instruction::Arg(args)
         }
-        _ => Instruction::Unsupported {
-            arguments: rest.to_string(),
-        },
+        other => return Err(error(line, format!("unknown instruction: {other}"))),
     })
+}
+
+/// `HEALTHCHECK [options] CMD ...` or `HEALTHCHECK NONE` (BuildKit's `parseHealthcheck`).
+fn parse_healthcheck(
+    flags: &[(String, Option<String>)],
+    rest: &str,
+    line: usize,
+) -> Result<HealthcheckInstruction, ParseError> {
+    let (kind, args) = split_first_word(rest);
+    if kind.is_empty() {
+        return Err(error(line, "HEALTHCHECK requires at least one argument"));
+    }
+    let kind = kind.to_ascii_uppercase();
+    let mut check = HealthcheckInstruction {
+        test: Vec::new(),
+        interval: 0,
+        timeout: 0,
+        start_period: 0,
+        start_interval: 0,
+        retries: 0,
+    };
+    if kind == "NONE" {
+        // BuildKit does not look at the flags of `HEALTHCHECK NONE`.
+        if !args.is_empty() {
+            return Err(error(line, "HEALTHCHECK NONE takes no arguments"));
+        }
+        check.test = vec![kind];
+        return Ok(check);
+    }
+    for (name, value) in flags {
+        let slot = match name.as_str() {
+            "interval" => &mut check.interval,
+            "timeout" => &mut check.timeout,
+            "start-period" => &mut check.start_period,
+            "start-interval" => &mut check.start_interval,
+            "retries" => {
+                let value = flag_value(name, value, line)?;
+                if value.is_empty() {
+                    continue;
+                }
+                let retries: i32 = value.parse().map_err(|_| {
+                    error(
+                        line,
+                        format!("strconv.ParseInt: parsing {value:?}: invalid syntax"),
+                    )
+                })?;
+                if retries < 0 {
+                    return Err(error(
+                        line,
+                        format!("--retries cannot be negative ({retries})"),
+                    ));
+                }
+                check.retries = i64::from(retries);
+                continue;
+            }
+            other => return Err(error(line, format!("unknown flag: {other}"))),
+        };
+        let value = flag_value(name, value, line)?;
+        if value.is_empty() {
+            continue;
+        }
+        let nanos = parse_go_duration(&value)
+            .ok_or_else(|| error(line, format!("time: invalid duration {value:?}")))?;
+        if nanos != 0 && nanos < 1_000_000 {
+            return Err(error(
+                line,
+                format!("Interval {name:?} cannot be less than 1ms"),
+            ));
+        }
+        *slot = nanos;
+    }
+    if kind != "CMD" {
+        return Err(error(
+            line,
+            format!("Unknown type {kind:?} in HEALTHCHECK (try CMD)"),
+        ));
+    }
+    let test = match command_line(args) {
+        CommandLine::Exec(words) if !words.is_empty() => {
+            let mut test = vec!["CMD".to_string()];
+            test.extend(words);
+            test
+        }
+        CommandLine::Shell(text) if !text.is_empty() => vec!["CMD-SHELL".to_string(), text],
+        _ => return Err(error(line, "Missing command after HEALTHCHECK CMD")),
+    };
+    check.test = test;
+    Ok(check)
+}
+
+/// Go's `time.ParseDuration` in nanoseconds (`1m30s`, `1.5h`, `300ms`, `0`).
+pub(crate) fn parse_go_duration(text: &str) -> Option<i64> {
+    let (negative, mut rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if rest == "0" {
+        return Some(0);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total: f64 = 0.0;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number = &rest[..number_end];
+        if number.is_empty() || number == "." {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total += value * scale;
+    }
+    if total > i64::MAX as f64 {
+        return None;
+    }
+    let nanos = total.round() as i64;
+    Some(if negative { -nanos } else { nanos })
 }
 
 /// Exec form when the text is a JSON array of strings, shell form otherwise.
@@ -535,26 +894,38 @@ fn command_line(rest: &str) -> CommandLine {
 }
 
 fn parse_copy(
+    keyword: &str,
     flags: Vec<(String, Option<String>)>,
     rest: &str,
+    heredocs: Vec<Heredoc>,
     line: usize,
-) -> Result<Instruction, ParseError> {
+) -> Result<CopyInstruction, ParseError> {
+    let add = keyword == "ADD";
     let mut copy = CopyInstruction {
         from: None,
         chown: None,
         chmod: None,
         link: false,
         unsupported_flags: Vec::new(),
+        keep_git_dir: None,
+        checksum: None,
+        unpack: None,
         sources: Vec::new(),
+        heredocs: Vec::new(),
         dest: String::new(),
     };
+    let bool_flag = |value: &Option<String>| value.as_deref().is_none_or(|v| v != "false");
     for (name, value) in &flags {
         match name.as_str() {
-            "from" => copy.from = Some(flag_value(name, value, line)?),
+            "from" if !add => copy.from = Some(flag_value(name, value, line)?),
             "chown" => copy.chown = Some(flag_value(name, value, line)?),
             "chmod" => copy.chmod = Some(flag_value(name, value, line)?),
-            "link" => copy.link = value.as_deref().is_none_or(|v| v != "false"),
-            "parents" | "exclude" => copy.unsupported_flags.push(name.clone()),
+            "link" => copy.link = bool_flag(value),
+            "keep-git-dir" if add => copy.keep_git_dir = Some(bool_flag(value)),
+            "checksum" if add => copy.checksum = Some(flag_value(name, value, line)?),
+            "unpack" if add => copy.unpack = Some(bool_flag(value)),
+            "exclude" => copy.unsupported_flags.push(name.clone()),
+            "parents" if !add => copy.unsupported_flags.push(name.clone()),
             other => return Err(error(line, format!("unknown flag: {other}"))),
         }
     }
@@ -563,11 +934,32 @@ fn parse_copy(
         CommandLine::Shell(text) => text.split_whitespace().map(str::to_string).collect(),
     };
     if words.len() < 2 {
-        return Err(error(line, "COPY requires at least two arguments"));
+        return Err(error(
+            line,
+            format!("{keyword} requires at least two arguments"),
+        ));
     }
     copy.dest = words.pop().unwrap_or_default();
-    copy.sources = words;
-    Ok(Instruction::Copy(copy))
+    if parse_heredoc_word(&copy.dest).is_some() && !heredocs.is_empty() {
+        return Err(error(
+            line,
+            format!("{keyword} cannot accept a heredoc as a destination"),
+        ));
+    }
+    for word in words {
+        match parse_heredoc_word(&word) {
+            Some((name, _, _)) if !heredocs.is_empty() => {
+                let doc = heredocs
+                    .iter()
+                    .find(|d| d.name == name)
+                    .cloned()
+                    .ok_or_else(|| error(line, format!("heredoc {name} has no body")))?;
+                copy.heredocs.push(doc);
+            }
+            _ => copy.sources.push(word),
+        }
+    }
+    Ok(copy)
 }
 
 /// `k=v k2=v2` or legacy `k v` (BuildKit's `parseNameVal`).
@@ -630,7 +1022,8 @@ mod tests {
             run.instruction,
             Instruction::Run {
                 flags: vec![],
-                command: CommandLine::Shell("echo a   && echo b".into())
+                command: CommandLine::Shell("echo a   && echo b".into()),
+                heredocs: vec![],
             }
         );
         assert_eq!(stage.commands[1].span, Span { start: 6, end: 6 });
@@ -686,9 +1079,87 @@ mod tests {
 
     #[test]
     fn heredoc_detection() {
-        assert!(has_heredoc("<<EOF"));
-        assert!(has_heredoc("cat <<-'EOF'"));
-        assert!(!has_heredoc("echo $((1 << 2))"));
+        assert_eq!(
+            parse_heredoc_word("<<EOF"),
+            Some(("EOF".to_string(), true, false))
+        );
+        assert_eq!(
+            parse_heredoc_word("<<-'EOF'"),
+            Some(("EOF".to_string(), false, true))
+        );
+        assert_eq!(
+            parse_heredoc_word("2<<\"E\"OF"),
+            Some(("EOF".to_string(), false, false))
+        );
+        assert_eq!(parse_heredoc_word("<<"), None);
+        assert!(heredoc_markers("echo $((1 << 2))").is_empty());
+        assert_eq!(heredoc_markers("RUN cat <<A <<-B").len(), 2);
+    }
+
+    #[test]
+    fn heredoc_bodies_are_read_after_the_line() {
+        let df = parse("FROM x\nRUN <<-EOF cat\n\techo a\n\tEOF\nCMD [\"b\"]\n").unwrap();
+        let run = &df.stages[0].commands[0];
+        assert_eq!(run.span, Span { start: 2, end: 4 });
+        let Instruction::Run { heredocs, .. } = &run.instruction else {
+            panic!("not a run")
+        };
+        assert_eq!(heredocs[0].content, "\techo a\n");
+        assert_eq!(heredocs[0].data(), "echo a\n");
+        assert_eq!(df.stages[0].commands[1].keyword, "CMD");
+        assert_eq!(
+            parse("FROM x\nRUN <<EOF\necho\n").unwrap_err().to_string(),
+            "2: unterminated heredoc"
+        );
+        // JSON form never reads heredocs.
+        let df = parse("FROM x\nRUN [\"<<EOF\"]\nCMD x\n").unwrap();
+        assert_eq!(df.stages[0].commands.len(), 2);
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("30s"), Some(30_000_000_000));
+        assert_eq!(parse_go_duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(parse_go_duration("1.5h"), Some(5_400_000_000_000));
+        assert_eq!(parse_go_duration("10ms"), Some(10_000_000));
+        assert_eq!(parse_go_duration("0"), Some(0));
+        assert_eq!(parse_go_duration("10"), None);
+        assert_eq!(parse_go_duration("5x"), None);
+    }
+
+    #[test]
+    fn healthcheck_forms() {
+        let df = parse(
+            "FROM x\nHEALTHCHECK --interval=5m --timeout=3s --retries=3 CMD curl -f http://x/ || exit 1\n",
+        )
+        .unwrap();
+        let Instruction::Healthcheck(h) = &df.stages[0].commands[0].instruction else {
+            panic!("not a healthcheck")
+        };
+        assert_eq!(h.test, vec!["CMD-SHELL", "curl -f http://x/ || exit 1"]);
+        assert_eq!(h.interval, 300_000_000_000);
+        assert_eq!(h.timeout, 3_000_000_000);
+        assert_eq!(h.retries, 3);
+        let err = parse("FROM x\nHEALTHCHECK --interval=1us CMD true\n").unwrap_err();
+        assert_eq!(err.message, "Interval \"interval\" cannot be less than 1ms");
+        let err = parse("FROM x\nHEALTHCHECK NONE x\n").unwrap_err();
+        assert_eq!(err.message, "HEALTHCHECK NONE takes no arguments");
+        let err = parse("FROM x\nHEALTHCHECK FOO x\n").unwrap_err();
+        assert_eq!(err.message, "Unknown type \"FOO\" in HEALTHCHECK (try CMD)");
+    }
+
+    #[test]
+    fn onbuild_rules() {
+        let df = parse("FROM x\nonbuild  RUN echo hi\n").unwrap();
+        assert_eq!(
+            df.stages[0].commands[0].instruction,
+            Instruction::Onbuild("RUN echo hi".into())
+        );
+        assert!(parse("FROM x\nONBUILD ONBUILD RUN x\n").is_err());
+        assert_eq!(
+            parse("FROM x\nONBUILD from y\n").unwrap_err().message,
+            "FROM isn't allowed as an ONBUILD trigger"
+        );
     }
 
     #[test]

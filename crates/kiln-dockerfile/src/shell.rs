@@ -50,6 +50,9 @@ pub struct Lexer {
     pub raw_quotes: bool,
     /// Leave references to unset variables as written (used for progress names).
     pub skip_unset: bool,
+    /// Treat quotes as ordinary characters (BuildKit's `SkipProcessQuotes`, used to expand
+    /// heredoc bodies); escapes and variables are still processed.
+    pub skip_quotes: bool,
 }
 
 impl Lexer {
@@ -59,6 +62,7 @@ impl Lexer {
             escape,
             raw_quotes: false,
             skip_unset: false,
+            skip_quotes: false,
         }
     }
 
@@ -94,7 +98,7 @@ impl Lexer {
                 } else if self.raw_quotes {
                     out.push(c);
                 }
-            } else if c == '\'' && stop.is_none() {
+            } else if c == '\'' && stop.is_none() && !self.skip_quotes {
                 if self.raw_quotes {
                     out.push(c);
                 }
@@ -113,7 +117,7 @@ impl Lexer {
                 if self.raw_quotes {
                     out.push('\'');
                 }
-            } else if c == '"' && stop.is_none() {
+            } else if c == '"' && stop.is_none() && !self.skip_quotes {
                 if self.raw_quotes {
                     out.push(c);
                 }
@@ -386,11 +390,24 @@ mod tests {
     }
 
     #[test]
+    fn skip_quotes_keeps_quotes_and_expands_inside() {
+        let lexer = Lexer {
+            skip_quotes: true,
+            ..Lexer::new('\\')
+        };
+        assert_eq!(
+            lexer.process_word("'$A' \"x\" \\$A", &env()).unwrap(),
+            "'apple' \"x\" $A"
+        );
+    }
+
+    #[test]
     fn raw_quotes_and_skip_unset_for_names() {
         let lexer = Lexer {
             escape: '\\',
             raw_quotes: true,
             skip_unset: true,
+            skip_quotes: false,
         };
         assert_eq!(
             lexer

@@ -17,7 +17,8 @@ use kiln_image::Digest;
 use kiln_llb::{pb, Graph};
 
 /// Resolves every reference to a busybox-like config; the manifest digest is derived from the
-/// reference so it is stable. References containing `missing` fail; `empty` has no layers.
+/// reference so it is stable. References containing `missing` fail; `empty` has no layers;
+/// `onbuild` carries two `OnBuild` triggers.
 #[derive(Default)]
 struct FakeResolver {
     calls: Mutex<Vec<String>>,
@@ -46,15 +47,20 @@ impl ImageMetaResolver for FakeResolver {
                 "rootfs": {"type": "layers", "diff_ids": []},
             })
         } else {
+            let mut runtime = serde_json::json!({
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=1"],
+                "Cmd": ["sh"],
+                "Labels": {"base.label": "base"},
+            });
+            if name.contains("onbuild") {
+                runtime["OnBuild"] =
+                    serde_json::json!(["RUN echo image trigger $BASE", "ENV FROM_TRIGGER=1"]);
+            }
             serde_json::json!({
                 "created": "2024-01-01T00:00:00Z",
                 "architecture": platform.architecture,
                 "os": platform.os,
-                "config": {
-                    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "BASE=1"],
-                    "Cmd": ["sh"],
-                    "Labels": {"base.label": "base"},
-                },
+                "config": runtime,
                 "rootfs": {"type": "layers", "diff_ids": [Digest::of(b"layer").to_string()]},
                 "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "base layer"}],
             })
@@ -165,12 +171,16 @@ fn llb_summary(definition: &pb::Definition) -> String {
                     writeln!(out, "  proxy={proxy:?}").unwrap();
                 }
                 for m in &e.mounts {
-                    writeln!(
+                    write!(
                         out,
                         "  mount input={} dest={} output={} type={}",
                         m.input, m.dest, m.output, m.mount_type
                     )
                     .unwrap();
+                    if m.readonly || !m.selector.is_empty() {
+                        write!(out, " readonly={} selector={}", m.readonly, m.selector).unwrap();
+                    }
+                    writeln!(out).unwrap();
                 }
                 writeln!(out, "  network={} security={}", e.network, e.security).unwrap();
             }
