@@ -9,7 +9,11 @@ use serde::Deserialize;
 
 /// The daemon's flags, named as buildkitd's.
 #[derive(Debug, clap::Parser)]
-#[command(name = "kilnd", version, about = "kiln's build daemon, speaking BuildKit's API")]
+#[command(
+    name = "kilnd",
+    version,
+    about = "kiln's build daemon, speaking BuildKit's API"
+)]
 pub struct Flags {
     /// Path to the TOML configuration (default /etc/buildkit/buildkitd.toml).
     #[arg(long)]
@@ -276,8 +280,11 @@ impl Config {
 
 fn read_file_config(path: &Path, explicit: bool) -> anyhow::Result<FileConfig> {
     match std::fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).with_context(|| format!("failed to parse config {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
+        Ok(text) => toml::from_str(&text)
+            .with_context(|| format!("failed to parse config {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
         Err(e) => Err(e).with_context(|| format!("failed to read config {}", path.display())),
     }
 }
@@ -324,7 +331,10 @@ labels = { a = "b" }
     #[test]
     fn address_without_scheme_is_rejected() {
         let flags = Flags::parse_from(["kilnd", "--config", "/nonexistent-kiln.toml"]);
-        assert!(Config::load(&flags).is_err(), "explicit missing config must fail");
+        assert!(
+            Config::load(&flags).is_err(),
+            "explicit missing config must fail"
+        );
         let flags = Flags::parse_from(["kilnd", "--addr", "/tmp/x.sock"]);
         let err = Config::load(&flags).unwrap_err().to_string();
         assert_eq!(

@@ -83,7 +83,11 @@ fn excerpt(location: &kiln_solver::SourceRange) -> String {
     let mut out = format!("{}:{}\n--------------------\n", location.filename, start);
     for n in from..=to {
         let line = lines.get(n - 1).copied().unwrap_or_default();
-        let marker = if (start..=end).contains(&n) { ">>>" } else { "   " };
+        let marker = if (start..=end).contains(&n) {
+            ">>>"
+        } else {
+            "   "
+        };
         out.push_str(&format!("{n:>4} | {marker} {line}\n"));
     }
     out.push_str("--------------------\n");
@@ -128,7 +132,11 @@ fn anyhow_status(e: anyhow::Error) -> Status {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl ControlService {
-    async fn run_solve(&self, request: api::SolveRequest, progress: &ProgressWriter) -> Result<api::SolveResponse, Status> {
+    async fn run_solve(
+        &self,
+        request: api::SolveRequest,
+        progress: &ProgressWriter,
+    ) -> Result<api::SolveResponse, Status> {
         let mut exporters: Vec<(String, BTreeMap<String, String>)> = request
             .exporters
             .iter()
@@ -153,7 +161,9 @@ impl ControlService {
                 self.sessions
                     .get(&request.session, SESSION_WAIT)
                     .await
-                    .map_err(|e| Status::failed_precondition(format!("session {}: {e}", request.session)))?,
+                    .map_err(|e| {
+                        Status::failed_precondition(format!("session {}: {e}", request.session))
+                    })?,
             )
         };
         let tmp_root = self.root.join("tmp");
@@ -210,7 +220,8 @@ impl ControlService {
 
         let mut response = BTreeMap::new();
         for (index, ((_, attrs), kind)) in exporters.iter().zip(kinds).enumerate() {
-            let names = exporter::names(attrs).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            let names =
+                exporter::names(attrs).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
             let oci_types = exporter::bool_attr(attrs, "oci-mediatypes", kind == ExporterKind::Oci)
                 .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
             let title = match kind {
@@ -237,11 +248,15 @@ impl ControlService {
                 )
                 .await?;
                 let response = exporter::response(&image, &names)?;
-                if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && exporter::bool_attr(attrs, "tar", true)? {
+                if matches!(kind, ExporterKind::Docker | ExporterKind::Oci)
+                    && exporter::bool_attr(attrs, "tar", true)?
+                {
                     let session = session
                         .as_ref()
                         .context("a tarball exporter needs a session to send the file to")?;
-                    let file = exporter::archive_to_temp(worker.as_ref(), &image, &names, &tmp_root).await?;
+                    let file =
+                        exporter::archive_to_temp(worker.as_ref(), &image, &names, &tmp_root)
+                            .await?;
                     let mut metadata = BTreeMap::new();
                     for (k, v) in &response {
                         metadata.insert(k.clone(), v.clone());
@@ -288,11 +303,17 @@ impl Control for ControlService {
 
     type PruneStream = BoxStream<api::UsageRecord>;
 
-    async fn prune(&self, _request: Request<api::PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
+    async fn prune(
+        &self,
+        _request: Request<api::PruneRequest>,
+    ) -> Result<Response<Self::PruneStream>, Status> {
         Err(Status::unimplemented("prune is not supported yet"))
     }
 
-    async fn solve(&self, request: Request<api::SolveRequest>) -> Result<Response<api::SolveResponse>, Status> {
+    async fn solve(
+        &self,
+        request: Request<api::SolveRequest>,
+    ) -> Result<Response<api::SolveResponse>, Status> {
         let request = request.into_inner();
         let build_ref = request.r#ref.clone();
         let span = tracing::info_span!("build", r#ref = %build_ref);
@@ -312,8 +333,13 @@ impl Control for ControlService {
 
     type StatusStream = StatusStream;
 
-    async fn status(&self, request: Request<api::StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
-        Ok(Response::new(self.jobs.subscribe(&request.into_inner().r#ref)))
+    async fn status(
+        &self,
+        request: Request<api::StatusRequest>,
+    ) -> Result<Response<Self::StatusStream>, Status> {
+        Ok(Response::new(
+            self.jobs.subscribe(&request.into_inner().r#ref),
+        ))
     }
 
     type SessionStream = BoxStream<api::BytesMessage>;
@@ -340,7 +366,10 @@ impl Control for ControlService {
         }))
     }
 
-    async fn info(&self, _request: Request<api::InfoRequest>) -> Result<Response<api::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _request: Request<api::InfoRequest>,
+    ) -> Result<Response<api::InfoResponse>, Status> {
         Ok(Response::new(api::InfoResponse {
             buildkit_version: Some(Self::version()),
         }))

@@ -48,7 +48,11 @@ impl ExporterKind {
 }
 
 /// Reads a boolean exporter attr (empty value = true, as BuildKit).
-pub fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, default: bool) -> anyhow::Result<bool> {
+pub fn bool_attr(
+    attrs: &BTreeMap<String, String>,
+    key: &str,
+    default: bool,
+) -> anyhow::Result<bool> {
     match attrs.get(key).map(String::as_str) {
         None => Ok(default),
         Some("") | Some("true") | Some("1") => Ok(true),
@@ -62,7 +66,10 @@ pub fn names(attrs: &BTreeMap<String, String>) -> anyhow::Result<Vec<Reference>>
     let mut out = Vec::new();
     if let Some(list) = attrs.get("name") {
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            out.push(Reference::parse_normalized(name).with_context(|| format!("invalid image name {name:?}"))?);
+            out.push(
+                Reference::parse_normalized(name)
+                    .with_context(|| format!("invalid image name {name:?}"))?,
+            );
         }
     }
     Ok(out)
@@ -143,7 +150,11 @@ pub async fn commit_image(
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(manifest_type.to_string()),
-        config: Descriptor::new(config_type, config_digest.clone(), config_bytes.len() as u64),
+        config: Descriptor::new(
+            config_type,
+            config_digest.clone(),
+            config_bytes.len() as u64,
+        ),
         layers: layers
             .iter()
             .map(|l| {
@@ -172,10 +183,19 @@ pub async fn commit_image(
 }
 
 /// The exporter response keys BuildKit returns for an image.
-pub fn response(image: &CommittedImage, names: &[Reference]) -> anyhow::Result<BTreeMap<String, String>> {
+pub fn response(
+    image: &CommittedImage,
+    names: &[Reference],
+) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    out.insert("containerimage.digest".to_string(), image.manifest.digest.to_string());
-    out.insert("containerimage.config.digest".to_string(), image.config.to_string());
+    out.insert(
+        "containerimage.digest".to_string(),
+        image.manifest.digest.to_string(),
+    );
+    out.insert(
+        "containerimage.config.digest".to_string(),
+        image.config.to_string(),
+    );
     let descriptor = serde_json::to_vec(&image.manifest).context("failed to encode descriptor")?;
     out.insert(
         "containerimage.descriptor".to_string(),
@@ -184,7 +204,11 @@ pub fn response(image: &CommittedImage, names: &[Reference]) -> anyhow::Result<B
     if !names.is_empty() {
         out.insert(
             "image.name".to_string(),
-            names.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
+            names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         );
     }
     Ok(out)
@@ -198,20 +222,23 @@ pub async fn archive_to_temp(
     names: &[Reference],
     tmp_dir: &Path,
 ) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(tmp_dir).with_context(|| format!("failed to create {}", tmp_dir.display()))?;
+    std::fs::create_dir_all(tmp_dir)
+        .with_context(|| format!("failed to create {}", tmp_dir.display()))?;
     let store = worker.content().clone();
     let manifest = image.manifest.clone();
     let names = names.to_vec();
     let tmp_dir = tmp_dir.to_path_buf();
     tokio::task::spawn_blocking(move || -> anyhow::Result<std::fs::File> {
-        let mut file = tempfile::tempfile_in(&tmp_dir).context("failed to create temporary archive")?;
+        let mut file =
+            tempfile::tempfile_in(&tmp_dir).context("failed to create temporary archive")?;
         {
             let mut writer = std::io::BufWriter::new(&mut file);
             kiln_image::archive::write_docker_archive(&mut writer, &store, &manifest, &names)
                 .context("failed to write image archive")?;
             std::io::Write::flush(&mut writer).context("failed to write image archive")?;
         }
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).context("failed to rewind archive")?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
+            .context("failed to rewind archive")?;
         Ok(file)
     })
     .await
@@ -241,7 +268,14 @@ mod tests {
     fn names_are_normalized() {
         let mut attrs = BTreeMap::new();
         attrs.insert("name".to_string(), "foo, 127.0.0.1:5000/bar:1".to_string());
-        let names: Vec<String> = names(&attrs).unwrap().iter().map(|n| n.to_string()).collect();
-        assert_eq!(names, vec!["docker.io/library/foo:latest", "127.0.0.1:5000/bar:1"]);
+        let names: Vec<String> = names(&attrs)
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["docker.io/library/foo:latest", "127.0.0.1:5000/bar:1"]
+        );
     }
 }

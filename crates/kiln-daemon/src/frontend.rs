@@ -60,13 +60,18 @@ impl ImageMetaResolver for WorkerResolver {
         platform: &Platform,
     ) -> Result<(Digest, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
         let name = format!("[internal] load metadata for {reference}");
-        let vertex = self
-            .progress
-            .start_vertex(&synthetic_digest(&[&self.build_ref, &name]), &name, Vec::new());
+        let vertex = self.progress.start_vertex(
+            &synthetic_digest(&[&self.build_ref, &name]),
+            &name,
+            Vec::new(),
+        );
         match self.worker.resolve_image(reference, platform).await {
             Ok(resolved) => {
                 vertex.done();
-                Ok((resolved.manifest_digest.clone(), resolved.config_bytes.clone()))
+                Ok((
+                    resolved.manifest_digest.clone(),
+                    resolved.config_bytes.clone(),
+                ))
             }
             Err(e) => {
                 vertex.failed(&e.to_string());
@@ -81,7 +86,11 @@ fn target_platform(attrs: &BTreeMap<String, String>) -> anyhow::Result<Platform>
     match attrs.get("platform").map(String::as_str) {
         None | Some("") => Ok(Platform::host()),
         Some(list) => {
-            let platforms: Vec<&str> = list.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+            let platforms: Vec<&str> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect();
             if platforms.len() > 1 {
                 bail!("building for several platforms is not supported yet");
             }
@@ -137,22 +146,35 @@ pub async fn dockerfile(
         .filter(|f| !f.is_empty())
         .cloned()
         .unwrap_or_else(|| "Dockerfile".to_string());
-    let dockerfile_key = attrs.get("dockerfilekey").cloned().unwrap_or_else(|| "dockerfile".to_string());
-    let context_key = attrs.get("contextkey").cloned().unwrap_or_else(|| "context".to_string());
+    let dockerfile_key = attrs
+        .get("dockerfilekey")
+        .cloned()
+        .unwrap_or_else(|| "dockerfile".to_string());
+    let context_key = attrs
+        .get("contextkey")
+        .cloned()
+        .unwrap_or_else(|| "context".to_string());
     if filename.contains("..") || filename.starts_with('/') {
         return Err(UserError {
             message: format!("invalid dockerfile name {filename:?}"),
         }
         .into());
     }
-    std::fs::create_dir_all(tmp_root).with_context(|| format!("failed to create {}", tmp_root.display()))?;
+    std::fs::create_dir_all(tmp_root)
+        .with_context(|| format!("failed to create {}", tmp_root.display()))?;
 
     // Dockerfile (and <Dockerfile>.dockerignore).
     let name = format!("[internal] load build definition from {filename}");
     let vertex = progress.start_vertex(&synthetic_digest(&[build_ref, &name]), &name, Vec::new());
     let dir = tempfile::tempdir_in(tmp_root).context("failed to create temporary directory")?;
     let own_ignore = format!("{filename}.dockerignore");
-    if let Err(e) = fetch_files(session, &dockerfile_key, vec![filename.clone(), own_ignore.clone()], dir.path()).await
+    if let Err(e) = fetch_files(
+        session,
+        &dockerfile_key,
+        vec![filename.clone(), own_ignore.clone()],
+        dir.path(),
+    )
+    .await
     {
         vertex.failed(&format!("{e:#}"));
         return Err(e);
@@ -175,15 +197,23 @@ pub async fn dockerfile(
         Some(text) => dockerignore_patterns(&text),
         None => {
             let name = "[internal] load .dockerignore".to_string();
-            let vertex = progress.start_vertex(&synthetic_digest(&[build_ref, &name]), &name, Vec::new());
-            let ignore_dir = tempfile::tempdir_in(tmp_root).context("failed to create temporary directory")?;
-            if let Err(e) =
-                fetch_files(session, &context_key, vec![".dockerignore".to_string()], ignore_dir.path()).await
+            let vertex =
+                progress.start_vertex(&synthetic_digest(&[build_ref, &name]), &name, Vec::new());
+            let ignore_dir =
+                tempfile::tempdir_in(tmp_root).context("failed to create temporary directory")?;
+            if let Err(e) = fetch_files(
+                session,
+                &context_key,
+                vec![".dockerignore".to_string()],
+                ignore_dir.path(),
+            )
+            .await
             {
                 vertex.failed(&format!("{e:#}"));
                 return Err(e);
             }
-            let text = std::fs::read_to_string(ignore_dir.path().join(".dockerignore")).unwrap_or_default();
+            let text = std::fs::read_to_string(ignore_dir.path().join(".dockerignore"))
+                .unwrap_or_default();
             let status = format!("transferring {context_key}: {}B", text.len());
             vertex.status(&status, &status, text.len() as u64, None, true);
             vertex.done();
@@ -195,7 +225,10 @@ pub async fn dockerfile(
         message: format!("{filename}: not valid UTF-8"),
     })?;
     let parsed = kiln_dockerfile::parse(&text).map_err(|e| UserError {
-        message: format!("{filename}:{}: dockerfile parse error on line {}: {}", e.line, e.line, e.message),
+        message: format!(
+            "{filename}:{}: dockerfile parse error on line {}: {}",
+            e.line, e.line, e.message
+        ),
     })?;
     let mut build_args = BTreeMap::new();
     let mut labels = BTreeMap::new();

@@ -49,7 +49,10 @@ impl Job {
     /// Events from index `from` on, and whether the job is done.
     fn since(&self, from: usize) -> (Vec<StatusResponse>, bool) {
         match self.state.lock() {
-            Ok(state) => (state.events.get(from..).unwrap_or_default().to_vec(), state.done),
+            Ok(state) => (
+                state.events.get(from..).unwrap_or_default().to_vec(),
+                state.done,
+            ),
             Err(_) => (Vec::new(), true),
         }
     }
@@ -100,37 +103,39 @@ impl Jobs {
     /// build ends.
     pub fn subscribe(&self, reference: &str) -> StatusStream {
         let job = self.get_or_create(reference);
-        let stream = futures::stream::unfold((job, 0usize, false), |(job, next, finished)| async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let (events, done) = {
-                    let notified = job.changed.notified();
-                    tokio::pin!(notified);
-                    // Register interest before reading, so a push between
-                    // the read and the wait is not missed.
-                    notified.as_mut().enable();
-                    let (events, done) = job.since(next);
-                    if events.is_empty() && !done {
-                        notified.await;
-                        continue;
-                    }
-                    (events, done)
-                };
-                if !events.is_empty() {
-                    // Events go out one by one, in the order they happened:
-                    // merging them would put a vertex's completion before
-                    // the statuses sent while it ran.
-                    let count = events.len();
-                    let batch: Vec<Result<StatusResponse, tonic::Status>> = events.into_iter().map(Ok).collect();
-                    return Some((futures::stream::iter(batch), (job, next + count, false)));
-                }
-                if done {
+        let stream =
+            futures::stream::unfold((job, 0usize, false), |(job, next, finished)| async move {
+                if finished {
                     return None;
                 }
-            }
-        });
+                loop {
+                    let (events, done) = {
+                        let notified = job.changed.notified();
+                        tokio::pin!(notified);
+                        // Register interest before reading, so a push between
+                        // the read and the wait is not missed.
+                        notified.as_mut().enable();
+                        let (events, done) = job.since(next);
+                        if events.is_empty() && !done {
+                            notified.await;
+                            continue;
+                        }
+                        (events, done)
+                    };
+                    if !events.is_empty() {
+                        // Events go out one by one, in the order they happened:
+                        // merging them would put a vertex's completion before
+                        // the statuses sent while it ran.
+                        let count = events.len();
+                        let batch: Vec<Result<StatusResponse, tonic::Status>> =
+                            events.into_iter().map(Ok).collect();
+                        return Some((futures::stream::iter(batch), (job, next + count, false)));
+                    }
+                    if done {
+                        return None;
+                    }
+                }
+            });
         Box::pin(stream.flatten())
     }
 }

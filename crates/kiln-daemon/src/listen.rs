@@ -73,10 +73,13 @@ pub fn bind(address: &str, group: Option<u32>) -> anyhow::Result<Listener> {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("failed to remove stale socket {}", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("failed to remove stale socket {}", path.display()))
+            }
         }
-        let listener =
-            tokio::net::UnixListener::bind(&path).with_context(|| format!("failed to listen on {address}"))?;
+        let listener = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("failed to listen on {address}"))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o660))
             .with_context(|| format!("failed to chmod {}", path.display()))?;
         if let Some(gid) = group {
@@ -86,11 +89,16 @@ pub fn bind(address: &str, group: Option<u32>) -> anyhow::Result<Listener> {
         return Ok(Listener::Unix(listener, path));
     }
     if let Some(host) = address.strip_prefix("tcp://") {
-        tracing::warn!(address, "listening on tcp without TLS: anyone who can reach it can run builds");
-        let std_listener =
-            std::net::TcpListener::bind(host).with_context(|| format!("failed to listen on {address}"))?;
+        tracing::warn!(
+            address,
+            "listening on tcp without TLS: anyone who can reach it can run builds"
+        );
+        let std_listener = std::net::TcpListener::bind(host)
+            .with_context(|| format!("failed to listen on {address}"))?;
         std_listener.set_nonblocking(true)?;
-        return Ok(Listener::Tcp(tokio::net::TcpListener::from_std(std_listener)?));
+        return Ok(Listener::Tcp(tokio::net::TcpListener::from_std(
+            std_listener,
+        )?));
     }
     let scheme = address.split("://").next().unwrap_or(address);
     bail!("address {address}: scheme {scheme}:// is not supported (use unix:// or tcp://)")

@@ -66,7 +66,10 @@ impl LocalSources for SessionLocals {
             .cloned()
             .unwrap_or_else(|| self.default_session.clone());
         let session = self.sessions.get(&session_id, SESSION_WAIT).await?;
-        let hint = attrs.get("local.sharedkeyhint").map(String::as_str).unwrap_or(name);
+        let hint = attrs
+            .get("local.sharedkeyhint")
+            .map(String::as_str)
+            .unwrap_or(name);
         let mut hasher = Sha256::new();
         for part in [session.shared_key(), name, hint] {
             hasher.update(part.as_bytes());
@@ -103,8 +106,14 @@ mod tests {
     #[test]
     fn pattern_attrs_are_json_lists() {
         let mut attrs = BTreeMap::new();
-        attrs.insert("local.excludepatterns".to_string(), r#"["a","!b"]"#.to_string());
-        assert_eq!(json_list(&attrs, "local.excludepatterns").unwrap(), vec!["a", "!b"]);
+        attrs.insert(
+            "local.excludepatterns".to_string(),
+            r#"["a","!b"]"#.to_string(),
+        );
+        assert_eq!(
+            json_list(&attrs, "local.excludepatterns").unwrap(),
+            vec!["a", "!b"]
+        );
         assert!(json_list(&attrs, "local.followpaths").unwrap().is_empty());
         attrs.insert("local.followpaths".to_string(), "not json".to_string());
         assert!(json_list(&attrs, "local.followpaths").is_err());

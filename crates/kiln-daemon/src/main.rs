@@ -94,7 +94,10 @@ fn open_worker(config: &Config) -> anyhow::Result<OciWorker> {
                 .oci
                 .platforms
                 .iter()
-                .map(|p| kiln_image::oci::Platform::parse(p).with_context(|| format!("invalid platform {p:?}")))
+                .map(|p| {
+                    kiln_image::oci::Platform::parse(p)
+                        .with_context(|| format!("invalid platform {p:?}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?,
         )
     };
@@ -112,9 +115,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let lock = listen::RootLock::acquire(&config.root)?;
     tracing::debug!(lock = %lock.path().display(), "locked the root");
     let worker = Arc::new(open_worker(&config)?);
-    let solver = Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
+    let solver =
+        Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
     let sessions = SessionManager::new();
-    let service = Arc::new(control::ControlService::new(solver, sessions, config.root.clone()));
+    let service = Arc::new(control::ControlService::new(
+        solver,
+        sessions,
+        config.root.clone(),
+    ));
 
     let mut listeners = Vec::new();
     for address in &config.addresses {
@@ -135,10 +143,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         match listener {
             Listener::Unix(l, path) => {
                 socket_paths.push(path);
-                servers.spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown));
+                servers.spawn(
+                    router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown),
+                );
             }
             Listener::Tcp(l) => {
-                servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown));
+                servers.spawn(
+                    router.serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown),
+                );
             }
         }
     }

@@ -96,7 +96,12 @@ impl CacheRecords {
     }
 
     /// Stores a record atomically.
-    pub fn put(&self, key: &CacheKey, outputs: &[Option<String>], description: &str) -> Result<(), Error> {
+    pub fn put(
+        &self,
+        key: &CacheKey,
+        outputs: &[Option<String>],
+        description: &str,
+    ) -> Result<(), Error> {
         let record = CacheRecord {
             outputs: outputs.to_vec(),
             description: description.to_string(),
@@ -106,7 +111,9 @@ impl CacheRecords {
                 .unwrap_or(0),
         };
         let path = self.path(key);
-        let tmp = self.dir.join(format!("{}.{}.tmp", key.as_str(), std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("{}.{}.tmp", key.as_str(), std::process::id()));
         let io = |source| Error::Io {
             path: path.clone(),
             source,
@@ -159,7 +166,9 @@ mod tests {
         let records = CacheRecords::open(dir.path()).unwrap();
         let key = CacheKey::from_parts([("op", b"x".as_slice())]);
         assert!(records.get(&key).is_none());
-        records.put(&key, &[Some("snap1".into()), None], "RUN x").unwrap();
+        records
+            .put(&key, &[Some("snap1".into()), None], "RUN x")
+            .unwrap();
         std::fs::write(dir.path().join("junk.1.tmp"), b"{").unwrap();
         let reopened = CacheRecords::open(dir.path()).unwrap();
         let record = reopened.get(&key).unwrap();

@@ -61,10 +61,10 @@ pub enum Error {
         /// Vertex name (`[2/2] RUN false`).
         name: String,
         /// Where the vertex comes from, if the frontend said.
-        location: Option<SourceRange>,
+        location: Option<Box<SourceRange>>,
         /// The worker's error.
         #[source]
-        source: kiln_worker::Error,
+        source: Box<kiln_worker::Error>,
     },
     /// Reading a local source from the client failed.
     #[error("failed to transfer local source {name:?}")]
@@ -115,7 +115,7 @@ impl Error {
     /// The source location of the failing vertex, if known.
     pub fn location(&self) -> Option<&SourceRange> {
         match self.root() {
-            Error::Vertex { location, .. } => location.as_ref(),
+            Error::Vertex { location, .. } => location.as_deref(),
             _ => None,
         }
     }
@@ -227,7 +227,9 @@ impl Solver {
         progress: ProgressWriter,
         options: SolveOptions,
     ) -> Result<SolveResult, Arc<Error>> {
-        let graph = Arc::new(Graph::from_definition(definition).map_err(|e| Arc::new(Error::Definition(e)))?);
+        let graph = Arc::new(
+            Graph::from_definition(definition).map_err(|e| Arc::new(Error::Definition(e)))?,
+        );
         let Some(result) = graph.result() else {
             return Ok(SolveResult {
                 snapshot: None,
@@ -251,9 +253,12 @@ impl Solver {
                     op.inputs
                         .iter()
                         .filter_map(|input| {
-                            futures
-                                .get(&input.digest)
-                                .map(|f| (f.clone(), usize::try_from(input.index).unwrap_or(usize::MAX)))
+                            futures.get(&input.digest).map(|f| {
+                                (
+                                    f.clone(),
+                                    usize::try_from(input.index).unwrap_or(usize::MAX),
+                                )
+                            })
                         })
                         .collect()
                 })
@@ -345,20 +350,29 @@ async fn run_vertex(
     }
 
     let name = vertex_name(&graph, &digest, &op);
-    let ignore_cache = context.options.no_cache || graph.metadata(&digest).is_some_and(|m| m.ignore_cache);
+    let ignore_cache =
+        context.options.no_cache || graph.metadata(&digest).is_some_and(|m| m.ignore_cache);
     let input_digests: Vec<String> = op.inputs.iter().map(|i| i.digest.clone()).collect();
     let vertex_error = |source: kiln_worker::Error| {
         Arc::new(Error::Vertex {
             name: name.clone(),
-            location: location(&graph, &digest),
-            source,
+            location: location(&graph, &digest).map(Box::new),
+            source: Box::new(source),
         })
     };
 
     match &op.op {
         Some(pb::op::Op::Source(source)) => {
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
-            let result = run_source(&context, source, op.platform.as_ref(), ignore_cache, &progress, &name).await;
+            let result = run_source(
+                &context,
+                source,
+                op.platform.as_ref(),
+                ignore_cache,
+                &progress,
+                &name,
+            )
+            .await;
             finish(&progress, result, vertex_error)
         }
         Some(pb::op::Op::Exec(_)) | Some(pb::op::Op::File(_)) => {
@@ -378,7 +392,9 @@ async fn run_vertex(
                 }
             }
             let result = match &op.op {
-                Some(pb::op::Op::Exec(exec)) => context.worker.exec(exec, &input_snapshots, &progress).await,
+                Some(pb::op::Op::Exec(exec)) => {
+                    context.worker.exec(exec, &input_snapshots, &progress).await
+                }
                 Some(pb::op::Op::File(file)) => context.worker.file(file, &input_snapshots).await,
                 _ => Ok(Vec::new()),
             };
@@ -442,7 +458,11 @@ fn finish(
 /// A cache record whose snapshots all still exist, as a cached result.
 fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
     let record = context.records.get(key)?;
-    let all_present = record.outputs.iter().flatten().all(|id| context.worker.exists(id));
+    let all_present = record
+        .outputs
+        .iter()
+        .flatten()
+        .all(|id| context.worker.exists(id));
     all_present.then(|| Resolved {
         key: key.clone(),
         outputs: record.outputs,
@@ -458,8 +478,16 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn record(context: &Context, key: &CacheKey, outputs: &[Option<SnapshotId>], name: &str) -> Result<(), SourceFailure> {
-    let plain: Vec<Option<String>> = outputs.iter().map(|o| o.as_ref().map(|s| s.to_string())).collect();
+fn record(
+    context: &Context,
+    key: &CacheKey,
+    outputs: &[Option<SnapshotId>],
+    name: &str,
+) -> Result<(), SourceFailure> {
+    let plain: Vec<Option<String>> = outputs
+        .iter()
+        .map(|o| o.as_ref().map(|s| s.to_string()))
+        .collect();
     context
         .records
         .put(key, &plain, name)
@@ -520,7 +548,14 @@ async fn run_source(
             .await
             .map_err(SourceFailure::Worker)?;
         let key = CacheKey::from_parts([
-            ("image", reference.digest().unwrap_or(&resolved.manifest_digest).to_string().as_bytes()),
+            (
+                "image",
+                reference
+                    .digest()
+                    .unwrap_or(&resolved.manifest_digest)
+                    .to_string()
+                    .as_bytes(),
+            ),
             ("platform", platform_id.as_bytes()),
         ]);
         if !ignore_cache {
@@ -642,8 +677,12 @@ mod tests {
         std::fs::write(dir.path().join("sub/a"), b"one").unwrap();
         std::fs::write(dir.path().join("b"), b"two").unwrap();
         let first = checksum_dir(dir.path()).unwrap();
-        let file = std::fs::File::options().write(true).open(dir.path().join("b")).unwrap();
-        file.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("b"))
+            .unwrap();
+        file.set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
         assert_eq!(first, checksum_dir(dir.path()).unwrap());
         std::fs::write(dir.path().join("sub/a"), b"ONE").unwrap();
         assert_ne!(first, checksum_dir(dir.path()).unwrap());

@@ -49,7 +49,11 @@ pub struct Output {
 impl Output {
     /// Panics with the whole output unless the command succeeded.
     pub fn success(self) -> Self {
-        assert_eq!(self.code, 0, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -96,7 +100,8 @@ impl Kilnd {
             .expect("temporary root");
         let root = tmp.path().join("root");
         let config = tmp.path().join("buildkitd.toml");
-        std::fs::write(&config, "[registry.\"127.0.0.1:5000\"]\nhttp = true\n").expect("write config");
+        std::fs::write(&config, "[registry.\"127.0.0.1:5000\"]\nhttp = true\n")
+            .expect("write config");
         let mut daemon = Self::start_in(&root, &config, address, extra);
         daemon._tmp = Some(tmp);
         daemon
@@ -146,7 +151,11 @@ impl Kilnd {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "kilnd did not listen in 30s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not listen in 30s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -177,7 +186,9 @@ impl Kilnd {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 

@@ -19,7 +19,10 @@ fn counting_runc(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let script = dir.join("runc-counting");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho \"$*\" >> {}\nexec runc \"$@\"\n", log.display()),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexec runc \"$@\"\n",
+            log.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -76,7 +79,14 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
     let kiln = cargo_bin("kiln");
     let build = || {
         run(Command::new(&kiln)
-            .args(["--namespace", "default", "build", "--progress=plain", "-t", "foo"])
+            .args([
+                "--namespace",
+                "default",
+                "build",
+                "--progress=plain",
+                "-t",
+                "foo",
+            ])
             .arg(&context)
             .env_remove("BUILDKIT_HOST")
             .env_remove("CONTAINERD_NAMESPACE"))
@@ -84,15 +94,26 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
 
     // 4. No daemon anywhere: the discovery error names every candidate.
     let failed = build();
-    assert_ne!(failed.code, 0, "build without a daemon must fail:\n{}", failed.stderr);
+    assert_ne!(
+        failed.code, 0,
+        "build without a daemon must fail:\n{}",
+        failed.stderr
+    );
     assert!(
-        failed.stderr.contains("no buildkit host is available, tried 2 candidates"),
+        failed
+            .stderr
+            .contains("no buildkit host is available, tried 2 candidates"),
         "{}",
         failed.stderr
     );
-    for candidate in ["unix:///run/buildkit-default/buildkitd.sock", "unix:///run/buildkit/buildkitd.sock"] {
+    for candidate in [
+        "unix:///run/buildkit-default/buildkitd.sock",
+        "unix:///run/buildkit/buildkitd.sock",
+    ] {
         assert!(
-            failed.stderr.contains(&format!("failed to ping to host {candidate}")),
+            failed
+                .stderr
+                .contains(&format!("failed to ping to host {candidate}")),
             "missing candidate {candidate}:\n{}",
             failed.stderr
         );
@@ -107,21 +128,41 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
     );
     let first = build();
     assert_eq!(
-        first.code, 0,
+        first.code,
+        0,
         "first build failed\nstderr:\n{}\nkilnd log:\n{}",
         first.stderr,
         daemon.log_text()
     );
-    assert!(first.stderr.contains(&format!("Loaded image: {IMAGE}")), "{}", first.stderr);
+    assert!(
+        first.stderr.contains(&format!("Loaded image: {IMAGE}")),
+        "{}",
+        first.stderr
+    );
     let first_steps = steps(&first.stderr);
-    assert_eq!(first_steps.len(), 2, "expected FROM and RUN steps:\n{}", first.stderr);
-    assert!(container_runs(&runc_log) >= 1, "the RUN step must have started a container");
+    assert_eq!(
+        first_steps.len(),
+        2,
+        "expected FROM and RUN steps:\n{}",
+        first.stderr
+    );
+    assert!(
+        container_runs(&runc_log) >= 1,
+        "the RUN step must have started a container"
+    );
 
     // 2. containerd has the image, unpacked and runnable.
     let images = ctr(&["-n", "default", "images", "ls", "-q"]).success();
-    assert!(images.stdout.lines().any(|l| l == IMAGE), "{}", images.stdout);
+    assert!(
+        images.stdout.lines().any(|l| l == IMAGE),
+        "{}",
+        images.stdout
+    );
     let container = format!("kiln-e2e-{}", std::process::id());
-    let output = ctr(&["-n", "default", "run", "--rm", IMAGE, &container, "cat", "/hello"]).success();
+    let output = ctr(&[
+        "-n", "default", "run", "--rm", IMAGE, &container, "cat", "/hello",
+    ])
+    .success();
     assert_eq!(output.stdout.trim(), "hello");
 
     // 3. The same build again: every step cached, no container started.
@@ -131,10 +172,22 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
     let second_steps = steps(&second.stderr);
     assert_eq!(second_steps.len(), 2, "{}", second.stderr);
     for (id, cached) in &second_steps {
-        assert!(cached, "step {id} was not reported CACHED:\n{}", second.stderr);
+        assert!(
+            cached,
+            "step {id} was not reported CACHED:\n{}",
+            second.stderr
+        );
     }
-    assert_eq!(container_runs(&runc_log), runs_before, "a cached rebuild started a container");
-    assert!(second.stderr.contains(&format!("Loaded image: {IMAGE}")), "{}", second.stderr);
+    assert_eq!(
+        container_runs(&runc_log),
+        runs_before,
+        "a cached rebuild started a container"
+    );
+    assert!(
+        second.stderr.contains(&format!("Loaded image: {IMAGE}")),
+        "{}",
+        second.stderr
+    );
     // Nothing changed, so the image is the same image: same manifest digest.
     assert_eq!(
         unpacked_digest(&first.stderr),
@@ -147,6 +200,12 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
 fn unpacked_digest(stderr: &str) -> String {
     stderr
         .lines()
-        .find_map(|l| l.strip_prefix("unpacking ")?.split_once(" (")?.1.strip_suffix(")...").map(str::to_string))
+        .find_map(|l| {
+            l.strip_prefix("unpacking ")?
+                .split_once(" (")?
+                .1
+                .strip_suffix(")...")
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| panic!("no unpacking line in:\n{stderr}"))
 }
