@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use futures::Stream;
 use kiln_image::oci::{ImageConfig, Platform};
 use kiln_proto::moby::buildkit::v1 as api;
@@ -219,63 +218,22 @@ impl ControlService {
             .map_err(|e| solve_error(&e))?;
 
         let mut response = BTreeMap::new();
+        let input = exporter::ExportInput {
+            worker: worker.as_ref(),
+            snapshot: result.snapshot.as_ref(),
+            image_config: &image_config,
+            created: result.created,
+            session: session.as_deref(),
+            tmp_dir: &tmp_root,
+        };
         for (index, ((_, attrs), kind)) in exporters.iter().zip(kinds).enumerate() {
-            let names =
-                exporter::names(attrs).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-            let oci_types = exporter::bool_attr(attrs, "oci-mediatypes", kind == ExporterKind::Oci)
-                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-            let title = match kind {
-                ExporterKind::Image => "exporting to image",
-                ExporterKind::Docker => "exporting to docker image format",
-                ExporterKind::Oci => "exporting to oci image format",
-            };
+            let title = kind.title();
             let vertex = progress.start_vertex(
                 &frontend::synthetic_digest(&[&request_ref, title, &index.to_string()]),
                 title,
                 Vec::new(),
             );
-            let exported: anyhow::Result<BTreeMap<String, String>> = async {
-                if kind == ExporterKind::Image && exporter::bool_attr(attrs, "push", false)? {
-                    anyhow::bail!("pushing images is not supported yet");
-                }
-                let image = exporter::commit_image(
-                    worker.as_ref(),
-                    result.snapshot.as_ref(),
-                    image_config.clone(),
-                    result.created,
-                    oci_types,
-                    &vertex,
-                )
-                .await?;
-                let response = exporter::response(&image, &names)?;
-                if matches!(kind, ExporterKind::Docker | ExporterKind::Oci)
-                    && exporter::bool_attr(attrs, "tar", true)?
-                {
-                    let session = session
-                        .as_ref()
-                        .context("a tarball exporter needs a session to send the file to")?;
-                    let file =
-                        exporter::archive_to_temp(worker.as_ref(), &image, &names, &tmp_root)
-                            .await?;
-                    let mut metadata = BTreeMap::new();
-                    for (k, v) in &response {
-                        metadata.insert(k.clone(), v.clone());
-                    }
-                    vertex.status("sending tarball", "sending tarball", 0, None, false);
-                    let sent = kiln_session::filesend::send(
-                        session.channel(),
-                        index,
-                        &metadata,
-                        tokio::fs::File::from_std(file),
-                    )
-                    .await
-                    .context("failed to send the image to the client")?;
-                    vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
-                }
-                Ok(response)
-            }
-            .await;
-            match exported {
+            match exporter::export(kind, index, attrs, &input, &vertex).await {
                 Ok(r) => {
                     vertex.done();
                     response.extend(r);

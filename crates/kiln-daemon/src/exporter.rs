@@ -35,6 +35,15 @@ pub enum ExporterKind {
 }
 
 impl ExporterKind {
+    /// The progress title of the exporter's vertex.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Image => "exporting to image",
+            Self::Docker => "exporting to docker image format",
+            Self::Oci => "exporting to oci image format",
+        }
+    }
+
     /// Parses an exporter type name.
     pub fn parse(kind: &str) -> anyhow::Result<Self> {
         match kind {
@@ -180,6 +189,65 @@ pub async fn commit_image(
         manifest: Descriptor::new(manifest_type, manifest_digest, manifest_bytes.len() as u64),
         config: config_digest,
     })
+}
+
+/// What every exporter works from.
+pub struct ExportInput<'a> {
+    /// The worker holding the result.
+    pub worker: &'a dyn Worker,
+    /// The result snapshot (`None` = scratch).
+    pub snapshot: Option<&'a SnapshotId>,
+    /// The frontend's image config.
+    pub image_config: &'a ImageConfig,
+    /// When the result was first built (seconds since the epoch).
+    pub created: Option<u64>,
+    /// The client's session, for file exporters.
+    pub session: Option<&'a kiln_session::Session>,
+    /// Where temporary files go.
+    pub tmp_dir: &'a Path,
+}
+
+/// Runs exporter number `index` of kind `kind` with `attrs`, returning its
+/// response keys.
+pub async fn export(
+    kind: ExporterKind,
+    index: usize,
+    attrs: &BTreeMap<String, String>,
+    input: &ExportInput<'_>,
+    vertex: &VertexProgress,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let names = names(attrs)?;
+    let oci_types = bool_attr(attrs, "oci-mediatypes", kind == ExporterKind::Oci)?;
+    if kind == ExporterKind::Image && bool_attr(attrs, "push", false)? {
+        bail!("pushing images is not supported yet");
+    }
+    let image = commit_image(
+        input.worker,
+        input.snapshot,
+        input.image_config.clone(),
+        input.created,
+        oci_types,
+        vertex,
+    )
+    .await?;
+    let response = response(&image, &names)?;
+    if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && bool_attr(attrs, "tar", true)? {
+        let session = input
+            .session
+            .context("a tarball exporter needs a session to send the file to")?;
+        let file = archive_to_temp(input.worker, &image, &names, input.tmp_dir).await?;
+        vertex.status("sending tarball", "sending tarball", 0, None, false);
+        let sent = kiln_session::filesend::send(
+            session.channel(),
+            index,
+            &response,
+            tokio::fs::File::from_std(file),
+        )
+        .await
+        .context("failed to send the image to the client")?;
+        vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
+    }
+    Ok(response)
 }
 
 /// The exporter response keys BuildKit returns for an image.
