@@ -232,7 +232,7 @@ pub(crate) fn run(
                     Some(p) => p,
                     None => scope.mount_point()?,
                 };
-                copy(k, &src_root, &active.view, c, owner)?
+                copy(k, &src_root, &active.view, c, owner, &scope.dir)?
             }
             Some(Action::Mkdir(m)) => mkdir(k, &active.view, m, owner)?,
             Some(Action::Mkfile(m)) => mkfile(k, &active.view, m, owner)?,
@@ -395,6 +395,7 @@ fn copy(
     dest_root: &Path,
     c: &pb::FileActionCopy,
     owner: Option<Owner>,
+    tmp: &Path,
 ) -> Result<(), Error> {
     if !c.include_patterns.is_empty() || !c.exclude_patterns.is_empty() {
         return Err(Error::Unsupported {
@@ -453,6 +454,25 @@ fn copy(
         });
     }
     for src in srcs {
+        if c.attempt_unpack_docker_compatibility {
+            let archive = open_archive(&src, tmp).map_err(action_err(k, "copy", &c.src))?;
+            if let Some(archive) = archive {
+                // ADD of a local archive: extracted into the destination, which is a directory
+                // whether or not it ends in `/` (BuildKit's docker-compatible unpack).
+                mkdir_all(&dest, 0o755, uid, gid).map_err(action_err(k, "copy", &c.dest))?;
+                tracing::debug!(src = %src.display(), dest = %c.dest, "extracting archive");
+                extract_archive(archive.reader, &dest, owner).map_err(|reason| {
+                    Error::FileAction {
+                        index: k,
+                        action: "copy",
+                        path: c.src.clone(),
+                        reason,
+                        source: None,
+                    }
+                })?;
+                continue;
+            }
+        }
         let src_meta = fs::symlink_metadata(&src).map_err(action_err(k, "copy", &c.src))?;
         let dest_meta = fs::metadata(&dest).ok();
         let into = match &dest_meta {
@@ -599,4 +619,317 @@ fn symlink(
         set_mtime(&path, sec, ns).map_err(err())?;
     }
     Ok(())
+}
+
+// ---- ADD's archive extraction (`attemptUnpackDockerCompatibility`) ----
+
+/// How an archive source is compressed, from its magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Bzip2,
+    Xz,
+}
+
+fn compression_of(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b, 0x08]) {
+        Compression::Gzip
+    } else if head.starts_with(b"BZh") {
+        Compression::Bzip2
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Compression::Xz
+    } else {
+        Compression::None
+    }
+}
+
+/// A temporary file removed on drop.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// An archive opened for extraction: the decompressed tar stream. An xz stream is decompressed
+/// to a temporary file first (the pure-Rust decoder is not a reader).
+struct OpenedArchive {
+    reader: Box<dyn io::Read>,
+    _temp: Option<TempFile>,
+}
+
+/// Opens `path` as a tar archive (plain, gzip, bzip2 or xz) if it is one: a regular file (not
+/// followed if a symlink) whose decompressed content starts with a valid tar header, as
+/// BuildKit's `isArchivePath` decides. `Ok(None)` means "copy it as a file".
+fn open_archive(path: &Path, tmp: &Path) -> io::Result<Option<OpenedArchive>> {
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.file_type().is_file() {
+        return Ok(None);
+    }
+    // A reader over `file`, decompressed by its magic bytes when `decompress` is set.
+    let reader_for = |file: &Path, decompress: bool| -> io::Result<Box<dyn io::Read>> {
+        let mut head = [0u8; 6];
+        let n = read_full(&fs::File::open(file)?, &mut head)?;
+        let buffered = io::BufReader::new(fs::File::open(file)?);
+        Ok(match compression_of(&head[..n]) {
+            Compression::Gzip if decompress => {
+                Box::new(flate2::read::MultiGzDecoder::new(buffered))
+            }
+            Compression::Bzip2 if decompress => {
+                Box::new(bzip2::read::MultiBzDecoder::new(buffered))
+            }
+            _ => Box::new(buffered),
+        })
+    };
+    let mut head = [0u8; 6];
+    let n = read_full(&fs::File::open(path)?, &mut head)?;
+    let (temp, reader) = if compression_of(&head[..n]) == Compression::Xz {
+        let temp = TempFile(tmp.join(format!("unpack-{}.tar", random_id())));
+        let mut input = io::BufReader::new(fs::File::open(path)?);
+        let mut output = io::BufWriter::new(fs::File::create(&temp.0)?);
+        let decoded = lzma_rs::xz_decompress(&mut input, &mut output);
+        let flushed = io::Write::flush(&mut output);
+        drop(output);
+        if decoded.is_err() || flushed.is_err() {
+            // Not a valid xz stream: BuildKit copies such a file as is.
+            return Ok(None);
+        }
+        let reader = reader_for(&temp.0, false)?;
+        (Some(temp), reader)
+    } else {
+        (None, reader_for(path, true)?)
+    };
+    // Probe: the first tar header must parse (a decompression error means "not an archive").
+    let probe = match &temp {
+        Some(t) => reader_for(&t.0, false)?,
+        None => reader_for(path, true)?,
+    };
+    let mut archive = tar::Archive::new(probe);
+    let valid = match archive.entries() {
+        Ok(mut entries) => matches!(entries.next(), Some(Ok(_))),
+        Err(_) => false,
+    };
+    let opened = OpenedArchive {
+        reader,
+        _temp: temp,
+    };
+    Ok(valid.then_some(opened))
+}
+
+fn read_full(mut file: &fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    use io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(m) => n += m,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// An entry name made relative and clean: leading `/` dropped, `.` removed, `..` resolved
+/// lexically; a name that climbs above the extraction root is an error (BuildKit's
+/// `cleanRootTarPath`). `None` for the root itself.
+fn clean_entry_name(raw: &[u8]) -> Result<Option<PathBuf>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = String::from_utf8_lossy(raw).into_owned();
+    if raw.contains(&0) {
+        return Err(format!("archive path {shown:?} contains a NUL byte"));
+    }
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for component in raw.split(|&b| b == b'/') {
+        match component {
+            b"" | b"." => {}
+            b".." => {
+                if parts.pop().is_none() {
+                    return Err(format!("archive path {shown:?} is outside extraction root"));
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let mut path = PathBuf::new();
+    for p in parts {
+        path.push(std::ffi::OsStr::from_bytes(p));
+    }
+    Ok(Some(path))
+}
+
+/// Extracts the tar stream into `dest` (an existing directory). Every path is resolved inside
+/// `dest` with symlinks followed as if `dest` were `/` ([`resolve_in_root`]), so neither `..`
+/// nor a symlink in the archive (or already in the tree) leads outside; files are created with
+/// `O_NOFOLLOW` after removing what was there. Owner: `--chown` when given, else the entry's;
+/// mode and mtime from the entry. OCI whiteout names are plain files here, as in BuildKit.
+fn extract_archive(reader: impl io::Read, dest: &Path, owner: Option<Owner>) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("failed to read archive: {e}"))?;
+    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("failed to read archive: {e}"))?;
+        let kind = entry.header().entry_type();
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
+        let raw = entry.path_bytes().into_owned();
+        let Some(name) = clean_entry_name(&raw)? else {
+            continue;
+        };
+        let shown = name.display().to_string();
+        let fail = |what: &str, e: io::Error| format!("failed to {what} {shown}: {e}");
+        let is_dir = kind == tar::EntryType::Directory;
+        let target = resolve_in_root(dest, &shown, is_dir).map_err(|e| fail("resolve", e))?;
+        if target == dest {
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            // Missing parents are root-owned 0755 directories, as BuildKit makes them.
+            mkdir_all(parent, 0o755, Some(0), Some(0)).map_err(|e| fail("create parents of", e))?;
+        }
+        let header = entry.header();
+        let mode = header.mode().map_err(|e| fail("read mode of", e))? & 0o7777;
+        let mtime = header.mtime().unwrap_or(0) as i64;
+        let uid = owner
+            .and_then(|o| o.uid)
+            .unwrap_or_else(|| header.uid().map(|u| u as u32).unwrap_or(0));
+        let gid = owner
+            .and_then(|o| o.gid)
+            .unwrap_or_else(|| header.gid().map(|g| g as u32).unwrap_or(0));
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
+
+        match fs::symlink_metadata(&target) {
+            Ok(meta) if meta.is_dir() && is_dir => {}
+            Ok(meta) if meta.is_dir() => {
+                fs::remove_dir_all(&target).map_err(|e| fail("replace", e))?
+            }
+            Ok(_) => fs::remove_file(&target).map_err(|e| fail("replace", e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail("inspect", e)),
+        }
+
+        match kind {
+            tar::EntryType::Directory => {
+                if !target.is_dir() {
+                    fs::create_dir(&target).map_err(|e| fail("create", e))?;
+                }
+                lchown(&target, Some(uid), Some(gid)).map_err(|e| fail("chown", e))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(|e| fail("chmod", e))?;
+                dir_times.push((target, mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)
+                    .map_err(|e| fail("create", e))?;
+                io::copy(&mut entry, &mut file).map_err(|e| fail("write", e))?;
+                drop(file);
+                lchown(&target, Some(uid), Some(gid)).map_err(|e| fail("chown", e))?;
+                // After chown, which clears setuid/setgid.
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(|e| fail("chmod", e))?;
+                set_mtime(&target, mtime, 0).map_err(|e| fail("set times of", e))?;
+            }
+            tar::EntryType::Symlink => {
+                use std::os::unix::ffi::OsStrExt;
+                let link = link.ok_or_else(|| format!("symlink {shown} has no target"))?;
+                // The target is kept as written; it is only ever resolved inside the root.
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &target)
+                    .map_err(|e| fail("create symlink", e))?;
+                lchown(&target, Some(uid), Some(gid)).map_err(|e| fail("chown", e))?;
+                set_mtime(&target, mtime, 0).map_err(|e| fail("set times of", e))?;
+            }
+            tar::EntryType::Link => {
+                let link = link.ok_or_else(|| format!("hard link {shown} has no target"))?;
+                let Some(link_name) = clean_entry_name(&link)? else {
+                    return Err(format!(
+                        "archive hardlink {shown:?} targets extraction root"
+                    ));
+                };
+                let source = resolve_in_root(dest, &link_name.display().to_string(), false)
+                    .map_err(|e| fail("resolve hard link target of", e))?;
+                let meta = fs::symlink_metadata(&source)
+                    .map_err(|e| fail("find hard link target of", e))?;
+                if meta.is_dir() {
+                    return Err(format!("hard link {shown} points to a directory"));
+                }
+                fs::hard_link(&source, &target).map_err(|e| fail("create hard link", e))?;
+                lchown(&target, Some(uid), Some(gid)).map_err(|e| fail("chown", e))?;
+                if !meta.file_type().is_symlink() {
+                    fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                        .map_err(|e| fail("chmod", e))?;
+                    set_mtime(&target, mtime, 0).map_err(|e| fail("set times of", e))?;
+                }
+            }
+            tar::EntryType::Fifo => {
+                nix::unistd::mkfifo(
+                    &target,
+                    nix::sys::stat::Mode::from_bits_truncate(mode as libc::mode_t),
+                )
+                .map_err(|e| fail("create fifo", io::Error::from(e)))?;
+                lchown(&target, Some(uid), Some(gid)).map_err(|e| fail("chown", e))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(|e| fail("chmod", e))?;
+                set_mtime(&target, mtime, 0).map_err(|e| fail("set times of", e))?;
+            }
+            other => {
+                return Err(format!(
+                    "unsupported tar entry {shown:?} type {:?}",
+                    other.as_byte() as char
+                ))
+            }
+        }
+    }
+    // Directory times last: creating their children changed them.
+    for (dir, mtime) in dir_times.iter().rev() {
+        set_mtime(dir, *mtime, 0)
+            .map_err(|e| format!("failed to set times of {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_stay_inside() {
+        assert_eq!(
+            clean_entry_name(b"/a/./b/../c").unwrap(),
+            Some(PathBuf::from("a/c"))
+        );
+        assert_eq!(clean_entry_name(b"./").unwrap(), None);
+        assert!(clean_entry_name(b"../etc/passwd").is_err());
+        assert!(clean_entry_name(b"a/../../x").is_err());
+    }
+
+    #[test]
+    fn magic_bytes() {
+        assert_eq!(compression_of(&[0x1f, 0x8b, 0x08, 0]), Compression::Gzip);
+        assert_eq!(compression_of(b"BZh91A"), Compression::Bzip2);
+        assert_eq!(
+            compression_of(&[0xfd, b'7', b'z', b'X', b'Z', 0]),
+            Compression::Xz
+        );
+        assert_eq!(compression_of(b"ustar"), Compression::None);
+    }
 }
