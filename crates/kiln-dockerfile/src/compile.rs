@@ -1392,7 +1392,8 @@ impl Compiler<'_> {
                         identifier: src.clone(),
                         attrs: BTreeMap::from([("http.filename".to_string(), filename.clone())]),
                     })),
-                    platform: Some(pb_platform(&state.platform)),
+                    // Like BuildKit, only image sources carry a platform.
+                    platform: None,
                     ..Default::default()
                 };
                 // BuildKit describes the http source with an empty dockerfile command.
@@ -1528,7 +1529,8 @@ impl Compiler<'_> {
                 identifier: format!("local://{}", self.options.context_name),
                 attrs,
             })),
-            platform: Some(pb_platform(&self.options.platform)),
+            // Like BuildKit, only image sources carry a platform.
+            platform: None,
             ..Default::default()
         };
         let metadata = self.metadata("[internal] load build context", None);
