@@ -6,8 +6,8 @@
 //! Progress of long operations (pulls, process output) goes to a [`ProgressSink`] supplied by
 //! the caller; the worker never renders anything itself.
 //!
-//! Main types: [`Worker`], [`SnapshotId`], [`Layer`], [`SnapshotView`], [`ProgressSink`],
-//! [`Error`]. The OCI backend lives in `kiln-worker-oci`.
+//! Main types: [`Worker`], [`ImageStore`], [`SnapshotId`], [`Layer`], [`SnapshotView`], [`ProgressSink`],
+//! [`SnapshotUsage`], [`Lease`], [`Error`]. The OCI backend lives in `kiln-worker-oci`.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -86,6 +86,86 @@ impl std::fmt::Debug for SnapshotView {
         f.debug_struct("SnapshotView")
             .field("path", &self.path)
             .finish_non_exhaustive()
+    }
+}
+
+/// What kind of data a usage record holds; the strings are BuildKit's `RecordType`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RecordType {
+    /// A layer or op result.
+    #[default]
+    Regular,
+    /// A copy of a local source (the build context).
+    SourceLocal,
+    /// A `RUN --mount=type=cache` directory.
+    ExecCacheMount,
+    /// A git checkout.
+    GitCheckout,
+    /// Used by the daemon itself.
+    Internal,
+    /// Read by a frontend (the Dockerfile).
+    Frontend,
+}
+
+impl RecordType {
+    /// BuildKit's name (`regular`, `source.local`, `exec.cachemount`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordType::Regular => "regular",
+            RecordType::SourceLocal => "source.local",
+            RecordType::ExecCacheMount => "exec.cachemount",
+            RecordType::GitCheckout => "source.git.checkout",
+            RecordType::Internal => "internal",
+            RecordType::Frontend => "frontend",
+        }
+    }
+}
+
+/// Usage of one snapshot or cache mount, as [`Worker::usage`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    /// The id [`Worker::prune`] takes.
+    pub id: SnapshotId,
+    /// The snapshot below this one.
+    pub parent: Option<SnapshotId>,
+    /// Bytes of the snapshot's own data (not its parents').
+    pub size: u64,
+    /// When it was made.
+    pub created: std::time::SystemTime,
+    /// When it was last used, `None` if never since it was made.
+    pub last_used: Option<std::time::SystemTime>,
+    /// How many times it was used.
+    pub usage_count: u64,
+    /// Whether a running build holds it.
+    pub in_use: bool,
+    /// What it holds.
+    pub record_type: RecordType,
+    /// Human-readable origin (`pulled from …`, `mount / from exec …`).
+    pub description: String,
+    /// Whether it can still change (cache mounts).
+    pub mutable: bool,
+    /// Whether its content is shared with an image store outside the worker.
+    pub shared: bool,
+}
+
+/// Keeps snapshots in use while it lives (see [`Worker::hold`]).
+#[derive(Default)]
+pub struct Lease {
+    _release: Option<Box<dyn Send + Sync>>,
+}
+
+impl Lease {
+    /// A lease that drops (and so runs) `release` when it is dropped.
+    pub fn new(release: Box<dyn Send + Sync>) -> Self {
+        Self {
+            _release: Some(release),
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").finish_non_exhaustive()
     }
 }
 
@@ -200,6 +280,16 @@ pub enum Error {
         #[source]
         source: Option<io::Error>,
     },
+    /// A call to the service behind the worker (containerd's API for the containerd worker)
+    /// failed.
+    #[error("failed to {op}")]
+    Backend {
+        /// What was being done, e.g. `commit snapshot <name>`.
+        op: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A filesystem operation of the worker failed.
     #[error("failed to {op} {path}")]
     Io {
@@ -275,6 +365,34 @@ pub trait Worker: Send + Sync {
     /// The layers of the snapshot chain ending at `id`, bottom → top, blobs in
     /// [`content`](Self::content). Each snapshot is compressed at most once.
     async fn layers(&self, id: &SnapshotId) -> Result<Vec<Layer>, Error>;
+
+    /// Usage of every snapshot and cache mount the worker holds, for `DiskUsage` and `Prune`.
+    /// Workers that do not track usage report nothing.
+    async fn usage(&self) -> Result<Vec<SnapshotUsage>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the snapshots (and cache mounts) of `ids` that are not in use and are not the
+    /// parent of a snapshot that stays; returns the ids actually removed. Unknown ids are
+    /// skipped. Workers that cannot remove anything return an empty list.
+    async fn prune(&self, ids: &[SnapshotId]) -> Result<Vec<SnapshotId>, Error> {
+        let _ = ids;
+        Ok(Vec::new())
+    }
+
+    /// Marks `ids` as in use until the returned [`Lease`] is dropped: [`prune`](Self::prune)
+    /// does not remove them meanwhile. Take the lease before checking
+    /// [`exists`](Self::exists), so a concurrent prune cannot slip in between.
+    fn hold(&self, ids: &[SnapshotId]) -> Lease {
+        let _ = ids;
+        Lease::default()
+    }
+
+    /// Records that `ids` were used now (a cache hit on them, or an op running on them): updates
+    /// their last-used time and usage count.
+    fn record_use(&self, ids: &[SnapshotId]) {
+        let _ = ids;
+    }
 }
 
 #[cfg(test)]
