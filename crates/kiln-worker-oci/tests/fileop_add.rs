@@ -417,3 +417,91 @@ async fn hostile_archives_stay_inside_the_destination() {
         "the tree's /etc/passwd is untouched"
     );
 }
+
+/// No base image is resolved in the compiled Dockerfiles below (`FROM scratch`).
+struct NoImages;
+
+#[async_trait::async_trait]
+impl kiln_dockerfile::ImageMetaResolver for NoImages {
+    async fn resolve(
+        &self,
+        reference: &kiln_image::reference::Reference,
+        _platform: &kiln_image::oci::Platform,
+    ) -> Result<(kiln_image::Digest, Vec<u8>), kiln_dockerfile::ResolveError> {
+        Err(format!("unexpected image {reference}").into())
+    }
+}
+
+/// Runs a compiled definition made only of local sources and file ops on the worker (a tiny
+/// solver for the contract between the Dockerfile compiler and the worker).
+async fn run_definition(
+    worker: &OciWorker,
+    definition: &pb::Definition,
+    context: &Path,
+) -> Option<SnapshotId> {
+    let graph = kiln_llb::Graph::from_definition(definition).unwrap();
+    let mut outputs: BTreeMap<String, Vec<Option<SnapshotId>>> = BTreeMap::new();
+    for digest in graph.topological_order() {
+        let op = graph.op(digest).unwrap();
+        let inputs: Vec<Option<SnapshotId>> = graph
+            .inputs(digest)
+            .iter()
+            .map(|r| outputs[&r.digest][r.index as usize].clone())
+            .collect();
+        let produced = match &op.op {
+            Some(pb::op::Op::Source(s)) => {
+                assert!(s.identifier.starts_with("local://"), "{}", s.identifier);
+                vec![Some(worker.snapshot_from_dir(context).await.unwrap())]
+            }
+            Some(pb::op::Op::File(f)) => worker.file(f, &inputs).await.unwrap(),
+            other => panic!("unexpected op {other:?}"),
+        };
+        outputs.insert(digest.clone(), produced);
+    }
+    let result = graph.result()?;
+    outputs[&result.digest][result.index as usize].clone()
+}
+
+#[tokio::test]
+async fn compiled_add_copy_and_heredoc_build_the_expected_tree() {
+    let source = "FROM scratch\n\
+        ENV NAME=kiln\n\
+        ADD --chown=1000:1000 app.tar.gz /opt/\n\
+        COPY app.tar.gz /raw/\n\
+        ADD notes.txt /opt/notes/\n\
+        COPY <<EOF /etc/greeting\n\
+        hello $NAME\n\
+        EOF\n";
+    let dockerfile = kiln_dockerfile::parse(source).unwrap();
+    let options = kiln_dockerfile::CompileOptions {
+        source: source.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let compiled = kiln_dockerfile::compile(&dockerfile, &options, &NoImages)
+        .await
+        .unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let worker = open(root.path());
+    let ctx = tempfile::tempdir().unwrap();
+    let archive = gzip(&tar_of(&sample_entries()));
+    fs::write(ctx.path().join("app.tar.gz"), &archive).unwrap();
+    fs::write(ctx.path().join("notes.txt"), b"notes\n").unwrap();
+    let out = run_definition(&worker, &compiled.definition, ctx.path())
+        .await
+        .expect("a result snapshot");
+    let view = worker.snapshot_path(&out).await.unwrap();
+    let p = view.path();
+    // ADD extracted the archive, owned by --chown.
+    assert_eq!(fs::read(p.join("opt/pkg/README")).unwrap(), b"read me\n");
+    assert_eq!(fs::metadata(p.join("opt/pkg/README")).unwrap().uid(), 1000);
+    assert!(!p.join("opt/app.tar.gz").exists());
+    // COPY of the same archive did not.
+    assert_eq!(fs::read(p.join("raw/app.tar.gz")).unwrap(), archive);
+    // ADD of a plain file copies it.
+    assert_eq!(fs::read(p.join("opt/notes/notes.txt")).unwrap(), b"notes\n");
+    // The heredoc became a file, with the variable expanded.
+    assert_eq!(fs::read(p.join("etc/greeting")).unwrap(), b"hello kiln\n");
+    let greeting = fs::metadata(p.join("etc/greeting")).unwrap();
+    assert_eq!(greeting.permissions().mode() & 0o777, 0o644);
+}
