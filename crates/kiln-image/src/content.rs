@@ -174,6 +174,49 @@ impl ContentStore {
         fs::remove_file(&path).map_err(|e| self.map_missing(digest, path, e))
     }
 
+    /// Records that the blob `digest` is also stored in the registry repository `source`
+    /// (`domain/path`, e.g. `127.0.0.1:5000/busybox`), so a push to another repository of the same
+    /// registry can mount it instead of uploading it. Recording a known source is a no-op.
+    pub fn add_source(&self, digest: &Digest, source: &str) -> Result<()> {
+        let mut sources = self.sources(digest);
+        if sources.iter().any(|s| s == source) {
+            return Ok(());
+        }
+        sources.push(source.to_owned());
+        let dir = self.inner.root.join("sources");
+        fs::create_dir_all(&dir).map_err(|e| Error::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let path = dir.join(digest.hex());
+        let temp = dir.join(format!(
+            ".{}-{}-{}",
+            digest.hex(),
+            std::process::id(),
+            INGEST_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut text = sources.join("\n");
+        text.push('\n');
+        fs::write(&temp, text).map_err(|e| Error::Io {
+            path: temp.clone(),
+            source: e,
+        })?;
+        fs::rename(&temp, &path).map_err(|e| Error::Io { path, source: e })
+    }
+
+    /// The registry repositories (`domain/path`) the blob is known to be in, oldest first.
+    pub fn sources(&self, digest: &Digest) -> Vec<String> {
+        let path = self.inner.root.join("sources").join(digest.hex());
+        fs::read_to_string(path)
+            .map(|text| {
+                text.lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn map_missing(&self, digest: &Digest, path: PathBuf, e: io::Error) -> Error {
         if e.kind() == io::ErrorKind::NotFound {
             Error::NotFound {
@@ -338,6 +381,18 @@ mod tests {
             }
         });
         assert_eq!(store.read(&expected).unwrap(), data);
+    }
+
+    #[test]
+    fn blob_sources_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let d = store.write_blob(b"layer").unwrap();
+        assert!(store.sources(&d).is_empty());
+        store.add_source(&d, "127.0.0.1:5000/a").unwrap();
+        store.add_source(&d, "127.0.0.1:5000/b").unwrap();
+        store.add_source(&d, "127.0.0.1:5000/a").unwrap();
+        assert_eq!(store.sources(&d), ["127.0.0.1:5000/a", "127.0.0.1:5000/b"]);
     }
 
     #[test]

@@ -167,6 +167,52 @@ pub enum Error {
         #[source]
         source: content::Error,
     },
+    /// A push request failed before an HTTP status was received.
+    #[error("failed to push {what} to {url} for {reference}")]
+    PushRequest {
+        /// The image (full normalized reference).
+        reference: String,
+        /// `blob sha256:...` or `manifest`.
+        what: String,
+        /// The URL requested.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry refused a push request.
+    #[error("failed to push {what} to {url} for {reference}: {status}{detail}")]
+    PushStatus {
+        /// The image (full normalized reference).
+        reference: String,
+        /// `blob sha256:...` or `manifest`.
+        what: String,
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The start of the registry's error body (with a leading `: `), or empty.
+        detail: String,
+    },
+    /// A blob to push could not be read from the content store.
+    #[error("failed to read blob {digest} to push to {reference}")]
+    PushContent {
+        /// The image (full normalized reference).
+        reference: String,
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        #[source]
+        source: content::Error,
+    },
+    /// The registry gave an upload location that is not a URL.
+    #[error("registry gave an invalid upload location {location:?} for {reference}")]
+    Location {
+        /// The image (full normalized reference).
+        reference: String,
+        /// The `Location` header.
+        location: String,
+    },
 }
 
 /// Result of registry operations.
@@ -186,6 +232,8 @@ pub struct HostConfig {
 #[derive(Debug, Clone, Default)]
 pub struct RegistryHosts {
     hosts: BTreeMap<String, HostConfig>,
+    /// Hosts reached over https without certificate checks, then over plain http.
+    lenient: std::collections::BTreeSet<String>,
 }
 
 /// One way to reach a host: base URL and TLS leniency.
@@ -213,6 +261,13 @@ impl RegistryHosts {
         self
     }
 
+    /// Makes `host` lenient, as BuildKit's `registry.insecure` exporter attr does: https without
+    /// certificate verification first, then plain http. Hosts configured with `http` stay http.
+    pub fn allow_insecure(&mut self, host: impl Into<String>) -> &mut Self {
+        self.lenient.insert(host.into());
+        self
+    }
+
     /// The configuration of `host`, if any.
     pub fn get(&self, host: &str) -> Option<&HostConfig> {
         self.hosts.get(host)
@@ -225,11 +280,22 @@ impl RegistryHosts {
         } else {
             domain
         };
+        let lenient = self.lenient.contains(domain);
         match self.hosts.get(domain) {
             Some(c) if c.http => vec![Endpoint {
                 base: format!("http://{host}"),
                 insecure: false,
             }],
+            _ if lenient => vec![
+                Endpoint {
+                    base: format!("https://{host}"),
+                    insecure: true,
+                },
+                Endpoint {
+                    base: format!("http://{host}"),
+                    insecure: false,
+                },
+            ],
             Some(c) => vec![Endpoint {
                 base: format!("https://{host}"),
                 insecure: c.insecure,
@@ -296,6 +362,64 @@ impl ResolvedImage {
             self.manifest_bytes.len() as u64,
         )
     }
+}
+
+/// How one blob reached the registry in a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobPush {
+    /// The repository already had it (HEAD answered 200).
+    Existing,
+    /// Mounted from another repository of the same registry.
+    Mounted,
+    /// Uploaded.
+    Uploaded,
+}
+
+/// What [`Resolver::push_image`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    /// The digest of the pushed manifest or index.
+    pub digest: Digest,
+    /// Every config and layer blob, in push order, with how it got there.
+    pub blobs: Vec<(Digest, BlobPush)>,
+}
+
+impl PushReport {
+    /// How many blobs were pushed the way `how`.
+    pub fn count(&self, how: BlobPush) -> usize {
+        self.blobs.iter().filter(|(_, h)| *h == how).count()
+    }
+}
+
+/// Whether a push failure is worth one more try: no HTTP answer, or a 5xx / 408 / 429.
+fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::PushRequest { .. } => true,
+        Error::PushStatus { status, .. } => {
+            status.is_server_error()
+                || *status == StatusCode::REQUEST_TIMEOUT
+                || *status == StatusCode::TOO_MANY_REQUESTS
+        }
+        _ => false,
+    }
+}
+
+/// The `Location` of an upload response, resolved against the repository URL.
+fn upload_location(
+    reference: &Reference,
+    repo: &str,
+    response: &Response,
+) -> Result<Option<reqwest::Url>> {
+    let Some(location) = response.headers().get(reqwest::header::LOCATION) else {
+        return Ok(None);
+    };
+    let bad = || Error::Location {
+        reference: reference.to_string(),
+        location: String::from_utf8_lossy(location.as_bytes()).into_owned(),
+    };
+    let location = location.to_str().map_err(|_| bad())?;
+    let base = reqwest::Url::parse(&format!("{repo}/")).map_err(|_| bad())?;
+    base.join(location).map(Some).map_err(|_| bad())
 }
 
 /// Resolves references and fetches blobs. Cheap to clone; remembers tokens and which loopback
@@ -512,7 +636,12 @@ impl Resolver {
             });
         }
         match writer.commit(Some(digest)) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if let Err(e) = store.add_source(digest, &reference.name()) {
+                    tracing::warn!(%digest, error = %e, "failed to record blob source");
+                }
+                Ok(())
+            }
             Err(content::Error::DigestMismatch { expected, actual }) => {
                 Err(Error::DigestMismatch {
                     reference: reference.to_string(),
@@ -523,6 +652,348 @@ impl Resolver {
             }
             Err(e) => Err(content_err(e)),
         }
+    }
+
+    /// Pushes the image or index `manifest` (whose blobs are all in `store`) to `reference`:
+    /// every blob not already in the repository (config and layers, and for an index each child
+    /// manifest's), then the manifest itself, under the reference's tag or, without a tag, by
+    /// digest (push-by-digest).
+    pub async fn push_image(
+        &self,
+        reference: &Reference,
+        manifest: &Descriptor,
+        store: &ContentStore,
+    ) -> Result<PushReport> {
+        let endpoint = self.push_endpoint(reference).await?;
+        let mut report = PushReport {
+            digest: manifest.digest.clone(),
+            blobs: Vec::new(),
+        };
+        let bytes = self.read_for_push(reference, store, &manifest.digest)?;
+        if media_types::is_index(&manifest.media_type) {
+            let index: ImageIndex = parse_json(reference, "index", &manifest.digest, &bytes)?;
+            for child in &index.manifests {
+                let child_bytes = self.read_for_push(reference, store, &child.digest)?;
+                let image: ImageManifest =
+                    parse_json(reference, "manifest", &child.digest, &child_bytes)?;
+                self.push_manifest_blobs(reference, &endpoint, &image, store, &mut report)
+                    .await?;
+                self.put_manifest(
+                    reference,
+                    &endpoint,
+                    &child.digest.to_string(),
+                    &child.media_type,
+                    &child_bytes,
+                )
+                .await?;
+            }
+        } else {
+            let image: ImageManifest = parse_json(reference, "manifest", &manifest.digest, &bytes)?;
+            self.push_manifest_blobs(reference, &endpoint, &image, store, &mut report)
+                .await?;
+        }
+        let target = match (reference.tag(), reference.digest()) {
+            (Some(tag), _) => tag.to_owned(),
+            (None, Some(digest)) if *digest != manifest.digest => {
+                return Err(Error::DigestMismatch {
+                    reference: reference.to_string(),
+                    what: "manifest",
+                    expected: digest.clone(),
+                    actual: manifest.digest.clone(),
+                })
+            }
+            (None, _) => manifest.digest.to_string(),
+        };
+        self.put_manifest(reference, &endpoint, &target, &manifest.media_type, &bytes)
+            .await?;
+        tracing::info!(%reference, digest = %manifest.digest, "pushed image");
+        Ok(report)
+    }
+
+    /// Pushes one blob of `store` to the repository of `reference`: nothing when the registry
+    /// has it, a cross-repository mount when the store knows the blob from another repository
+    /// of the same registry, else a monolithic upload (POST then PUT, tried twice on transient
+    /// failures).
+    pub async fn push_blob(
+        &self,
+        reference: &Reference,
+        descriptor: &Descriptor,
+        store: &ContentStore,
+    ) -> Result<BlobPush> {
+        let endpoint = self.push_endpoint(reference).await?;
+        self.push_blob_to(reference, &endpoint, descriptor, store)
+            .await
+    }
+
+    async fn push_manifest_blobs(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        image: &ImageManifest,
+        store: &ContentStore,
+        report: &mut PushReport,
+    ) -> Result<()> {
+        for blob in std::iter::once(&image.config).chain(&image.layers) {
+            if report.blobs.iter().any(|(d, _)| *d == blob.digest) {
+                continue;
+            }
+            let how = self.push_blob_to(reference, endpoint, blob, store).await?;
+            report.blobs.push((blob.digest.clone(), how));
+        }
+        Ok(())
+    }
+
+    fn read_for_push(
+        &self,
+        reference: &Reference,
+        store: &ContentStore,
+        digest: &Digest,
+    ) -> Result<Vec<u8>> {
+        store.read(digest).map_err(|source| Error::PushContent {
+            reference: reference.to_string(),
+            digest: digest.clone(),
+            source,
+        })
+    }
+
+    /// The endpoint of `reference`'s registry that answers `GET /v2/` (any status).
+    async fn push_endpoint(&self, reference: &Reference) -> Result<Endpoint> {
+        let domain = reference.domain();
+        let endpoints = self.inner.hosts.endpoints(domain);
+        let start = self
+            .lock_working()
+            .get(domain)
+            .copied()
+            .unwrap_or(0)
+            .min(endpoints.len().saturating_sub(1));
+        let mut last_err = None;
+        for (i, endpoint) in endpoints.iter().enumerate().skip(start) {
+            let client = if endpoint.insecure {
+                &self.inner.insecure_client
+            } else {
+                &self.inner.client
+            };
+            let url = format!("{}/v2/", endpoint.base);
+            match client.get(&url).send().await {
+                Ok(_) => {
+                    if i != start {
+                        self.lock_working().insert(domain.to_owned(), i);
+                    }
+                    return Ok(endpoint.clone());
+                }
+                Err(source) => {
+                    tracing::debug!(%reference, %url, error = %source, "endpoint failed");
+                    last_err = Some(Error::Request {
+                        reference: reference.to_string(),
+                        url,
+                        source,
+                    });
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::Status {
+            reference: reference.to_string(),
+            url: domain.to_owned(),
+            status: StatusCode::BAD_GATEWAY,
+        }))
+    }
+
+    /// Sends a push request; maps request failures and non-success statuses to errors.
+    async fn push_send(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        what: &str,
+        url: &str,
+        scopes: &[String],
+        build: &(dyn Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder> + Sync),
+    ) -> Result<Response> {
+        let response = self
+            .send_authorized(reference, endpoint, scopes, build)
+            .await
+            .map_err(|e| match e {
+                SendError::Request(source) => Error::PushRequest {
+                    reference: reference.to_string(),
+                    what: what.to_owned(),
+                    url: url.to_owned(),
+                    source,
+                },
+                SendError::Other(e) => e,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        let body = body.trim();
+        let detail = if body.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", body.chars().take(300).collect::<String>())
+        };
+        Err(Error::PushStatus {
+            reference: reference.to_string(),
+            what: what.to_owned(),
+            url: url.to_owned(),
+            status,
+            detail,
+        })
+    }
+
+    async fn push_blob_to(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        descriptor: &Descriptor,
+        store: &ContentStore,
+    ) -> Result<BlobPush> {
+        let digest = &descriptor.digest;
+        let what = format!("blob {digest}");
+        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
+        let push_scope = format!("repository:{}:pull,push", reference.path());
+        let record = || {
+            if let Err(e) = store.add_source(digest, &reference.name()) {
+                tracing::warn!(%digest, error = %e, "failed to record blob source");
+            }
+        };
+
+        let head_url = format!("{repo}/blobs/{digest}");
+        let head = self
+            .send_authorized(
+                reference,
+                endpoint,
+                std::slice::from_ref(&push_scope),
+                &|c| Ok(c.head(&head_url)),
+            )
+            .await;
+        if let Ok(response) = head {
+            if response.status().is_success() {
+                tracing::debug!(%reference, %digest, "blob already in the registry");
+                record();
+                return Ok(BlobPush::Existing);
+            }
+        }
+
+        // Cross-repository mount from a repository of the same registry that has the blob.
+        let mount_from = store.sources(digest).into_iter().find_map(|source| {
+            let (domain, path) = source.split_once('/')?;
+            (domain == reference.domain() && path != reference.path()).then(|| path.to_owned())
+        });
+        let mut location = None;
+        if let Some(from) = &mount_from {
+            let url = format!("{repo}/blobs/uploads/?mount={digest}&from={from}");
+            let scopes = [push_scope.clone(), format!("repository:{from}:pull")];
+            match self
+                .push_send(reference, endpoint, &what, &url, &scopes, &|c| {
+                    Ok(c.post(&url).header(reqwest::header::CONTENT_LENGTH, "0"))
+                })
+                .await
+            {
+                Ok(response) if response.status() == StatusCode::CREATED => {
+                    tracing::debug!(%reference, %digest, %from, "mounted blob");
+                    record();
+                    return Ok(BlobPush::Mounted);
+                }
+                // 202: the registry did not mount but opened an upload.
+                Ok(response) => location = upload_location(reference, &repo, &response)?,
+                Err(e) => tracing::debug!(%reference, %digest, error = %e, "mount failed"),
+            }
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .upload(reference, endpoint, descriptor, store, location.take())
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if attempt < 2 && is_transient(&e) => {
+                    tracing::warn!(%reference, %digest, error = %e, "retrying blob upload");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        record();
+        Ok(BlobPush::Uploaded)
+    }
+
+    /// One monolithic upload: POST (unless `location` is already open), then PUT with the blob.
+    async fn upload(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        descriptor: &Descriptor,
+        store: &ContentStore,
+        location: Option<reqwest::Url>,
+    ) -> Result<()> {
+        let digest = &descriptor.digest;
+        let what = format!("blob {digest}");
+        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
+        let scopes = [format!("repository:{}:pull,push", reference.path())];
+        let mut location = match location {
+            Some(l) => l,
+            None => {
+                let url = format!("{repo}/blobs/uploads/");
+                let response = self
+                    .push_send(reference, endpoint, &what, &url, &scopes, &|c| {
+                        Ok(c.post(&url).header(reqwest::header::CONTENT_LENGTH, "0"))
+                    })
+                    .await?;
+                upload_location(reference, &repo, &response)?.ok_or_else(|| Error::Location {
+                    reference: reference.to_string(),
+                    location: String::new(),
+                })?
+            }
+        };
+        location
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let url = location.to_string();
+        let size = store.info(digest).map_err(|source| Error::PushContent {
+            reference: reference.to_string(),
+            digest: digest.clone(),
+            source,
+        })?;
+        self.push_send(reference, endpoint, &what, &url, &scopes, &|c| {
+            let file = store
+                .open_blob(digest)
+                .map_err(|source| Error::PushContent {
+                    reference: reference.to_string(),
+                    digest: digest.clone(),
+                    source,
+                })?;
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, size.to_string())
+                .body(reqwest::Body::from(tokio::fs::File::from_std(file))))
+        })
+        .await?;
+        tracing::debug!(%reference, %digest, size, "uploaded blob");
+        Ok(())
+    }
+
+    async fn put_manifest(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        target: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let url = format!(
+            "{}/v2/{}/manifests/{target}",
+            endpoint.base,
+            reference.path()
+        );
+        let scopes = [format!("repository:{}:pull,push", reference.path())];
+        self.push_send(reference, endpoint, "manifest", &url, &scopes, &|c| {
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, media_type)
+                .body(bytes.to_vec()))
+        })
+        .await?;
+        Ok(())
     }
 
     async fn fetch_manifest(
@@ -638,31 +1109,50 @@ impl Resolver {
         url: &str,
         accept: Option<&str>,
     ) -> Result<Response> {
+        let scopes = [format!("repository:{}:pull", reference.path())];
+        self.send_authorized(reference, endpoint, &scopes, &|client| {
+            let mut request = client.get(url);
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept);
+            }
+            Ok(request)
+        })
+        .await
+        .map_err(|e| match e {
+            SendError::Request(source) => Error::Request {
+                reference: reference.to_string(),
+                url: url.to_owned(),
+                source,
+            },
+            SendError::Other(e) => e,
+        })
+    }
+
+    /// Sends the request `build` makes, with a cached bearer token for `scopes` if there is one;
+    /// on a 401 with a Bearer challenge fetches an anonymous token (for the challenge's scope and
+    /// `scopes`) and sends a new request once. The status is not checked.
+    async fn send_authorized(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        scopes: &[String],
+        build: &(dyn Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder> + Sync),
+    ) -> Result<Response, SendError> {
         let client = if endpoint.insecure {
             &self.inner.insecure_client
         } else {
             &self.inner.client
         };
-        let scope = format!("repository:{}:pull", reference.path());
-        let key = (endpoint.base.clone(), scope.clone());
-        let send = |token: Option<String>| {
-            let mut request = client.get(url);
-            if let Some(accept) = accept {
-                request = request.header(ACCEPT, accept);
-            }
+        let key = (endpoint.base.clone(), scopes.join(" "));
+        let send = |token: Option<String>| async move {
+            let mut request = build(client).map_err(SendError::Other)?;
             if let Some(token) = token {
                 request = request.bearer_auth(token);
             }
-            async move {
-                request.send().await.map_err(|source| Error::Request {
-                    reference: reference.to_string(),
-                    url: url.to_owned(),
-                    source,
-                })
-            }
+            request.send().await.map_err(SendError::Request)
         };
         let cached = self.lock_tokens().get(&key).cloned();
-        let response = send(cached.clone()).await?;
+        let response = send(cached).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -679,13 +1169,23 @@ impl Resolver {
         let Some(realm) = challenge.params.get("realm").cloned() else {
             return Ok(response);
         };
+        let mut wanted: Vec<String> = Vec::new();
+        if let Some(scope) = challenge.params.get("scope") {
+            wanted.extend(scope.split(' ').map(str::to_owned));
+        }
+        for scope in scopes {
+            if !wanted.contains(scope) {
+                wanted.push(scope.clone());
+            }
+        }
         let mut query: Vec<(&str, &str)> = Vec::new();
         if let Some(service) = challenge.params.get("service") {
             query.push(("service", service));
         }
-        let scope = challenge.params.get("scope").cloned().unwrap_or(scope);
-        query.push(("scope", &scope));
-        tracing::debug!(%reference, %realm, %scope, "fetching anonymous bearer token");
+        for scope in &wanted {
+            query.push(("scope", scope));
+        }
+        tracing::debug!(%reference, %realm, scopes = ?wanted, "fetching anonymous bearer token");
         let token_response = client
             .get(&realm)
             .query(&query)
@@ -698,11 +1198,11 @@ impl Resolver {
             })?;
         let status = token_response.status();
         if !status.is_success() {
-            return Err(Error::Token {
+            return Err(SendError::Other(Error::Token {
                 reference: reference.to_string(),
                 realm,
                 detail: status.to_string(),
-            });
+            }));
         }
         let body = token_response
             .bytes()
@@ -723,6 +1223,19 @@ impl Resolver {
             })?;
         self.lock_tokens().insert(key, token.clone());
         send(Some(token)).await
+    }
+}
+
+/// Why [`Resolver::send_authorized`] failed: the request itself (the caller adds context) or
+/// anything else (already a full [`Error`]).
+enum SendError {
+    Request(reqwest::Error),
+    Other(Error),
+}
+
+impl From<Error> for SendError {
+    fn from(e: Error) -> Self {
+        Self::Other(e)
     }
 }
 
