@@ -86,18 +86,49 @@ fn blob_path(digest: &Digest) -> String {
     format!("blobs/sha256/{}", digest.hex())
 }
 
+/// Annotation with the creation time on `index.json` descriptors, as BuildKit's tarball exporters
+/// write it.
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+
+/// What kind of tarball [`write_archive`] writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveOptions {
+    /// Also write docker's `manifest.json` (the `docker` exporter); the `oci` exporter does not.
+    pub docker_manifest: bool,
+    /// The value of [`ANNOTATION_CREATED`] on each `index.json` descriptor (RFC 3339), if any.
+    pub created: Option<String>,
+}
+
 /// Writes the image `manifest` (whose manifest, config and layer blobs are in `store`) as a
-/// docker/OCI archive to `out`, named `names`.
-///
-/// `index.json` has one descriptor per name (annotated with [`ANNOTATION_IMAGE_NAME`] = full name
-/// and [`ANNOTATION_REF_NAME`] = tag), or one unannotated descriptor without names; docker's
-/// `manifest.json` lists the familiar `name:tag` of every tagged name. Entries are sorted by path
-/// with fixed metadata, so the same inputs give the same bytes.
+/// docker/OCI archive to `out`, named `names`: [`write_archive`] with a docker `manifest.json`
+/// and no creation annotation.
 pub fn write_docker_archive(
     out: impl Write,
     store: &ContentStore,
     manifest: &Descriptor,
     names: &[Reference],
+) -> Result<()> {
+    let options = ArchiveOptions {
+        docker_manifest: true,
+        created: None,
+    };
+    write_archive(out, store, manifest, names, &options)
+}
+
+/// Writes the image `manifest` (whose manifest, config and layer blobs are in `store`) as an OCI
+/// image layout tar to `out`, named `names`.
+///
+/// `index.json` has one descriptor per name (annotated with [`ANNOTATION_IMAGE_NAME`] = full name
+/// and [`ANNOTATION_REF_NAME`] = tag, and [`ANNOTATION_CREATED`] when given), or one descriptor
+/// without names; with `docker_manifest`, docker's `manifest.json` lists the familiar `name:tag`
+/// of every tagged name. Entries are sorted by path with fixed metadata, so the same inputs give
+/// the same bytes.
+pub fn write_archive(
+    out: impl Write,
+    store: &ContentStore,
+    manifest: &Descriptor,
+    names: &[Reference],
+    options: &ArchiveOptions,
 ) -> Result<()> {
     if media_types::is_index(&manifest.media_type) {
         return Err(Error::ManifestList {
@@ -126,9 +157,15 @@ pub fn write_docker_archive(
         });
     }
 
+    let mut base = manifest.clone();
+    if let Some(created) = &options.created {
+        base.annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANNOTATION_CREATED.to_owned(), created.clone());
+    }
     let mut descriptors = Vec::new();
     for name in names {
-        let mut desc = manifest.clone();
+        let mut desc = base.clone();
         let annotations = desc.annotations.get_or_insert_with(BTreeMap::new);
         annotations.insert(ANNOTATION_IMAGE_NAME.to_owned(), name.to_string());
         if let Some(tag) = name.tag() {
@@ -137,7 +174,7 @@ pub fn write_docker_archive(
         descriptors.push(desc);
     }
     if descriptors.is_empty() {
-        descriptors.push(manifest.clone());
+        descriptors.push(base);
     }
     let index = ImageIndex {
         schema_version: 2,
@@ -192,12 +229,14 @@ pub fn write_docker_archive(
         index_json.len() as u64,
         &index_json[..],
     )?;
-    append_file(
-        &mut tar,
-        "manifest.json",
-        manifest_json.len() as u64,
-        &manifest_json[..],
-    )?;
+    if options.docker_manifest {
+        append_file(
+            &mut tar,
+            "manifest.json",
+            manifest_json.len() as u64,
+            &manifest_json[..],
+        )?;
+    }
     append_file(
         &mut tar,
         "oci-layout",

@@ -202,3 +202,61 @@ fn archive_without_names_and_error_cases() {
     let err = write_docker_archive(Vec::new(), &store, &index, &[]).unwrap_err();
     assert!(matches!(err, archive::Error::ManifestList { .. }), "{err}");
 }
+
+#[test]
+fn oci_archive_has_buildkit_annotations_no_docker_manifest_and_unpacks_with_umoci() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ContentStore::open(tmp.path().join("content")).unwrap();
+    let (manifest, _) = build_image(&store, tmp.path());
+    let name = Reference::parse_normalized("127.0.0.1:5000/kiln/oci-test:v1").unwrap();
+    let options = archive::ArchiveOptions {
+        docker_manifest: false,
+        created: Some("2024-01-01T00:00:00Z".into()),
+    };
+    let mut bytes = Vec::new();
+    archive::write_archive(&mut bytes, &store, &manifest, &[name], &options).unwrap();
+    let files = tar_files(&bytes);
+    assert!(!files.contains_key("manifest.json"));
+    assert!(files.contains_key("oci-layout"));
+    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let desc = &index["manifests"][0];
+    assert_eq!(desc["digest"], manifest.digest.to_string());
+    assert_eq!(desc["mediaType"], media_types::OCI_MANIFEST);
+    let annotations = &desc["annotations"];
+    assert_eq!(
+        annotations[archive::ANNOTATION_CREATED],
+        "2024-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        annotations[archive::ANNOTATION_IMAGE_NAME],
+        "127.0.0.1:5000/kiln/oci-test:v1"
+    );
+    assert_eq!(annotations[archive::ANNOTATION_REF_NAME], "v1");
+
+    let tar_path = tmp.path().join("image.tar");
+    std::fs::write(&tar_path, &bytes).unwrap();
+    let inspected = skopeo_inspect(&format!("oci-archive:{}", tar_path.display()));
+    assert_eq!(inspected["Digest"], manifest.digest.to_string());
+
+    // umoci reads the layout extracted from the tar.
+    let layout = tmp.path().join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    tar::Archive::new(&bytes[..]).unpack(&layout).unwrap();
+    let bundle = tmp.path().join("bundle");
+    let out = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/app/hello.txt")).unwrap(),
+        "hello from kiln\n"
+    );
+}
