@@ -171,19 +171,48 @@ impl Containerd {
         lease: &str,
         digest: &str,
     ) -> Result<()> {
+        self.lease_resource(namespace, lease, "content", digest)
+            .await
+    }
+
+    /// Adds a snapshot (by name) to a lease. Done before the snapshot is
+    /// looked at, so a garbage collection between that look and its use (an
+    /// image record moving to a new manifest releases the old references)
+    /// cannot remove it.
+    pub(crate) async fn lease_snapshot(
+        &self,
+        namespace: &str,
+        lease: &str,
+        snapshotter: &str,
+        name: &str,
+    ) -> Result<()> {
+        self.lease_resource(namespace, lease, &format!("snapshots/{snapshotter}"), name)
+            .await
+    }
+
+    async fn lease_resource(
+        &self,
+        namespace: &str,
+        lease: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<()> {
         let request = self.request(
             namespace,
             None,
             AddResourceRequest {
                 id: lease.to_string(),
-                resource: Some(lease_resource(digest)),
+                resource: Some(containerd_client::services::v1::Resource {
+                    id: id.to_string(),
+                    r#type: kind.to_string(),
+                }),
             },
         )?;
         self.client
             .leases()
             .add_resource(request)
             .await
-            .map_err(rpc("leases.AddResource", digest))?;
+            .map_err(rpc("leases.AddResource", id))?;
         Ok(())
     }
 
@@ -454,14 +483,6 @@ impl Containerd {
             Err(status) if status.code() == Code::NotFound => Ok(()),
             Err(status) => Err(rpc("snapshots.Remove", key)(status)),
         }
-    }
-}
-
-/// A lease resource for a content blob.
-fn lease_resource(digest: &str) -> containerd_client::services::v1::Resource {
-    containerd_client::services::v1::Resource {
-        id: digest.to_string(),
-        r#type: "content".to_string(),
     }
 }
 

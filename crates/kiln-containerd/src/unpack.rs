@@ -194,6 +194,8 @@ impl Containerd {
         let mut present = 0;
         for (i, layer) in layers.iter().enumerate() {
             let chain_id = &chain[i];
+            self.lease_snapshot(namespace, lease, snapshotter, chain_id)
+                .await?;
             if self
                 .snapshot_info(namespace, snapshotter, chain_id)
                 .await?
