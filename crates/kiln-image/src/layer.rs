@@ -100,13 +100,12 @@ pub struct LayerBlob {
     pub size: u64,
 }
 
-/// The compressor of layer blobs. Kept behind this function (and [`finish_compressor`]) so a
-/// parallel gzip implementation can replace it in one place.
-fn compressor<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
-    flate2::write::GzEncoder::new(out, flate2::Compression::default())
+/// The compressor of layer blobs: the parallel, deterministic gzip at the default level.
+fn compressor<W: Write>(out: W) -> crate::compression::ParallelGzEncoder<W> {
+    crate::compression::ParallelGzEncoder::new(out, crate::compression::DEFAULT_GZIP_LEVEL)
 }
 
-fn finish_compressor<W: Write>(encoder: flate2::write::GzEncoder<W>) -> io::Result<W> {
+fn finish_compressor<W: Write>(encoder: crate::compression::ParallelGzEncoder<W>) -> io::Result<W> {
     encoder.finish()
 }
 
@@ -441,7 +440,8 @@ fn apply_entry<R: Read>(
     Ok(())
 }
 
-/// Writes the overlayfs upper dir `upper` as a gzip-compressed OCI layer tar to `out`.
+/// Writes the overlayfs upper dir `upper` as a gzip-compressed OCI layer tar to `out` (with
+/// [`ParallelGzEncoder`](crate::compression::ParallelGzEncoder): all cores, same bytes every run).
 ///
 /// Entries are written depth-first with each directory's children sorted by name, headers carry
 /// only what `lstat` says (mode, uid, gid, size, mtime in whole seconds, device numbers; no user or

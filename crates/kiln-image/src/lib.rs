@@ -8,11 +8,13 @@
 //! - [`registry`]: pulling manifests, configs and blobs from an OCI distribution registry;
 //! - [`layer`] (Linux): applying layer tars onto a directory and diffing an overlayfs upper dir into a
 //!   gzip layer;
+//! - [`compression`]: layer compression (parallel deterministic gzip, zstd) and media types;
 //! - [`archive`]: the docker/OCI tar that BuildKit's `type=docker` exporter writes.
 //!
 //! Each module has its own error type; [`Error`] gathers them for callers that mix modules.
 
 pub mod archive;
+pub mod compression;
 pub mod content;
 mod digest;
 #[cfg(target_os = "linux")]
@@ -42,6 +44,9 @@ pub enum Error {
     #[cfg(target_os = "linux")]
     #[error(transparent)]
     Layer(#[from] layer::Error),
+    /// An invalid compression setting.
+    #[error(transparent)]
+    Compression(#[from] compression::Error),
     /// An archive export failure.
     #[error(transparent)]
     Archive(#[from] archive::Error),
