@@ -1,7 +1,9 @@
-//! `kiln build`: discovery → solve (docker tar over FileSend) → load into containerd.
+//! `kiln build`: discovery → output plan → solve → landing (directly in
+//! containerd, a docker tar loaded by the client, or a file / stdout).
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -12,11 +14,12 @@ use tokio::sync::mpsc;
 
 use crate::discovery::{self, DiscoveryEnv};
 use crate::dockerfile;
-use crate::output::{choose_output, OutputChoice};
-use crate::settings::{BuildSettings, ProgressMode};
+use crate::metadata;
+use crate::output::choose_output;
+use crate::settings::{BuildSettings, ExplicitOutput, OutputDest, ProgressMode};
 
 /// Ping timeout per discovery candidate, and connect timeout for the build (buildctl's 5 s).
-const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// containerd-side settings from the global flags.
 #[derive(Debug, Clone)]
@@ -56,7 +59,154 @@ fn ping_error_text(err: &kiln_client::Error) -> String {
     }
 }
 
-/// Runs one build and lands the image in containerd.
+/// How the result of a solve reaches the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landing {
+    /// The daemon stored and unpacked the image in our containerd itself
+    /// (`type=image,unpack=true`); extra tags are applied by the client.
+    Direct,
+    /// A tar received into a temporary file and loaded into containerd.
+    Load,
+    /// A tar written to stdout.
+    Stdout,
+    /// A tar written to this file.
+    File(PathBuf),
+    /// Nothing comes back to the client (`type=image` without containerd,
+    /// `type=local` which the daemon refuses today).
+    None,
+}
+
+/// The exporter to ask for and what the client does with its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputPlan {
+    /// Exporter `(type, attrs)`.
+    pub exporter: (String, BTreeMap<String, String>),
+    /// What happens on the client afterwards.
+    pub landing: Landing,
+    /// Why (for `kiln builder info` and debug logs).
+    pub reason: String,
+}
+
+/// What [`plan_output`] needs to know about containerd, when kiln talks to it.
+#[derive(Debug, Clone)]
+pub struct ContainerdView<'a> {
+    /// containerd's UUID (`Containerd::server_uuid`).
+    pub uuid: &'a str,
+    /// Our namespace.
+    pub namespace: &'a str,
+    /// Our snapshotter.
+    pub snapshotter: &'a str,
+}
+
+/// Chooses the exporter (reference §1.4). Without `--output`, the first
+/// worker's labels decide between landing directly (`type=image,unpack=true`
+/// when the worker shares our containerd, namespace and snapshotter) and a
+/// docker tar loaded by the client. An explicit `--output` is passed through
+/// with nerdctl's name suffix; when the image does not land in containerd
+/// every tag is given to the exporter (so a tarball carries all of them).
+pub fn plan_output(
+    output: Option<&ExplicitOutput>,
+    tags: &[String],
+    platform: Option<&kiln_image::oci::Platform>,
+    worker_labels: &BTreeMap<String, String>,
+    containerd: &ContainerdView<'_>,
+) -> OutputPlan {
+    let name_suffix = |attrs: &mut BTreeMap<String, String>, all_tags: bool| match tags.first() {
+        Some(first) => {
+            let name = if all_tags {
+                tags.join(",")
+            } else {
+                first.clone()
+            };
+            attrs.insert("name".to_string(), name);
+        }
+        None => {
+            attrs.insert("dangling-name-prefix".to_string(), "<none>".to_string());
+        }
+    };
+    match output {
+        None => {
+            let platforms: Vec<_> = platform.cloned().into_iter().collect();
+            let choice = choose_output(
+                worker_labels,
+                containerd.uuid,
+                containerd.namespace,
+                containerd.snapshotter,
+                &platforms,
+            );
+            let exporter = choice.exporter(tags);
+            let (landing, reason) = if choice.needs_loading() {
+                (
+                    Landing::Load,
+                    sharing_mismatch(worker_labels, containerd, platform),
+                )
+            } else {
+                (
+                    Landing::Direct,
+                    "the worker uses this containerd (same UUID), namespace and snapshotter: \
+                     the daemon stores and unpacks the image itself"
+                        .to_string(),
+                )
+            };
+            OutputPlan {
+                exporter,
+                landing,
+                reason,
+            }
+        }
+        Some(explicit) => {
+            let mut attrs = explicit.attrs.clone();
+            let (landing, all_tags) = match &explicit.dest {
+                OutputDest::Load => (Landing::Load, false),
+                OutputDest::Stdout => (Landing::Stdout, true),
+                OutputDest::File(path) => (Landing::File(path.clone()), true),
+                OutputDest::Directory(dir) => {
+                    attrs.insert("dest".to_string(), dir.display().to_string());
+                    (Landing::None, true)
+                }
+                OutputDest::Daemon => (Landing::None, true),
+            };
+            name_suffix(&mut attrs, all_tags);
+            OutputPlan {
+                exporter: (explicit.kind.clone(), attrs),
+                landing,
+                reason: "--output given".to_string(),
+            }
+        }
+    }
+}
+
+/// Why the worker's result cannot land in our containerd directly.
+pub fn sharing_mismatch(
+    labels: &BTreeMap<String, String>,
+    containerd: &ContainerdView<'_>,
+    platform: Option<&kiln_image::oci::Platform>,
+) -> String {
+    use crate::output::{
+        LABEL_CONTAINERD_NAMESPACE, LABEL_CONTAINERD_UUID, LABEL_EXECUTOR, LABEL_SNAPSHOTTER,
+    };
+    let checks = [
+        (LABEL_EXECUTOR, "containerd"),
+        (LABEL_CONTAINERD_UUID, containerd.uuid),
+        (LABEL_CONTAINERD_NAMESPACE, containerd.namespace),
+        (LABEL_SNAPSHOTTER, containerd.snapshotter),
+    ];
+    for (label, want) in checks {
+        match labels.get(label) {
+            None => return format!("the worker has no {label} label (want {want:?})"),
+            Some(got) if got != want => {
+                return format!("worker label {label} is {got:?}, not {want:?}")
+            }
+            Some(_) => {}
+        }
+    }
+    match platform {
+        Some(p) => format!("the target platform {p} is not the host's"),
+        None => "the worker does not share this containerd".to_string(),
+    }
+}
+
+/// Runs one build and lands the result where `--output` (or the worker) says.
 pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<()> {
     for warning in &settings.warnings {
         eprintln!("warning: {warning}");
@@ -77,51 +227,71 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     for warning in &dockerfile.warnings {
         eprintln!("warning: {warning}");
     }
+    if let Some(ExplicitOutput {
+        dest: OutputDest::Stdout,
+        ..
+    }) = &settings.output
+    {
+        if std::io::stdout().is_terminal() {
+            bail!("refusing to write the image tarball to a terminal: set dest=<file> or redirect stdout");
+        }
+    }
 
     let host = find_daemon(settings.buildkit_host.as_deref(), &globals.namespace).await?;
     tracing::debug!(host, "using build daemon");
-
-    // nerdctl connects to containerd before building, even for outputs that
-    // do not need it; kiln always loads, so it needs it anyway.
-    let containerd = Containerd::connect(&globals.address)
-        .await
-        .context("failed to connect to containerd")?;
-    let containerd_uuid = containerd
-        .server_uuid()
-        .await
-        .context("failed to read containerd's UUID")?;
 
     let mut client = kiln_client::connect(&host, DAEMON_TIMEOUT).await?;
     let workers = kiln_client::ping(&mut client).await?;
     let worker = workers
         .first()
         .ok_or_else(|| anyhow!("no worker available"))?;
-    if worker.labels.is_empty() {
+
+    // containerd is needed to choose the output and to load; an explicit
+    // output to a file or the daemon does not touch it.
+    let needs_containerd = matches!(
+        settings.output.as_ref().map(|o| &o.dest),
+        None | Some(OutputDest::Load)
+    );
+    let (containerd, containerd_uuid) = if needs_containerd {
+        let containerd = Containerd::connect(&globals.address)
+            .await
+            .context("failed to connect to containerd")?;
+        let uuid = containerd
+            .server_uuid()
+            .await
+            .context("failed to read containerd's UUID")?;
+        (Some(containerd), uuid)
+    } else {
+        (None, String::new())
+    };
+    if settings.output.is_none() && worker.labels.is_empty() {
         bail!("worker doesn't have labels");
     }
-    let choice = choose_output(
+    let plan = plan_output(
+        settings.output.as_ref(),
+        &settings.tags,
+        settings.platform.as_ref(),
         &worker.labels,
-        &containerd_uuid,
-        &globals.namespace,
-        &globals.snapshotter,
-        &[],
+        &ContainerdView {
+            uuid: &containerd_uuid,
+            namespace: &globals.namespace,
+            snapshotter: &globals.snapshotter,
+        },
     );
-    // This slice always goes through the tar: the sharable `type=image,unpack=true`
-    // path (BuildKit stores and unpacks the image itself) is not wired yet.
-    let choice = match choice {
-        OutputChoice::SharableImage => {
-            tracing::debug!("worker shares our containerd; still using the docker tar path");
-            OutputChoice::DockerTar
-        }
-        other => other,
-    };
-    let exporter = choice.exporter(&settings.tags);
+    tracing::debug!(?plan, "output plan");
 
     let output_dir = tempfile::Builder::new()
         .prefix("kiln-build-")
         .tempdir()
         .context("failed to create a temporary directory for the image archive")?;
-    let archive_path = output_dir.path().join("image.tar");
+    let output_file = match &plan.landing {
+        Landing::Load | Landing::Stdout => Some(output_dir.path().join("image.tar")),
+        Landing::File(path) => Some(
+            std::path::absolute(path)
+                .with_context(|| format!("invalid output file {}", path.display()))?,
+        ),
+        Landing::Direct | Landing::None => None,
+    };
 
     let mut frontend_attrs = BTreeMap::new();
     frontend_attrs.insert("filename".to_string(), dockerfile.filename.clone());
@@ -132,10 +302,13 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     let options = SolveOptions {
         frontend: "dockerfile.v0".to_string(),
         frontend_attrs,
-        exporters: vec![exporter],
+        exporters: vec![plan.exporter.clone()],
         locals,
-        output_file: Some(archive_path.clone()),
+        output_file: output_file.clone(),
         shared_key: context_dir.display().to_string(),
+        entitlements: settings.entitlements.clone(),
+        cache_imports: settings.cache_imports.clone(),
+        cache_exports: Vec::new(),
     };
 
     let show_progress = !settings.quiet && settings.progress != ProgressMode::Quiet;
@@ -150,8 +323,58 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     let outcome = solved?;
     tracing::debug!(response = ?outcome.exporter_response, stats = ?outcome.session_stats, "solve done");
 
-    if choice.needs_loading() {
-        load(&containerd, globals, &settings, &archive_path).await?;
+    match (&plan.landing, &containerd) {
+        (Landing::Load, Some(containerd)) => {
+            let path = output_file
+                .as_deref()
+                .ok_or_else(|| anyhow!("no image archive was received"))?;
+            load(containerd, globals, &settings, path).await?;
+        }
+        (Landing::Direct, Some(containerd)) => {
+            if let Some((first, rest)) = settings.tags.split_first() {
+                for tag in rest {
+                    containerd
+                        .tag(&globals.namespace, first, tag)
+                        .await
+                        .context("unable to tag image")?;
+                }
+            }
+            if settings.quiet {
+                if let Some(digest) = outcome.exporter_response.get("containerimage.digest") {
+                    println!("{digest}");
+                }
+            }
+        }
+        (Landing::Stdout, _) => {
+            let path = output_file
+                .as_deref()
+                .ok_or_else(|| anyhow!("no image archive was received"))?;
+            let mut file = std::fs::File::open(path)
+                .with_context(|| format!("failed to open {}", path.display()))?;
+            let mut stdout = std::io::stdout().lock();
+            std::io::copy(&mut file, &mut stdout)
+                .context("failed to write the tarball to stdout")?;
+            stdout.flush()?;
+        }
+        _ => {}
+    }
+    write_result_files(&settings, &outcome.exporter_response)?;
+    Ok(())
+}
+
+/// `--metadata-file` and `--iidfile` (§1.8), written after the image has landed.
+fn write_result_files(
+    settings: &BuildSettings,
+    response: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    if let Some(path) = &settings.metadata_file {
+        let json = metadata::metadata_json(response)?;
+        std::fs::write(path, json)
+            .with_context(|| format!("failed to write metadata file {}", path.display()))?;
+    }
+    if let Some(path) = &settings.iidfile {
+        let digest = metadata::image_digest(response)?;
+        metadata::write_iidfile(path, digest)?;
     }
     Ok(())
 }
@@ -189,7 +412,10 @@ async fn load(
     }
     let archive = std::fs::File::open(archive_path)
         .with_context(|| format!("failed to open {}", archive_path.display()))?;
-    let platform = kiln_containerd::Platform::host();
+    let platform = match &settings.platform {
+        Some(p) => kiln_containerd::Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
+        None => kiln_containerd::Platform::host(),
+    };
     let options = ImportOptions::new(
         settings.tags.first().cloned(),
         platform.clone(),

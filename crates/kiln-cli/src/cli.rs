@@ -54,6 +54,8 @@ pub enum Command {
         #[command(subcommand)]
         command: BuilderCommand,
     },
+    /// Compose: build the services of a compose project.
+    Compose(ComposeArgs),
     /// Manage images.
     Image {
         /// Image subcommand.
@@ -67,6 +69,75 @@ pub enum Command {
 pub enum BuilderCommand {
     /// Same as `kiln build`.
     Build(BuildArgs),
+    /// Clean up the build cache.
+    Prune(PruneArgs),
+    /// Show the disk usage of the build cache (like `buildctl du`).
+    Du(DaemonArgs),
+    /// Show which build daemon is used and why, its workers, and how images land in containerd.
+    Info(DaemonArgs),
+}
+
+/// The daemon selection flag shared by the builder commands.
+#[derive(Debug, Default, Clone, Args)]
+pub struct DaemonArgs {
+    /// BuildKit address (`unix://<path>` or `tcp://host:port`).
+    #[arg(long, value_name = "ADDRESS")]
+    pub buildkit_host: Option<String>,
+}
+
+/// `kiln builder prune`.
+#[derive(Debug, Default, Clone, Args)]
+pub struct PruneArgs {
+    /// Daemon selection.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Remove all unused build cache, not just dangling ones.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Do not prompt for confirmation.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+}
+
+/// `kiln compose [-f FILE]... <command>`.
+#[derive(Debug, Clone, Args)]
+pub struct ComposeArgs {
+    /// Compose file(s) (default: compose.yaml, compose.yml, docker-compose.yml, docker-compose.yaml).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Vec<String>,
+    /// Project name (default: the project directory's name, normalized).
+    #[arg(short = 'p', long = "project-name")]
+    pub project_name: Option<String>,
+    /// Compose subcommand.
+    #[command(subcommand)]
+    pub command: ComposeCommand,
+}
+
+/// `kiln compose ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ComposeCommand {
+    /// Build or rebuild services.
+    Build(ComposeBuildArgs),
+}
+
+/// `kiln compose build [SERVICE...]` (reference §1.10).
+#[derive(Debug, Default, Clone, Args)]
+pub struct ComposeBuildArgs {
+    /// Services to build (default: every service with a `build:` section).
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+    /// Set build-time variables for services.
+    #[arg(long = "build-arg", value_name = "ARG")]
+    pub build_arg: Vec<String>,
+    /// Do not use cache when building the image.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Progress output: auto, plain, quiet.
+    #[arg(long, default_value = "")]
+    pub progress: String,
+    /// BuildKit address (`unix://<path>` or `tcp://host:port`).
+    #[arg(long, value_name = "ADDRESS")]
+    pub buildkit_host: Option<String>,
 }
 
 /// `kiln image ...`
@@ -116,17 +187,18 @@ pub struct BuildArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub rm: Option<bool>,
 
-    // ---- accepted, not implemented yet -------------------------------------------------
-    /// Do not use cache when building the image (not supported yet).
+    /// Do not use cache when building the image.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub no_cache: Option<bool>,
-    /// Output destination (not supported yet).
+    /// Output destination: `type=image|docker|oci[,dest=<file>|-]`, or a
+    /// path (= `type=local,dest=<path>`). `type=docker|oci` without `dest`
+    /// is loaded into containerd.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
-    /// Provenance attestation shorthand (not supported yet).
+    /// Provenance attestation shorthand (refused: attestations are not supported yet).
     #[arg(long)]
     pub provenance: Option<String>,
-    /// Always/never pull base images (not supported yet).
+    /// Always (`--pull`) or never (`--pull=false`) pull base images.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub pull: Option<bool>,
     /// Secret to expose to the build (not supported yet).
@@ -135,37 +207,40 @@ pub struct BuildArgs {
     /// Extra privileged entitlement (not supported yet).
     #[arg(long)]
     pub allow: Vec<String>,
-    /// Attestation parameters (not supported yet).
+    /// Attestation parameters `type=X[,...]` (refused unless `disabled=true`).
     #[arg(long)]
     pub attest: Vec<String>,
     /// SSH agent socket or keys to expose (not supported yet).
     #[arg(long)]
     pub ssh: Vec<String>,
-    /// SBOM attestation shorthand (not supported yet).
+    /// SBOM attestation shorthand (refused: attestations are not supported yet).
     #[arg(long)]
     pub sbom: Option<String>,
-    /// External cache sources (not supported yet).
+    /// External cache sources (`ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_from: Vec<String>,
-    /// Cache export destinations (not supported yet).
+    /// Cache export destinations (refused: cache export is not supported yet).
     #[arg(long)]
     pub cache_to: Vec<String>,
-    /// Networking mode for RUN (`default` only for now).
+    /// Networking mode for RUN: default, none or host.
     #[arg(long)]
     pub network: Option<String>,
-    /// Target platforms (not supported yet).
+    /// Target platform (one; several are not supported yet).
     #[arg(long, value_delimiter = ',')]
     pub platform: Vec<String>,
     /// Additional build contexts (not supported yet).
     #[arg(long)]
     pub build_context: Vec<String>,
-    /// Write the image digest to a file (not supported yet).
+    /// Write the image digest (the manifest digest, as nerdctl) to a file.
     #[arg(long)]
     pub iidfile: Option<String>,
-    /// Image metadata labels (not supported yet).
+    /// Write the build result metadata (buildctl's JSON) to a file.
+    #[arg(long)]
+    pub metadata_file: Option<String>,
+    /// Image metadata labels `k=v`.
     #[arg(long)]
     pub label: Vec<String>,
-    /// Custom host-to-IP mappings (not supported yet).
+    /// Custom host-to-IP mappings `host:ip`.
     #[arg(long)]
     pub add_host: Vec<String>,
     /// Source policy file (not supported yet).
@@ -174,8 +249,9 @@ pub struct BuildArgs {
 }
 
 impl Cli {
-    /// The build arguments, whichever of the three spellings was used.
-    pub fn build_args(&self) -> &BuildArgs {
+    /// The build arguments, whichever of the three spellings was used;
+    /// `None` for the other commands.
+    pub fn build_args(&self) -> Option<&BuildArgs> {
         match &self.command {
             Command::Build(args)
             | Command::Builder {
@@ -183,7 +259,8 @@ impl Cli {
             }
             | Command::Image {
                 command: ImageCommand::Build(args),
-            } => args,
+            } => Some(args),
+            _ => None,
         }
     }
 }
@@ -210,8 +287,8 @@ mod tests {
             &["image", "build", "-t", "x", "."][..],
         ] {
             let cli = parse(args);
-            assert_eq!(cli.build_args().tag, vec!["x"]);
-            assert_eq!(cli.build_args().context, vec!["."]);
+            assert_eq!(cli.build_args().unwrap().tag, vec!["x"]);
+            assert_eq!(cli.build_args().unwrap().context, vec!["."]);
         }
     }
 
@@ -246,7 +323,7 @@ mod tests {
             "--tag=b",
             ".",
         ]);
-        let b = cli.build_args();
+        let b = cli.build_args().unwrap();
         assert_eq!(b.file.as_deref(), Some("-"));
         assert_eq!(b.build_arg, vec!["A=1", "B"]);
         assert_eq!(b.tag, vec!["a", "b"]);
@@ -255,10 +332,10 @@ mod tests {
     #[test]
     fn bool_flags_take_optional_values() {
         let cli = parse(&["build", "--no-cache", "--rm=false", "."]);
-        assert_eq!(cli.build_args().no_cache, Some(true));
-        assert_eq!(cli.build_args().rm, Some(false));
-        assert_eq!(cli.build_args().context, vec!["."]);
+        assert_eq!(cli.build_args().unwrap().no_cache, Some(true));
+        assert_eq!(cli.build_args().unwrap().rm, Some(false));
+        assert_eq!(cli.build_args().unwrap().context, vec!["."]);
         let cli = parse(&["build", "--platform", "linux/amd64,linux/arm64", "."]);
-        assert_eq!(cli.build_args().platform.len(), 2);
+        assert_eq!(cli.build_args().unwrap().platform.len(), 2);
     }
 }

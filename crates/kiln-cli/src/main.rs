@@ -2,7 +2,11 @@
 //! parsed by clap ([`cli`]) and resolved into validated settings
 //! ([`settings`]), the build daemon is found as nerdctl finds buildkitd
 //! ([`discovery`]), the build runs over BuildKit's control API
-//! (kiln-client) and the result is loaded into containerd (kiln-containerd).
+//! (kiln-client) and the result lands in containerd (kiln-containerd):
+//! directly when the worker shares our containerd, else through a tarball.
+//! `kiln builder prune|du|info` administer the daemon ([`builder`]);
+//! `kiln compose build` builds a compose project's services concurrently
+//! ([`compose`]).
 //!
 //! `--progress=auto` currently renders plain text whether or not stderr is a
 //! terminal (no live TTY view yet). Data (the digest printed by `-q`) goes to
@@ -10,9 +14,12 @@
 //! to stderr.
 
 mod build;
+mod builder;
 mod cli;
+mod compose;
 mod discovery;
 mod dockerfile;
+mod metadata;
 mod output;
 mod settings;
 
@@ -20,7 +27,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::Cli;
+use crate::cli::{BuilderCommand, Cli, Command, ComposeCommand};
 
 fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "warn" };
@@ -35,13 +42,32 @@ fn init_logging(debug: bool) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
-    let settings = settings::resolve_build(cli.build_args(), &env)?;
     let globals = build::Globals {
         namespace: cli.namespace.clone(),
         address: cli.address.clone(),
         snapshotter: cli.snapshotter.clone(),
     };
-    build::run(&globals, settings).await
+    if let Some(args) = cli.build_args() {
+        let settings = settings::resolve_build(args, &env)?;
+        return build::run(&globals, settings).await;
+    }
+    match &cli.command {
+        Command::Builder {
+            command: BuilderCommand::Prune(args),
+        } => builder::prune(&globals, args).await,
+        Command::Builder {
+            command: BuilderCommand::Du(args),
+        } => builder::du(&globals, args).await,
+        Command::Builder {
+            command: BuilderCommand::Info(args),
+        } => builder::info(&globals, args).await,
+        Command::Compose(compose_args) => match &compose_args.command {
+            ComposeCommand::Build(build_args) => {
+                compose::build(&globals, compose_args, build_args, &env).await
+            }
+        },
+        _ => anyhow::bail!("unknown command"),
+    }
 }
 
 fn main() -> ExitCode {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail};
+use kiln_image::oci::Platform;
 use kiln_image::reference::Reference;
 
 use crate::cli::BuildArgs;
@@ -40,10 +41,53 @@ pub struct BuildSettings {
     pub progress: ProgressMode,
     /// `-q`.
     pub quiet: bool,
-    /// Frontend attributes from flags (`target`, `build-arg:*`); `filename` is added later.
+    /// Frontend attributes from flags (`target`, `build-arg:*`, `label:*`,
+    /// `no-cache`, `platform`, `image-resolve-mode`, `force-network-mode`,
+    /// `add-hosts`); `filename` is added later.
     pub frontend_attrs: BTreeMap<String, String>,
+    /// `--output`, parsed; `None` = choose from the worker (§1.4).
+    pub output: Option<ExplicitOutput>,
+    /// The one `--platform`, if given.
+    pub platform: Option<Platform>,
+    /// Entitlements (`--network=host` adds `network.host` and `security.insecure`).
+    pub entitlements: Vec<String>,
+    /// `--cache-from`, normalized to `(type, attrs)`.
+    pub cache_imports: Vec<CacheEntry>,
+    /// `--iidfile`.
+    pub iidfile: Option<PathBuf>,
+    /// `--metadata-file`.
+    pub metadata_file: Option<PathBuf>,
     /// Warnings to print on stderr.
     pub warnings: Vec<String>,
+}
+
+/// A cache import or export: `(type, attrs)`.
+pub type CacheEntry = (String, BTreeMap<String, String>);
+
+/// Where an explicit `--output` goes once the daemon has exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputDest {
+    /// Nothing on the client (`type=image`: the daemon stores or pushes it).
+    Daemon,
+    /// `type=docker|oci` without `dest=`: the tar is loaded into containerd (nerdctl's needsLoading).
+    Load,
+    /// `dest=-` (or a `tar` exporter without `dest`): the tar goes to stdout.
+    Stdout,
+    /// `dest=<file>` of a tarball exporter.
+    File(PathBuf),
+    /// `dest=<dir>` of the `local` exporter.
+    Directory(PathBuf),
+}
+
+/// A parsed `--output` (buildctl's CSV rules, reference §1.4 and §5.11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitOutput {
+    /// Exporter type (`image`, `docker`, `oci`, `local`, `tar`, ...).
+    pub kind: String,
+    /// Exporter attributes, keys lower-cased, without `type` and `dest`.
+    pub attrs: BTreeMap<String, String>,
+    /// Where the client puts the result.
+    pub dest: OutputDest,
 }
 
 /// Order-preserving dedupe (nerdctl's `strutil.DedupeStrSlice`).
@@ -68,28 +112,11 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 /// Flags of `nerdctl build` that are parsed but not implemented yet, with
 /// whether each was given.
 fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
-    let network_given = match args.network.as_deref() {
-        None | Some("") | Some("default") => false,
-        Some(_) => true,
-    };
     vec![
-        ("no-cache", args.no_cache.is_some()),
-        ("output", args.output.is_some()),
-        ("provenance", args.provenance.is_some()),
-        ("pull", args.pull.is_some()),
         ("secret", !args.secret.is_empty()),
         ("allow", !args.allow.is_empty()),
-        ("attest", !args.attest.is_empty()),
         ("ssh", !args.ssh.is_empty()),
-        ("sbom", args.sbom.is_some()),
-        ("cache-from", !args.cache_from.is_empty()),
-        ("cache-to", !args.cache_to.is_empty()),
-        ("network", network_given),
-        ("platform", !args.platform.is_empty()),
         ("build-context", !args.build_context.is_empty()),
-        ("iidfile", args.iidfile.is_some()),
-        ("label", !args.label.is_empty()),
-        ("add-host", !args.add_host.is_empty()),
         ("source-policy-file", args.source_policy_file.is_some()),
     ]
 }
@@ -178,6 +205,213 @@ pub fn resolve_progress(flag: &str, env: Env<'_>) -> anyhow::Result<ProgressMode
     }
 }
 
+/// Splits buildctl's CSV `k=v,k=v` (keys lower-cased; a field without `=`
+/// is an error naming `what`).
+fn parse_csv(value: &str, what: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    for field in value.split(',').filter(|f| !f.is_empty()) {
+        let Some((key, val)) = field.split_once('=') else {
+            bail!("invalid value {field:?} in {what} {value:?}: expected key=value");
+        };
+        fields.push((key.trim().to_lowercase(), val.to_string()));
+    }
+    Ok(fields)
+}
+
+/// `-o/--output` (§1.4): a value without `type=` is `type=local,dest=<value>`;
+/// otherwise buildctl's CSV: `type` required, `output=` rejected, `dest`
+/// handled here. Tarball exporters (`docker`, `oci`) without `dest` are
+/// loaded into containerd (nerdctl); `dest=-` means stdout.
+pub fn parse_output(value: &str) -> anyhow::Result<ExplicitOutput> {
+    if !value.contains("type=") {
+        return Ok(ExplicitOutput {
+            kind: "local".to_string(),
+            attrs: BTreeMap::new(),
+            dest: OutputDest::Directory(PathBuf::from(value)),
+        });
+    }
+    let mut kind = None;
+    let mut dest = None;
+    let mut attrs = BTreeMap::new();
+    for (key, val) in parse_csv(value, "--output")? {
+        match key.as_str() {
+            "type" => kind = Some(val),
+            "dest" => dest = Some(val),
+            "output" => bail!("output= is not supported for --output, use dest= instead"),
+            _ => {
+                attrs.insert(key, val);
+            }
+        }
+    }
+    let kind = kind
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| anyhow!("type is required for --output {value:?}"))?;
+    let dest = match (kind.as_str(), dest.as_deref()) {
+        ("image", None) => OutputDest::Daemon,
+        ("image", Some(_)) => bail!("dest= is not supported by the image exporter"),
+        ("local", Some(dir)) if !dir.is_empty() && dir != "-" => {
+            OutputDest::Directory(PathBuf::from(dir))
+        }
+        ("local", _) => bail!("output directory is required for the local exporter (dest=<dir>)"),
+        ("docker" | "oci", None) => OutputDest::Load,
+        (_, None | Some("-")) => OutputDest::Stdout,
+        (_, Some("")) => bail!("empty dest= in --output {value:?}"),
+        (_, Some(file)) => OutputDest::File(PathBuf::from(file)),
+    };
+    Ok(ExplicitOutput { kind, attrs, dest })
+}
+
+/// `--platform` (deduplicated; commas already split): one platform is
+/// honoured, several are refused until multi-platform builds exist.
+pub fn resolve_platforms(platforms: &[String]) -> anyhow::Result<Option<Platform>> {
+    let list: Vec<String> = dedupe(platforms)
+        .into_iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    match list.as_slice() {
+        [] => Ok(None),
+        [one] => Platform::parse(one)
+            .map(Some)
+            .ok_or_else(|| anyhow!("invalid platform {one:?} (expected os/arch[/variant])")),
+        several => bail!(
+            "kiln build: building for several platforms ({}) is not supported yet",
+            several.join(",")
+        ),
+    }
+}
+
+/// `--network` (§1.2): `none` → `force-network-mode=none`; `host` →
+/// `force-network-mode=host` plus the `network.host` and `security.insecure`
+/// entitlements (as nerdctl); `default`/empty → nothing. nerdctl ignores
+/// other values silently; kiln refuses them.
+pub fn resolve_network(
+    network: Option<&str>,
+) -> anyhow::Result<(Option<(String, String)>, Vec<String>)> {
+    match network.unwrap_or("") {
+        "" | "default" => Ok((None, Vec::new())),
+        "none" => Ok((
+            Some(("force-network-mode".to_string(), "none".to_string())),
+            Vec::new(),
+        )),
+        "host" => Ok((
+            Some(("force-network-mode".to_string(), "host".to_string())),
+            vec!["network.host".to_string(), "security.insecure".to_string()],
+        )),
+        other => bail!("invalid network mode {other:?} (expected default, none or host)"),
+    }
+}
+
+/// `--add-host host:ip` (also `host=ip`) → the `add-hosts` attribute
+/// `h1=ip1,h2=ip2`. The IP must parse; `host-gateway` needs
+/// `--host-gateway-ip`, which kiln does not have yet.
+pub fn resolve_add_hosts(hosts: &[String]) -> anyhow::Result<Option<String>> {
+    let mut out = Vec::new();
+    for entry in dedupe(hosts) {
+        // `host=ip` first: an IPv6 address contains `:` but never `=`.
+        let (host, ip) = entry
+            .split_once('=')
+            .or_else(|| entry.split_once(':'))
+            .ok_or_else(|| anyhow!("bad format for add-host: {entry:?}"))?;
+        if host.is_empty() {
+            bail!("bad format for add-host: {entry:?}");
+        }
+        if ip == "host-gateway" {
+            bail!("kiln build: --add-host {host}:host-gateway (needs --host-gateway-ip) is not supported yet");
+        }
+        let bare = ip.trim_start_matches('[').trim_end_matches(']');
+        if bare.parse::<std::net::IpAddr>().is_err() {
+            bail!("invalid IP address in add-host: {ip:?}");
+        }
+        out.push(format!("{host}={bare}"));
+    }
+    Ok((!out.is_empty()).then(|| out.join(",")))
+}
+
+/// `--cache-from`/`--cache-to` (§1.2): a value without `type=` means
+/// `type=registry,ref=<value>`; the rest is buildctl's CSV.
+pub fn normalize_cache(value: &str) -> anyhow::Result<CacheEntry> {
+    let normalized = if value.contains("type=") {
+        value.to_string()
+    } else {
+        format!("type=registry,ref={value}")
+    };
+    let mut kind = None;
+    let mut attrs = BTreeMap::new();
+    for (key, val) in parse_csv(&normalized, "cache option")? {
+        if key == "type" {
+            kind = Some(val);
+        } else {
+            attrs.insert(key, val);
+        }
+    }
+    let kind = kind
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| anyhow!("type is required for cache option {value:?}"))?;
+    Ok((kind, attrs))
+}
+
+/// `--attest`, `--sbom`, `--provenance` (§1.2) → `attest:<type>=<attrs>`
+/// frontend attributes. `disabled=true` drops the entry.
+pub fn resolve_attestations(
+    attest: &[String],
+    sbom: Option<&str>,
+    provenance: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let shorthand = |kind: &str, value: &str| match parse_go_bool(value) {
+        Some(enabled) => format!("type={kind},disabled={}", !enabled),
+        None if value.is_empty() => format!("type={kind}"),
+        None => format!("type={kind},{value}"),
+    };
+    let mut specs = dedupe(attest);
+    if let Some(value) = sbom {
+        specs.push(shorthand("sbom", value));
+    }
+    if let Some(value) = provenance {
+        specs.push(shorthand("provenance", value));
+    }
+    let mut attrs = BTreeMap::new();
+    for spec in specs {
+        let fields = parse_csv(&spec, "--attest")?;
+        let Some(kind) = fields
+            .iter()
+            .find(|(k, _)| k == "type")
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+        else {
+            bail!("attestation type not specified");
+        };
+        let mut rest = Vec::new();
+        let mut disabled = false;
+        for (key, value) in fields.iter().filter(|(k, _)| k != "type") {
+            if key == "disabled" {
+                disabled = parse_go_bool(value).ok_or_else(|| {
+                    anyhow!("invalid value for attribute \"disabled\": {value:?}")
+                })?;
+                if disabled {
+                    break;
+                }
+            }
+            rest.push(format!("{key}={value}"));
+        }
+        if !disabled {
+            attrs.insert(format!("attest:{kind}"), rest.join(","));
+        }
+    }
+    Ok(attrs)
+}
+
+/// `--label k=v` → `label:k` = `v` (deduplicated; last wins per key).
+pub fn resolve_labels(labels: &[String]) -> BTreeMap<String, String> {
+    dedupe(labels)
+        .into_iter()
+        .map(|label| match label.split_once('=') {
+            Some((key, value)) => (format!("label:{key}"), value.to_string()),
+            None => (format!("label:{label}"), String::new()),
+        })
+        .collect()
+}
+
 /// Resolves and validates every build flag.
 pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSettings> {
     for (name, given) in unsupported_flags(args) {
@@ -195,7 +429,49 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
     if let Some(target) = args.target.as_deref().filter(|t| !t.is_empty()) {
         frontend_attrs.insert("target".to_string(), target.to_string());
     }
+    let platform = resolve_platforms(&args.platform)?;
+    if let Some(platform) = &platform {
+        frontend_attrs.insert("platform".to_string(), platform.to_string());
+    }
     frontend_attrs.extend(resolve_build_args(&args.build_arg, env)?);
+    frontend_attrs.extend(resolve_labels(&args.label));
+    if args.no_cache == Some(true) {
+        frontend_attrs.insert("no-cache".to_string(), String::new());
+    }
+    match args.pull {
+        Some(true) => frontend_attrs.insert("image-resolve-mode".into(), "pull".into()),
+        Some(false) => frontend_attrs.insert("image-resolve-mode".into(), "local".into()),
+        None => None,
+    };
+    let (network_attr, entitlements) = resolve_network(args.network.as_deref())?;
+    frontend_attrs.extend(network_attr);
+    if let Some(hosts) = resolve_add_hosts(&args.add_host)? {
+        frontend_attrs.insert("add-hosts".to_string(), hosts);
+    }
+    // kilnd has no attestation support and ignores unknown attributes, so an
+    // enabled attestation is refused here rather than silently dropped.
+    let attestations = resolve_attestations(
+        &args.attest,
+        args.sbom.as_deref(),
+        args.provenance.as_deref(),
+    )?;
+    if let Some(kind) = attestations.keys().next() {
+        let kind = kind.trim_start_matches("attest:");
+        bail!(
+            "kiln build: {kind} attestations (--attest/--sbom/--provenance) are not supported yet"
+        );
+    }
+    let cache_imports = dedupe(&args.cache_from)
+        .iter()
+        .map(|v| normalize_cache(v))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Cache exports are checked for syntax, then refused: the daemon would not
+    // export them and the user would believe the cache was written.
+    for value in dedupe(&args.cache_to) {
+        let (kind, _) = normalize_cache(&value)?;
+        bail!("kiln build: cache export (--cache-to type={kind}) is not supported yet");
+    }
+    let output = args.output.as_deref().map(parse_output).transpose()?;
     let progress = resolve_progress(&args.progress, env)?;
     Ok(BuildSettings {
         context,
@@ -205,6 +481,12 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         progress,
         quiet: args.quiet,
         frontend_attrs,
+        output,
+        platform,
+        entitlements,
+        cache_imports,
+        iidfile: args.iidfile.as_ref().map(PathBuf::from),
+        metadata_file: args.metadata_file.as_ref().map(PathBuf::from),
         warnings,
     })
 }
@@ -225,7 +507,7 @@ mod tests {
 
     fn args(argv: &[&str]) -> BuildArgs {
         let cli = Cli::try_parse_from(["kiln", "build"].iter().chain(argv.iter())).unwrap();
-        cli.build_args().clone()
+        cli.build_args().unwrap().clone()
     }
 
     fn resolve(argv: &[&str], env: &[(&str, &str)]) -> anyhow::Result<BuildSettings> {
@@ -350,28 +632,14 @@ mod tests {
     #[test]
     fn unsupported_flags_fail_by_name() {
         for (argv, name) in [
-            (&["--no-cache", "."][..], "no-cache"),
-            (&["--no-cache=false", "."][..], "no-cache"),
-            (&["-o", "type=local,dest=out", "."][..], "output"),
             (&["--secret", "id=a,src=b", "."][..], "secret"),
-            (&["--platform=linux/arm64", "."][..], "platform"),
-            (&["--network=host", "."][..], "network"),
-            (&["--cache-from", "r/x", "."][..], "cache-from"),
-            (&["--iidfile", "f", "."][..], "iidfile"),
-            (&["--label", "a=b", "."][..], "label"),
-            (&["--pull", "."][..], "pull"),
-            (&["--add-host", "h:1.2.3.4", "."][..], "add-host"),
             (&["--build-context", "a=b", "."][..], "build-context"),
             (
                 &["--source-policy-file", "p", "."][..],
                 "source-policy-file",
             ),
-            (&["--attest", "type=sbom", "."][..], "attest"),
-            (&["--sbom", "true", "."][..], "sbom"),
-            (&["--provenance", "true", "."][..], "provenance"),
             (&["--ssh", "default", "."][..], "ssh"),
             (&["--allow", "network.host", "."][..], "allow"),
-            (&["--cache-to", "type=inline", "."][..], "cache-to"),
         ] {
             assert_eq!(
                 err(argv),
@@ -379,8 +647,175 @@ mod tests {
                 "{argv:?}"
             );
         }
-        // --network=default is what nerdctl does by default: accepted.
         assert!(resolve(&["--network=default", "."], &[]).is_ok());
+    }
+
+    #[test]
+    fn output_forms() {
+        let o = parse_output("out").unwrap();
+        assert_eq!(o.kind, "local");
+        assert_eq!(o.dest, OutputDest::Directory("out".into()));
+        let o = parse_output("type=docker").unwrap();
+        assert_eq!((o.kind.as_str(), &o.dest), ("docker", &OutputDest::Load));
+        let o = parse_output("type=oci,dest=-").unwrap();
+        assert_eq!(o.dest, OutputDest::Stdout);
+        let o = parse_output("type=docker,Dest=x.tar,compression=zstd").unwrap();
+        assert_eq!(o.dest, OutputDest::File("x.tar".into()));
+        assert_eq!(o.attrs["compression"], "zstd");
+        assert!(!o.attrs.contains_key("dest"));
+        let o = parse_output("type=image,name=a,push=true").unwrap();
+        assert_eq!(o.dest, OutputDest::Daemon);
+        assert_eq!(o.attrs["push"], "true");
+        let o = parse_output("type=tar").unwrap();
+        assert_eq!(o.dest, OutputDest::Stdout);
+        let o = parse_output("type=local,dest=d").unwrap();
+        assert_eq!(o.dest, OutputDest::Directory("d".into()));
+        assert!(parse_output("type=local").is_err());
+        assert!(parse_output("type=,dest=x").is_err());
+        assert!(parse_output("type=docker,output=x")
+            .unwrap_err()
+            .to_string()
+            .starts_with("output= is not supported"));
+        assert!(parse_output("type=docker,junk").is_err());
+        assert!(parse_output("type=image,dest=x").is_err());
+        let s = resolve(&["-o", "type=oci,dest=o.tar", "."], &[]).unwrap();
+        assert_eq!(s.output.unwrap().kind, "oci");
+    }
+
+    #[test]
+    fn attrs_from_flags() {
+        let s = resolve(
+            &[
+                "--no-cache",
+                "--pull",
+                "--label",
+                "a=1",
+                "--label=b",
+                "--network=none",
+                "--add-host",
+                "h1:10.0.0.1",
+                "--add-host=h2=::1",
+                "--platform",
+                "linux/arm64",
+                ".",
+            ],
+            &[],
+        )
+        .unwrap();
+        let a = &s.frontend_attrs;
+        assert_eq!(a["no-cache"], "");
+        assert_eq!(a["image-resolve-mode"], "pull");
+        assert_eq!(a["label:a"], "1");
+        assert_eq!(a["label:b"], "");
+        assert_eq!(a["force-network-mode"], "none");
+        assert_eq!(a["add-hosts"], "h1=10.0.0.1,h2=::1");
+        assert_eq!(a["platform"], "linux/arm64/v8");
+        assert_eq!(s.platform.unwrap().architecture, "arm64");
+        assert!(s.entitlements.is_empty());
+
+        let s = resolve(&["--no-cache=false", "--pull=false", "."], &[]).unwrap();
+        assert!(!s.frontend_attrs.contains_key("no-cache"));
+        assert_eq!(s.frontend_attrs["image-resolve-mode"], "local");
+        let s = resolve(&["."], &[]).unwrap();
+        assert!(!s.frontend_attrs.contains_key("image-resolve-mode"));
+
+        let s = resolve(&["--network=host", "."], &[]).unwrap();
+        assert_eq!(s.frontend_attrs["force-network-mode"], "host");
+        assert_eq!(s.entitlements, vec!["network.host", "security.insecure"]);
+        assert!(err(&["--network=bridge", "."]).starts_with("invalid network mode"));
+        assert!(err(&["--add-host", "h:notanip", "."]).starts_with("invalid IP address"));
+        assert!(err(&["--add-host", "nohost", "."]).starts_with("bad format for add-host"));
+        assert!(err(&["--add-host", "h:host-gateway", "."]).contains("not supported yet"));
+        assert_eq!(
+            err(&["--platform", "linux/amd64,linux/arm64", "."]),
+            "kiln build: building for several platforms (linux/amd64,linux/arm64) is not supported yet"
+        );
+        assert!(err(&["--platform", "nonsense", "."]).starts_with("invalid platform"));
+        // The same platform twice is one platform.
+        assert!(resolve(&["--platform", "linux/amd64,linux/amd64", "."], &[]).is_ok());
+    }
+
+    #[test]
+    fn cache_options() {
+        assert_eq!(
+            normalize_cache("127.0.0.1:5000/cache").unwrap(),
+            (
+                "registry".to_string(),
+                [("ref".to_string(), "127.0.0.1:5000/cache".to_string())]
+                    .into_iter()
+                    .collect()
+            )
+        );
+        let (kind, attrs) = normalize_cache("type=local,src=/c").unwrap();
+        assert_eq!((kind.as_str(), attrs["src"].as_str()), ("local", "/c"));
+        let s = resolve(&["--cache-from", "r/x", "--cache-from=r/x", "."], &[]).unwrap();
+        assert_eq!(s.cache_imports.len(), 1);
+        assert_eq!(
+            err(&["--cache-to", "r/x", "."]),
+            "kiln build: cache export (--cache-to type=registry) is not supported yet"
+        );
+        assert_eq!(
+            err(&["--cache-to", "type=inline", "."]),
+            "kiln build: cache export (--cache-to type=inline) is not supported yet"
+        );
+    }
+
+    #[test]
+    fn attestation_rules() {
+        let attrs = resolve_attestations(
+            &[
+                "type=sbom,generator=g".into(),
+                "type=provenance,disabled=true".into(),
+            ],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(attrs.len(), 1);
+        assert_eq!(attrs["attest:sbom"], "generator=g");
+        let attrs = resolve_attestations(&[], Some("false"), Some("mode=max")).unwrap();
+        assert_eq!(attrs.len(), 1);
+        assert_eq!(attrs["attest:provenance"], "mode=max");
+        let attrs = resolve_attestations(&[], None, Some("true")).unwrap();
+        assert_eq!(attrs["attest:provenance"], "disabled=false");
+        assert_eq!(
+            resolve_attestations(&["generator=g".into()], None, None)
+                .unwrap_err()
+                .to_string(),
+            "attestation type not specified"
+        );
+        assert!(
+            resolve_attestations(&["type=sbom,disabled=maybe".into()], None, None)
+                .unwrap_err()
+                .to_string()
+                .starts_with("invalid value for attribute \"disabled\"")
+        );
+        // kilnd would drop them silently: refused client-side unless disabled.
+        assert_eq!(
+            err(&["--sbom=true", "."]),
+            "kiln build: sbom attestations (--attest/--sbom/--provenance) are not supported yet"
+        );
+        assert!(resolve(
+            &[
+                "--provenance=false",
+                "--attest=type=sbom,disabled=true",
+                "."
+            ],
+            &[]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn result_files_and_env() {
+        let s = resolve(
+            &["--iidfile", "i", "--metadata-file=m", "."],
+            &[("SOURCE_DATE_EPOCH", "7")],
+        )
+        .unwrap();
+        assert_eq!(s.iidfile.as_deref(), Some(std::path::Path::new("i")));
+        assert_eq!(s.metadata_file.as_deref(), Some(std::path::Path::new("m")));
+        assert_eq!(s.frontend_attrs["build-arg:SOURCE_DATE_EPOCH"], "7");
     }
 
     #[test]

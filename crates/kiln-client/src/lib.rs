@@ -6,6 +6,8 @@
 //! - [`solve`] runs one build: opens the session tunnel (kiln-session), then
 //!   `Control.Status` and `Control.Solve` concurrently, forwarding progress to a
 //!   channel (see [`SolveOptions`]).
+//! - [`disk_usage`] and [`prune`] are the build-cache administration calls
+//!   (`kiln builder du` / `kiln builder prune`).
 //! - [`progress`] models status messages as [`progress::ProgressEvent`]s and
 //!   renders them as buildctl's `--progress=plain` text with
 //!   [`progress::PlainPrinter`]; the caller owns the writer.
@@ -15,6 +17,7 @@
 mod connect;
 pub mod progress;
 mod solve;
+mod usage;
 
 use std::time::Duration;
 
@@ -22,7 +25,10 @@ pub use connect::{connect, ping, ping_address, Address, MAX_MESSAGE_SIZE};
 pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 pub use kiln_proto::moby::buildkit::v1::StatusResponse;
+pub use kiln_proto::moby::buildkit::v1::UsageRecord;
 pub use solve::{new_ref, solve, SolveOptions, SolveOutcome};
+pub use tonic::Code;
+pub use usage::{disk_usage, prune};
 
 /// Errors of the control-API client.
 #[derive(Debug, thiserror::Error)]

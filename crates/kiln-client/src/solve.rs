@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
-use kiln_proto::moby::buildkit::v1::{Exporter, SolveRequest, StatusRequest, StatusResponse};
+use kiln_proto::moby::buildkit::v1::{
+    CacheOptions, CacheOptionsEntry, Exporter, SolveRequest, StatusRequest, StatusResponse,
+};
 use kiln_session::client::SessionBuilder;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
@@ -32,6 +34,22 @@ pub struct SolveOptions {
     pub output_file: Option<PathBuf>,
     /// Session shared key (cache hint for local sources).
     pub shared_key: String,
+    /// Entitlements asked for (`network.host`, `security.insecure`).
+    pub entitlements: Vec<String>,
+    /// Cache importers as `(type, attrs)` (`--cache-from`).
+    pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
+    /// Cache exporters as `(type, attrs)` (`--cache-to`).
+    pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+}
+
+fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
+    entries
+        .iter()
+        .map(|(r#type, attrs)| CacheOptionsEntry {
+            r#type: r#type.clone(),
+            attrs: attrs.clone(),
+        })
+        .collect()
 }
 
 /// What a successful solve returns.
@@ -110,6 +128,12 @@ pub async fn solve(
         exporter_deprecated,
         exporter_attrs_deprecated,
         exporters: std::mem::take(&mut exporters),
+        entitlements: options.entitlements.clone(),
+        cache: Some(CacheOptions {
+            imports: cache_entries(&options.cache_imports),
+            exports: cache_entries(&options.cache_exports),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut solve_client = client.clone();
