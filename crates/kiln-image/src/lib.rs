@@ -9,6 +9,7 @@
 //! - [`layer`] (Linux): applying layer tars onto a directory and diffing an overlayfs upper dir into a
 //!   gzip layer;
 //! - [`compression`]: layer compression (parallel deterministic gzip, zstd) and media types;
+//! - [`convert`]: recompressing layers and clamping their file times, each conversion done once;
 //! - [`archive`]: the docker/OCI tar that BuildKit's `type=docker` exporter writes.
 //!
 //! Each module has its own error type; [`Error`] gathers them for callers that mix modules.
@@ -16,6 +17,7 @@
 pub mod archive;
 pub mod compression;
 pub mod content;
+pub mod convert;
 mod digest;
 #[cfg(target_os = "linux")]
 pub mod layer;
@@ -47,6 +49,9 @@ pub enum Error {
     /// An invalid compression setting.
     #[error(transparent)]
     Compression(#[from] compression::Error),
+    /// A layer conversion failure.
+    #[error(transparent)]
+    Convert(#[from] convert::Error),
     /// An archive export failure.
     #[error(transparent)]
     Archive(#[from] archive::Error),
