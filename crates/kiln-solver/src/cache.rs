@@ -126,6 +126,16 @@ impl CacheRecords {
         Ok(())
     }
 
+    /// Removes the record with hex key `key` (absent is fine).
+    pub fn remove(&self, key: &str) -> Result<(), Error> {
+        let path = self.dir.join(format!("{key}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Io { path, source }),
+        }
+    }
+
     /// Every record, for disk-usage reporting.
     pub fn all(&self) -> Vec<(String, CacheRecord)> {
         let mut out = Vec::new();
@@ -175,5 +185,8 @@ mod tests {
         assert_eq!(record.outputs, vec![Some("snap1".to_string()), None]);
         assert!(!dir.path().join("junk.1.tmp").exists());
         assert_eq!(reopened.all().len(), 1);
+        reopened.remove(key.as_str()).unwrap();
+        reopened.remove(key.as_str()).unwrap();
+        assert!(reopened.get(&key).is_none());
     }
 }

@@ -12,9 +12,15 @@
 //!
 //! Local sources come through [`LocalSources`] (the daemon serves them from
 //! the client's session); progress goes out through [`ProgressWriter`].
+//!
+//! Every snapshot a solve touches is leased from the worker until the
+//! [`SolveResult`] (its [`Leases`]) is dropped, so a concurrent
+//! [`Solver::prune`] never removes what a running build uses. Pruning and
+//! garbage-collection policies live in [`usage`].
 
 pub mod cache;
 pub mod progress;
+pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -26,12 +32,13 @@ use kiln_image::oci::Platform;
 use kiln_image::reference::Reference;
 use kiln_llb::Graph;
 use kiln_proto::pb;
-use kiln_worker::{SnapshotId, Worker};
+use kiln_worker::{Lease, SnapshotId, SnapshotUsage, Worker};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 pub use cache::{CacheKey, CacheRecord, CacheRecords};
 pub use progress::{ProgressWriter, VertexProgress};
+pub use usage::{default_gc_policy, DiskStat, Filter, FilterError, GcLimits, PruneOptions};
 
 /// A boxed error from a collaborator (session, frontend).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -101,6 +108,18 @@ pub enum Error {
     /// An input of this vertex failed (the first failure is reported).
     #[error(transparent)]
     Input(Arc<Error>),
+    /// A disk-usage or prune filter is invalid.
+    #[error("invalid usage filter")]
+    Filter(#[source] FilterError),
+    /// The worker failed to report or remove snapshots.
+    #[error("failed to {op} snapshots")]
+    Worker {
+        /// `list` or `prune`.
+        op: &'static str,
+        /// The worker's error.
+        #[source]
+        source: Box<kiln_worker::Error>,
+    },
 }
 
 impl Error {
@@ -145,6 +164,17 @@ pub struct SolveStats {
     pub executed: usize,
 }
 
+/// The worker leases a solve holds: every snapshot it used or made stays in use (unprunable)
+/// until the last clone is dropped.
+#[derive(Clone, Debug, Default)]
+pub struct Leases(Arc<std::sync::Mutex<Vec<Lease>>>);
+
+impl Leases {
+    fn push(&self, lease: Lease) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(lease);
+    }
+}
+
 /// The outcome of a solve.
 #[derive(Clone, Debug)]
 pub struct SolveResult {
@@ -157,6 +187,9 @@ pub struct SolveResult {
     /// When the result was first made (seconds since the epoch): a fully
     /// cached rebuild reports the original time, so its image is identical.
     pub created: Option<u64>,
+    /// Keeps the snapshots of this solve from being pruned while the result
+    /// is exported; drop the result to release them.
+    pub leases: Leases,
 }
 
 /// Per-solve options.
@@ -170,6 +203,9 @@ pub struct SolveOptions {
 pub struct Solver {
     worker: Arc<dyn Worker>,
     records: CacheRecords,
+    state_dir: PathBuf,
+    /// One prune at a time (API and garbage collection).
+    prune_lock: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Solver {
@@ -199,13 +235,19 @@ struct Context {
     locals: Arc<dyn LocalSources>,
     progress: ProgressWriter,
     options: SolveOptions,
+    leases: Leases,
 }
 
 impl Solver {
     /// A solver for `worker`, keeping cache records in `state_dir/cache`.
     pub fn open(worker: Arc<dyn Worker>, state_dir: &Path) -> Result<Self, Error> {
         let records = CacheRecords::open(&state_dir.join("cache"))?;
-        Ok(Self { worker, records })
+        Ok(Self {
+            worker,
+            records,
+            state_dir: state_dir.to_path_buf(),
+            prune_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The worker this solver runs on.
@@ -216,6 +258,129 @@ impl Solver {
     /// The cache records.
     pub fn records(&self) -> &CacheRecords {
         &self.records
+    }
+
+    /// Usage records of the worker matching `filters` (BuildKit filter
+    /// strings). With `age_limit`, only records used (or made) within it.
+    pub async fn disk_usage(
+        &self,
+        filters: &[String],
+        age_limit: Option<std::time::Duration>,
+    ) -> Result<Vec<SnapshotUsage>, Error> {
+        let filter = Filter::parse(filters).map_err(Error::Filter)?;
+        let now = std::time::SystemTime::now();
+        let mut records = self.worker.usage().await.map_err(|e| Error::Worker {
+            op: "list",
+            source: Box::new(e),
+        })?;
+        records.retain(|r| {
+            filter.matches(r)
+                && age_limit.is_none_or(|limit| {
+                    let last = r.last_used.unwrap_or(r.created);
+                    now.duration_since(last).unwrap_or_default() <= limit
+                })
+        });
+        Ok(records)
+    }
+
+    /// Removes what `options` selects (see [`usage`]) and the cache records
+    /// that point at removed snapshots; returns the removed records.
+    pub async fn prune(&self, options: &PruneOptions) -> Result<Vec<SnapshotUsage>, Error> {
+        let filter = Filter::parse(&options.filters).map_err(Error::Filter)?;
+        let _one_at_a_time = self.prune_lock.lock().await;
+        let mut pruned: Vec<SnapshotUsage> = Vec::new();
+        loop {
+            let records = self.worker.usage().await.map_err(|e| Error::Worker {
+                op: "list",
+                source: Box::new(e),
+            })?;
+            let now = std::time::SystemTime::now();
+            let parents: std::collections::HashSet<&str> =
+                records.iter().filter_map(|r| r.parent.as_deref()).collect();
+            let mut candidates: Vec<SnapshotUsage> = records
+                .iter()
+                .filter(|r| !r.in_use)
+                .filter(|r| {
+                    options.all
+                        || !(r.shared
+                            || matches!(
+                                r.record_type,
+                                kiln_worker::RecordType::Internal
+                                    | kiln_worker::RecordType::Frontend
+                            ))
+                })
+                .filter(|r| {
+                    options.keep_duration.is_none_or(|keep| {
+                        let last = r.last_used.unwrap_or(r.created);
+                        now.duration_since(last).unwrap_or_default() > keep
+                    })
+                })
+                .filter(|r| filter.matches(r))
+                .cloned()
+                .collect();
+            let total: u64 = records.iter().filter(|r| !r.shared).map(|r| r.size).sum();
+            let disk = DiskStat::of(&self.state_dir).unwrap_or_default();
+            let chosen: Vec<SnapshotUsage> = match usage::keep_bytes(total, disk, options) {
+                None => candidates,
+                Some(keep) if total <= keep => break,
+                Some(keep) => {
+                    // Leaves only: a parent becomes a candidate once its
+                    // children are gone (next round).
+                    candidates.retain(|r| !parents.contains(r.id.as_str()));
+                    usage::sort_for_deletion(&mut candidates);
+                    let mut remaining = total;
+                    let mut chosen = Vec::new();
+                    for r in candidates {
+                        if remaining <= keep {
+                            break;
+                        }
+                        remaining = remaining.saturating_sub(r.size);
+                        chosen.push(r);
+                    }
+                    chosen
+                }
+            };
+            if chosen.is_empty() {
+                break;
+            }
+            let ids: Vec<SnapshotId> = chosen.iter().map(|r| r.id.clone()).collect();
+            let removed = self.worker.prune(&ids).await.map_err(|e| Error::Worker {
+                op: "prune",
+                source: Box::new(e),
+            })?;
+            if removed.is_empty() {
+                break;
+            }
+            let removed: std::collections::HashSet<SnapshotId> = removed.into_iter().collect();
+            self.forget_records(&removed)?;
+            pruned.extend(chosen.into_iter().filter(|r| removed.contains(&r.id)));
+        }
+        tracing::info!(count = pruned.len(), "pruned build cache");
+        Ok(pruned)
+    }
+
+    /// Applies garbage-collection policies in order (each one a prune).
+    pub async fn gc(&self, policies: &[PruneOptions]) -> Result<Vec<SnapshotUsage>, Error> {
+        let mut pruned = Vec::new();
+        for policy in policies {
+            pruned.extend(self.prune(policy).await?);
+        }
+        Ok(pruned)
+    }
+
+    /// Removes cache records whose outputs include a removed snapshot.
+    fn forget_records(&self, removed: &std::collections::HashSet<SnapshotId>) -> Result<(), Error> {
+        for (key, record) in self.records.all() {
+            if record
+                .outputs
+                .iter()
+                .flatten()
+                .any(|id| removed.contains(id))
+            {
+                self.records.remove(&key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Solves `definition`: every vertex reachable from its result, in
@@ -236,6 +401,7 @@ impl Solver {
                 cache_key: None,
                 stats: SolveStats::default(),
                 created: None,
+                leases: Leases::default(),
             });
         };
         let context = Arc::new(Context {
@@ -244,6 +410,7 @@ impl Solver {
             locals,
             progress,
             options,
+            leases: Leases::default(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -293,6 +460,7 @@ impl Solver {
             cache_key: Some(resolved.key.clone()),
             stats,
             created: Some(resolved.created),
+            leases: context.leases.clone(),
         })
     }
 }
@@ -391,6 +559,8 @@ async fn run_vertex(
                     return Ok(Arc::new(resolved));
                 }
             }
+            let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
+            context.worker.record_use(&used);
             let result = match &op.op {
                 Some(pb::op::Op::Exec(exec)) => {
                     context.worker.exec(exec, &input_snapshots, &progress).await
@@ -399,6 +569,7 @@ async fn run_vertex(
                 _ => Ok(Vec::new()),
             };
             let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
+                hold(&context, &outputs);
                 record(&context, &key, &outputs, &name)?;
                 Ok(Resolved {
                     key: key.clone(),
@@ -458,17 +629,28 @@ fn finish(
 /// A cache record whose snapshots all still exist, as a cached result.
 fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
     let record = context.records.get(key)?;
-    let all_present = record
-        .outputs
-        .iter()
-        .flatten()
-        .all(|id| context.worker.exists(id));
-    all_present.then(|| Resolved {
+    let ids: Vec<SnapshotId> = record.outputs.iter().flatten().cloned().collect();
+    // Leased before the existence check: a concurrent prune either sees the
+    // lease or has already removed the snapshot.
+    let lease = context.worker.hold(&ids);
+    let all_present = ids.iter().all(|id| context.worker.exists(id));
+    if !all_present {
+        return None;
+    }
+    context.leases.push(lease);
+    context.worker.record_use(&ids);
+    Some(Resolved {
         key: key.clone(),
         outputs: record.outputs,
         cached: true,
         created: record.created,
     })
+}
+
+/// Leases the outputs of a vertex that ran for the rest of the solve.
+fn hold(context: &Context, outputs: &[Option<SnapshotId>]) {
+    let ids: Vec<SnapshotId> = outputs.iter().flatten().cloned().collect();
+    context.leases.push(context.worker.hold(&ids));
 }
 
 fn now_secs() -> u64 {
@@ -569,6 +751,7 @@ async fn run_source(
             .await
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![snapshot];
+        hold(context, &outputs);
         record(context, &key, &outputs, name)?;
         return Ok(Resolved {
             key,
@@ -610,6 +793,7 @@ async fn run_source(
             .await
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![Some(snapshot)];
+        hold(context, &outputs);
         record(context, &key, &outputs, name)?;
         return Ok(Resolved {
             key,
