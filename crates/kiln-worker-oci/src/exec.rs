@@ -1,7 +1,8 @@
 //! Running an `ExecOp` with runc on overlay mounts of the input snapshots.
 //!
-//! Every writable mount gets a [`PendingSnapshot`] whose `fs` dir is the overlay upper, so
-//! committing an output is a rename, never a copy. An [`ExecGuard`] owns the container, the mounts
+//! Every writable mount gets an [`ActiveTree`] from the worker's [`Trees`] (in the OCI worker a
+//! pending snapshot whose `fs` dir is the overlay upper, so committing an output is a rename,
+//! never a copy). An [`ExecGuard`] owns the container, the mounts
 //! and the bundle directory: whatever way the future ends (success, error, or being dropped
 //! because the client went away) the container is deleted, the mounts are unmounted and the
 //! temporary directories are removed.
@@ -13,18 +14,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use kiln_proto::pb;
-use kiln_worker::{Error, ProgressSink, SnapshotId};
+use kiln_worker::{Error, ProgressSink, SnapshotId, SnapshotView};
 use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::fsx::{io_err, mkdir_all, resolve_in_root};
-use crate::mount::{mount_overlay, Mounted};
-use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
+use crate::snapshot::random_id;
 use crate::spec::{self, SpecInput};
+use crate::trees::{ActiveTree, Trees};
 
-/// Where the executor keeps its state.
+/// Runs `ExecOp`s with runc on trees from a [`Trees`] backend; also used by other workers.
 #[derive(Debug, Clone)]
-pub(crate) struct Executor {
+pub struct Executor {
+    /// The runc binary.
     pub runc: PathBuf,
     /// `runc --root`.
     pub runc_state: PathBuf,
@@ -40,8 +42,8 @@ pub(crate) struct Executor {
 struct ExecGuard {
     bundle: PathBuf,
     container: Option<(PathBuf, PathBuf, String)>,
-    mounts: Vec<Mounted>,
-    pending: Vec<Option<PendingSnapshot>>,
+    views: Vec<SnapshotView>,
+    pending: Vec<Option<Box<dyn ActiveTree>>>,
 }
 
 impl ExecGuard {
@@ -69,29 +71,24 @@ impl ExecGuard {
         }
     }
 
-    fn unmount_all(&mut self) -> Result<(), Error> {
-        let mut first_err = None;
-        while let Some(m) = self.mounts.pop() {
-            if let Err(e) = m.unmount() {
-                first_err.get_or_insert(e);
-            }
+    fn release_views(&mut self) {
+        while let Some(view) = self.views.pop() {
+            drop(view);
         }
-        first_err.map_or(Ok(()), Err)
     }
 }
 
 impl Drop for ExecGuard {
     fn drop(&mut self) {
         self.delete_container();
-        while let Some(m) = self.mounts.pop() {
-            drop(m);
-        }
+        self.release_views();
+        // Uncommitted trees are discarded (and unmounted) before their mount points go.
+        self.pending.clear();
         if let Err(e) = fs::remove_dir_all(&self.bundle) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(bundle = %self.bundle.display(), error = %e, "failed to remove bundle");
             }
         }
-        // `pending` is dropped after this, removing uncommitted uppers.
     }
 }
 
@@ -112,10 +109,27 @@ struct Prepared {
 }
 
 impl Executor {
-    /// Runs `op`; see `Worker::exec`.
-    pub(crate) async fn run(
+    /// An executor keeping runc state in `runc_state`, bundles in `bundles` and `type=cache`
+    /// mount directories in `cache_mounts` (all created by the caller).
+    pub fn new(
+        runc: PathBuf,
+        runc_state: PathBuf,
+        bundles: PathBuf,
+        cache_mounts: PathBuf,
+    ) -> Self {
+        Self {
+            runc,
+            runc_state,
+            bundles,
+            cache_mounts,
+            nofile: spec::nofile_limit(),
+        }
+    }
+
+    /// Runs `op` on trees of `trees`; see `Worker::exec`. `inputs` must exist in `trees`.
+    pub async fn run(
         &self,
-        store: &SnapshotStore,
+        trees: &dyn Trees,
         op: &pb::ExecOp,
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
@@ -130,7 +144,7 @@ impl Executor {
         let mut guard = ExecGuard {
             bundle: bundle.clone(),
             container: None,
-            mounts: Vec::new(),
+            views: Vec::new(),
             pending: Vec::new(),
         };
 
@@ -163,7 +177,7 @@ impl Executor {
                             })?
                             .clone()
                     };
-                    let p = self.prepare_bind(store, &mut guard, i, input, m.readonly)?;
+                    let p = self.prepare_bind(trees, &mut guard, i, input, m.readonly)?;
                     if i != root_index {
                         let source = resolve_in_root(&p.view, &m.selector, true)
                             .map_err(io_err("resolve selector in", &p.view))?;
@@ -389,7 +403,7 @@ impl Executor {
         for stub in stubs.iter().rev() {
             remove_stub(stub);
         }
-        guard.unmount_all()?;
+        guard.release_views();
 
         // Outputs, ordered by output index.
         let mut by_output: Vec<(i64, usize)> = op
@@ -412,15 +426,7 @@ impl Executor {
                     let pending = guard.pending[slot]
                         .take()
                         .ok_or_else(|| invalid("mount output committed twice"))?;
-                    let id = random_id();
-                    pending.commit(
-                        &id,
-                        &SnapshotMeta {
-                            parent: p.input.clone(),
-                            ..Default::default()
-                        },
-                    )?;
-                    outputs.push(Some(id));
+                    outputs.push(Some(pending.commit()?));
                 }
                 None => outputs.push(p.input.clone()),
             }
@@ -430,51 +436,27 @@ impl Executor {
 
     fn prepare_bind(
         &self,
-        store: &SnapshotStore,
+        trees: &dyn Trees,
         guard: &mut ExecGuard,
         index: usize,
         input: Option<SnapshotId>,
         readonly: bool,
     ) -> Result<Prepared, Error> {
-        let lowers = match &input {
-            Some(id) => store.lowers(id)?,
-            None => Vec::new(),
-        };
+        let target = guard.bundle.join(format!("mnt-{index}"));
+        fs::create_dir_all(&target).map_err(io_err("create", &target))?;
         if readonly {
-            let view = match lowers.len() {
-                0 => {
-                    let empty = guard.bundle.join(format!("empty-{index}"));
-                    fs::create_dir_all(&empty).map_err(io_err("create", &empty))?;
-                    empty
-                }
-                1 => lowers[0].clone(),
-                _ => {
-                    let target = guard.bundle.join(format!("mnt-{index}"));
-                    fs::create_dir_all(&target).map_err(io_err("create", &target))?;
-                    let m = mount_overlay(&lowers, None, &target)?;
-                    guard.mounts.push(m);
-                    target
-                }
-            };
+            let view = trees.view(input.as_ref(), &target)?;
+            let path = view.path().to_path_buf();
+            guard.views.push(view);
             return Ok(Prepared {
-                view,
+                view: path,
                 pending: None,
                 input,
             });
         }
-        let pending = store.prepare()?;
-        let upper = pending.fs_path();
-        let view = if lowers.is_empty() {
-            upper
-        } else {
-            let work = pending.scratch_dir("work")?;
-            let target = guard.bundle.join(format!("mnt-{index}"));
-            fs::create_dir_all(&target).map_err(io_err("create", &target))?;
-            let m = mount_overlay(&lowers, Some((&upper, &work)), &target)?;
-            guard.mounts.push(m);
-            target
-        };
-        guard.pending.push(Some(pending));
+        let active = trees.activate(input.as_ref(), &target)?;
+        let view = active.path().to_path_buf();
+        guard.pending.push(Some(active));
         Ok(Prepared {
             view,
             pending: Some(guard.pending.len() - 1),

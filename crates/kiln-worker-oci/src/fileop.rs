@@ -1,7 +1,7 @@
 //! `FileOp`: copy, mkdir, mkfile, rm and symlink actions on overlay mounts of the inputs.
 //!
-//! Each action works on an "active" tree: a [`PendingSnapshot`] whose `fs` dir is the upper of an
-//! overlay over the input chain (or the plain tree for a scratch input), so the kernel writes the
+//! Each action works on an "active" tree ([`ActiveTree`]); in the OCI worker a pending snapshot
+//! whose `fs` dir is the upper of an overlay over the input chain (or the plain tree for a scratch input), so the kernel writes the
 //! whiteouts and opaque dirs a layer needs. An action whose input is an earlier action used by
 //! nobody else continues on that tree in place; otherwise the earlier result is committed first.
 //! All paths are resolved inside the tree they name ([`resolve_in_root`]).
@@ -12,35 +12,28 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kiln_proto::pb::{self, file_action::Action, user_opt};
-use kiln_worker::{Error, SnapshotId};
+use kiln_worker::{Error, SnapshotId, SnapshotView};
 
 use crate::fsx::{
     copy_tree, glob_match, has_glob, io_err, lchown, mkdir_all, resolve_in_root, set_mtime,
     CopyOptions,
 };
-use crate::mount::{mount_overlay, Mounted};
-use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
-
-/// A tree being modified by actions.
-struct Active {
-    pending: PendingSnapshot,
-    mount: Option<Mounted>,
-    view: PathBuf,
-    parent: Option<SnapshotId>,
-}
+use crate::snapshot::random_id;
+use crate::trees::{ActiveTree, Trees};
 
 enum Value {
     Snapshot(Option<SnapshotId>),
-    Active(Active),
+    /// A tree being modified by actions.
+    Active(Box<dyn ActiveTree>),
     /// Continued in place by a later action.
     Moved,
 }
 
 /// Mount points and read-only views of one op, released on drop.
 struct Scope<'a> {
-    store: &'a SnapshotStore,
+    trees: &'a dyn Trees,
     dir: PathBuf,
-    views: Vec<Mounted>,
+    views: Vec<SnapshotView>,
     counter: usize,
 }
 
@@ -61,63 +54,22 @@ impl Scope<'_> {
 
     /// A read-only view of a committed snapshot.
     fn view(&mut self, id: &Option<SnapshotId>) -> Result<PathBuf, Error> {
-        let lowers = match id {
-            Some(id) => self.store.lowers(id)?,
-            None => Vec::new(),
-        };
-        match lowers.len() {
-            0 => self.mount_point(),
-            1 => Ok(lowers[0].clone()),
-            _ => {
-                let target = self.mount_point()?;
-                let m = mount_overlay(&lowers, None, &target)?;
-                self.views.push(m);
-                Ok(target)
-            }
-        }
+        let target = self.mount_point()?;
+        let view = self.trees.view(id.as_ref(), &target)?;
+        let path = view.path().to_path_buf();
+        self.views.push(view);
+        Ok(path)
     }
 
     /// A writable tree over a committed snapshot.
-    fn activate(&mut self, parent: Option<SnapshotId>) -> Result<Active, Error> {
-        let pending = self.store.prepare()?;
-        let upper = pending.fs_path();
-        let lowers = match &parent {
-            Some(id) => self.store.lowers(id)?,
-            None => Vec::new(),
-        };
-        if lowers.is_empty() {
-            return Ok(Active {
-                view: upper,
-                pending,
-                mount: None,
-                parent,
-            });
-        }
-        let work = pending.scratch_dir("work")?;
+    fn activate(&mut self, parent: Option<SnapshotId>) -> Result<Box<dyn ActiveTree>, Error> {
         let target = self.mount_point()?;
-        let mount = mount_overlay(&lowers, Some((&upper, &work)), &target)?;
-        Ok(Active {
-            pending,
-            mount: Some(mount),
-            view: target,
-            parent,
-        })
+        self.trees.activate(parent.as_ref(), &target)
     }
 }
 
-fn commit(active: Active) -> Result<SnapshotId, Error> {
-    if let Some(m) = active.mount {
-        m.unmount()?;
-    }
-    let id = random_id();
-    active.pending.commit(
-        &id,
-        &SnapshotMeta {
-            parent: active.parent,
-            ..Default::default()
-        },
-    )?;
-    Ok(id)
+fn commit(active: Box<dyn ActiveTree>) -> Result<SnapshotId, Error> {
+    active.commit()
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -129,7 +81,7 @@ fn invalid(reason: impl Into<String>) -> Error {
 
 /// Runs `op`; see `Worker::file`. `scratch` is a directory for temporary mount points.
 pub(crate) fn run(
-    store: &SnapshotStore,
+    trees: &dyn Trees,
     scratch: &Path,
     op: &pb::FileOp,
     inputs: &[Option<SnapshotId>],
@@ -161,7 +113,7 @@ pub(crate) fn run(
     }
 
     let mut scope = Scope {
-        store,
+        trees,
         dir: scratch.join(format!("file-{}", random_id())),
         views: Vec::new(),
         counter: 0,
@@ -221,7 +173,7 @@ pub(crate) fn run(
                 &mut scope,
                 inputs,
                 &results,
-                &active.view,
+                active.path(),
                 k,
             )?),
             None => None,
@@ -232,12 +184,12 @@ pub(crate) fn run(
                     Some(p) => p,
                     None => scope.mount_point()?,
                 };
-                copy(k, &src_root, &active.view, c, owner, &scope.dir)?
+                copy(k, &src_root, active.path(), c, owner, &scope.dir)?
             }
-            Some(Action::Mkdir(m)) => mkdir(k, &active.view, m, owner)?,
-            Some(Action::Mkfile(m)) => mkfile(k, &active.view, m, owner)?,
-            Some(Action::Rm(r)) => rm(k, &active.view, r)?,
-            Some(Action::Symlink(s)) => symlink(k, &active.view, s, owner)?,
+            Some(Action::Mkdir(m)) => mkdir(k, active.path(), m, owner)?,
+            Some(Action::Mkfile(m)) => mkfile(k, active.path(), m, owner)?,
+            Some(Action::Rm(r)) => rm(k, active.path(), r)?,
+            Some(Action::Symlink(s)) => symlink(k, active.path(), s, owner)?,
             None => return Err(invalid(format!("action {k} has no action"))),
         }
         results.push(Value::Active(active));

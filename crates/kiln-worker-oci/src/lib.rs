@@ -19,6 +19,7 @@ mod fsx;
 mod mount;
 mod snapshot;
 mod spec;
+mod trees;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -33,6 +34,9 @@ use kiln_image::registry::{RegistryHosts, ResolvedImage, Resolver};
 use kiln_image::Digest;
 use kiln_proto::pb;
 use kiln_worker::{Error, Layer, ProgressSink, SnapshotId, SnapshotView, Worker, LABEL_PREFIX};
+
+pub use crate::exec::Executor;
+pub use crate::trees::{ActiveTree, Trees};
 
 use crate::fsx::io_err;
 use crate::snapshot::{random_id, SnapshotMeta, SnapshotStore};
@@ -134,13 +138,7 @@ impl OciWorker {
             platforms,
             content,
             snapshots,
-            executor: exec::Executor {
-                runc: config.runc_binary,
-                runc_state,
-                bundles,
-                cache_mounts,
-                nofile: spec::nofile_limit(),
-            },
+            executor: exec::Executor::new(config.runc_binary, runc_state, bundles, cache_mounts),
             resolver: Resolver::new(config.registry_hosts).map_err(|e| Error::RegistryClient {
                 source: Box::new(e.into()),
             })?,
@@ -198,6 +196,17 @@ impl OciWorker {
     }
 }
 
+/// Runs a `FileOp` on trees of `trees` (see `Worker::file`); `scratch` is a directory for
+/// temporary mount points. Blocking: call it from a blocking thread.
+pub fn run_file_op(
+    trees: &dyn Trees,
+    scratch: &Path,
+    op: &pb::FileOp,
+    inputs: &[Option<SnapshotId>],
+) -> Result<Vec<Option<SnapshotId>>, Error> {
+    fileop::run(trees, scratch, op, inputs)
+}
+
 /// The id of the snapshot holding the layer with chain id `chain`.
 fn chain_snapshot_id(chain: &Digest) -> SnapshotId {
     format!("layer-{}", chain.hex())
@@ -230,8 +239,8 @@ fn load_or_create_id(path: &Path) -> Result<String, Error> {
     Ok(id)
 }
 
-/// Deletes containers left in runc's state dir by a crash.
-fn cleanup_runc_state(runc: &Path, state: &Path) {
+/// Deletes the containers left in runc's state dir `state` by a crash.
+pub fn cleanup_runc_state(runc: &Path, state: &Path) {
     let Ok(entries) = fs::read_dir(state) else {
         return;
     };

@@ -393,6 +393,40 @@ pub trait Worker: Send + Sync {
     fn record_use(&self, ids: &[SnapshotId]) {
         let _ = ids;
     }
+
+    /// The image store this worker's images can be named and unpacked in (BuildKit's
+    /// `ImageStore`), `None` when it has none (the OCI worker: the image exporter then cannot
+    /// name or unpack images).
+    fn image_store(&self) -> Option<&dyn ImageStore> {
+        None
+    }
+}
+
+/// Named images next to a worker's snapshots (containerd's image service for the containerd
+/// worker): base images found locally, exported images named and unpacked.
+#[async_trait]
+pub trait ImageStore: Send + Sync {
+    /// The image `reference` for `platform` when the store holds it (manifest and config read
+    /// from the store), `None` when it has no image of that name.
+    async fn resolve_local(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<Option<ResolvedImage>, Error>;
+
+    /// Names `manifest` (a manifest or an index, with everything it references in `content`)
+    /// `name`: copies the blobs the store lacks, then creates the image record or moves an
+    /// existing one to the new target.
+    async fn create_image(
+        &self,
+        name: &str,
+        manifest: &Descriptor,
+        content: &ContentStore,
+    ) -> Result<(), Error>;
+
+    /// Unpacks the image `name` for `platform` into the worker's snapshotter so containers can
+    /// run it.
+    async fn unpack(&self, name: &str, platform: &Platform) -> Result<(), Error>;
 }
 
 #[cfg(test)]

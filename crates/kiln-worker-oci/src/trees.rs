@@ -1,0 +1,124 @@
+//! [`Trees`]: where `exec` and `file` get the filesystem trees they work on.
+//!
+//! The executor and the file-op engine only need two things of a snapshot backend: a read-only
+//! tree of a snapshot, and a writable tree over one that can later be committed as a new
+//! snapshot. The OCI worker's own [`SnapshotStore`] provides them with overlay mounts of its
+//! snapshot directories; other workers (the containerd worker) provide them from their own
+//! snapshotter and reuse [`run_exec`](crate::run_exec) and [`run_file_op`](crate::run_file_op).
+
+use std::path::{Path, PathBuf};
+
+use kiln_worker::{Error, SnapshotId, SnapshotView};
+
+use crate::mount::{mount_overlay, Mounted};
+use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
+
+/// A snapshot backend seen by the executor and the file-op engine.
+///
+/// Both methods may block (mounts, remote calls); callers run them off the async executor or
+/// accept the short block.
+pub trait Trees: Send + Sync {
+    /// A read-only tree of `id` (`None` = an empty tree). `mount_point` is an empty directory
+    /// the implementation may mount on; the returned view may also point elsewhere.
+    fn view(&self, id: Option<&SnapshotId>, mount_point: &Path) -> Result<SnapshotView, Error>;
+
+    /// A writable tree whose initial content is `parent` (`None` = empty). `mount_point` is an
+    /// empty directory the implementation may mount on. Dropping the result without
+    /// [`ActiveTree::commit`] discards it.
+    fn activate(
+        &self,
+        parent: Option<&SnapshotId>,
+        mount_point: &Path,
+    ) -> Result<Box<dyn ActiveTree>, Error>;
+}
+
+/// A writable tree being changed; see [`Trees::activate`].
+pub trait ActiveTree: Send {
+    /// The root of the tree on the host.
+    fn path(&self) -> &Path;
+
+    /// Releases the tree (unmounting it) and commits it as a new immutable snapshot.
+    fn commit(self: Box<Self>) -> Result<SnapshotId, Error>;
+}
+
+impl Trees for SnapshotStore {
+    fn view(&self, id: Option<&SnapshotId>, mount_point: &Path) -> Result<SnapshotView, Error> {
+        let lowers = match id {
+            Some(id) => self.lowers(id)?,
+            None => Vec::new(),
+        };
+        match lowers.len() {
+            0 => Ok(SnapshotView::new(mount_point.to_path_buf(), None)),
+            1 => Ok(SnapshotView::new(lowers[0].clone(), None)),
+            _ => {
+                let mounted = mount_overlay(&lowers, None, mount_point)?;
+                Ok(SnapshotView::new(
+                    mount_point.to_path_buf(),
+                    Some(Box::new(mounted)),
+                ))
+            }
+        }
+    }
+
+    fn activate(
+        &self,
+        parent: Option<&SnapshotId>,
+        mount_point: &Path,
+    ) -> Result<Box<dyn ActiveTree>, Error> {
+        let pending = self.prepare()?;
+        let upper = pending.fs_path();
+        let lowers = match parent {
+            Some(id) => self.lowers(id)?,
+            None => Vec::new(),
+        };
+        if lowers.is_empty() {
+            return Ok(Box::new(OciActive {
+                mount: None,
+                path: upper,
+                pending,
+                parent: parent.cloned(),
+            }));
+        }
+        let work = pending.scratch_dir("work")?;
+        let mount = mount_overlay(&lowers, Some((&upper, &work)), mount_point)?;
+        Ok(Box::new(OciActive {
+            mount: Some(mount),
+            path: mount_point.to_path_buf(),
+            pending,
+            parent: parent.cloned(),
+        }))
+    }
+}
+
+/// A pending OCI snapshot, overlay-mounted over its parent chain when it has one.
+///
+/// Field order matters: the mount is dropped (unmounted) before the pending snapshot's
+/// directory is removed.
+struct OciActive {
+    mount: Option<Mounted>,
+    path: PathBuf,
+    pending: PendingSnapshot,
+    parent: Option<SnapshotId>,
+}
+
+impl ActiveTree for OciActive {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn commit(self: Box<Self>) -> Result<SnapshotId, Error> {
+        let this = *self;
+        if let Some(m) = this.mount {
+            m.unmount()?;
+        }
+        let id = random_id();
+        this.pending.commit(
+            &id,
+            &SnapshotMeta {
+                parent: this.parent,
+                ..Default::default()
+            },
+        )?;
+        Ok(id)
+    }
+}
