@@ -20,6 +20,7 @@
 
 pub mod cache;
 pub mod progress;
+pub mod selector;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -547,9 +548,18 @@ async fn run_vertex(
             let mut stripped = op.clone();
             stripped.inputs.clear();
             let op_bytes = stripped.encode_to_vec();
+            let content_keys = match &op.op {
+                Some(pb::op::Op::File(file)) => {
+                    copy_source_keys(&context, &graph, &op, file, &input_snapshots).await
+                }
+                _ => vec![None; input_keys.len()],
+            };
             let mut parts: Vec<(&str, &[u8])> = vec![("op", &op_bytes)];
-            for key in &input_keys {
-                parts.push(("input", key.as_bytes()));
+            for (key, content) in input_keys.iter().zip(&content_keys) {
+                match content {
+                    Some(content) => parts.push(("input-content", content.as_bytes())),
+                    None => parts.push(("input", key.as_bytes())),
+                }
             }
             let key = CacheKey::from_parts(parts);
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
@@ -624,6 +634,71 @@ fn finish(
             Err(error)
         }
     }
+}
+
+/// For each input of a FileOp: when the input is a local source read only
+/// as the source of copies, a checksum of exactly what those copies read
+/// (so other files of the context do not affect the step's key); `None`
+/// where the input's full key must be used.
+async fn copy_source_keys(
+    context: &Context,
+    graph: &Graph,
+    op: &pb::Op,
+    file: &pb::FileOp,
+    snapshots: &[Option<SnapshotId>],
+) -> Vec<Option<String>> {
+    let mut keys = vec![None; op.inputs.len()];
+    for (index, input) in op.inputs.iter().enumerate() {
+        let is_local = matches!(
+            graph.op(&input.digest).and_then(|o| o.op.as_ref()),
+            Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://")
+        );
+        let Some(Some(snapshot)) = snapshots.get(index) else {
+            continue;
+        };
+        let index = index as i64;
+        let mut copies = Vec::new();
+        let mut only_copies = true;
+        for action in &file.actions {
+            let uses = action.input == index || action.secondary_input == index;
+            match &action.action {
+                Some(pb::file_action::Action::Copy(copy))
+                    if action.secondary_input == index && action.input != index =>
+                {
+                    copies.push(copy.clone())
+                }
+                _ if uses => only_copies = false,
+                _ => {}
+            }
+        }
+        if !is_local || !only_copies || copies.is_empty() {
+            continue;
+        }
+        let Ok(view) = context.worker.snapshot_path(snapshot).await else {
+            continue;
+        };
+        let root = view.path().to_path_buf();
+        let computed = tokio::task::spawn_blocking(move || -> Option<String> {
+            let mut hasher = Sha256::new();
+            for copy in &copies {
+                let checksum =
+                    selector::checksum_selector(&root, &copy.src, copy.allow_wildcard).ok()??;
+                hasher.update(copy.src.as_bytes());
+                hasher.update([0]);
+                hasher.update(checksum.as_bytes());
+                hasher.update([0]);
+            }
+            Some(hex::encode(hasher.finalize()))
+        })
+        .await
+        .ok()
+        .flatten();
+        drop(view);
+        if let Some(slot) = keys.get_mut(index as usize) {
+            *slot = computed;
+        }
+    }
+    keys
 }
 
 /// A cache record whose snapshots all still exist, as a cached result.
