@@ -451,3 +451,100 @@ async fn load(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{
+        LABEL_CONTAINERD_NAMESPACE, LABEL_CONTAINERD_UUID, LABEL_EXECUTOR, LABEL_SNAPSHOTTER,
+    };
+    use crate::settings::parse_output;
+
+    const VIEW: ContainerdView<'static> = ContainerdView {
+        uuid: "uuid-1",
+        namespace: "default",
+        snapshotter: "overlayfs",
+    };
+
+    fn labels(executor: &str) -> BTreeMap<String, String> {
+        [
+            (LABEL_EXECUTOR, executor),
+            (LABEL_CONTAINERD_UUID, "uuid-1"),
+            (LABEL_CONTAINERD_NAMESPACE, "default"),
+            (LABEL_SNAPSHOTTER, "overlayfs"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn tags() -> Vec<String> {
+        vec![
+            "docker.io/library/a:latest".into(),
+            "docker.io/library/b:1".into(),
+        ]
+    }
+
+    #[test]
+    fn containerd_worker_lands_directly() {
+        let plan = plan_output(None, &tags(), None, &labels("containerd"), &VIEW);
+        assert_eq!(plan.landing, Landing::Direct);
+        assert_eq!(plan.exporter.0, "image");
+        assert_eq!(plan.exporter.1["unpack"], "true");
+        // Only the first tag names the image; the others are tagged by the client.
+        assert_eq!(plan.exporter.1["name"], "docker.io/library/a:latest");
+    }
+
+    #[test]
+    fn oci_worker_takes_the_tar_path_and_says_why() {
+        let plan = plan_output(None, &tags(), None, &labels("oci"), &VIEW);
+        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.exporter.0, "docker");
+        assert!(plan.reason.contains("\"oci\""), "{}", plan.reason);
+        let other = ContainerdView {
+            uuid: "uuid-2",
+            ..VIEW
+        };
+        let plan = plan_output(None, &[], None, &labels("containerd"), &other);
+        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
+        assert!(plan.reason.contains("uuid"), "{}", plan.reason);
+        let foreign = kiln_image::oci::Platform::parse(
+            if kiln_image::oci::Platform::host().architecture == "s390x" {
+                "linux/amd64"
+            } else {
+                "linux/s390x"
+            },
+        )
+        .unwrap();
+        let plan = plan_output(None, &[], Some(&foreign), &labels("containerd"), &VIEW);
+        assert_eq!(plan.landing, Landing::Load);
+        assert!(plan.reason.contains("platform"), "{}", plan.reason);
+    }
+
+    #[test]
+    fn explicit_outputs() {
+        let out = parse_output("type=docker,dest=x.tar").unwrap();
+        let plan = plan_output(Some(&out), &tags(), None, &labels("containerd"), &VIEW);
+        assert_eq!(plan.landing, Landing::File("x.tar".into()));
+        assert_eq!(plan.exporter.0, "docker");
+        // A tarball carries every tag.
+        assert_eq!(
+            plan.exporter.1["name"],
+            "docker.io/library/a:latest,docker.io/library/b:1"
+        );
+        let out = parse_output("type=oci").unwrap();
+        let plan = plan_output(Some(&out), &tags(), None, &labels("oci"), &VIEW);
+        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.exporter.1["name"], "docker.io/library/a:latest");
+        let out = parse_output("dir").unwrap();
+        let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
+        assert_eq!(plan.exporter.0, "local");
+        assert_eq!(plan.exporter.1["dest"], "dir");
+        assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
+        assert_eq!(plan.landing, Landing::None);
+        let out = parse_output("type=tar,dest=-").unwrap();
+        let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
+        assert_eq!(plan.landing, Landing::Stdout);
+    }
+}

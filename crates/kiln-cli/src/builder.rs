@@ -120,7 +120,7 @@ pub fn du_table(records: &[UsageRecord], now: SystemTime) -> String {
         let last = record
             .last_used_at
             .as_ref()
-            .and_then(|t| SystemTime::try_from(t.clone()).ok())
+            .and_then(|t| SystemTime::try_from(*t).ok())
             .map(|t| {
                 format!(
                     "{} ago",

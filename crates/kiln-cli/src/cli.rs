@@ -68,7 +68,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum BuilderCommand {
     /// Same as `kiln build`.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Clean up the build cache.
     Prune(PruneArgs),
     /// Show the disk usage of the build cache (like `buildctl du`).
@@ -253,10 +253,10 @@ impl Cli {
     /// `None` for the other commands.
     pub fn build_args(&self) -> Option<&BuildArgs> {
         match &self.command {
-            Command::Build(args)
-            | Command::Builder {
+            Command::Builder {
                 command: BuilderCommand::Build(args),
-            }
+            } => Some(args.as_ref()),
+            Command::Build(args)
             | Command::Image {
                 command: ImageCommand::Build(args),
             } => Some(args),

@@ -281,13 +281,14 @@ pub fn resolve_platforms(platforms: &[String]) -> anyhow::Result<Option<Platform
     }
 }
 
+/// The frontend attribute and entitlements of a `--network` mode.
+pub type NetworkAttrs = (Option<(String, String)>, Vec<String>);
+
 /// `--network` (§1.2): `none` → `force-network-mode=none`; `host` →
 /// `force-network-mode=host` plus the `network.host` and `security.insecure`
 /// entitlements (as nerdctl); `default`/empty → nothing. nerdctl ignores
 /// other values silently; kiln refuses them.
-pub fn resolve_network(
-    network: Option<&str>,
-) -> anyhow::Result<(Option<(String, String)>, Vec<String>)> {
+pub fn resolve_network(network: Option<&str>) -> anyhow::Result<NetworkAttrs> {
     match network.unwrap_or("") {
         "" | "default" => Ok((None, Vec::new())),
         "none" => Ok((
@@ -467,8 +468,8 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Cache exports are checked for syntax, then refused: the daemon would not
     // export them and the user would believe the cache was written.
-    for value in dedupe(&args.cache_to) {
-        let (kind, _) = normalize_cache(&value)?;
+    if let Some(value) = dedupe(&args.cache_to).first() {
+        let (kind, _) = normalize_cache(value)?;
         bail!("kiln build: cache export (--cache-to type={kind}) is not supported yet");
     }
     let output = args.output.as_deref().map(parse_output).transpose()?;
