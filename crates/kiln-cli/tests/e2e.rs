@@ -47,7 +47,14 @@ impl Drop for Namespace {
             args.extend(images.iter().map(String::as_str));
             ctr(&args);
         }
-        ctr(&["namespaces", "rm", &self.0]);
+        // containerd collects the snapshots asynchronously; the namespace
+        // can only go once they are gone.
+        for _ in 0..50 {
+            if ctr(&["namespaces", "rm", &self.0]).code == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 }
 
