@@ -12,12 +12,13 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use kiln_proto::pb;
 use kiln_worker::{Error, ProgressSink, SnapshotId, SnapshotView};
-use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::cachemount::{CacheMountGuard, CacheMounts};
 use crate::fsx::{io_err, mkdir_all, resolve_in_root};
 use crate::snapshot::random_id;
 use crate::spec::{self, SpecInput};
@@ -33,7 +34,7 @@ pub struct Executor {
     /// Bundles, one per running op.
     pub bundles: PathBuf,
     /// Persistent `type=cache` mount directories.
-    pub cache_mounts: PathBuf,
+    pub cache_mounts: Arc<CacheMounts>,
     /// `RLIMIT_NOFILE` of processes.
     pub nofile: u64,
 }
@@ -44,6 +45,8 @@ struct ExecGuard {
     container: Option<(PathBuf, PathBuf, String)>,
     views: Vec<SnapshotView>,
     pending: Vec<Option<Box<dyn ActiveTree>>>,
+    /// Cache directories in use, released after the container is gone.
+    caches: Vec<CacheMountGuard>,
 }
 
 impl ExecGuard {
@@ -121,7 +124,7 @@ impl Executor {
             runc,
             runc_state,
             bundles,
-            cache_mounts,
+            cache_mounts: Arc::new(CacheMounts::new(cache_mounts)),
             nofile: spec::nofile_limit(),
         }
     }
@@ -146,6 +149,7 @@ impl Executor {
             container: None,
             views: Vec::new(),
             pending: Vec::new(),
+            caches: Vec::new(),
         };
 
         // Prepare every mount; the root first so the others can be checked against it.
@@ -211,17 +215,34 @@ impl Executor {
                         .cache_opt
                         .as_ref()
                         .map(|c| c.id.as_str())
+                        .filter(|id| !id.is_empty())
                         .unwrap_or(&m.dest);
-                    let dir = self
-                        .cache_mounts
-                        .join(hex::encode(sha2::Sha256::digest(id.as_bytes())));
-                    fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+                    let sharing = m
+                        .cache_opt
+                        .as_ref()
+                        .and_then(|c| pb::CacheSharingOpt::try_from(c.sharing).ok())
+                        .unwrap_or(pb::CacheSharingOpt::Shared);
+                    let description =
+                        format!("cached mount {} from exec {}", m.dest, meta.args.join(" "));
+                    let cache = self.cache_mounts.acquire(id, sharing, &description).await?;
+                    if cache.created && m.input >= 0 {
+                        // A new cache dir starts as the mount's input (the frontend's mkdir
+                        // with uid/gid/mode, or `from=`).
+                        let input = inputs.get(m.input as usize).cloned().flatten();
+                        if input.is_some() {
+                            let p = self.prepare_bind(trees, &mut guard, i, input, true)?;
+                            let from = resolve_in_root(&p.view, &m.selector, true)
+                                .map_err(io_err("resolve selector in", &p.view))?;
+                            seed_cache(&from, &cache.path)?;
+                        }
+                    }
                     extra_mounts.push(spec::Mount {
                         destination: m.dest.clone(),
                         kind: "bind".into(),
-                        source: dir.to_string_lossy().into_owned(),
+                        source: cache.path.to_string_lossy().into_owned(),
                         options: vec!["rbind".into()],
                     });
+                    guard.caches.push(cache);
                 }
                 pb::MountType::Secret | pb::MountType::Ssh => {
                     let optional = m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false)
@@ -478,6 +499,28 @@ async fn pump(reader: Option<impl AsyncRead + Unpin>, stream: i64, progress: &dy
             }
         }
     }
+}
+
+/// Copies the tree at `from` into a new cache directory, keeping owners and modes.
+fn seed_cache(from: &Path, to: &Path) -> Result<(), Error> {
+    let meta = fs::symlink_metadata(from).map_err(io_err("read", from))?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(io_err("chmod", to))?;
+        std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))
+            .map_err(io_err("chown", to))?;
+    }
+    for entry in fs::read_dir(from).map_err(io_err("read", from))? {
+        let entry = entry.map_err(io_err("read", from))?;
+        let source = entry.path();
+        crate::fsx::copy_tree(&source, &to.join(entry.file_name()), &Default::default())
+            .map_err(io_err("copy", &source))?;
+    }
+    Ok(())
 }
 
 fn read_in_root(root: &Path, path: &str) -> String {

@@ -13,6 +13,7 @@
 //! runs runc on an overlay of the input chain and commits the upper as the new snapshot; `file`
 //! does the same for file actions; `layers` turns each snapshot of a chain into a gzip layer once.
 
+mod cachemount;
 mod exec;
 mod fileop;
 mod fsx;
@@ -33,7 +34,10 @@ use kiln_image::reference::Reference;
 use kiln_image::registry::{RegistryHosts, ResolvedImage, Resolver};
 use kiln_image::Digest;
 use kiln_proto::pb;
-use kiln_worker::{Error, Layer, ProgressSink, SnapshotId, SnapshotView, Worker, LABEL_PREFIX};
+use kiln_worker::{
+    Error, Layer, Lease, ProgressSink, RecordType, SnapshotId, SnapshotUsage, SnapshotView, Worker,
+    LABEL_PREFIX,
+};
 
 pub use crate::exec::Executor;
 pub use crate::trees::{ActiveTree, Trees};
@@ -167,6 +171,7 @@ impl OciWorker {
         expected_diff_id: &Digest,
         parent: Option<SnapshotId>,
         id: &str,
+        description: String,
     ) -> Result<(), Error> {
         let blob = content.open_blob(&layer.digest).map_err(|e| Error::Pull {
             digest: layer.digest.clone(),
@@ -191,6 +196,8 @@ impl OciWorker {
                 parent,
                 diff_id: Some(applied.diff_id),
                 blob: Some(layer.clone()),
+                description,
+                ..Default::default()
             },
         )
     }
@@ -205,6 +212,11 @@ pub fn run_file_op(
     inputs: &[Option<SnapshotId>],
 ) -> Result<Vec<Option<SnapshotId>>, Error> {
     fileop::run(trees, scratch, op, inputs)
+}
+
+/// Deletes the containers left in runc's state dir `state` by a crash.
+pub fn cleanup_runc_state(runc: &Path, state: &Path) {
+    cleanup_runc_leftovers(runc, state)
 }
 
 /// The id of the snapshot holding the layer with chain id `chain`.
@@ -239,8 +251,7 @@ fn load_or_create_id(path: &Path) -> Result<String, Error> {
     Ok(id)
 }
 
-/// Deletes the containers left in runc's state dir `state` by a crash.
-pub fn cleanup_runc_state(runc: &Path, state: &Path) {
+fn cleanup_runc_leftovers(runc: &Path, state: &Path) {
     let Ok(entries) = fs::read_dir(state) else {
         return;
     };
@@ -317,9 +328,13 @@ impl Worker for OciWorker {
         }
         let mut parent: Option<SnapshotId> = None;
         let mut chain: Option<Digest> = None;
+        let mut holds = Vec::with_capacity(layers.len());
+        let description = format!("pulled from {}", image.reference);
         for (layer, diff_id) in layers.iter().zip(diff_ids) {
             let this_chain = chain_id(chain.as_ref(), diff_id);
             let id = chain_snapshot_id(&this_chain);
+            // Held before the existence check, so a concurrent prune cannot remove it after.
+            holds.push(self.snapshots.hold(std::slice::from_ref(&id)));
             let status_id = layer.digest.to_string();
             if !self.snapshots.exists(&id) {
                 progress.status(&status_id, &status_id, 0, Some(layer.size), false);
@@ -332,10 +347,23 @@ impl Worker for OciWorker {
                     })?;
                 let snapshots = self.snapshots.clone();
                 let content = self.content.clone();
-                let (layer_c, diff_c, parent_c, id_c) =
-                    (layer.clone(), diff_id.clone(), parent.clone(), id.clone());
+                let (layer_c, diff_c, parent_c, id_c, description_c) = (
+                    layer.clone(),
+                    diff_id.clone(),
+                    parent.clone(),
+                    id.clone(),
+                    description.clone(),
+                );
                 tokio::task::spawn_blocking(move || {
-                    Self::unpack_layer(&snapshots, &content, &layer_c, &diff_c, parent_c, &id_c)
+                    Self::unpack_layer(
+                        &snapshots,
+                        &content,
+                        &layer_c,
+                        &diff_c,
+                        parent_c,
+                        &id_c,
+                        description_c,
+                    )
                 })
                 .await
                 .map_err(join_error)??;
@@ -343,6 +371,10 @@ impl Worker for OciWorker {
             progress.status(&status_id, &status_id, layer.size, Some(layer.size), true);
             parent = Some(id);
             chain = Some(this_chain);
+        }
+        if let Some(top) = &parent {
+            // Protected until the caller leases it, also when it already existed.
+            self.snapshots.mark_fresh(top);
         }
         Ok(parent)
     }
@@ -360,7 +392,18 @@ impl Worker for OciWorker {
                     .map_err(io_err("copy", &from))?;
             }
             let id = random_id();
-            pending.commit(&id, &SnapshotMeta::default())?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            pending.commit(
+                &id,
+                &SnapshotMeta {
+                    description: format!("local source for {name}"),
+                    record_type: Some(RecordType::SourceLocal.as_str().to_string()),
+                    ..Default::default()
+                },
+            )?;
             Ok(id)
         })
         .await
@@ -373,10 +416,16 @@ impl Worker for OciWorker {
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        let _hold = self
+            .snapshots
+            .hold(&inputs.iter().flatten().cloned().collect::<Vec<_>>());
         self.check_inputs(inputs)?;
-        self.executor
+        let outputs = self
+            .executor
             .run(&self.snapshots, op, inputs, progress)
-            .await
+            .await?;
+        self.describe_exec_outputs(op, inputs, &outputs);
+        Ok(outputs)
     }
 
     async fn file(
@@ -384,14 +433,20 @@ impl Worker for OciWorker {
         op: &pb::FileOp,
         inputs: &[Option<SnapshotId>],
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        let hold = self
+            .snapshots
+            .hold(&inputs.iter().flatten().cloned().collect::<Vec<_>>());
         self.check_inputs(inputs)?;
         let snapshots = self.snapshots.clone();
         let scratch = self.executor.bundles.clone();
         let op = op.clone();
         let inputs = inputs.to_vec();
-        tokio::task::spawn_blocking(move || fileop::run(&snapshots, &scratch, &op, &inputs))
-            .await
-            .map_err(join_error)?
+        tokio::task::spawn_blocking(move || {
+            let _hold = hold;
+            fileop::run(&snapshots, &scratch, &op, &inputs)
+        })
+        .await
+        .map_err(join_error)?
     }
 
     fn exists(&self, id: &SnapshotId) -> bool {
@@ -438,9 +493,103 @@ impl Worker for OciWorker {
         }
         Ok(out)
     }
+
+    async fn usage(&self) -> Result<Vec<SnapshotUsage>, Error> {
+        let snapshots = self.snapshots.clone();
+        let caches = self.executor.cache_mounts.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (id, meta) in snapshots.list() {
+                let usage = snapshots.usage_meta(&id);
+                let in_use = snapshot::lock(snapshots.refs()).in_use(&id);
+                let record_type = match meta.record_type.as_deref() {
+                    Some("source.local") => RecordType::SourceLocal,
+                    _ => RecordType::Regular,
+                };
+                out.push(SnapshotUsage {
+                    size: snapshots.size(&id),
+                    created: snapshots.created(&id, &meta),
+                    last_used: usage
+                        .last_used
+                        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)),
+                    usage_count: usage.usage_count,
+                    in_use,
+                    record_type,
+                    description: meta.description,
+                    parent: meta.parent,
+                    mutable: false,
+                    shared: false,
+                    id,
+                });
+            }
+            out.extend(caches.usage());
+            out
+        })
+        .await
+        .map_err(join_error)
+    }
+
+    async fn prune(&self, ids: &[SnapshotId]) -> Result<Vec<SnapshotId>, Error> {
+        let (caches, snapshots): (Vec<SnapshotId>, Vec<SnapshotId>) = ids
+            .iter()
+            .cloned()
+            .partition(|id| id.starts_with(cachemount::PREFIX));
+        let store = self.snapshots.clone();
+        let cache_mounts = self.executor.cache_mounts.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut removed = store.remove_unused(&snapshots)?;
+            removed.extend(cache_mounts.remove_unused(&caches));
+            tracing::info!(count = removed.len(), "pruned snapshots");
+            Ok(removed)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    fn hold(&self, ids: &[SnapshotId]) -> Lease {
+        Lease::new(Box::new(self.snapshots.hold(ids)))
+    }
+
+    fn record_use(&self, ids: &[SnapshotId]) {
+        for id in ids {
+            if let Err(e) = self.snapshots.record_use(id) {
+                tracing::warn!(id, error = %e, "failed to record snapshot use");
+            }
+        }
+    }
 }
 
 impl OciWorker {
+    /// Records `mount <dest> from exec <args>` (BuildKit's description) in the meta of the new
+    /// snapshots an exec made, for `DiskUsage`.
+    fn describe_exec_outputs(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        outputs: &[Option<SnapshotId>],
+    ) {
+        let args = op
+            .meta
+            .as_ref()
+            .map(|m| m.args.join(" "))
+            .unwrap_or_default();
+        let mut mounts: Vec<&pb::Mount> = op.mounts.iter().filter(|m| m.output >= 0).collect();
+        mounts.sort_by_key(|m| m.output);
+        for (mount, id) in mounts.iter().zip(outputs) {
+            let Some(id) = id else { continue };
+            if inputs.iter().flatten().any(|input| input == id) {
+                continue;
+            }
+            let result = self.snapshots.meta(id).and_then(|mut meta| {
+                meta.description = format!("mount {} from exec {args}", mount.dest);
+                self.snapshots.update_meta(id, &meta)
+            });
+            if let Err(e) = result {
+                tracing::debug!(id, error = %e, "failed to describe exec output");
+            }
+        }
+    }
+
     fn check_inputs(&self, inputs: &[Option<SnapshotId>]) -> Result<(), Error> {
         for id in inputs.iter().flatten() {
             if !self.snapshots.exists(id) {

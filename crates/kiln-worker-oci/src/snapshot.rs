@@ -5,9 +5,13 @@
 //! `fs` holds the snapshot's own changes over its parent as an overlayfs upper dir (overlay
 //! whiteouts), so the full tree of a snapshot is the overlay of its chain.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_image::oci::Descriptor;
 use kiln_image::Digest;
@@ -19,6 +23,8 @@ use crate::fsx::io_err;
 const TMP_PREFIX: &str = ".tmp-";
 const META: &str = "meta.json";
 const FS: &str = "fs";
+const USAGE: &str = "usage.json";
+const DELETING: &str = ".tmp-deleting-";
 
 /// What `meta.json` records about a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,12 +38,121 @@ pub(crate) struct SnapshotMeta {
     /// The compressed layer blob in the content store, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<Descriptor>,
+    /// When it was committed (seconds since the epoch); older snapshots use the directory's
+    /// modification time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<u64>,
+    /// Where it came from (`pulled from …`, `mount / from exec …`), for `DiskUsage`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// BuildKit record type when not `regular` (`source.local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_type: Option<String>,
+}
+
+/// What `usage.json` records: how a snapshot has been used, and its size once measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct UsageMeta {
+    /// Last use, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<u64>,
+    /// Number of uses.
+    #[serde(default)]
+    pub usage_count: u64,
+    /// Bytes of `fs`, measured once (snapshots are immutable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// How long a freshly committed snapshot counts as in use when nobody has taken a lease on it:
+/// long enough to cover the moment between an op returning its outputs and the solver leasing
+/// them, short enough that a commit whose result was dropped becomes prunable again.
+const FRESH_FOR: Duration = Duration::from_secs(600);
+
+/// In-use tracking shared by every clone of a store (and the cache mounts).
+#[derive(Debug, Default)]
+pub(crate) struct Refs {
+    counts: HashMap<String, usize>,
+    fresh: HashMap<String, Instant>,
+}
+
+impl Refs {
+    /// Whether `id` is held or freshly committed.
+    pub(crate) fn in_use(&self, id: &str) -> bool {
+        self.counts.get(id).is_some_and(|c| *c > 0)
+            || self.fresh.get(id).is_some_and(|t| t.elapsed() < FRESH_FOR)
+    }
+
+    /// Counts one more user of `id`; pair with [`Hold::adopt`].
+    pub(crate) fn take(&mut self, id: &str) {
+        *self.counts.entry(id.to_string()).or_default() += 1;
+        self.fresh.remove(id);
+    }
+
+    fn mark_fresh(&mut self, id: &str) {
+        self.fresh.insert(id.to_string(), Instant::now());
+    }
+}
+
+/// Shared handle on [`Refs`].
+pub(crate) type SharedRefs = Arc<Mutex<Refs>>;
+
+/// Locks the refs, recovering from a poisoned lock (the data stays consistent: every
+/// update is a single map operation).
+pub(crate) fn lock(refs: &SharedRefs) -> MutexGuard<'_, Refs> {
+    refs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds ids in use until dropped.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    refs: SharedRefs,
+    ids: Vec<String>,
+}
+
+impl Hold {
+    /// Wraps counts already taken with [`Refs::take`].
+    pub(crate) fn adopt(refs: &SharedRefs, ids: Vec<String>) -> Self {
+        Self {
+            refs: refs.clone(),
+            ids,
+        }
+    }
+
+    /// Takes a hold on `ids`; a hold claims (ends) the fresh mark of a new snapshot.
+    pub(crate) fn new(refs: &SharedRefs, ids: &[String]) -> Self {
+        let mut guard = lock(refs);
+        for id in ids {
+            *guard.counts.entry(id.clone()).or_default() += 1;
+            guard.fresh.remove(id);
+        }
+        drop(guard);
+        Self {
+            refs: refs.clone(),
+            ids: ids.to_vec(),
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut guard = lock(&self.refs);
+        for id in &self.ids {
+            if let Some(count) = guard.counts.get_mut(id) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    guard.counts.remove(id);
+                }
+            }
+        }
+    }
 }
 
 /// The directory of committed snapshots.
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotStore {
     dir: PathBuf,
+    refs: SharedRefs,
 }
 
 /// A snapshot being written: its `fs` dir is writable until [`PendingSnapshot::commit`]. Dropping
@@ -46,6 +161,7 @@ pub(crate) struct SnapshotStore {
 pub(crate) struct PendingSnapshot {
     tmp: PathBuf,
     store: PathBuf,
+    refs: SharedRefs,
     committed: bool,
 }
 
@@ -79,7 +195,143 @@ impl SnapshotStore {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            refs: SharedRefs::default(),
         })
+    }
+
+    /// The in-use tracking of this store.
+    pub(crate) fn refs(&self) -> &SharedRefs {
+        &self.refs
+    }
+
+    /// Holds `ids` in use until the returned value is dropped.
+    pub(crate) fn hold(&self, ids: &[String]) -> Hold {
+        Hold::new(&self.refs, ids)
+    }
+
+    /// Keeps `id` from being pruned until someone holds it (or for [`FRESH_FOR`]).
+    pub(crate) fn mark_fresh(&self, id: &str) {
+        lock(&self.refs).mark_fresh(id);
+    }
+
+    /// Every committed snapshot with its metadata (unreadable ones are skipped).
+    pub(crate) fn list(&self) -> Vec<(SnapshotId, SnapshotMeta)> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !valid_id(&id) {
+                continue;
+            }
+            if let Ok(meta) = self.meta(&id) {
+                out.push((id, meta));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// When `id` was committed.
+    pub(crate) fn created(&self, id: &str, meta: &SnapshotMeta) -> SystemTime {
+        match meta.created {
+            Some(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+            None => fs::metadata(self.dir.join(id).join(META))
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH),
+        }
+    }
+
+    /// The usage record of `id` (empty when never written).
+    pub(crate) fn usage_meta(&self, id: &str) -> UsageMeta {
+        fs::read(self.dir.join(id).join(USAGE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn write_usage(&self, id: &str, usage: &UsageMeta) -> Result<(), Error> {
+        let dir = self.dir.join(id);
+        let tmp = dir.join(format!("{USAGE}.{}.tmp", random_id()));
+        write_json(&tmp, usage)?;
+        let path = dir.join(USAGE);
+        fs::rename(&tmp, &path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err("rename", &path)(e)
+        })
+    }
+
+    /// The size of `id`'s own data, measured on first request and remembered.
+    pub(crate) fn size(&self, id: &str) -> u64 {
+        let mut usage = self.usage_meta(id);
+        if let Some(size) = usage.size {
+            return size;
+        }
+        let size = disk_usage(&self.fs_path(id));
+        usage.size = Some(size);
+        if let Err(e) = self.write_usage(id, &usage) {
+            tracing::debug!(id, error = %e, "failed to remember snapshot size");
+        }
+        size
+    }
+
+    /// Records a use of `id` now (atomically replaces `usage.json`).
+    pub(crate) fn record_use(&self, id: &str) -> Result<(), Error> {
+        if !self.exists(id) {
+            return Ok(());
+        }
+        let mut usage = self.usage_meta(id);
+        usage.usage_count += 1;
+        usage.last_used = Some(now_secs());
+        self.write_usage(id, &usage)
+    }
+
+    /// Removes the snapshots of `ids` that are not in use and not the parent of a snapshot that
+    /// stays; returns those removed. Decided and renamed away under the refs lock, so a
+    /// concurrent [`hold`](Self::hold) either wins (the snapshot stays) or sees it gone.
+    pub(crate) fn remove_unused(&self, ids: &[String]) -> Result<Vec<SnapshotId>, Error> {
+        let all = self.list();
+        let guard = lock(&self.refs);
+        let mut removable: HashSet<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| all.iter().any(|(a, _)| a == id) && !guard.in_use(id))
+            .collect();
+        // A parent stays while any child that is not removed stays.
+        loop {
+            let kept_parents: HashSet<&str> = all
+                .iter()
+                .filter(|(id, _)| !removable.contains(id.as_str()))
+                .filter_map(|(_, meta)| meta.parent.as_deref())
+                .collect();
+            let before = removable.len();
+            removable.retain(|id| !kept_parents.contains(id));
+            if removable.len() == before {
+                break;
+            }
+        }
+        let mut renamed = Vec::new();
+        for (id, _) in &all {
+            if !removable.contains(id.as_str()) {
+                continue;
+            }
+            let from = self.dir.join(id);
+            let to = self.dir.join(format!("{DELETING}{}", random_id()));
+            fs::rename(&from, &to).map_err(io_err("rename", &from))?;
+            renamed.push((id.clone(), to));
+        }
+        drop(guard);
+        sync_dir(&self.dir);
+        let mut removed = Vec::with_capacity(renamed.len());
+        for (id, path) in renamed {
+            if let Err(e) = fs::remove_dir_all(&path) {
+                // Invisible already; `open` removes what is left.
+                tracing::warn!(path = %path.display(), error = %e, "failed to remove pruned snapshot");
+            }
+            removed.push(id);
+        }
+        Ok(removed)
     }
 
     /// The directory holding the snapshot's own changes.
@@ -158,6 +410,7 @@ impl SnapshotStore {
         Ok(PendingSnapshot {
             tmp,
             store: self.dir.clone(),
+            refs: self.refs.clone(),
             committed: false,
         })
     }
@@ -179,6 +432,8 @@ impl PendingSnapshot {
 
     /// Commits under `id`. When `id` already exists (same content reached twice, for example the
     /// same layer pulled concurrently) the existing snapshot is kept and this one discarded.
+    /// A new snapshot counts as in use for a while (see [`FRESH_FOR`]), so it survives until its
+    /// caller leases it.
     pub(crate) fn commit(mut self, id: &str, meta: &SnapshotMeta) -> Result<(), Error> {
         if !valid_id(id) {
             return Err(Error::InvalidOp {
@@ -193,8 +448,11 @@ impl PendingSnapshot {
                 fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
             }
         }
-        write_json(&self.tmp.join(META), meta)?;
+        let mut meta = meta.clone();
+        meta.created.get_or_insert_with(now_secs);
+        write_json(&self.tmp.join(META), &meta)?;
         sync_dir(&self.tmp);
+        lock(&self.refs).mark_fresh(id);
         let target = self.store.join(id);
         match fs::rename(&self.tmp, &target) {
             Ok(()) => {
@@ -232,6 +490,36 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), Error> {
     let mut file = fs::File::create(path).map_err(io_err("create", path))?;
     file.write_all(&bytes).map_err(io_err("write", path))?;
     file.sync_all().map_err(io_err("sync", path))
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Bytes used by the files under `path` (apparent sizes, hard links counted once), as `du
+/// --apparent-size` would say; directories count zero.
+pub(crate) fn disk_usage(path: &Path) -> u64 {
+    fn walk(dir: &Path, seen: &mut HashSet<(u64, u64)>, total: &mut u64) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                walk(&entry.path(), seen, total);
+            } else if meta.nlink() <= 1 || seen.insert((meta.dev(), meta.ino())) {
+                *total += meta.len();
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    walk(path, &mut seen, &mut total);
+    total
 }
 
 fn sync_dir(dir: &Path) {
