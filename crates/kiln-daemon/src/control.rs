@@ -254,18 +254,23 @@ impl ControlService {
 impl Control for ControlService {
     async fn disk_usage(
         &self,
-        _request: Request<api::DiskUsageRequest>,
+        request: Request<api::DiskUsageRequest>,
     ) -> Result<Response<api::DiskUsageResponse>, Status> {
-        Err(Status::unimplemented("disk usage is not supported yet"))
+        crate::usage::disk_usage(&self.solver, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type PruneStream = BoxStream<api::UsageRecord>;
 
     async fn prune(
         &self,
-        _request: Request<api::PruneRequest>,
+        request: Request<api::PruneRequest>,
     ) -> Result<Response<Self::PruneStream>, Status> {
-        Err(Status::unimplemented("prune is not supported yet"))
+        let removed = crate::usage::prune(&self.solver, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            removed.into_iter().map(Ok),
+        ))))
     }
 
     async fn solve(

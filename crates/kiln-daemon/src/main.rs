@@ -9,6 +9,7 @@ mod frontend;
 mod jobs;
 mod listen;
 mod locals;
+mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
