@@ -51,6 +51,18 @@ pub struct Flags {
     /// Enable the containerd worker (true, false or auto).
     #[arg(long = "containerd-worker")]
     pub containerd_worker: Option<String>,
+    /// containerd socket of the containerd worker.
+    #[arg(long = "containerd-worker-addr")]
+    pub containerd_worker_addr: Option<String>,
+    /// containerd namespace of the containerd worker (default buildkit).
+    #[arg(long = "containerd-worker-namespace")]
+    pub containerd_worker_namespace: Option<String>,
+    /// containerd snapshotter of the containerd worker (default overlayfs).
+    #[arg(long = "containerd-worker-snapshotter")]
+    pub containerd_worker_snapshotter: Option<String>,
+    /// Extra containerd worker labels (key=value), repeatable.
+    #[arg(long = "containerd-worker-labels")]
+    pub containerd_worker_labels: Vec<String>,
     /// Debug HTTP address (not supported yet).
     #[arg(long = "debugaddr", env = "BUILDKITD_DEBUGADDR")]
     pub debugaddr: Option<String>,
@@ -84,13 +96,30 @@ pub struct OciWorkerConfig {
     pub platforms: Vec<String>,
 }
 
-/// `[worker.containerd]` (only `enabled` is read in this version).
+/// `[worker.containerd]`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ContainerdWorkerConfig {
     /// Enabled (unset = auto).
     pub enabled: Option<bool>,
+    /// containerd socket.
+    pub address: Option<String>,
+    /// containerd namespace.
+    pub namespace: Option<String>,
+    /// containerd snapshotter.
+    pub snapshotter: Option<String>,
+    /// Extra labels.
+    pub labels: BTreeMap<String, String>,
+    /// Platforms (`linux/amd64`).
+    pub platforms: Vec<String>,
 }
+
+/// Default containerd socket of the containerd worker.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
+/// Default containerd namespace of the containerd worker (not `default`!).
+pub const DEFAULT_CONTAINERD_NAMESPACE: &str = "buildkit";
+/// Default snapshotter of the containerd worker.
+pub const DEFAULT_CONTAINERD_SNAPSHOTTER: &str = "overlayfs";
 
 /// `[worker]`.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -157,6 +186,9 @@ pub struct Config {
     pub registries: BTreeMap<String, RegistryConfig>,
     /// OCI worker settings.
     pub oci: OciWorkerConfig,
+    /// containerd worker settings (address, namespace and snapshotter
+    /// always filled in).
+    pub containerd: ContainerdWorkerConfig,
 }
 
 /// Default config file path (rootful).
@@ -206,10 +238,36 @@ impl Config {
                 bail!("--debugaddr is not supported yet");
             }
         }
+        let mut containerd = file.worker.containerd.clone();
         if let Some(v) = &flags.containerd_worker {
-            if parse_tristate("containerd-worker", v)? == Some(true) {
-                bail!("the containerd worker is not supported yet; use --oci-worker");
-            }
+            containerd.enabled = parse_tristate("containerd-worker", v)?;
+        }
+        if let Some(a) = &flags.containerd_worker_addr {
+            containerd.address = Some(a.clone());
+        }
+        if let Some(n) = &flags.containerd_worker_namespace {
+            containerd.namespace = Some(n.clone());
+        }
+        if let Some(s) = &flags.containerd_worker_snapshotter {
+            containerd.snapshotter = Some(s.clone());
+        }
+        for label in &flags.containerd_worker_labels {
+            let Some((k, v)) = label.split_once('=') else {
+                bail!("invalid worker label {label:?}: expected key=value");
+            };
+            containerd.labels.insert(k.to_string(), v.to_string());
+        }
+        containerd
+            .address
+            .get_or_insert_with(|| DEFAULT_CONTAINERD_ADDRESS.to_string());
+        containerd
+            .namespace
+            .get_or_insert_with(|| DEFAULT_CONTAINERD_NAMESPACE.to_string());
+        let snapshotter = containerd
+            .snapshotter
+            .get_or_insert_with(|| DEFAULT_CONTAINERD_SNAPSHOTTER.to_string());
+        if snapshotter.contains('/') || snapshotter.is_empty() {
+            bail!("bad snapshotter name {snapshotter:?}");
         }
         let mut oci = file.worker.oci.clone();
         if let Some(v) = &flags.oci_worker {
@@ -274,6 +332,7 @@ impl Config {
             group,
             registries: file.registry.clone(),
             oci,
+            containerd,
         })
     }
 }
@@ -326,6 +385,40 @@ labels = { a = "b" }
         assert!(config.registries["127.0.0.1:5000"].http);
         assert_eq!(config.oci.labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(config.oci.labels.get("c").map(String::as_str), Some("d"));
+    }
+
+    #[test]
+    fn containerd_worker_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[worker.oci]\nenabled = false\n[worker.containerd]\nenabled = true\nnamespace = \"default\"\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]);
+        let config = Config::load(&flags).unwrap();
+        assert_eq!(config.oci.enabled, Some(false));
+        assert_eq!(config.containerd.enabled, Some(true));
+        assert_eq!(config.containerd.namespace.as_deref(), Some("default"));
+        assert_eq!(config.containerd.snapshotter.as_deref(), Some("overlayfs"));
+        assert_eq!(
+            config.containerd.address.as_deref(),
+            Some("/run/containerd/containerd.sock")
+        );
+        let flags = Flags::parse_from([
+            "kilnd",
+            "--config",
+            path.to_str().unwrap(),
+            "--containerd-worker-namespace",
+            "k8s.io",
+            "--containerd-worker-snapshotter",
+            "a/b",
+        ]);
+        assert_eq!(
+            Config::load(&flags).unwrap_err().to_string(),
+            "bad snapshotter name \"a/b\""
+        );
     }
 
     #[test]

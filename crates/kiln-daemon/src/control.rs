@@ -147,6 +147,15 @@ impl ControlService {
                 request.exporter_attrs_deprecated.clone(),
             ));
         }
+        // As BuildKit: the SOURCE_DATE_EPOCH build-arg is every exporter's
+        // `source-date-epoch` unless the exporter sets its own.
+        if let Some(epoch) = request.frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH") {
+            for (_, attrs) in &mut exporters {
+                attrs
+                    .entry("source-date-epoch".to_string())
+                    .or_insert_with(|| epoch.clone());
+            }
+        }
         let kinds = exporters
             .iter()
             .map(|(kind, _)| ExporterKind::parse(kind))

@@ -40,9 +40,6 @@ static REGISTRY_HOSTS: OnceLock<RegistryHosts> = OnceLock::new();
 /// Sets the registry settings pushes use; call once at daemon start. Without
 /// it pushes use the defaults (https, with the http fallback for loopback
 /// hosts).
-// Not yet called: main.rs (another engineer's file) should call it with the
-// hosts it builds for the worker.
-#[allow(dead_code)]
 pub fn set_registry_hosts(hosts: RegistryHosts) {
     if REGISTRY_HOSTS.set(hosts).is_err() {
         tracing::warn!("registry hosts for exporters were already set");
@@ -399,6 +396,9 @@ pub async fn export(
     if options.push {
         push(input.worker, &image, &options, vertex).await?;
     }
+    if kind == ExporterKind::Image {
+        store_image(kind, attrs, input, &image, &options.names, vertex).await?;
+    }
     if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && bool_attr(attrs, "tar", true)? {
         let session = input
             .session
@@ -427,6 +427,57 @@ pub async fn export(
         vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
     }
     Ok(response)
+}
+
+/// `type=image` with a worker that has an image store (the containerd
+/// worker): name the image there under every name (or
+/// `<dangling-name-prefix>@<digest>` when it has none) and, with
+/// `unpack=true`, unpack it into the worker's snapshotter. Without an image
+/// store (the OCI worker) `store` and `unpack` are ignored, as BuildKit does.
+async fn store_image(
+    kind: ExporterKind,
+    attrs: &BTreeMap<String, String>,
+    input: &ExportInput<'_>,
+    image: &CommittedImage,
+    names: &[Reference],
+    vertex: &VertexProgress,
+) -> anyhow::Result<()> {
+    debug_assert_eq!(kind, ExporterKind::Image);
+    let Some(store) = input.worker.image_store() else {
+        return Ok(());
+    };
+    if !bool_attr(attrs, "store", true)? {
+        return Ok(());
+    }
+    let mut stored: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    if stored.is_empty() {
+        if let Some(prefix) = attrs.get("dangling-name-prefix").filter(|p| !p.is_empty()) {
+            stored.push(format!("{prefix}@{}", image.manifest.digest));
+        }
+    }
+    let unpack = bool_attr(attrs, "unpack", false)?;
+    let platform = kiln_image::oci::Platform::host();
+    for name in &stored {
+        let status = format!("naming to {name}");
+        vertex.status(&status, &status, 0, None, false);
+        store
+            .create_image(name, &image.manifest, input.worker.content())
+            .await
+            .with_context(|| format!("failed to name the image {name}"))?;
+        vertex.status(&status, &status, 0, None, true);
+    }
+    if unpack {
+        if let Some(first) = stored.first() {
+            let status = format!("unpacking to {first}");
+            vertex.status(&status, &status, 0, None, false);
+            store
+                .unpack(first, &platform)
+                .await
+                .with_context(|| format!("failed to unpack {first}"))?;
+            vertex.status(&status, &status, 0, None, true);
+        }
+    }
+    Ok(())
 }
 
 /// `<name>@<digest>` (the tag dropped).

@@ -74,8 +74,20 @@ impl ImageMetaResolver for WorkerResolver {
                 ))
             }
             Err(e) => {
-                vertex.failed(&e.to_string());
-                Err(Box::new(e))
+                let message = if self.worker.image_store().is_none() {
+                    // The documented limitation users hit most: an image
+                    // built earlier lives in containerd, out of reach.
+                    format!(
+                        "{}: {e}; note: the OCI worker cannot use images stored in containerd (such as images \
+                         built earlier with kiln build): push the image to a registry, or run kilnd with the \
+                         containerd worker in that namespace",
+                        reference
+                    )
+                } else {
+                    format!("{reference}: {e}")
+                };
+                vertex.failed(&message);
+                Err(message.into())
             }
         }
     }

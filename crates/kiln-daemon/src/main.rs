@@ -11,7 +11,7 @@ mod listen;
 mod locals;
 mod usage;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
@@ -20,6 +20,8 @@ use kiln_image::registry::{HostConfig, RegistryHosts};
 use kiln_proto::moby::buildkit::v1::control_server::ControlServer;
 use kiln_session::SessionManager;
 use kiln_solver::Solver;
+use kiln_worker::Worker;
+use kiln_worker_containerd::{ContainerdWorker, ContainerdWorkerConfig};
 use kiln_worker_oci::{OciWorker, OciWorkerConfig};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
@@ -66,17 +68,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn open_worker(config: &Config) -> anyhow::Result<OciWorker> {
-    if config.oci.enabled == Some(false) {
-        bail!("no worker found, rebuild the buildkit daemon? (the OCI worker is disabled and kiln has no other worker yet)");
-    }
-    let runc = match &config.oci.binary {
-        Some(binary) => binary.clone(),
-        None => match find_in_path(&["runc", "buildkit-runc"]) {
-            Some(found) => found,
-            None => bail!("no worker found, rebuild the buildkit daemon? (runc is not in PATH)"),
-        },
-    };
+fn registry_hosts(config: &Config) -> RegistryHosts {
     let mut hosts = RegistryHosts::default();
     for (host, settings) in &config.registries {
         hosts.insert(
@@ -87,35 +79,93 @@ fn open_worker(config: &Config) -> anyhow::Result<OciWorker> {
             },
         );
     }
-    let platforms = if config.oci.platforms.is_empty() {
-        None
-    } else {
-        Some(
-            config
-                .oci
-                .platforms
-                .iter()
-                .map(|p| {
-                    kiln_image::oci::Platform::parse(p)
-                        .with_context(|| format!("invalid platform {p:?}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
-        )
-    };
-    OciWorker::open(OciWorkerConfig {
-        root: config.root.clone(),
-        runc_binary: runc,
-        registry_hosts: hosts,
-        labels: config.oci.labels.clone(),
-        platforms,
-    })
-    .context("failed to start the OCI worker")
+    hosts
+}
+
+fn parse_platforms(list: &[String]) -> anyhow::Result<Option<Vec<kiln_image::oci::Platform>>> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    list.iter()
+        .map(|p| {
+            kiln_image::oci::Platform::parse(p).with_context(|| format!("invalid platform {p:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Opens the worker builds run on. Like buildkitd, the OCI worker is the
+/// default when it is enabled (`auto`: when runc is in PATH); the containerd
+/// worker is used when the OCI worker is off and it is enabled (`auto`: when
+/// its socket exists). kiln runs one worker per daemon: when both are
+/// enabled explicitly, the OCI worker wins and a warning says so.
+async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
+    let runc = config
+        .oci
+        .binary
+        .clone()
+        .or_else(|| find_in_path(&["runc", "buildkit-runc"]));
+    let containerd_address = config
+        .containerd
+        .address
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_CONTAINERD_ADDRESS.to_string());
+    let oci_enabled = config.oci.enabled.unwrap_or(runc.is_some());
+    let containerd_enabled = config
+        .containerd
+        .enabled
+        .unwrap_or_else(|| Path::new(containerd_address.trim_start_matches("unix://")).exists());
+    if oci_enabled {
+        if config.containerd.enabled == Some(true) {
+            tracing::warn!(
+                "both workers are enabled: currently, only the default worker (OCI) can be used"
+            );
+        }
+        let runc =
+            runc.context("no worker found, rebuild the buildkit daemon? (runc is not in PATH)")?;
+        let worker = OciWorker::open(OciWorkerConfig {
+            root: config.root.clone(),
+            runc_binary: runc,
+            registry_hosts: registry_hosts(config),
+            labels: config.oci.labels.clone(),
+            platforms: parse_platforms(&config.oci.platforms)?,
+        })
+        .context("failed to start the OCI worker")?;
+        return Ok(Arc::new(worker));
+    }
+    if containerd_enabled {
+        let runc =
+            runc.context("the containerd worker runs steps with runc, which is not in PATH")?;
+        let worker = ContainerdWorker::open(ContainerdWorkerConfig {
+            root: config.root.clone(),
+            address: containerd_address,
+            namespace: config
+                .containerd
+                .namespace
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_CONTAINERD_NAMESPACE.to_string()),
+            snapshotter: config
+                .containerd
+                .snapshotter
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_CONTAINERD_SNAPSHOTTER.to_string()),
+            runc_binary: runc,
+            registry_hosts: registry_hosts(config),
+            labels: config.containerd.labels.clone(),
+            platforms: parse_platforms(&config.containerd.platforms)?,
+        })
+        .await
+        .context("failed to start the containerd worker")?;
+        return Ok(Arc::new(worker));
+    }
+    bail!("no worker found, rebuild the buildkit daemon? (both the OCI and the containerd worker are disabled or unavailable)")
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let lock = listen::RootLock::acquire(&config.root)?;
     tracing::debug!(lock = %lock.path().display(), "locked the root");
-    let worker = Arc::new(open_worker(&config)?);
+    exporter::set_registry_hosts(registry_hosts(&config));
+    let worker = open_worker(&config).await?;
     let solver =
         Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
     let sessions = SessionManager::new();

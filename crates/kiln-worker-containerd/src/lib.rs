@@ -614,7 +614,13 @@ impl ImageStore for ContainerdWorker {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<Option<ResolvedImage>, Error> {
-        let name = reference.to_string();
+        // containerd names images `name:tag`; a pinned `name:tag@digest`
+        // (what the Dockerfile frontend resolves FROM to) is looked up by
+        // its tag and must then match the digest.
+        let name = match reference.tag() {
+            Some(tag) => format!("{}:{tag}", reference.name()),
+            None => reference.to_string(),
+        };
         let Some(image) = self
             .api()
             .containerd
@@ -633,6 +639,11 @@ impl ImageStore for ContainerdWorker {
         else {
             return Ok(None);
         };
+        if let Some(pinned) = reference.digest() {
+            if pinned != &target.digest && pinned != &manifest_descriptor.digest {
+                return Ok(None);
+            }
+        }
         let manifest: ImageManifest = parse_json(&manifest_bytes, &manifest_descriptor.digest)?;
         let config_bytes = self.api().read_blob(&manifest.config.digest).await?;
         let config: ImageConfig = parse_json(&config_bytes, &manifest.config.digest)?;
