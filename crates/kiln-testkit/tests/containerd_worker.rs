@@ -32,7 +32,16 @@ fn write_context(dir: &Path, dockerfile: &str) {
 
 fn build(socket: &str, namespace: &str, tag: &str, context: &Path) -> Output {
     run(Command::new(cargo_bin("kiln"))
-        .args(["--namespace", namespace, "build", "--progress=plain", "--buildkit-host", socket, "-t", tag])
+        .args([
+            "--namespace",
+            namespace,
+            "build",
+            "--progress=plain",
+            "--buildkit-host",
+            socket,
+            "-t",
+            tag,
+        ])
         .arg(context))
 }
 
@@ -53,28 +62,79 @@ fn containerd_worker_lands_directly_and_builds_from_its_own_images() {
     );
 
     let first = work.path().join("first");
-    write_context(&first, &format!("FROM {BUSYBOX}\nRUN echo hello > /hello\n"));
+    write_context(
+        &first,
+        &format!("FROM {BUSYBOX}\nRUN echo hello > /hello\n"),
+    );
     let built = build(&socket, ns, "foo", &first);
-    assert_eq!(built.code, 0, "{}\nkilnd:\n{}", built.stderr, daemon.log_text());
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
     // Direct landing: the exporter named the image in containerd; no tarball.
-    assert!(built.stderr.contains("exporting to image"), "{}", built.stderr);
-    assert!(!built.stderr.contains("sending tarball"), "{}", built.stderr);
+    assert!(
+        built.stderr.contains("exporting to image"),
+        "{}",
+        built.stderr
+    );
+    assert!(
+        !built.stderr.contains("sending tarball"),
+        "{}",
+        built.stderr
+    );
     let images = ctr(ns, &["images", "ls", "-q"]).success();
     assert!(
-        images.stdout.lines().any(|l| l == "docker.io/library/foo:latest"),
+        images
+            .stdout
+            .lines()
+            .any(|l| l == "docker.io/library/foo:latest"),
         "{}",
         images.stdout
     );
-    let output = ctr(ns, &["run", "--rm", "docker.io/library/foo:latest", "kiln-ctrd-1", "cat", "/hello"]).success();
+    let output = ctr(
+        ns,
+        &[
+            "run",
+            "--rm",
+            "docker.io/library/foo:latest",
+            "kiln-ctrd-1",
+            "cat",
+            "/hello",
+        ],
+    )
+    .success();
     assert_eq!(output.stdout.trim(), "hello");
 
     // The image built above is a base for the next build (the registry does
     // not have it; the worker's image store does).
     let second = work.path().join("second");
-    write_context(&second, "FROM docker.io/library/foo:latest\nRUN cp /hello /copy\n");
+    write_context(
+        &second,
+        "FROM docker.io/library/foo:latest\nRUN cp /hello /copy\n",
+    );
     let built = build(&socket, ns, "bar", &second);
-    assert_eq!(built.code, 0, "{}\nkilnd:\n{}", built.stderr, daemon.log_text());
-    let output = ctr(ns, &["run", "--rm", "docker.io/library/bar:latest", "kiln-ctrd-2", "cat", "/copy"]).success();
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+    let output = ctr(
+        ns,
+        &[
+            "run",
+            "--rm",
+            "docker.io/library/bar:latest",
+            "kiln-ctrd-2",
+            "cat",
+            "/copy",
+        ],
+    )
+    .success();
     assert_eq!(output.stdout.trim(), "hello");
 }
 
@@ -94,11 +154,19 @@ fn oci_worker_cannot_see_containerd_images_and_says_so() {
         .any(|l| l == "docker.io/library/kiln-oci-base:latest"));
 
     let second = work.path().join("second");
-    write_context(&second, "FROM docker.io/library/kiln-oci-base:latest\nRUN true\n");
+    write_context(
+        &second,
+        "FROM docker.io/library/kiln-oci-base:latest\nRUN true\n",
+    );
     let failed = build(&socket, ns, "kiln-oci-derived", &second);
-    assert_ne!(failed.code, 0, "FROM a containerd-only image must fail on the OCI worker");
+    assert_ne!(
+        failed.code, 0,
+        "FROM a containerd-only image must fail on the OCI worker"
+    );
     assert!(
-        failed.stderr.contains("docker.io/library/kiln-oci-base:latest"),
+        failed
+            .stderr
+            .contains("docker.io/library/kiln-oci-base:latest"),
         "the error must name the image:\n{}",
         failed.stderr
     );
