@@ -1176,6 +1176,56 @@ impl Compiler<'_> {
                 ..Default::default()
             });
         }
+        for mount in &modes.mounts {
+            let absolute = |target: &str| {
+                if target.starts_with('/') {
+                    clean_path(target)
+                } else {
+                    clean_path(&format!("{}/{target}", state.dir))
+                }
+            };
+            match mount {
+                RunMount::Cache {
+                    target,
+                    id,
+                    sharing,
+                    readonly,
+                    uid,
+                    gid,
+                    mode,
+                } => {
+                    // dockerfile2llb: a new cache dir starts as a scratch mkdir carrying the
+                    // requested owner and mode.
+                    let dir = self.cache_dir_state(state, *uid, *gid, *mode)?;
+                    inputs.push(dir);
+                    mounts.push(pb::Mount {
+                        input: (inputs.len() - 1) as i64,
+                        selector: "/cache".to_string(),
+                        dest: absolute(target),
+                        output: -1,
+                        readonly: *readonly,
+                        mount_type: pb::MountType::Cache as i32,
+                        cache_opt: Some(pb::CacheOpt {
+                            id: if id.is_empty() {
+                                absolute(target)
+                            } else {
+                                id.clone()
+                            },
+                            sharing: *sharing as i32,
+                        }),
+                        ..Default::default()
+                    });
+                }
+                RunMount::Tmpfs { target, size } => mounts.push(pb::Mount {
+                    input: -1,
+                    dest: absolute(target),
+                    output: -1,
+                    mount_type: pb::MountType::Tmpfs as i32,
+                    tmpfs_opt: Some(pb::TmpfsOpt { size: *size }),
+                    ..Default::default()
+                }),
+            }
+        }
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
                 args: args.clone(),
@@ -1250,6 +1300,44 @@ impl Compiler<'_> {
             ..Default::default()
         };
         let metadata = self.metadata("[internal] preparing inline document", None);
+        self.add_op(op, &[], metadata, None)
+    }
+
+    /// A scratch snapshot holding the directory `/cache` owned by `uid:gid` with `mode`
+    /// (BuildKit's "[internal] settings cache mount permissions").
+    fn cache_dir_state(
+        &mut self,
+        state: &State,
+        uid: u32,
+        gid: u32,
+        mode: i32,
+    ) -> Result<OutputRef, CompileError> {
+        let id = |n: u32| pb::UserOpt {
+            user: Some(pb::user_opt::User::ById(n)),
+        };
+        let action = pb::FileAction {
+            input: -1,
+            secondary_input: -1,
+            output: 0,
+            action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                path: "/cache".to_string(),
+                mode,
+                make_parents: false,
+                owner: Some(pb::ChownOpt {
+                    user: Some(id(uid)),
+                    group: Some(id(gid)),
+                }),
+                timestamp: -1,
+            })),
+        };
+        let op = pb::Op {
+            op: Some(pb::op::Op::File(pb::FileOp {
+                actions: vec![action],
+            })),
+            platform: Some(pb_platform(&state.platform)),
+            ..Default::default()
+        };
+        let metadata = self.metadata("[internal] settings cache mount permissions", None);
         self.add_op(op, &[], metadata, None)
     }
 
@@ -1564,17 +1652,134 @@ impl Compiler<'_> {
 /// The frontend only compiles them: `network=host` needs the `network.host` entitlement and
 /// `security=insecure` the `security.insecure` one, both granted by the daemon's configuration
 /// and the client's `--allow`. Checking them is the daemon's job before it solves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RunModes {
     network: pb::NetMode,
     security: pb::SecurityMode,
+    mounts: Vec<RunMount>,
 }
 
-/// Parses `RUN` flags; `--mount` and `--device` are not supported yet.
+/// One `RUN --mount` the compiler supports (`type=cache` and `type=tmpfs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RunMount {
+    /// `type=cache`: a persistent directory keyed by `id` (empty = the target).
+    Cache {
+        target: String,
+        id: String,
+        sharing: pb::CacheSharingOpt,
+        readonly: bool,
+        uid: u32,
+        gid: u32,
+        mode: i32,
+    },
+    /// `type=tmpfs`, with an optional size in bytes.
+    Tmpfs { target: String, size: i64 },
+}
+
+/// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
+/// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
+/// `readonly|ro`, `rw`, `uid`, `gid`, `mode` (octal), `size`; `from`, `source` and the other
+/// types (bind, secret, ssh) are not supported yet.
+fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
+    let invalid = |message: String| CompileError::Invalid { line, message };
+    let unsupported = |what: String| CompileError::UnsupportedSource { line, what };
+    let mut kind = "bind".to_string();
+    let mut target = None;
+    let mut id = None;
+    let mut sharing = pb::CacheSharingOpt::Shared;
+    let mut readonly = None;
+    let (mut uid, mut gid, mut mode) = (0u32, 0u32, 0o755i32);
+    let mut size = 0i64;
+    for field in value.split(',').filter(|f| !f.is_empty()) {
+        let (key, val) = match field.split_once('=') {
+            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim())),
+            None => (field.trim().to_ascii_lowercase(), None),
+        };
+        let need = || val.ok_or_else(|| invalid(format!("invalid mount option {field:?}")));
+        let flag = |v: Option<&str>| match v {
+            None | Some("true") | Some("1") => Ok(true),
+            Some("false") | Some("0") => Ok(false),
+            Some(other) => Err(invalid(format!("invalid value for {key}: {other}"))),
+        };
+        match key.as_str() {
+            "type" => kind = need()?.to_ascii_lowercase(),
+            "target" | "dst" | "destination" => target = Some(need()?.to_string()),
+            "id" => id = Some(need()?.to_string()),
+            "sharing" => {
+                sharing = match need()? {
+                    "shared" => pb::CacheSharingOpt::Shared,
+                    "private" => pb::CacheSharingOpt::Private,
+                    "locked" => pb::CacheSharingOpt::Locked,
+                    other => return Err(invalid(format!("unsupported sharing value {other:?}"))),
+                }
+            }
+            "readonly" | "ro" => readonly = Some(flag(val)?),
+            "rw" | "readwrite" => readonly = Some(!flag(val)?),
+            "uid" => {
+                uid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid uid {field:?}")))?
+            }
+            "gid" => {
+                gid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid gid {field:?}")))?
+            }
+            "mode" => {
+                mode = i32::from_str_radix(need()?, 8)
+                    .map_err(|_| invalid(format!("invalid mode {field:?}")))?
+            }
+            "size" => {
+                size =
+                    parse_size(need()?).ok_or_else(|| invalid(format!("invalid size {field:?}")))?
+            }
+            "from" | "source" | "src" => {
+                return Err(unsupported(format!("RUN --mount option {key}")))
+            }
+            other => return Err(invalid(format!("unexpected key '{other}' in '{field}'"))),
+        }
+    }
+    let target = target
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| invalid("mount destination (target) is required".to_string()))?;
+    // A relative target is resolved against the working directory in `dispatch_run`.
+    match kind.as_str() {
+        "cache" => Ok(RunMount::Cache {
+            // Empty = the (absolute) target, filled in by `dispatch_run`.
+            id: id.unwrap_or_default(),
+            target,
+            sharing,
+            readonly: readonly.unwrap_or(false),
+            uid,
+            gid,
+            mode,
+        }),
+        "tmpfs" => Ok(RunMount::Tmpfs { target, size }),
+        "bind" | "secret" | "ssh" => Err(unsupported(format!("RUN --mount=type={kind}"))),
+        other => Err(invalid(format!("unsupported mount type {other:?}"))),
+    }
+}
+
+/// `size=` of a tmpfs mount: bytes, or with a `k`/`m`/`g` suffix (docker's `RAMInBytes`).
+fn parse_size(value: &str) -> Option<i64> {
+    let lower = value.to_ascii_lowercase();
+    let trimmed = lower.trim_end_matches('b');
+    let (number, unit) = match trimmed.chars().last()? {
+        'k' => (&trimmed[..trimmed.len() - 1], 1i64 << 10),
+        'm' => (&trimmed[..trimmed.len() - 1], 1 << 20),
+        'g' => (&trimmed[..trimmed.len() - 1], 1 << 30),
+        _ => (trimmed, 1),
+    };
+    let n: f64 = number.trim().parse().ok()?;
+    (n >= 0.0).then_some((n * unit as f64) as i64)
+}
+
+/// Parses `RUN` flags; `--mount` supports `type=cache` and `type=tmpfs`, `--device` nothing yet.
 fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
     let mut modes = RunModes {
         network: pb::NetMode::Unset,
         security: pb::SecurityMode::Sandbox,
+        mounts: Vec::new(),
     };
     for flag in flags {
         let (name, value) = match flag.split_once('=') {
@@ -1599,6 +1804,9 @@ fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
                     }
                 }
             }
+            "mount" => modes
+                .mounts
+                .push(parse_mount(value.ok_or_else(missing)?, line)?),
             "security" => {
                 modes.security = match value.ok_or_else(missing)? {
                     "sandbox" => pb::SecurityMode::Sandbox,
@@ -1961,6 +2169,64 @@ fn go_quote(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn run_mount_options() {
+        use super::{parse_mount, parse_size, RunMount};
+        use kiln_proto::pb;
+        assert_eq!(
+            parse_mount("type=cache,target=/root/.cache", 1).unwrap(),
+            RunMount::Cache {
+                target: "/root/.cache".into(),
+                id: String::new(),
+                sharing: pb::CacheSharingOpt::Shared,
+                readonly: false,
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            }
+        );
+        assert_eq!(
+            parse_mount(
+                "type=cache,dst=go,id=x,sharing=private,ro,uid=1,gid=2,mode=700",
+                1
+            )
+            .unwrap(),
+            RunMount::Cache {
+                target: "go".into(),
+                id: "x".into(),
+                sharing: pb::CacheSharingOpt::Private,
+                readonly: true,
+                uid: 1,
+                gid: 2,
+                mode: 0o700,
+            }
+        );
+        assert!(matches!(
+            parse_mount("type=cache,destination=/c,readonly=true,rw", 1).unwrap(),
+            RunMount::Cache {
+                readonly: false,
+                ..
+            }
+        ));
+        assert_eq!(
+            parse_mount("type=tmpfs,target=/t,size=64m", 1).unwrap(),
+            RunMount::Tmpfs {
+                target: "/t".into(),
+                size: 64 << 20
+            }
+        );
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("2k"), Some(2048));
+        assert_eq!(parse_size("1gb"), Some(1 << 30));
+        assert!(parse_mount("type=cache", 3).is_err(), "target is required");
+        assert!(parse_mount("type=cache,target=/c,bogus=1", 3).is_err());
+        assert!(
+            parse_mount("type=bind,target=/c", 3).is_err(),
+            "bind is not supported yet"
+        );
+        assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -10,7 +10,7 @@
 //! - [`shell`] — word expansion (`$v`, `${v:-d}`, quotes, escapes) as BuildKit's lexer does it.
 //!
 //! Supported: every instruction — `FROM [--platform] image [AS name]`, `RUN [--network]
-//! [--security]` (shell and exec form, heredocs with and without a shebang), `COPY [--from]
+//! [--security] [--mount=type=cache|tmpfs]` (shell and exec form, heredocs with and without a shebang), `COPY [--from]
 //! [--chown] [--chmod] [--link]` (heredoc sources included), `ADD [--chown] [--chmod] [--link]
 //! [--unpack]` (local archives extracted by the worker through
 //! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s), `ENV`, `LABEL`,
@@ -18,7 +18,8 @@
 //! `HEALTHCHECK`, `ONBUILD` (stored in `OnBuild`; a base's triggers run first in a stage built on
 //! it) and `MAINTAINER`, with image config and history as BuildKit writes them.
 //!
-//! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount`/`--device`,
+//! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount=type=bind`,
+//! `secret`, `ssh` and the `from`/`source` options, `RUN --device`,
 //! `COPY --parents`/`--exclude`, `ADD --exclude`, `ADD --checksum`, git sources of `ADD`
 //! (`--keep-git-dir`), and `ONBUILD COPY --from` a stage the target does not otherwise need.
 //!

@@ -177,8 +177,8 @@ pub struct HealthcheckInstruction {
 /// A Dockerfile instruction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
-    /// `RUN` with its flags (`--network`, `--security`; `--mount` and `--device` are not
-    /// supported yet).
+    /// `RUN` with its flags (`--network`, `--security`, `--mount`; `--device` is not supported
+    /// yet).
     Run {
         /// Flags as written (`network=none`).
         flags: Vec<String>,
