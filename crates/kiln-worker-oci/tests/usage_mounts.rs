@@ -210,3 +210,45 @@ async fn cache_mount_persists_and_tmpfs_stays_out_of_the_layer() {
     let removed = worker.prune(&[caches[0].id.clone()]).await.unwrap();
     assert_eq!(removed, vec![caches[0].id.clone()]);
 }
+
+#[tokio::test]
+async fn new_cache_mount_takes_owner_and_mode_from_its_input() {
+    let root = tempfile::tempdir().unwrap();
+    let worker = open(root.path());
+    let base = pull_busybox(&worker).await;
+    let by_id = |n: u32| pb::UserOpt {
+        user: Some(pb::user_opt::User::ById(n)),
+    };
+    // What the Dockerfile frontend makes of `uid=1000,gid=1001,mode=0700`.
+    let settings = pb::FileOp {
+        actions: vec![pb::FileAction {
+            input: -1,
+            secondary_input: -1,
+            output: 0,
+            action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                path: "/cache".into(),
+                mode: 0o700,
+                make_parents: false,
+                owner: Some(pb::ChownOpt {
+                    user: Some(by_id(1000)),
+                    group: Some(by_id(1001)),
+                }),
+                timestamp: -1,
+            })),
+        }],
+    };
+    let dir = worker.file(&settings, &[]).await.unwrap()[0].clone();
+    let mut mount = cache_mount("/c", "owned");
+    mount.input = 1;
+    mount.selector = "/cache".into();
+    let op = exec_op("stat -c '%u %g %a' /c > /out", vec![mount]);
+    let out = worker
+        .exec(&op, &[Some(base), dir], &NoProgress)
+        .await
+        .unwrap();
+    let upper = worker.snapshot_upper(out[0].as_ref().unwrap()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(upper.join("out")).unwrap(),
+        "1000 1001 700\n"
+    );
+}
