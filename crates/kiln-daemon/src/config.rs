@@ -48,6 +48,11 @@ pub struct Flags {
     /// Extra worker labels (key=value), repeatable.
     #[arg(long = "oci-worker-labels")]
     pub oci_worker_labels: Vec<String>,
+    /// kiln's extension: let the OCI worker read base images (read-only) from this containerd
+    /// namespace when the registry cannot resolve them (containerd at
+    /// /run/containerd/containerd.sock unless `[worker.oci] containerd-images` names another).
+    #[arg(long = "oci-worker-containerd-images")]
+    pub oci_worker_containerd_images: Option<String>,
     /// Enable the containerd worker (true, false or auto).
     #[arg(long = "containerd-worker")]
     pub containerd_worker: Option<String>,
@@ -94,6 +99,21 @@ pub struct OciWorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// Platforms (`linux/amd64`).
     pub platforms: Vec<String>,
+    /// kiln's extension, `containerd-images = { address = "…", namespace = "…" }`: a
+    /// containerd namespace the OCI worker reads base images from (read-only) when the
+    /// registry cannot resolve them.
+    #[serde(rename = "containerd-images")]
+    pub containerd_images: Option<ContainerdImagesConfig>,
+}
+
+/// `[worker.oci] containerd-images` (kiln's extension).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainerdImagesConfig {
+    /// containerd socket (default /run/containerd/containerd.sock).
+    pub address: Option<String>,
+    /// The namespace holding the images (required).
+    pub namespace: String,
 }
 
 /// `[worker.containerd]`.
@@ -284,6 +304,19 @@ impl Config {
                 bail!("snapshotter {s:?} is not supported yet by the OCI worker (overlayfs only)");
             }
         }
+        if let Some(namespace) = &flags.oci_worker_containerd_images {
+            oci.containerd_images
+                .get_or_insert_with(Default::default)
+                .namespace = namespace.clone();
+        }
+        if let Some(images) = &mut oci.containerd_images {
+            if images.namespace.is_empty() {
+                bail!("[worker.oci] containerd-images needs a namespace");
+            }
+            images
+                .address
+                .get_or_insert_with(|| DEFAULT_CONTAINERD_ADDRESS.to_string());
+        }
         for label in &flags.oci_worker_labels {
             let Some((k, v)) = label.split_once('=') else {
                 bail!("invalid worker label {label:?}: expected key=value");
@@ -419,6 +452,63 @@ labels = { a = "b" }
             Config::load(&flags).unwrap_err().to_string(),
             "bad snapshotter name \"a/b\""
         );
+    }
+
+    #[test]
+    fn oci_worker_containerd_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[worker.oci]\ncontainerd-images = { address = \"/x.sock\", namespace = \"a\" }\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]);
+        let images = Config::load(&flags).unwrap().oci.containerd_images.unwrap();
+        assert_eq!(images.namespace, "a");
+        assert_eq!(images.address.as_deref(), Some("/x.sock"));
+        // The flag names the namespace, keeping the file's address.
+        let flags = Flags::parse_from([
+            "kilnd",
+            "--config",
+            path.to_str().unwrap(),
+            "--oci-worker-containerd-images=b",
+        ]);
+        let images = Config::load(&flags).unwrap().oci.containerd_images.unwrap();
+        assert_eq!(images.namespace, "b");
+        assert_eq!(images.address.as_deref(), Some("/x.sock"));
+        // Without the file the address defaults to containerd's socket.
+        let flags = Flags::parse_from([
+            "kilnd",
+            "--config",
+            "/nonexistent-kiln-default.toml",
+            "--oci-worker-containerd-images",
+            "c",
+        ]);
+        assert!(Config::load(&flags).is_err(), "explicit missing config");
+        std::fs::write(&path, "").unwrap();
+        let flags = Flags::parse_from([
+            "kilnd",
+            "--config",
+            path.to_str().unwrap(),
+            "--oci-worker-containerd-images",
+            "c",
+        ]);
+        let images = Config::load(&flags).unwrap().oci.containerd_images.unwrap();
+        assert_eq!(images.namespace, "c");
+        assert_eq!(
+            images.address.as_deref(),
+            Some("/run/containerd/containerd.sock")
+        );
+        assert!(Config::load(&Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]))
+            .unwrap()
+            .oci
+            .containerd_images
+            .is_none());
+        std::fs::write(&path, "[worker.oci]\ncontainerd-images = { address = \"/x.sock\" }\n")
+            .unwrap();
+        let flags = Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]);
+        assert!(Config::load(&flags).is_err(), "a namespace is required");
     }
 
     #[test]

@@ -50,6 +50,33 @@ struct WorkerResolver {
     worker: Arc<dyn Worker>,
     progress: ProgressWriter,
     build_ref: String,
+    mode: ResolveMode,
+}
+
+/// The frontend attr `image-resolve-mode` (`kiln build --pull[=false]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolveMode {
+    /// Registry first; a worker with an image store falls back to it when
+    /// the registry fails (BuildKit's `default`).
+    Default,
+    /// Registry (`--pull`).
+    Pull,
+    /// The worker's image store first, then the registry (`--pull=false`).
+    Local,
+}
+
+impl ResolveMode {
+    /// Parses the attr value.
+    pub fn parse(value: Option<&str>) -> anyhow::Result<Self> {
+        match value {
+            None | Some("") | Some("default") => Ok(Self::Default),
+            Some("pull") => Ok(Self::Pull),
+            Some("local") => Ok(Self::Local),
+            Some(other) => {
+                bail!("invalid image-resolve-mode {other:?}: expected default, pull or local")
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -65,6 +92,15 @@ impl ImageMetaResolver for WorkerResolver {
             &name,
             Vec::new(),
         );
+        // `--pull=false`: the worker's own images first.
+        if self.mode == ResolveMode::Local {
+            if let Some(store) = self.worker.image_store() {
+                if let Ok(Some(local)) = store.resolve_local(reference, platform).await {
+                    vertex.done();
+                    return Ok((local.manifest_digest.clone(), local.config_bytes.clone()));
+                }
+            }
+        }
         match self.worker.resolve_image(reference, platform).await {
             Ok(resolved) => {
                 vertex.done();
@@ -74,17 +110,29 @@ impl ImageMetaResolver for WorkerResolver {
                 ))
             }
             Err(e) => {
-                let message = if self.worker.image_store().is_none() {
+                let base_images = self
+                    .worker
+                    .labels()
+                    .remove(&format!(
+                        "{}{}",
+                        kiln_worker::LABEL_PREFIX,
+                        kiln_worker_oci::BASE_IMAGES_LABEL
+                    ));
+                let message = match (self.worker.image_store(), base_images) {
                     // The documented limitation users hit most: an image
                     // built earlier lives in containerd, out of reach.
-                    format!(
+                    (None, None) => format!(
                         "{}: {e}; note: the OCI worker cannot use images stored in containerd (such as images \
-                         built earlier with kiln build): push the image to a registry, or run kilnd with the \
-                         containerd worker in that namespace",
+                         built earlier with kiln build): push the image to a registry, run kilnd with the \
+                         containerd worker in that namespace, or let the OCI worker read them with \
+                         --oci-worker-containerd-images=<namespace> ([worker.oci] containerd-images)",
                         reference
-                    )
-                } else {
-                    format!("{reference}: {e}")
+                    ),
+                    (None, Some(source)) => format!(
+                        "{reference}: {e}; note: the OCI worker looked for it in the registry and in {source} \
+                         (its only containerd namespace): images of other namespaces are not visible"
+                    ),
+                    (Some(_), _) => format!("{reference}: {e}"),
                 };
                 vertex.failed(&message);
                 Err(message.into())
@@ -262,10 +310,22 @@ pub async fn dockerfile(
         context_name: context_key,
         excludes,
     };
+    for unsupported in ["force-network-mode", "add-hosts"] {
+        if attrs
+            .get(unsupported)
+            .is_some_and(|v| !v.is_empty() && v != "sandbox")
+        {
+            return Err(UserError {
+                message: format!("the frontend attribute {unsupported} (kiln build --network / --add-host) is not supported yet"),
+            }
+            .into());
+        }
+    }
     let resolver = WorkerResolver {
         worker,
         progress: progress.clone(),
         build_ref: build_ref.to_string(),
+        mode: ResolveMode::parse(attrs.get("image-resolve-mode").map(String::as_str))?,
     };
     let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
         .await
@@ -288,6 +348,17 @@ mod tests {
             dockerignore_patterns("# c\n\n a \n!b\n"),
             vec!["a".to_string(), "!b".to_string()]
         );
+    }
+
+    #[test]
+    fn resolve_modes() {
+        assert_eq!(ResolveMode::parse(None).unwrap(), ResolveMode::Default);
+        assert_eq!(ResolveMode::parse(Some("pull")).unwrap(), ResolveMode::Pull);
+        assert_eq!(
+            ResolveMode::parse(Some("local")).unwrap(),
+            ResolveMode::Local
+        );
+        assert!(ResolveMode::parse(Some("never")).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use kiln_proto::moby::buildkit::v1::control_server::ControlServer;
 use kiln_session::SessionManager;
 use kiln_solver::Solver;
 use kiln_worker::Worker;
-use kiln_worker_containerd::{ContainerdWorker, ContainerdWorkerConfig};
+use kiln_worker_containerd::{ContainerdImageSource, ContainerdWorker, ContainerdWorkerConfig};
 use kiln_worker_oci::{OciWorker, OciWorkerConfig};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
@@ -123,7 +123,7 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
         }
         let runc =
             runc.context("no worker found, rebuild the buildkit daemon? (runc is not in PATH)")?;
-        let worker = OciWorker::open(OciWorkerConfig {
+        let mut worker = OciWorker::open(OciWorkerConfig {
             root: config.root.clone(),
             runc_binary: runc,
             registry_hosts: registry_hosts(config),
@@ -131,6 +131,21 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
             platforms: parse_platforms(&config.oci.platforms)?,
         })
         .context("failed to start the OCI worker")?;
+        if let Some(images) = &config.oci.containerd_images {
+            let address = images
+                .address
+                .as_deref()
+                .unwrap_or(config::DEFAULT_CONTAINERD_ADDRESS);
+            let source = ContainerdImageSource::connect(address, &images.namespace)
+                .await
+                .with_context(|| {
+                    format!(
+                        "failed to reach containerd at {address} for the OCI worker's containerd-images"
+                    )
+                })?;
+            tracing::info!(namespace = images.namespace, address, "the OCI worker reads base images from containerd (read-only) when registries fail");
+            worker = worker.with_base_images(Arc::new(source));
+        }
         return Ok(Arc::new(worker));
     }
     if containerd_enabled {

@@ -17,9 +17,13 @@ use containerd_client::tonic::{Code, Request};
 use containerd_client::types::{Descriptor as CtrdDescriptor, Mount};
 use kiln_containerd::{Containerd, LEASE_HEADER, NAMESPACE_HEADER};
 use kiln_image::content::ContentStore;
-use kiln_image::oci::Descriptor;
+use kiln_image::oci::{media_types, Descriptor, ImageConfig, ImageIndex, ImageManifest, Platform};
+use kiln_image::reference::Reference;
+use kiln_image::registry::ResolvedImage;
 use kiln_image::Digest;
 use kiln_worker::Error;
+
+use crate::parse_json;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Bytes sent per `Content.Write` message.
@@ -441,6 +445,86 @@ impl Api {
             }
         }
         Ok(())
+    }
+
+    // --- images (read-only) ---
+
+    /// The image `reference` for `platform` in the namespace's image service (manifest and
+    /// config read from containerd's content store), `None` when there is no such image.
+    pub async fn resolve_image(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<Option<ResolvedImage>, Error> {
+        // containerd names images `name:tag`; a pinned `name:tag@digest`
+        // (what the Dockerfile frontend resolves FROM to) is looked up by
+        // its tag and must then match the digest.
+        let name = match reference.tag() {
+            Some(tag) => format!("{}:{tag}", reference.name()),
+            None => reference.to_string(),
+        };
+        let Some(image) = self
+            .containerd
+            .get_image(&self.namespace, &name)
+            .await
+            .map_err(backend(format!("look up image {name}")))?
+        else {
+            return Ok(None);
+        };
+        let Some(target) = image.target.as_ref() else {
+            return Ok(None);
+        };
+        let target = from_containerd(target)?;
+        let Some((manifest_descriptor, manifest_bytes)) =
+            self.platform_manifest(&target, platform).await?
+        else {
+            return Ok(None);
+        };
+        if let Some(pinned) = reference.digest() {
+            if pinned != &target.digest && pinned != &manifest_descriptor.digest {
+                return Ok(None);
+            }
+        }
+        let manifest: ImageManifest = parse_json(&manifest_bytes, &manifest_descriptor.digest)?;
+        let config_bytes = self.read_blob(&manifest.config.digest).await?;
+        let config: ImageConfig = parse_json(&config_bytes, &manifest.config.digest)?;
+        Ok(Some(ResolvedImage {
+            reference: reference.clone(),
+            manifest_digest: manifest_descriptor.digest,
+            manifest,
+            manifest_bytes,
+            config,
+            config_bytes,
+        }))
+    }
+
+    /// Reads the manifest for `platform` under `target` (a manifest or an index) from
+    /// containerd: (descriptor, bytes).
+    async fn platform_manifest(
+        &self,
+        target: &Descriptor,
+        platform: &Platform,
+    ) -> Result<Option<(Descriptor, Vec<u8>)>, Error> {
+        let mut current = target.clone();
+        for _ in 0..8 {
+            let bytes = self.read_blob(&current.digest).await?;
+            if media_types::is_manifest(&current.media_type) {
+                return Ok(Some((current, bytes)));
+            }
+            if !media_types::is_index(&current.media_type) {
+                return Ok(None);
+            }
+            let index: ImageIndex = parse_json(&bytes, &current.digest)?;
+            let Some(child) = index.manifests.into_iter().find(|m| {
+                m.platform
+                    .as_ref()
+                    .is_some_and(|p| platform.matches(p) || p.matches(platform))
+            }) else {
+                return Ok(None);
+            };
+            current = child;
+        }
+        Ok(None)
     }
 
     /// Sets labels on a blob (keeping its others).

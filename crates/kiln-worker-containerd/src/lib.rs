@@ -27,12 +27,16 @@
 //! Callers wanting `local` or `pull` modes use [`ImageStore::resolve_local`] or the registry
 //! directly.
 //!
+//! [`ContainerdImageSource`] is the read-only side on its own: the OCI worker's opt-in fallback
+//! for base images kept in a containerd namespace (`kilnd --oci-worker-containerd-images`).
+//!
 //! The worker's containerd calls from synchronous code use `block_in_place`: run it on tokio's
 //! multi-thread runtime.
 
 mod api;
 mod db;
 mod mounts;
+mod source;
 mod trees;
 
 use std::collections::BTreeMap;
@@ -43,7 +47,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use kiln_containerd::{Containerd, ImportedImage};
 use kiln_image::content::ContentStore;
-use kiln_image::oci::{media_types, Descriptor, ImageConfig, ImageIndex, ImageManifest, Platform};
+use kiln_image::oci::{media_types, Descriptor, ImageIndex, ImageManifest, Platform};
 use kiln_image::reference::Reference;
 use kiln_image::registry::{RegistryHosts, ResolvedImage, Resolver};
 use kiln_image::Digest;
@@ -52,6 +56,8 @@ use kiln_worker::{
     Error, ImageStore, Layer, ProgressSink, SnapshotId, SnapshotView, Worker, LABEL_PREFIX,
 };
 use kiln_worker_oci::Executor;
+
+pub use crate::source::ContainerdImageSource;
 
 use crate::api::{backend, local, random_hex, Api};
 use crate::db::{LayerDb, LayerRecord};
@@ -300,38 +306,10 @@ impl ContainerdWorker {
         }
         result
     }
-
-    /// Reads the manifest for `platform` under `target` (a manifest or an index) from
-    /// containerd: (descriptor, bytes).
-    async fn platform_manifest(
-        &self,
-        target: &Descriptor,
-        platform: &Platform,
-    ) -> Result<Option<(Descriptor, Vec<u8>)>, Error> {
-        let mut current = target.clone();
-        for _ in 0..8 {
-            let bytes = self.api().read_blob(&current.digest).await?;
-            if media_types::is_manifest(&current.media_type) {
-                return Ok(Some((current, bytes)));
-            }
-            if !media_types::is_index(&current.media_type) {
-                return Ok(None);
-            }
-            let index: ImageIndex = parse_json(&bytes, &current.digest)?;
-            let Some(child) = index.manifests.into_iter().find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_some_and(|p| platform.matches(p) || p.matches(platform))
-            }) else {
-                return Ok(None);
-            };
-            current = child;
-        }
-        Ok(None)
-    }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], digest: &Digest) -> Result<T, Error> {
+/// Parses a JSON blob.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], digest: &Digest) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(backend(format!("parse {digest}")))
 }
 
@@ -614,47 +592,7 @@ impl ImageStore for ContainerdWorker {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<Option<ResolvedImage>, Error> {
-        // containerd names images `name:tag`; a pinned `name:tag@digest`
-        // (what the Dockerfile frontend resolves FROM to) is looked up by
-        // its tag and must then match the digest.
-        let name = match reference.tag() {
-            Some(tag) => format!("{}:{tag}", reference.name()),
-            None => reference.to_string(),
-        };
-        let Some(image) = self
-            .api()
-            .containerd
-            .get_image(self.namespace(), &name)
-            .await
-            .map_err(backend(format!("look up image {name}")))?
-        else {
-            return Ok(None);
-        };
-        let Some(target) = image.target.as_ref() else {
-            return Ok(None);
-        };
-        let target = api::from_containerd(target)?;
-        let Some((manifest_descriptor, manifest_bytes)) =
-            self.platform_manifest(&target, platform).await?
-        else {
-            return Ok(None);
-        };
-        if let Some(pinned) = reference.digest() {
-            if pinned != &target.digest && pinned != &manifest_descriptor.digest {
-                return Ok(None);
-            }
-        }
-        let manifest: ImageManifest = parse_json(&manifest_bytes, &manifest_descriptor.digest)?;
-        let config_bytes = self.api().read_blob(&manifest.config.digest).await?;
-        let config: ImageConfig = parse_json(&config_bytes, &manifest.config.digest)?;
-        Ok(Some(ResolvedImage {
-            reference: reference.clone(),
-            manifest_digest: manifest_descriptor.digest,
-            manifest,
-            manifest_bytes,
-            config,
-            config_bytes,
-        }))
+        self.api().resolve_image(reference, platform).await
     }
 
     async fn create_image(

@@ -12,6 +12,11 @@
 //! Pulled layers are unpacked once per chain id and keep their original blob for export. `exec`
 //! runs runc on an overlay of the input chain and commits the upper as the new snapshot; `file`
 //! does the same for file actions; `layers` turns each snapshot of a chain into a gzip layer once.
+//!
+//! **Base images** come from registries. Beyond BuildKit, a read-only [`BaseImageSource`] can be
+//! attached with [`OciWorker::with_base_images`] (kilnd: `[worker.oci] containerd-images`): when
+//! the registry lookup fails, the image is looked up there and its blobs are copied into the
+//! worker's own content store, then pulled as usual.
 
 mod cachemount;
 mod exec;
@@ -26,6 +31,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_image::content::ContentStore;
@@ -60,6 +66,24 @@ pub struct OciWorkerConfig {
     pub platforms: Option<Vec<Platform>>,
 }
 
+/// A read-only store of named images the OCI worker falls back to when a registry cannot
+/// resolve a base image (kiln's extension; e.g. a containerd namespace).
+#[async_trait]
+pub trait BaseImageSource: Send + Sync + std::fmt::Debug {
+    /// What the source is, for logs and errors (`containerd namespace "default"`).
+    fn describe(&self) -> String;
+
+    /// The image `reference` for `platform` when the source holds it, `None` otherwise.
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<Option<ResolvedImage>, Error>;
+
+    /// Copies the blob `descriptor` from the source into `store` (nothing when `store` has it).
+    async fn fetch_blob(&self, descriptor: &Descriptor, store: &ContentStore) -> Result<(), Error>;
+}
+
 /// The OCI worker. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct OciWorker {
     id: String,
@@ -70,6 +94,8 @@ pub struct OciWorker {
     snapshots: SnapshotStore,
     executor: exec::Executor,
     resolver: Resolver,
+    /// Where base images come from when the registry fails (read-only).
+    base_images: Option<Arc<dyn BaseImageSource>>,
     /// Serialises `meta.json` updates of `layers`, so concurrent exports compress once.
     export_lock: tokio::sync::Mutex<()>,
 }
@@ -82,6 +108,9 @@ impl std::fmt::Debug for OciWorker {
             .finish_non_exhaustive()
     }
 }
+
+/// The label (after [`LABEL_PREFIX`]) naming the worker's [`BaseImageSource`], when it has one.
+pub const BASE_IMAGES_LABEL: &str = "kiln.base-images";
 
 /// The worker's directory under the daemon root.
 pub const WORKER_DIR: &str = "runc-overlayfs";
@@ -146,9 +175,60 @@ impl OciWorker {
             resolver: Resolver::new(config.registry_hosts).map_err(|e| Error::RegistryClient {
                 source: Box::new(e.into()),
             })?,
+            base_images: None,
             export_lock: tokio::sync::Mutex::new(()),
             dir,
         })
+    }
+
+    /// Attaches a read-only fallback for base images the registry cannot resolve (see the crate
+    /// docs); the worker gets the label `org.mobyproject.buildkit.worker.kiln.base-images`
+    /// describing it.
+    pub fn with_base_images(mut self, source: Arc<dyn BaseImageSource>) -> Self {
+        self.labels.insert(
+            format!("{LABEL_PREFIX}{BASE_IMAGES_LABEL}"),
+            source.describe(),
+        );
+        self.base_images = Some(source);
+        self
+    }
+
+    /// Resolves `reference` in the fallback source and copies its manifest, config and layer
+    /// blobs into the worker's content store, so `pull` finds them all locally.
+    async fn resolve_from_source(
+        &self,
+        source: &dyn BaseImageSource,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<Option<ResolvedImage>, Error> {
+        let Some(image) = source.resolve(reference, platform).await? else {
+            return Ok(None);
+        };
+        let content_err = |digest: &Digest| {
+            let path = self.content.path(digest);
+            move |e: kiln_image::content::Error| Error::Content {
+                path,
+                source: Box::new(e.into()),
+            }
+        };
+        for (bytes, digest) in [
+            (&image.manifest_bytes, &image.manifest_digest),
+            (&image.config_bytes, &image.manifest.config.digest),
+        ] {
+            if !self.content.has(digest) {
+                let written = self.content.write_blob(bytes).map_err(content_err(digest))?;
+                if &written != digest {
+                    return Err(Error::Backend {
+                        op: format!("copy blob {digest} from {}", source.describe()),
+                        source: format!("its bytes have digest {written}").into(),
+                    });
+                }
+            }
+        }
+        for layer in &image.manifest.layers {
+            source.fetch_blob(layer, &self.content).await?;
+        }
+        Ok(Some(image))
     }
 
     /// The worker directory (`<root>/runc-overlayfs`).
@@ -299,13 +379,39 @@ impl Worker for OciWorker {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<ResolvedImage, Error> {
-        self.resolver
-            .resolve(reference, platform)
-            .await
-            .map_err(|e| Error::Resolve {
+        let remote_error = match self.resolver.resolve(reference, platform).await {
+            Ok(image) => return Ok(image),
+            Err(e) => e,
+        };
+        let Some(source) = &self.base_images else {
+            return Err(Error::Resolve {
                 reference: reference.to_string(),
-                source: Box::new(e.into()),
-            })
+                source: Box::new(remote_error.into()),
+            });
+        };
+        match self
+            .resolve_from_source(source.as_ref(), reference, platform)
+            .await
+        {
+            Ok(Some(image)) => {
+                tracing::debug!(%reference, error = %remote_error, source = source.describe(), "registry failed, using the fallback image source");
+                Ok(image)
+            }
+            Ok(None) => {
+                tracing::debug!(%reference, source = source.describe(), "image not in the fallback image source either");
+                Err(Error::Resolve {
+                    reference: reference.to_string(),
+                    source: Box::new(remote_error.into()),
+                })
+            }
+            Err(e) => Err(Error::Backend {
+                op: format!(
+                    "read {reference} from {} (the registry failed: {remote_error})",
+                    source.describe()
+                ),
+                source: Box::new(e),
+            }),
+        }
     }
 
     async fn pull(
