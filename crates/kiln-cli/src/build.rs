@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use kiln_client::progress::PlainPrinter;
+use kiln_client::progress::{PlainPrinter, RawJsonPrinter, Renderer, TtyPrinter};
 use kiln_client::{SolveOptions, StatusResponse};
 use kiln_containerd::{Containerd, ImportOptions};
 use tokio::sync::mpsc;
@@ -311,9 +311,13 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         cache_exports: Vec::new(),
     };
 
-    let show_progress = !settings.quiet && settings.progress != ProgressMode::Quiet;
+    let mode = if settings.quiet {
+        ProgressMode::Quiet
+    } else {
+        settings.progress
+    };
     let (progress_tx, progress_rx) = mpsc::channel::<StatusResponse>(128);
-    let renderer = tokio::spawn(render_progress(progress_rx, show_progress));
+    let renderer = tokio::spawn(render_progress(progress_rx, mode));
     let solved = kiln_client::solve(client, options, progress_tx).await;
     match renderer.await {
         Ok(Err(err)) => tracing::debug!(%err, "progress rendering failed"),
@@ -379,22 +383,47 @@ fn write_result_files(
     Ok(())
 }
 
-/// Renders progress as plain text on stderr (`auto` is plain too, on a
-/// terminal as well), or drains it when quiet.
+/// The renderer for `mode` on stderr: `auto` and `tty` draw the live view
+/// when stderr is a terminal and fall back to plain otherwise; colours
+/// follow `NO_COLOR`.
+fn renderer(mode: ProgressMode) -> Renderer<std::io::Stderr> {
+    use std::io::IsTerminal;
+    let stderr = std::io::stderr();
+    let terminal = stderr.is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
+    match mode {
+        ProgressMode::Quiet => Renderer::Quiet,
+        ProgressMode::RawJson => Renderer::RawJson(RawJsonPrinter::new(stderr)),
+        ProgressMode::Plain => Renderer::Plain(PlainPrinter::new(stderr)),
+        ProgressMode::Auto | ProgressMode::Tty if terminal => {
+            let width = std::env::var("COLUMNS")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(80);
+            let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            Renderer::Tty(TtyPrinter::new(stderr, width, color))
+        }
+        ProgressMode::Auto | ProgressMode::Tty => Renderer::Plain(PlainPrinter::new(stderr)),
+    }
+}
+
+/// Renders progress on stderr in `mode`, redrawing the live view on a timer
+/// so running steps' clocks advance.
 async fn render_progress(
     mut progress: mpsc::Receiver<StatusResponse>,
-    show: bool,
+    mode: ProgressMode,
 ) -> std::io::Result<()> {
-    let mut printer = show.then(|| PlainPrinter::new(std::io::stderr()));
-    while let Some(message) = progress.recv().await {
-        if let Some(printer) = printer.as_mut() {
-            printer.handle(&message)?;
+    let mut renderer = renderer(mode);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(150));
+    loop {
+        tokio::select! {
+            message = progress.recv() => match message {
+                Some(message) => renderer.handle(&message)?,
+                None => break,
+            },
+            _ = tick.tick() => renderer.tick()?,
         }
     }
-    if let Some(printer) = printer.as_mut() {
-        printer.finish()?;
-    }
-    Ok(())
+    renderer.finish()
 }
 
 /// Imports the archive into containerd, unpacks it and applies extra tags (§1.5, §1.8).

@@ -18,11 +18,16 @@ pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
-    /// `auto`: currently always the plain renderer (also on a terminal).
+    /// `auto`: the live view when stderr is a terminal, else plain.
     Auto,
     /// `plain`: buildctl's `--progress=plain` text on stderr.
     Plain,
-    /// `quiet`: no progress.
+    /// `tty`: the live view redrawn in place (plain when stderr is not a
+    /// terminal).
+    Tty,
+    /// `rawjson`: one JSON object per status message on stderr.
+    RawJson,
+    /// `quiet`: no progress, only errors.
     Quiet,
 }
 
@@ -200,8 +205,11 @@ pub fn resolve_progress(flag: &str, env: Env<'_>) -> anyhow::Result<ProgressMode
         "auto" => Ok(ProgressMode::Auto),
         "plain" => Ok(ProgressMode::Plain),
         "quiet" => Ok(ProgressMode::Quiet),
-        "tty" | "rawjson" => bail!("kiln build: progress mode {mode:?} is not supported yet"),
-        other => bail!("invalid progress mode {other:?} (expected auto, plain or quiet)"),
+        "tty" => Ok(ProgressMode::Tty),
+        "rawjson" => Ok(ProgressMode::RawJson),
+        other => {
+            bail!("invalid progress mode {other:?} (expected auto, plain, tty, rawjson or quiet)")
+        }
     }
 }
 
@@ -625,8 +633,12 @@ mod tests {
         assert_eq!(s.progress, ProgressMode::Quiet);
         assert!(err(&["--progress=fancy", "."]).starts_with("invalid progress mode \"fancy\""));
         assert_eq!(
-            err(&["--progress=tty", "."]),
-            "kiln build: progress mode \"tty\" is not supported yet"
+            resolve(&["--progress=tty", "."], &[]).unwrap().progress,
+            ProgressMode::Tty
+        );
+        assert_eq!(
+            resolve(&["--progress=rawjson", "."], &[]).unwrap().progress,
+            ProgressMode::RawJson
         );
     }
 

@@ -14,14 +14,67 @@
 //! #5 DONE 0.2s
 //! ```
 //!
-//! Vertices are numbered in order of first appearance. The printer writes to a
-//! writer owned by the caller; nothing here prints on its own.
+//! Vertices are numbered in order of first appearance. [`RawJsonPrinter`]
+//! writes buildctl's `--progress=rawjson` lines and [`TtyPrinter`] a live
+//! view redrawn in place like buildx's; [`Renderer`] picks one by mode. The
+//! printers write to a writer owned by the caller; nothing here prints on
+//! its own.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::SystemTime;
 
 use kiln_proto::moby::buildkit::v1::StatusResponse;
+
+mod rawjson;
+mod tty;
+
+pub use rawjson::{rfc3339_nano, RawJsonPrinter};
+pub use tty::{TtyPrinter, LOG_LINES};
+
+/// One of the progress renderers, chosen by `--progress`.
+#[derive(Debug)]
+pub enum Renderer<W: Write> {
+    /// `plain`: buildctl's text.
+    Plain(PlainPrinter<W>),
+    /// `tty`: the live view.
+    Tty(TtyPrinter<W>),
+    /// `rawjson`: one JSON object per message.
+    RawJson(RawJsonPrinter<W>),
+    /// `quiet`: nothing (errors are reported by the caller from the solve
+    /// result).
+    Quiet,
+}
+
+impl<W: Write> Renderer<W> {
+    /// Renders one status message.
+    pub fn handle(&mut self, response: &StatusResponse) -> io::Result<()> {
+        match self {
+            Renderer::Plain(p) => p.handle(response),
+            Renderer::Tty(p) => p.handle(response),
+            Renderer::RawJson(p) => p.handle(response),
+            Renderer::Quiet => Ok(()),
+        }
+    }
+
+    /// Periodic redraw (only the live view changes with time).
+    pub fn tick(&mut self) -> io::Result<()> {
+        match self {
+            Renderer::Tty(p) => p.redraw(SystemTime::now()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends the rendering once the stream is over.
+    pub fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Renderer::Plain(p) => p.finish(),
+            Renderer::Tty(p) => p.finish(),
+            Renderer::RawJson(p) => p.finish(),
+            Renderer::Quiet => Ok(()),
+        }
+    }
+}
 
 /// One typed progress event, decoded from a [`StatusResponse`].
 #[derive(Debug, Clone, PartialEq)]
@@ -775,5 +828,114 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn rawjson_golden() {
+        let mut printer = RawJsonPrinter::new(Vec::new());
+        let mut messages = recorded_build();
+        messages[4].vertexes[0].inputs = vec!["sha256:base".into()];
+        for m in &messages {
+            printer.handle(m).unwrap();
+        }
+        printer.finish().unwrap();
+        let text = String::from_utf8(printer.into_inner()).unwrap();
+        let expected = r#"{"vertexes":[{"digest":"sha256:load","name":"[internal] load build definition from Dockerfile","started":"2023-11-14T22:13:20Z"}]}
+{"statuses":[{"id":"transferring dockerfile:","vertex":"sha256:load","current":38,"timestamp":"2023-11-14T22:13:20.004Z","started":"2023-11-14T22:13:20.001Z","completed":"2023-11-14T22:13:20.004Z"}]}
+{"vertexes":[{"digest":"sha256:load","name":"[internal] load build definition from Dockerfile","started":"2023-11-14T22:13:20Z","completed":"2023-11-14T22:13:20.02Z"}]}
+{"vertexes":[{"digest":"sha256:base","name":"[1/2] FROM 127.0.0.1:5000/busybox:latest","started":"2023-11-14T22:13:20.03Z","completed":"2023-11-14T22:13:20.03Z","cached":true}]}
+{"vertexes":[{"digest":"sha256:run","inputs":["sha256:base"],"name":"[2/2] RUN echo hello > /hello","started":"2023-11-14T22:13:20.1Z"}]}
+{"logs":[{"vertex":"sha256:run","stream":1,"data":"aGVsbG8Kd29y","timestamp":"2023-11-14T22:13:20.223Z"}]}
+{"logs":[{"vertex":"sha256:run","stream":2,"data":"bGQK","timestamp":"2023-11-14T22:13:20.3Z"}]}
+{"vertexes":[{"digest":"sha256:run","name":"[2/2] RUN echo hello > /hello","started":"2023-11-14T22:13:20.1Z","completed":"2023-11-14T22:13:21.35Z"}]}
+"#;
+        assert_eq!(text, expected);
+        // Every line is one JSON object and log data decodes back.
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(value.is_object());
+        }
+    }
+
+    #[test]
+    fn rfc3339_nano_trims_and_defaults() {
+        let t = Timestamp {
+            seconds: 0,
+            nanos: 120_000_000,
+        };
+        assert_eq!(rfc3339_nano(Some(&t)), "1970-01-01T00:00:00.12Z");
+        assert_eq!(rfc3339_nano(None), "0001-01-01T00:00:00Z");
+    }
+
+    fn at(ms: i64) -> SystemTime {
+        SystemTime::try_from(ts(ms).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn tty_frame_shows_running_step_with_logs_and_timer() {
+        let mut printer = TtyPrinter::new(Vec::new(), 60, false);
+        // Up to the RUN's first log line (its completion not yet seen).
+        for m in &recorded_build()[..6] {
+            printer.update(m);
+        }
+        let frame = printer.frame(at(1100), false).join("\n");
+        let expected = "\
+[+] Building 1.1s (2/3)
+ => [internal] load build definition from Dockerfile    0.0s
+ => => transferring dockerfile: 38B                     0.0s
+ => CACHED [1/2] FROM 127.0.0.1:5000/busybox:latest     0.0s
+ => [2/2] RUN echo hello > /hello                       1.0s
+ => => # hello";
+        assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn tty_redraw_moves_over_previous_frame_and_colors_unless_disabled() {
+        let messages = recorded_build();
+        let mut printer = TtyPrinter::new(Vec::new(), 60, true);
+        printer.update(&messages[0]);
+        printer.redraw(at(10)).unwrap();
+        printer.update(&messages[2]);
+        printer.redraw(at(30)).unwrap();
+        let out = String::from_utf8(printer.into_inner()).unwrap();
+        // First frame: 2 lines; the second starts by moving up over them.
+        let second = out.split("\x1b[J").nth(1).unwrap();
+        assert!(second.starts_with("\x1b[2A\r[+] Building"), "{second:?}");
+        assert!(second.contains("\x1b[34m => [internal] load build definition"));
+
+        let mut plain = TtyPrinter::new(Vec::new(), 60, false);
+        plain.update(&messages[0]);
+        plain.update(&messages[2]);
+        plain.redraw(at(30)).unwrap();
+        let out = String::from_utf8(plain.into_inner()).unwrap();
+        assert!(!out.contains("\x1b[34m"));
+    }
+
+    #[test]
+    fn tty_final_frame_collapses_finished_steps_and_keeps_errors() {
+        let mut printer = TtyPrinter::new(Vec::new(), 60, false);
+        for m in &recorded_build() {
+            printer.update(m);
+        }
+        printer.update(&StatusResponse {
+            vertexes: vec![Vertex {
+                error: "exit code: 1".into(),
+                ..vertex("sha256:bad", "[3/3] RUN false", Some(1400), Some(1500))
+            }],
+            logs: vec![VertexLog {
+                vertex: "sha256:bad".into(),
+                timestamp: ts(1450),
+                stream: 2,
+                msg: b"boom\n".to_vec(),
+            }],
+            ..Default::default()
+        });
+        let frame = printer.frame(at(2000), true);
+        assert!(!frame.iter().any(|l| l.contains("# hello")));
+        assert!(frame
+            .iter()
+            .any(|l| l.starts_with(" => ERROR [3/3] RUN false")));
+        assert!(frame.iter().any(|l| l == " => => # boom"));
+        assert!(frame[0].ends_with("(4/4) FINISHED"), "{}", frame[0]);
     }
 }
