@@ -17,8 +17,16 @@
 //! [`SolveResult`] (its [`Leases`]) is dropped, so a concurrent
 //! [`Solver::prune`] never removes what a running build uses. Pruning and
 //! garbage-collection policies live in [`usage`].
+//!
+//! Every vertex that was not cached says why in a stderr log line
+//! `kiln: cache miss: <reason>` (`instruction changed`, `build arg changed:
+//! NAME`, `file changed: <path>`, `base image changed: <old> → <new>`,
+//! `input <n> changed (<input name>)`, `first build`, `cache disabled`),
+//! from the last key parts of the same vertex identity kept by
+//! [`explain::ExplainIndex`] next to the cache records.
 
 pub mod cache;
+pub mod explain;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -204,6 +212,7 @@ pub struct SolveOptions {
 pub struct Solver {
     worker: Arc<dyn Worker>,
     records: CacheRecords,
+    explain: explain::ExplainIndex,
     state_dir: PathBuf,
     /// One prune at a time (API and garbage collection).
     prune_lock: tokio::sync::Mutex<()>,
@@ -233,6 +242,7 @@ type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Resolved>, Arc<Error>>>
 struct Context {
     worker: Arc<dyn Worker>,
     records: CacheRecords,
+    explain: explain::ExplainIndex,
     locals: Arc<dyn LocalSources>,
     progress: ProgressWriter,
     options: SolveOptions,
@@ -243,9 +253,15 @@ impl Solver {
     /// A solver for `worker`, keeping cache records in `state_dir/cache`.
     pub fn open(worker: Arc<dyn Worker>, state_dir: &Path) -> Result<Self, Error> {
         let records = CacheRecords::open(&state_dir.join("cache"))?;
+        let explain_dir = state_dir.join("cache").join("explain");
+        let explain = explain::ExplainIndex::open(&explain_dir).map_err(|source| Error::Io {
+            path: explain_dir,
+            source,
+        })?;
         Ok(Self {
             worker,
             records,
+            explain,
             state_dir: state_dir.to_path_buf(),
             prune_lock: tokio::sync::Mutex::new(()),
         })
@@ -408,6 +424,7 @@ impl Solver {
         let context = Arc::new(Context {
             worker: self.worker.clone(),
             records: self.records.clone(),
+            explain: self.explain.clone(),
             locals,
             progress,
             options,
@@ -552,14 +569,35 @@ async fn run_vertex(
                 Some(pb::op::Op::File(file)) => {
                     copy_source_keys(&context, &graph, &op, file, &input_snapshots).await
                 }
-                _ => vec![None; input_keys.len()],
+                _ => vec![(None, BTreeMap::new()); input_keys.len()],
             };
             let mut parts: Vec<(&str, &[u8])> = vec![("op", &op_bytes)];
-            for (key, content) in input_keys.iter().zip(&content_keys) {
+            let mut explained = explain::KeyParts {
+                op: hex::encode(Sha256::digest(&op_bytes)),
+                env: match &op.op {
+                    Some(pb::op::Op::Exec(exec)) => exec
+                        .meta
+                        .iter()
+                        .flat_map(|m| m.env.iter())
+                        .filter_map(|e| e.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                },
+                ..Default::default()
+            };
+            for (key, (content, files)) in input_keys.iter().zip(&content_keys) {
                 match content {
-                    Some(content) => parts.push(("input-content", content.as_bytes())),
-                    None => parts.push(("input", key.as_bytes())),
+                    Some(content) => {
+                        parts.push(("input-content", content.as_bytes()));
+                        explained.inputs.push(format!("content:{content}"));
+                    }
+                    None => {
+                        parts.push(("input", key.as_bytes()));
+                        explained.inputs.push(key.clone());
+                    }
                 }
+                explained.files.push(files.clone());
             }
             let key = CacheKey::from_parts(parts);
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
@@ -569,6 +607,22 @@ async fn run_vertex(
                     return Ok(Arc::new(resolved));
                 }
             }
+            let reason = if ignore_cache {
+                "cache disabled".to_string()
+            } else {
+                let input_names: Vec<String> = op
+                    .inputs
+                    .iter()
+                    .map(|i| {
+                        graph
+                            .op(&i.digest)
+                            .map(|o| vertex_name(&graph, &i.digest, o))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                context.explain.explain(&name, &explained, &input_names)
+            };
+            progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
             let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
             context.worker.record_use(&used);
             let result = match &op.op {
@@ -581,6 +635,12 @@ async fn run_vertex(
             let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
                 hold(&context, &outputs);
                 record(&context, &key, &outputs, &name)?;
+                remember(
+                    &context,
+                    &explain::exact_identity(&name, &explained.op),
+                    &explained,
+                );
+                remember(&context, &explain::step_identity(&name), &explained);
                 Ok(Resolved {
                     key: key.clone(),
                     outputs,
@@ -646,8 +706,8 @@ async fn copy_source_keys(
     op: &pb::Op,
     file: &pb::FileOp,
     snapshots: &[Option<SnapshotId>],
-) -> Vec<Option<String>> {
-    let mut keys = vec![None; op.inputs.len()];
+) -> Vec<(Option<String>, BTreeMap<String, String>)> {
+    let mut keys = vec![(None, BTreeMap::new()); op.inputs.len()];
     for (index, input) in op.inputs.iter().enumerate() {
         let is_local = matches!(
             graph.op(&input.digest).and_then(|o| o.op.as_ref()),
@@ -678,21 +738,29 @@ async fn copy_source_keys(
             continue;
         };
         let root = view.path().to_path_buf();
-        let computed = tokio::task::spawn_blocking(move || -> Option<String> {
-            let mut hasher = Sha256::new();
-            for copy in &copies {
-                let checksum =
-                    selector::checksum_selector(&root, &copy.src, copy.allow_wildcard).ok()??;
-                hasher.update(copy.src.as_bytes());
-                hasher.update([0]);
-                hasher.update(checksum.as_bytes());
-                hasher.update([0]);
-            }
-            Some(hex::encode(hasher.finalize()))
-        })
+        let computed = tokio::task::spawn_blocking(
+            move || -> Option<(Option<String>, BTreeMap<String, String>)> {
+                let mut hasher = Sha256::new();
+                let mut files = BTreeMap::new();
+                for copy in &copies {
+                    let checksum =
+                        selector::checksum_selector(&root, &copy.src, copy.allow_wildcard)
+                            .ok()??;
+                    hasher.update(copy.src.as_bytes());
+                    hasher.update([0]);
+                    hasher.update(checksum.as_bytes());
+                    hasher.update([0]);
+                    let path = copy.src.trim_start_matches("./").trim_start_matches('/');
+                    let path = if path.is_empty() { "." } else { path };
+                    files.insert(path.to_string(), checksum);
+                }
+                Some((Some(hex::encode(hasher.finalize())), files))
+            },
+        )
         .await
         .ok()
-        .flatten();
+        .flatten()
+        .unwrap_or_default();
         drop(view);
         if let Some(slot) = keys.get_mut(index as usize) {
             *slot = computed;
@@ -720,6 +788,14 @@ fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
         cached: true,
         created: record.created,
     })
+}
+
+/// Records a vertex's key parts for the next miss explanation; failing to
+/// write them only loses an explanation, not the build.
+fn remember(context: &Context, identity: &str, parts: &explain::KeyParts) {
+    if let Err(err) = context.explain.put(identity, parts) {
+        tracing::debug!(%err, "failed to record cache-miss explanation parts");
+    }
 }
 
 /// Leases the outputs of a vertex that ran for the rest of the solve.
@@ -820,6 +896,17 @@ async fn run_source(
                 return Ok(resolved);
             }
         }
+        let source_digest = reference
+            .digest()
+            .unwrap_or(&resolved.manifest_digest)
+            .to_string();
+        let identity = format!("image\0{identifier}\0{platform_id}");
+        let reason = if ignore_cache {
+            "cache disabled".to_string()
+        } else {
+            context.explain.explain_source(&identity, &source_digest)
+        };
+        progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
         let snapshot = context
             .worker
             .pull(&resolved, progress)
@@ -828,6 +915,14 @@ async fn run_source(
         let outputs = vec![snapshot];
         hold(context, &outputs);
         record(context, &key, &outputs, name)?;
+        remember(
+            context,
+            &identity,
+            &explain::KeyParts {
+                source: source_digest,
+                ..Default::default()
+            },
+        );
         return Ok(Resolved {
             key,
             outputs,
