@@ -500,13 +500,20 @@ labels = { a = "b" }
             images.address.as_deref(),
             Some("/run/containerd/containerd.sock")
         );
-        assert!(Config::load(&Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]))
-            .unwrap()
-            .oci
-            .containerd_images
-            .is_none());
-        std::fs::write(&path, "[worker.oci]\ncontainerd-images = { address = \"/x.sock\" }\n")
-            .unwrap();
+        assert!(Config::load(&Flags::parse_from([
+            "kilnd",
+            "--config",
+            path.to_str().unwrap()
+        ]))
+        .unwrap()
+        .oci
+        .containerd_images
+        .is_none());
+        std::fs::write(
+            &path,
+            "[worker.oci]\ncontainerd-images = { address = \"/x.sock\" }\n",
+        )
+        .unwrap();
         let flags = Flags::parse_from(["kilnd", "--config", path.to_str().unwrap()]);
         assert!(Config::load(&flags).is_err(), "a namespace is required");
     }

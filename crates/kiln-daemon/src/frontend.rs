@@ -110,14 +110,11 @@ impl ImageMetaResolver for WorkerResolver {
                 ))
             }
             Err(e) => {
-                let base_images = self
-                    .worker
-                    .labels()
-                    .remove(&format!(
-                        "{}{}",
-                        kiln_worker::LABEL_PREFIX,
-                        kiln_worker_oci::BASE_IMAGES_LABEL
-                    ));
+                let base_images = self.worker.labels().remove(&format!(
+                    "{}{}",
+                    kiln_worker::LABEL_PREFIX,
+                    kiln_worker_oci::BASE_IMAGES_LABEL
+                ));
                 let message = match (self.worker.image_store(), base_images) {
                     // The documented limitation users hit most: an image
                     // built earlier lives in containerd, out of reach.

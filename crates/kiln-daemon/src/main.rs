@@ -143,7 +143,11 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
                         "failed to reach containerd at {address} for the OCI worker's containerd-images"
                     )
                 })?;
-            tracing::info!(namespace = images.namespace, address, "the OCI worker reads base images from containerd (read-only) when registries fail");
+            tracing::info!(
+                namespace = images.namespace,
+                address,
+                "the OCI worker reads base images from containerd (read-only) when registries fail"
+            );
             worker = worker.with_base_images(Arc::new(source));
         }
         return Ok(Arc::new(worker));

@@ -184,6 +184,14 @@ impl Kilnd {
         }
     }
 
+    /// Kills the daemon with SIGKILL (no cleanup at all, as in a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child

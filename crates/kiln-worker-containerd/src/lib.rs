@@ -309,7 +309,10 @@ impl ContainerdWorker {
 }
 
 /// Parses a JSON blob.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], digest: &Digest) -> Result<T, Error> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    digest: &Digest,
+) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(backend(format!("parse {digest}")))
 }
 

@@ -216,7 +216,10 @@ impl OciWorker {
             (&image.config_bytes, &image.manifest.config.digest),
         ] {
             if !self.content.has(digest) {
-                let written = self.content.write_blob(bytes).map_err(content_err(digest))?;
+                let written = self
+                    .content
+                    .write_blob(bytes)
+                    .map_err(content_err(digest))?;
                 if &written != digest {
                     return Err(Error::Backend {
                         op: format!("copy blob {digest} from {}", source.describe()),
