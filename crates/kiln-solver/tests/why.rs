@@ -8,10 +8,7 @@ use std::sync::Arc;
 use kiln_image::registry::{HostConfig, RegistryHosts};
 use kiln_llb::{DefinitionBuilder, OutputRef};
 use kiln_proto::pb;
-use kiln_solver::{
-    BoxError, LocalSources, ProgressWriter, PruneOptions, SolveOptions, Solver, VertexProgress,
-};
-use kiln_worker::RecordType;
+use kiln_solver::{BoxError, LocalSources, ProgressWriter, SolveOptions, Solver, VertexProgress};
 use kiln_worker_oci::{OciWorker, OciWorkerConfig};
 
 struct Dir(PathBuf);
