@@ -231,6 +231,10 @@ fn oci_worker_reads_base_images_from_a_containerd_namespace_when_opted_in() {
     )
     .success();
     assert_eq!(output.stdout, "bar\nhello\n");
+    // Read-only: the OCI worker left no lease in the namespace (the client's import
+    // lease is gone too).
+    let leases = ctr(ns, &["leases", "ls", "-q"]).success();
+    assert_eq!(leases.stdout.trim(), "", "leases left in {ns}");
 
     // An image of another namespace stays invisible, and the error says where kiln looked.
     ctr(&other.0, &["images", "pull", "--plain-http", BUSYBOX]).success();
