@@ -119,7 +119,6 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
     vec![
         ("secret", !args.secret.is_empty()),
-        ("allow", !args.allow.is_empty()),
         ("ssh", !args.ssh.is_empty()),
         ("build-context", !args.build_context.is_empty()),
         ("source-policy-file", args.source_policy_file.is_some()),
@@ -452,8 +451,19 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         Some(false) => frontend_attrs.insert("image-resolve-mode".into(), "local".into()),
         None => None,
     };
-    let (network_attr, entitlements) = resolve_network(args.network.as_deref())?;
+    let (network_attr, mut entitlements) = resolve_network(args.network.as_deref())?;
     frontend_attrs.extend(network_attr);
+    // `--allow` (deduped), as buildctl passes it: the daemon checks each
+    // privileged step against both these and its own allowed set.
+    for entitlement in &args.allow {
+        match entitlement.as_str() {
+            "network.host" | "security.insecure" | "device" => {}
+            other => anyhow::bail!("invalid value {other:?} for --allow: expected network.host, security.insecure or device"),
+        }
+        if !entitlements.contains(entitlement) {
+            entitlements.push(entitlement.clone());
+        }
+    }
     if let Some(hosts) = resolve_add_hosts(&args.add_host)? {
         frontend_attrs.insert("add-hosts".to_string(), hosts);
     }
@@ -652,7 +662,6 @@ mod tests {
                 "source-policy-file",
             ),
             (&["--ssh", "default", "."][..], "ssh"),
-            (&["--allow", "network.host", "."][..], "allow"),
         ] {
             assert_eq!(
                 err(argv),
@@ -661,6 +670,19 @@ mod tests {
             );
         }
         assert!(resolve(&["--network=default", "."], &[]).is_ok());
+        let allowed = resolve(
+            &[
+                "--allow",
+                "security.insecure",
+                "--allow",
+                "security.insecure",
+                ".",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(allowed.entitlements, vec!["security.insecure"]);
+        assert!(resolve(&["--allow", "root", "."], &[]).is_err());
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct Flags {
     /// Extra containerd worker labels (key=value), repeatable.
     #[arg(long = "containerd-worker-labels")]
     pub containerd_worker_labels: Vec<String>,
+    /// Allow an insecure entitlement (security.insecure, network.host), repeatable.
+    #[arg(long = "allow-insecure-entitlement")]
+    pub allow_insecure_entitlement: Vec<String>,
     /// Debug HTTP address (not supported yet).
     #[arg(long = "debugaddr", env = "BUILDKITD_DEBUGADDR")]
     pub debugaddr: Option<String>,
@@ -179,6 +182,9 @@ pub struct FileConfig {
     pub root: Option<PathBuf>,
     /// Debug logging.
     pub debug: bool,
+    /// `insecure-entitlements`.
+    #[serde(rename = "insecure-entitlements")]
+    pub insecure_entitlements: Vec<String>,
     /// `[grpc]`.
     pub grpc: GrpcConfig,
     /// `[log]`.
@@ -202,6 +208,8 @@ pub struct Config {
     pub log_format: String,
     /// Socket group.
     pub group: Option<u32>,
+    /// Insecure entitlements builds may ask for.
+    pub entitlements: Vec<String>,
     /// Registry host settings.
     pub registries: BTreeMap<String, RegistryConfig>,
     /// OCI worker settings.
@@ -349,7 +357,18 @@ impl Config {
             Some(g) => Some(resolve_group(g)?),
             None => file.grpc.gid,
         };
+        let mut entitlements = file.insecure_entitlements.clone();
+        entitlements.extend(flags.allow_insecure_entitlement.iter().cloned());
+        for entitlement in &entitlements {
+            if !matches!(
+                entitlement.as_str(),
+                "security.insecure" | "network.host" | "device"
+            ) {
+                bail!("invalid entitlement : {entitlement}");
+            }
+        }
         Ok(Self {
+            entitlements,
             root: flags
                 .root
                 .clone()

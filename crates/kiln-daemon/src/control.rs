@@ -9,7 +9,7 @@ use futures::Stream;
 use kiln_image::oci::{ImageConfig, Platform};
 use kiln_proto::moby::buildkit::v1 as api;
 use kiln_proto::moby::buildkit::v1::control_server::Control;
-use kiln_proto::moby::buildkit::v1::types::{BuildkitVersion, WorkerRecord};
+use kiln_proto::moby::buildkit::v1::types::{BuildkitVersion, GcPolicy, WorkerRecord};
 use kiln_proto::pb;
 use kiln_session::SessionManager;
 use kiln_solver::{ProgressWriter, SolveOptions, Solver};
@@ -26,6 +26,48 @@ pub struct ControlService {
     sessions: SessionManager,
     jobs: Jobs,
     root: PathBuf,
+    entitlements: Vec<String>,
+    gc_policy: Vec<GcPolicy>,
+}
+
+/// Checks that every privileged step of `definition` is allowed both by the
+/// daemon (`allowed`) and by the client's request (`requested`), as BuildKit
+/// does: `RUN --security=insecure` needs `security.insecure`, `RUN
+/// --network=host` needs `network.host`.
+pub fn check_entitlements(
+    definition: &pb::Definition,
+    allowed: &[String],
+    requested: &[String],
+) -> Result<(), Status> {
+    use prost::Message as _;
+    for bytes in &definition.def {
+        let Ok(op) = pb::Op::decode(bytes.as_slice()) else {
+            continue;
+        };
+        let Some(pb::op::Op::Exec(exec)) = &op.op else {
+            continue;
+        };
+        let mut needed = Vec::new();
+        if exec.security == pb::SecurityMode::Insecure as i32 {
+            needed.push("security.insecure");
+        }
+        if exec.network == pb::NetMode::Host as i32 {
+            needed.push("network.host");
+        }
+        for entitlement in needed {
+            if !allowed.iter().any(|a| a == entitlement) {
+                return Err(Status::permission_denied(format!(
+                    "{entitlement} is not allowed: start kilnd with --allow-insecure-entitlement {entitlement}"
+                )));
+            }
+            if !requested.iter().any(|r| r == entitlement) {
+                return Err(Status::permission_denied(format!(
+                    "{entitlement} is not allowed: the build must ask for it (kiln build --allow {entitlement})"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ControlService {
@@ -36,7 +78,22 @@ impl ControlService {
             sessions,
             jobs: Jobs::default(),
             root,
+            entitlements: Vec::new(),
+            gc_policy: Vec::new(),
         }
+    }
+
+    /// The garbage-collection policy the worker record reports.
+    pub fn with_gc_policy(mut self, policy: Vec<GcPolicy>) -> Self {
+        self.gc_policy = policy;
+        self
+    }
+
+    /// Allows the insecure entitlements the daemon was started with
+    /// (`--allow-insecure-entitlement`).
+    pub fn with_entitlements(mut self, entitlements: Vec<String>) -> Self {
+        self.entitlements = entitlements;
+        self
     }
 
     fn version() -> BuildkitVersion {
@@ -53,7 +110,7 @@ impl ControlService {
             id: worker.id().to_string(),
             labels: worker.labels().into_iter().collect(),
             platforms: worker.platforms().iter().map(to_pb_platform).collect(),
-            gc_policy: Vec::new(),
+            gc_policy: self.gc_policy.clone(),
             buildkit_version: Some(Self::version()),
             cdi_devices: Vec::new(),
         }
@@ -212,6 +269,7 @@ impl ControlService {
             (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
         };
 
+        check_entitlements(&definition, &self.entitlements, &request.entitlements)?;
         let locals = Arc::new(SessionLocals::new(
             self.sessions.clone(),
             request.session.clone(),
@@ -351,6 +409,37 @@ impl Control for ControlService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insecure_steps_need_both_entitlements() {
+        use prost::Message as _;
+        let exec = pb::Op {
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                security: pb::SecurityMode::Insecure as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let definition = pb::Definition {
+            def: vec![exec.encode_to_vec()],
+            ..Default::default()
+        };
+        let insecure = vec!["security.insecure".to_string()];
+        let denied = check_entitlements(&definition, &[], &insecure).unwrap_err();
+        assert!(
+            denied.message().contains("--allow-insecure-entitlement"),
+            "{}",
+            denied.message()
+        );
+        let denied = check_entitlements(&definition, &insecure, &[]).unwrap_err();
+        assert!(
+            denied.message().contains("kiln build --allow"),
+            "{}",
+            denied.message()
+        );
+        check_entitlements(&definition, &insecure, &insecure).unwrap();
+        check_entitlements(&pb::Definition::default(), &[], &[]).unwrap();
+    }
 
     #[test]
     fn excerpt_marks_the_failing_line() {

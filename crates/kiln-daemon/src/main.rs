@@ -188,11 +188,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let solver =
         Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
     let sessions = SessionManager::new();
-    let service = Arc::new(control::ControlService::new(
-        solver,
-        sessions,
-        config.root.clone(),
-    ));
+    // BuildKit's default garbage-collection policy for the disk holding the
+    // root, applied at start and every minute; ListWorkers reports it.
+    let gc_policy = usage::default_gc_policy(&config.root, kiln_solver::GcLimits::default());
+    let _gc = usage::spawn_gc(solver.clone(), gc_policy.clone());
+    let service = Arc::new(
+        control::ControlService::new(solver, sessions, config.root.clone())
+            .with_entitlements(config.entitlements.clone())
+            .with_gc_policy(gc_policy),
+    );
 
     let mut listeners = Vec::new();
     for address in &config.addresses {

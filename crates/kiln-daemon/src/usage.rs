@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 /// How often the GC loop runs.
-#[cfg_attr(not(test), allow(dead_code))] // until main starts the loop
 const GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Answers `DiskUsage`: the worker's usage records matching `filter`, and with `ageLimit` only
@@ -53,7 +52,6 @@ pub async fn prune(
     Ok(removed.iter().map(usage_record).collect())
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // until main reports and applies it
 /// BuildKit's default policy for the disk holding `root` when no limit is configured
 /// (`limits` all zero), as wire `GCPolicy`s (also what `ListWorkers` reports).
 pub fn default_gc_policy(root: &Path, limits: GcLimits) -> Vec<GcPolicy> {
@@ -74,7 +72,6 @@ pub fn default_gc_policy(root: &Path, limits: GcLimits) -> Vec<GcPolicy> {
         .collect()
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // until main starts the loop
 /// Runs the policies in order every minute (and once at start). A failed round is logged and
 /// retried on the next tick. Abort the handle to stop it.
 pub fn spawn_gc(solver: Arc<Solver>, policy: Vec<GcPolicy>) -> JoinHandle<()> {

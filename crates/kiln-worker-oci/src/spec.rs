@@ -155,6 +155,59 @@ const INSECURE_EXTRA_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_READ",
 ];
 
+/// The capability number of `name` (Linux's numbering).
+fn capability_number(name: &str) -> Option<u32> {
+    const NAMES: &[&str] = &[
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+    ];
+    let short = name.strip_prefix("CAP_")?;
+    NAMES.iter().position(|n| *n == short).map(|p| p as u32)
+}
+
+/// This process's capability bounding set (`CapBnd` of /proc/self/status).
+fn bounding_set() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(line.trim(), 16).ok()
+}
+
 /// Docker's masked paths.
 pub(crate) const MASKED_PATHS: &[&str] = &[
     "/proc/acpi",
@@ -284,7 +337,18 @@ fn default_mounts() -> Vec<Mount> {
 pub(crate) fn generate(input: SpecInput<'_>) -> Spec {
     let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
     if input.insecure {
-        caps.extend(INSECURE_EXTRA_CAPABILITIES.iter().map(|s| s.to_string()));
+        // Only what kilnd itself may grant: runc refuses a capability
+        // outside its own bounding set ("unable to apply caps").
+        let bounding = bounding_set();
+        caps.extend(
+            INSECURE_EXTRA_CAPABILITIES
+                .iter()
+                .filter(|name| {
+                    capability_number(name)
+                        .is_none_or(|n| bounding.is_none_or(|set| set & (1 << n) != 0))
+                })
+                .map(|s| s.to_string()),
+        );
     }
     let mut env = input.env;
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -548,6 +612,8 @@ mod tests {
         let mut i = input(Path::new("/r"));
         i.host_network = false;
         i.insecure = true;
+        assert_eq!(capability_number("CAP_SYS_ADMIN"), Some(21));
+        assert_eq!(capability_number("CAP_AUDIT_READ"), Some(37));
         i.env = vec!["PATH=/x".into()];
         i.ulimits = vec![("nproc".into(), 10, 20)];
         let spec = generate(i);
