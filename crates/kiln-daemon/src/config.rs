@@ -107,6 +107,8 @@ pub struct OciWorkerConfig {
     /// registry cannot resolve them.
     #[serde(rename = "containerd-images")]
     pub containerd_images: Option<ContainerdImagesConfig>,
+    /// Garbage collection of the build cache (default on).
+    pub gc: Option<bool>,
 }
 
 /// `[worker.oci] containerd-images` (kiln's extension).
@@ -135,6 +137,8 @@ pub struct ContainerdWorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// Platforms (`linux/amd64`).
     pub platforms: Vec<String>,
+    /// Garbage collection of the build cache (default on).
+    pub gc: Option<bool>,
 }
 
 /// Default containerd socket of the containerd worker.

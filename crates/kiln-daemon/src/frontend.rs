@@ -56,8 +56,9 @@ struct WorkerResolver {
 /// The frontend attr `image-resolve-mode` (`kiln build --pull[=false]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResolveMode {
-    /// Registry first; a worker with an image store falls back to it when
-    /// the registry fails (BuildKit's `default`).
+    /// The worker's image store first (when it has one), then the
+    /// registry. BuildKit asks the registry first; kiln does not, so a
+    /// build FROM a local image never depends on a registry answering.
     Default,
     /// Registry (`--pull`).
     Pull,
@@ -92,8 +93,12 @@ impl ImageMetaResolver for WorkerResolver {
             &name,
             Vec::new(),
         );
-        // `--pull=false`: the worker's own images first.
-        if self.mode == ResolveMode::Local {
+        // `--pull=false` and the default mode: the worker's own images
+        // first, so a build FROM an image built earlier in the worker's
+        // namespace never waits on a registry (kiln's documented choice for
+        // `default`; BuildKit asks the registry first). `--pull` goes to
+        // the registry.
+        if matches!(self.mode, ResolveMode::Local | ResolveMode::Default) {
             if let Some(store) = self.worker.image_store() {
                 if let Ok(Some(local)) = store.resolve_local(reference, platform).await {
                     vertex.done();

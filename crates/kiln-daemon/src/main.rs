@@ -191,7 +191,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // BuildKit's default garbage-collection policy for the disk holding the
     // root, applied at start and every minute; ListWorkers reports it.
     let gc_policy = usage::default_gc_policy(&config.root, kiln_solver::GcLimits::default());
-    let _gc = usage::spawn_gc(solver.clone(), gc_policy.clone());
+    let gc_enabled = if solver.worker().image_store().is_some() {
+        config.containerd.gc
+    } else {
+        config.oci.gc
+    };
+    let _gc =
+        (gc_enabled != Some(false)).then(|| usage::spawn_gc(solver.clone(), gc_policy.clone()));
     let service = Arc::new(
         control::ControlService::new(solver, sessions, config.root.clone())
             .with_entitlements(config.entitlements.clone())

@@ -389,7 +389,16 @@ impl Worker for ContainerdWorker {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<ResolvedImage, Error> {
-        // BuildKit's `default` resolve mode: registry first, the local image store as fallback.
+        // A reference pinned by digest names exact content: when the
+        // namespace already holds it, the registry has nothing to add.
+        if reference.digest().is_some() {
+            if let Ok(Some(image)) = self.resolve_local(reference, platform).await {
+                return Ok(image);
+            }
+        }
+        // Otherwise BuildKit's `default` resolve mode: registry first, the
+        // local image store as fallback (the Dockerfile frontend asks the
+        // image store first itself, see kilnd's frontend).
         let remote = self.resolver.resolve(reference, platform).await;
         match remote {
             Ok(image) => Ok(image),
