@@ -12,6 +12,7 @@ use kiln_client::{SolveOptions, StatusResponse};
 use kiln_containerd::{Containerd, ImportOptions};
 use tokio::sync::mpsc;
 
+use crate::autostart;
 use crate::discovery::{self, DiscoveryEnv};
 use crate::dockerfile;
 use crate::metadata;
@@ -44,6 +45,34 @@ pub async fn find_daemon(flag: Option<&str>, namespace: &str) -> anyhow::Result<
     })
     .await?;
     Ok(host)
+}
+
+/// [`find_daemon`], and when the namespace's candidates all fail (never for
+/// `--buildkit-host`/`BUILDKIT_HOST`) and `start` is set, starts kilnd
+/// ([`autostart`]) and says so in one line on stderr.
+pub async fn find_or_start_daemon(
+    flag: Option<&str>,
+    namespace: &str,
+    start: bool,
+) -> anyhow::Result<String> {
+    let err = match find_daemon(flag, namespace).await {
+        Ok(host) => return Ok(host),
+        Err(err) => err,
+    };
+    let no_host = matches!(
+        err.downcast_ref::<discovery::DiscoveryError>(),
+        Some(discovery::DiscoveryError::NoHostAvailable { .. })
+    );
+    if !start || !no_host {
+        return Err(err);
+    }
+    tracing::debug!("no build daemon found: {err:#}");
+    let var = |key: &str| std::env::var(key).ok();
+    let location = autostart::location(&DiscoveryEnv::from_process(), &var)?;
+    let binary = autostart::find_kilnd()?;
+    autostart::start(&binary, &location).await?;
+    eprintln!("{}", autostart::started_message(&location));
+    Ok(location.address)
 }
 
 /// The ping failure as shown after `failed to ping to host <h>: ` — the
@@ -237,7 +266,12 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         }
     }
 
-    let host = find_daemon(settings.buildkit_host.as_deref(), &globals.namespace).await?;
+    let host = find_or_start_daemon(
+        settings.buildkit_host.as_deref(),
+        &globals.namespace,
+        settings.start_daemon,
+    )
+    .await?;
     tracing::debug!(host, "using build daemon");
 
     let mut client = kiln_client::connect(&host, DAEMON_TIMEOUT).await?;

@@ -45,6 +45,11 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a Dockerfile. Needs kilnd (or buildkitd) to be running.
     ///
+    /// When discovery finds no daemon (and neither --buildkit-host nor
+    /// BUILDKIT_HOST is set), kiln starts kilnd with the OCI worker on the
+    /// default socket (root only) unless --no-start-daemon or
+    /// KILN_NO_START_DAEMON=1 is given.
+    ///
     /// If Dockerfile is not present and -f is not specified, it will look for
     /// Containerfile and build with it.
     Build(BuildArgs),
@@ -62,6 +67,27 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Print the shell completion script for bash, zsh or fish.
+    ///
+    /// bash: `source <(kiln completion bash)`; zsh: `kiln completion zsh >
+    /// "${fpath[1]}/_kiln"`; fish: `kiln completion fish >
+    /// ~/.config/fish/completions/kiln.fish`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// Shells `kiln completion` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
 }
 
 /// `kiln builder ...`
@@ -160,6 +186,10 @@ pub struct BuildArgs {
     /// BuildKit address (`unix://<path>` or `tcp://host:port`).
     #[arg(long, value_name = "ADDRESS")]
     pub buildkit_host: Option<String>,
+    /// When discovery finds no daemon, fail instead of starting kilnd
+    /// (kiln's extension; also `KILN_NO_START_DAEMON=1`).
+    #[arg(long)]
+    pub no_start_daemon: bool,
     /// Name and optionally a tag in the `name:tag` format (repeatable).
     #[arg(short = 't', long = "tag", value_name = "NAME")]
     pub tag: Vec<String>,
@@ -248,6 +278,20 @@ pub struct BuildArgs {
     pub source_policy_file: Option<String>,
 }
 
+/// The completion script of `kiln` for `shell`.
+pub fn completion_script(shell: CompletionShell) -> Vec<u8> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out);
+    out
+}
+
 impl Cli {
     /// The build arguments, whichever of the three spellings was used;
     /// `None` for the other commands.
@@ -277,6 +321,28 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_mention_the_commands() {
+        for shell in [
+            CompletionShell::Bash,
+            CompletionShell::Zsh,
+            CompletionShell::Fish,
+        ] {
+            let script = String::from_utf8(completion_script(shell)).unwrap();
+            assert!(script.contains("build"), "{shell:?}");
+            assert!(script.contains("compose"), "{shell:?}");
+            assert!(script.contains("no-start-daemon"), "{shell:?}");
+        }
+        let cli = parse(&["completion", "zsh"]);
+        assert!(matches!(
+            cli.command,
+            Command::Completion {
+                shell: CompletionShell::Zsh
+            }
+        ));
+        assert!(Cli::try_parse_from(["kiln", "completion", "tcsh"]).is_err());
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! directly when the worker shares our containerd, else through a tarball.
 //! `kiln builder prune|du|info` administer the daemon ([`builder`]);
 //! `kiln compose build` builds a compose project's services concurrently
-//! ([`compose`]).
+//! ([`compose`]). When no daemon is found, `kiln build` starts kilnd
+//! ([`autostart`]). `kiln completion bash|zsh|fish` prints a completion script.
 //!
 //! `--progress=auto` currently renders plain text whether or not stderr is a
 //! terminal (no live TTY view yet). Data (the digest printed by `-q`) goes to
 //! stdout; progress, `unpacking …`, `Loaded image: …`, warnings and errors go
 //! to stderr.
 
+mod autostart;
 mod build;
 mod builder;
 mod cli;
@@ -23,6 +25,7 @@ mod metadata;
 mod output;
 mod settings;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -66,6 +69,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compose::build(&globals, compose_args, build_args, &env).await
             }
         },
+        Command::Completion { shell } => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&cli::completion_script(*shell))?;
+            out.flush()?;
+            Ok(())
+        }
         _ => anyhow::bail!("unknown command"),
     }
 }

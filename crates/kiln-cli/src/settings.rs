@@ -42,6 +42,9 @@ pub struct BuildSettings {
     pub tags: Vec<String>,
     /// `--buildkit-host` if given.
     pub buildkit_host: Option<String>,
+    /// Start kilnd when discovery finds no daemon: not `--no-start-daemon`
+    /// nor `KILN_NO_START_DAEMON` set (to anything but empty, `0` or `false`).
+    pub start_daemon: bool,
     /// Progress mode after `BUILDKIT_PROGRESS`.
     pub progress: ProgressMode,
     /// `-q`.
@@ -116,6 +119,11 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 
 /// Flags of `nerdctl build` that are parsed but not implemented yet, with
 /// whether each was given.
+/// A switch-like environment variable: set to anything but empty, `0` or `false`.
+fn env_flag(value: Option<String>) -> bool {
+    value.is_some_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
+}
+
 fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
     vec![
         ("secret", !args.secret.is_empty()),
@@ -497,6 +505,7 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         file: args.file.clone(),
         tags,
         buildkit_host: args.buildkit_host.clone(),
+        start_daemon: !args.no_start_daemon && !env_flag(env("KILN_NO_START_DAEMON")),
         progress,
         quiet: args.quiet,
         frontend_attrs,
@@ -535,6 +544,31 @@ mod tests {
 
     fn err(argv: &[&str]) -> String {
         format!("{:#}", resolve(argv, &[]).unwrap_err())
+    }
+
+    #[test]
+    fn start_daemon_switch() {
+        assert!(resolve(&["."], &[]).unwrap().start_daemon);
+        assert!(
+            !resolve(&["--no-start-daemon", "."], &[])
+                .unwrap()
+                .start_daemon
+        );
+        assert!(
+            !resolve(&["."], &[("KILN_NO_START_DAEMON", "1")])
+                .unwrap()
+                .start_daemon
+        );
+        assert!(
+            resolve(&["."], &[("KILN_NO_START_DAEMON", "0")])
+                .unwrap()
+                .start_daemon
+        );
+        assert!(
+            resolve(&["."], &[("KILN_NO_START_DAEMON", "")])
+                .unwrap()
+                .start_daemon
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ fn kiln(args: &[&str], cwd: &Path) -> Output {
         .env_remove("BUILDKIT_PROGRESS")
         .env_remove("CONTAINERD_NAMESPACE")
         .env_remove("KILN_LOG")
+        .env("KILN_NO_START_DAEMON", "1")
         .output()
         .expect("run kiln")
 }

@@ -89,6 +89,7 @@ fn build_lands_in_containerd_and_rebuild_is_cached() {
             ])
             .arg(&context)
             .env_remove("BUILDKIT_HOST")
+            .env("KILN_NO_START_DAEMON", "1")
             .env_remove("CONTAINERD_NAMESPACE"))
     };
 
