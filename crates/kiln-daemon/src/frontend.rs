@@ -185,6 +185,47 @@ async fn fetch_files(
     Ok(())
 }
 
+/// The frontend attr `force-network-mode` (`kiln build --network`).
+pub fn network_mode(value: Option<&str>) -> anyhow::Result<pb::NetMode> {
+    match value {
+        None | Some("") | Some("sandbox") | Some("default") => Ok(pb::NetMode::Unset),
+        Some("none") => Ok(pb::NetMode::None),
+        Some("host") => Ok(pb::NetMode::Host),
+        Some(other) => Err(UserError {
+            message: format!(
+                "invalid force-network-mode {other:?}: expected sandbox, none or host"
+            ),
+        }
+        .into()),
+    }
+}
+
+/// The frontend attr `add-hosts` (`host=ip,host2=ip2`; `kiln build --add-host`).
+pub fn extra_hosts(value: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+    let mut hosts = Vec::new();
+    for entry in value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let Some((host, ip)) = entry.split_once('=').or_else(|| entry.split_once(':')) else {
+            return Err(UserError {
+                message: format!("invalid add-hosts entry {entry:?}: expected host=ip"),
+            }
+            .into());
+        };
+        if ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(UserError {
+                message: format!("invalid IP address {ip:?} in add-hosts entry {entry:?}"),
+            }
+            .into());
+        }
+        hosts.push((host.to_string(), ip.to_string()));
+    }
+    Ok(hosts)
+}
+
 /// Parses `.dockerignore` text into patterns (comments and blanks dropped).
 pub fn dockerignore_patterns(text: &str) -> Vec<String> {
     text.lines()
@@ -311,18 +352,9 @@ pub async fn dockerfile(
         session_id: session.id().to_string(),
         context_name: context_key,
         excludes,
+        network: network_mode(attrs.get("force-network-mode").map(String::as_str))?,
+        extra_hosts: extra_hosts(attrs.get("add-hosts").map(String::as_str))?,
     };
-    for unsupported in ["force-network-mode", "add-hosts"] {
-        if attrs
-            .get(unsupported)
-            .is_some_and(|v| !v.is_empty() && v != "sandbox")
-        {
-            return Err(UserError {
-                message: format!("the frontend attribute {unsupported} (kiln build --network / --add-host) is not supported yet"),
-            }
-            .into());
-        }
-    }
     let resolver = WorkerResolver {
         worker,
         progress: progress.clone(),
@@ -350,6 +382,23 @@ mod tests {
             dockerignore_patterns("# c\n\n a \n!b\n"),
             vec!["a".to_string(), "!b".to_string()]
         );
+    }
+
+    #[test]
+    fn network_and_hosts_attrs() {
+        assert_eq!(network_mode(None).unwrap(), pb::NetMode::Unset);
+        assert_eq!(network_mode(Some("none")).unwrap(), pb::NetMode::None);
+        assert_eq!(network_mode(Some("host")).unwrap(), pb::NetMode::Host);
+        assert!(network_mode(Some("bridge")).is_err());
+        assert_eq!(
+            extra_hosts(Some("db=10.1.2.3,web=::1")).unwrap(),
+            vec![
+                ("db".to_string(), "10.1.2.3".to_string()),
+                ("web".to_string(), "::1".to_string())
+            ]
+        );
+        assert!(extra_hosts(Some("db=notanip")).is_err());
+        assert!(extra_hosts(None).unwrap().is_empty());
     }
 
     #[test]

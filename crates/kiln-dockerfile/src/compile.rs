@@ -55,6 +55,11 @@ pub struct CompileOptions {
     pub context_name: String,
     /// `.dockerignore` patterns for the main context.
     pub excludes: Vec<String>,
+    /// Network mode of every `RUN` without its own `--network` (frontend
+    /// attr `force-network-mode`; `Unset` = the worker's default).
+    pub network: pb::NetMode,
+    /// Extra `/etc/hosts` entries of every `RUN` (frontend attr `add-hosts`).
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 impl Default for CompileOptions {
@@ -69,6 +74,8 @@ impl Default for CompileOptions {
             session_id: String::new(),
             context_name: "context".to_string(),
             excludes: Vec::new(),
+            network: pb::NetMode::Unset,
+            extra_hosts: Vec::new(),
         }
     }
 }
@@ -1233,10 +1240,23 @@ impl Compiler<'_> {
                 cwd: state.dir.clone(),
                 user: state.user.clone(),
                 proxy_env,
+                extra_hosts: self
+                    .options
+                    .extra_hosts
+                    .iter()
+                    .map(|(host, ip)| pb::HostIp {
+                        host: host.clone(),
+                        ip: ip.clone(),
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             mounts,
-            network: modes.network as i32,
+            network: if modes.network == pb::NetMode::Unset {
+                self.options.network as i32
+            } else {
+                modes.network as i32
+            },
             security: modes.security as i32,
             ..Default::default()
         };
