@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/moby/filesync/v1/filesync.proto",
         "proto/moby/buildkit/v1/types/worker.proto",
         "proto/moby/buildkit/v1/control.proto",
+        "proto/google/rpc/status.proto",
+        "proto/moby/buildkit/v1/apicaps/caps.proto",
+        "proto/moby/buildkit/v1/frontend/gateway.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

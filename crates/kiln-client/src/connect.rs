@@ -58,6 +58,15 @@ impl Address {
 /// `timeout`; the returned client accepts and sends messages up to
 /// [`MAX_MESSAGE_SIZE`].
 pub async fn connect(address: &str, timeout: Duration) -> Result<ControlClient<Channel>, Error> {
+    let channel = connect_channel(address, timeout).await?;
+    Ok(ControlClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE))
+}
+
+/// The HTTP/2 channel to the daemon at `address`, for clients of other
+/// services on the same socket (the gateway's `LLBBridge`).
+pub async fn connect_channel(address: &str, timeout: Duration) -> Result<Channel, Error> {
     let parsed = Address::parse(address)?;
     let connecting = async {
         match parsed {
@@ -96,9 +105,7 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<ControlClient<C
             timeout,
         })??;
     tracing::debug!(address, "connected to build daemon");
-    Ok(ControlClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE))
+    Ok(channel)
 }
 
 /// Pings the daemon the way nerdctl does (`buildctl debug workers`): one

@@ -21,7 +21,7 @@ mod usage;
 
 use std::time::Duration;
 
-pub use connect::{connect, ping, ping_address, Address, MAX_MESSAGE_SIZE};
+pub use connect::{connect, connect_channel, ping, ping_address, Address, MAX_MESSAGE_SIZE};
 pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 pub use kiln_proto::moby::buildkit::v1::StatusResponse;

@@ -25,6 +25,7 @@ pub struct ControlService {
     solver: Arc<Solver>,
     sessions: SessionManager,
     jobs: Jobs,
+    pub(crate) gateways: crate::gateway::Gateways,
     root: PathBuf,
     entitlements: Vec<String>,
     gc_policy: Vec<GcPolicy>,
@@ -77,6 +78,7 @@ impl ControlService {
             solver,
             sessions,
             jobs: Jobs::default(),
+            gateways: crate::gateway::Gateways::default(),
             root,
             entitlements: Vec::new(),
             gc_policy: Vec::new(),
@@ -188,6 +190,86 @@ fn anyhow_status(e: anyhow::Error) -> Status {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl ControlService {
+    /// Runs a frontend (`dockerfile.v0`) or a raw definition to a solved
+    /// result and its image config — what both `Control.Solve` and the
+    /// gateway's `LLBBridge.Solve` do.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn build(
+        &self,
+        frontend: &str,
+        definition: Option<pb::Definition>,
+        attrs: &BTreeMap<String, String>,
+        session_id: &str,
+        entitlements: &[String],
+        progress: &ProgressWriter,
+        build_ref: &str,
+    ) -> Result<(kiln_solver::SolveResult, ImageConfig), Status> {
+        let worker = self.solver.worker().clone();
+        let tmp_root = self.root.join("tmp");
+        let (definition, image_config) = match (frontend, definition) {
+            ("dockerfile.v0", _) => {
+                if session_id.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "the dockerfile.v0 frontend needs a session to read the Dockerfile",
+                    ));
+                }
+                let session = self
+                    .sessions
+                    .get(session_id, SESSION_WAIT)
+                    .await
+                    .map_err(|e| {
+                        Status::failed_precondition(format!("session {session_id}: {e}"))
+                    })?;
+                let result = frontend::dockerfile(
+                    worker.clone(),
+                    &session,
+                    attrs,
+                    progress,
+                    build_ref,
+                    &tmp_root,
+                )
+                .await
+                .map_err(anyhow_status)?;
+                (result.definition, result.image_config)
+            }
+            ("", Some(definition)) => {
+                let host = Platform::host();
+                let config = ImageConfig {
+                    architecture: host.architecture,
+                    os: host.os,
+                    ..Default::default()
+                };
+                (definition, config)
+            }
+            ("", None) => {
+                return Err(Status::invalid_argument(
+                    "nothing to build: no frontend and no definition",
+                ))
+            }
+            (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
+        };
+        check_entitlements(&definition, &self.entitlements, entitlements)?;
+        let locals = Arc::new(SessionLocals::new(
+            self.sessions.clone(),
+            session_id.to_string(),
+            &self.root.join("locals"),
+        ));
+        let options = SolveOptions {
+            no_cache: attrs.contains_key("no-cache"),
+        };
+        let result = self
+            .solver
+            .solve(&definition, locals, progress.clone(), options)
+            .await
+            .map_err(|e| solve_error(&e))?;
+        Ok((result, image_config))
+    }
+
+    /// The worker records `ListWorkers` and the gateway's `Ping` report.
+    pub(crate) fn worker_records(&self) -> Vec<WorkerRecord> {
+        vec![self.worker_record()]
+    }
+
     async fn run_solve(
         &self,
         request: api::SolveRequest,
@@ -235,54 +317,35 @@ impl ControlService {
         let request_ref = request.r#ref.clone();
         let worker = self.solver.worker().clone();
 
-        let (definition, image_config) = match (request.frontend.as_str(), request.definition) {
-            ("dockerfile.v0", _) => {
-                let session = session.as_ref().ok_or_else(|| {
-                    Status::invalid_argument("the dockerfile.v0 frontend needs a session to read the Dockerfile")
-                })?;
-                let result = frontend::dockerfile(
-                    worker.clone(),
-                    session,
-                    &request.frontend_attrs,
-                    progress,
-                    &request.r#ref,
-                    &tmp_root,
-                )
-                .await
-                .map_err(anyhow_status)?;
-                (result.definition, result.image_config)
-            }
-            ("", Some(definition)) => {
-                let host = Platform::host();
-                let config = ImageConfig {
-                    architecture: host.architecture,
-                    os: host.os,
-                    ..Default::default()
-                };
-                (definition, config)
-            }
+        let (result, image_config) = match (request.frontend.as_str(), request.definition) {
             ("", None) => {
-                return Err(Status::unimplemented(
-                    "the gateway frontend API (LLBBridge) is not supported yet: send the frontend in Control.Solve",
-                ))
+                // buildctl's path: the frontend runs through LLBBridge calls
+                // keyed by this ref, and hands its result back with Return.
+                let (job, returned) = crate::gateway::Job::new(
+                    request_ref.clone(),
+                    request.session.clone(),
+                    progress.clone(),
+                    request.entitlements.clone(),
+                );
+                let _registration = self.gateways.register(job.clone());
+                let returned = returned.await.map_err(|_| {
+                    Status::cancelled("the frontend ended without returning a result")
+                })??;
+                job.take_result(returned)?
             }
-            (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
+            (frontend, definition) => {
+                self.build(
+                    frontend,
+                    definition,
+                    &request.frontend_attrs,
+                    &request.session,
+                    &request.entitlements,
+                    progress,
+                    &request_ref,
+                )
+                .await?
+            }
         };
-
-        check_entitlements(&definition, &self.entitlements, &request.entitlements)?;
-        let locals = Arc::new(SessionLocals::new(
-            self.sessions.clone(),
-            request.session.clone(),
-            &self.root.join("locals"),
-        ));
-        let options = SolveOptions {
-            no_cache: request.frontend_attrs.contains_key("no-cache"),
-        };
-        let result = self
-            .solver
-            .solve(&definition, locals, progress.clone(), options)
-            .await
-            .map_err(|e| solve_error(&e))?;
 
         let mut response = BTreeMap::new();
         let input = exporter::ExportInput {

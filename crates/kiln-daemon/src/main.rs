@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod exporter;
 mod frontend;
+mod gateway;
 mod jobs;
 mod listen;
 mod locals;
@@ -219,7 +220,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let router = tonic::transport::Server::builder().add_service(control);
+        let bridge =
+            kiln_proto::moby::buildkit::v1::frontend::llb_bridge_server::LlbBridgeServer::new(
+                gateway::GatewayService::new(service.clone()),
+            )
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let router = tonic::transport::Server::builder()
+            .add_service(control)
+            .add_service(bridge);
         match listener {
             Listener::Unix(l, path) => {
                 socket_paths.push(path);

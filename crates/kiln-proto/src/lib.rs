@@ -11,7 +11,8 @@
 //! - [`pb`] — LLB (`Definition`, `Op`, `ExecOp`, `SourceOp`, `FileOp`, …)
 //! - [`fsutil::types`] — DiffCopy `Packet` and `Stat`
 //! - [`moby::filesync::v1`] — `FileSync` and `FileSend` session services
-//! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records
+//! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
+//!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
 
 #![allow(clippy::all, missing_docs)]
 
@@ -25,6 +26,14 @@ pub mod fsutil {
     /// DiffCopy wire types.
     pub mod types {
         tonic::include_proto!("fsutil.types");
+    }
+}
+
+/// Google packages.
+pub mod google {
+    /// Package `google.rpc`.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 
@@ -45,6 +54,14 @@ pub mod moby {
             /// Package `moby.buildkit.v1.types`.
             pub mod types {
                 tonic::include_proto!("moby.buildkit.v1.types");
+            }
+            /// Package `moby.buildkit.v1.apicaps`.
+            pub mod apicaps {
+                tonic::include_proto!("moby.buildkit.v1.apicaps");
+            }
+            /// Package `moby.buildkit.v1.frontend`: the gateway API.
+            pub mod frontend {
+                tonic::include_proto!("moby.buildkit.v1.frontend");
             }
         }
     }

@@ -1,0 +1,265 @@
+//! The gateway path `buildctl build` takes (reference §5.2): `Control.Solve`
+//! with neither frontend nor definition registers a job under its ref; the
+//! client then drives the frontend through `LLBBridge` calls carrying
+//! `buildkit-controlapi-buildid: <ref>` — `Ping`, `Solve`, `Return` — and
+//! `Control.Solve` exports what `Return` handed back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_image::oci::ImageConfig;
+use kiln_proto::moby::buildkit::v1::apicaps::ApiCap;
+use kiln_proto::moby::buildkit::v1::frontend::llb_bridge_server::LlbBridge;
+use kiln_proto::moby::buildkit::v1::frontend::{
+    self as gw, result::Result as ResultKind, PingRequest, PongResponse, ReturnRequest,
+    ReturnResponse,
+};
+use kiln_solver::{ProgressWriter, SolveResult};
+use tokio::sync::{oneshot, Notify};
+use tonic::{Request, Response, Status};
+
+use crate::control::ControlService;
+
+/// The metadata key naming the build an `LLBBridge` call belongs to.
+pub const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
+
+/// How long an `LLBBridge` call waits for its build to be registered.
+const REGISTER_WAIT: Duration = Duration::from_secs(3);
+
+/// Frontend API capabilities kiln serves (the rest are absent, so clients
+/// fall back or fail clearly).
+const FRONTEND_CAPS: &[&str] = &[
+    "solve.base",
+    "solve.inlinereturn",
+    "return",
+    "gateway.solve.metadata",
+];
+
+/// A solved result held until `Return` names it.
+struct Solved {
+    result: SolveResult,
+    config: ImageConfig,
+}
+
+/// One gateway build.
+pub struct Job {
+    build_ref: String,
+    session: String,
+    progress: ProgressWriter,
+    entitlements: Vec<String>,
+    results: Mutex<HashMap<String, Solved>>,
+    returned: Mutex<Option<oneshot::Sender<Result<gw::Result, Status>>>>,
+}
+
+impl Job {
+    /// A job for `build_ref`, and the receiver of what `Return` hands back.
+    pub fn new(
+        build_ref: String,
+        session: String,
+        progress: ProgressWriter,
+        entitlements: Vec<String>,
+    ) -> (Arc<Self>, oneshot::Receiver<Result<gw::Result, Status>>) {
+        let (tx, rx) = oneshot::channel();
+        let job = Arc::new(Self {
+            build_ref,
+            session,
+            progress,
+            entitlements,
+            results: Mutex::new(HashMap::new()),
+            returned: Mutex::new(Some(tx)),
+        });
+        (job, rx)
+    }
+
+    /// The solved result and image config the returned result names (an
+    /// empty result is scratch); the frontend's `containerimage.config`
+    /// metadata wins over the config recorded at solve time.
+    pub fn take_result(&self, returned: gw::Result) -> Result<(SolveResult, ImageConfig), Status> {
+        let id = match &returned.result {
+            Some(ResultKind::Ref(r)) => r.id.clone(),
+            Some(ResultKind::RefDeprecated(id)) => id.clone(),
+            Some(ResultKind::Refs(_)) | Some(ResultKind::RefsDeprecated(_)) => {
+                return Err(Status::unimplemented(
+                    "multi-platform results are not supported yet",
+                ))
+            }
+            None => String::new(),
+        };
+        let solved = self
+            .results
+            .lock()
+            .map_err(|_| Status::internal("gateway results poisoned"))?
+            .remove(&id)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown result reference {id:?}")))?;
+        let config = match returned.metadata.get("containerimage.config") {
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
+                Status::invalid_argument(format!("invalid containerimage.config: {e}"))
+            })?,
+            None => solved.config,
+        };
+        Ok((solved.result, config))
+    }
+}
+
+/// Gateway jobs by ref.
+#[derive(Default, Clone)]
+pub struct Gateways {
+    jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    registered: Arc<Notify>,
+}
+
+/// Removes a job when its `Control.Solve` ends (or is cancelled).
+pub struct Registration {
+    gateways: Gateways,
+    build_ref: String,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut jobs) = self.gateways.jobs.lock() {
+            jobs.remove(&self.build_ref);
+        }
+    }
+}
+
+impl Gateways {
+    /// Registers `job` until the returned guard drops.
+    pub fn register(&self, job: Arc<Job>) -> Registration {
+        let build_ref = job.build_ref.clone();
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(build_ref.clone(), job);
+        }
+        self.registered.notify_waiters();
+        Registration {
+            gateways: self.clone(),
+            build_ref,
+        }
+    }
+
+    /// The job a call belongs to, waiting briefly for it to be registered.
+    async fn job<T>(&self, request: &Request<T>) -> Result<Arc<Job>, Status> {
+        let build_ref = request
+            .metadata()
+            .get(BUILD_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::invalid_argument("no buildid found in context"))?
+            .to_string();
+        let deadline = tokio::time::Instant::now() + REGISTER_WAIT;
+        loop {
+            let notified = self.registered.notified();
+            if let Some(job) = self
+                .jobs
+                .lock()
+                .ok()
+                .and_then(|j| j.get(&build_ref).cloned())
+            {
+                return Ok(job);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::not_found(format!("no such job {build_ref}")));
+            }
+        }
+    }
+}
+
+/// `moby.buildkit.v1.frontend.LLBBridge`, backed by the control service.
+pub struct GatewayService {
+    control: Arc<ControlService>,
+}
+
+impl GatewayService {
+    /// The bridge of `control`.
+    pub fn new(control: Arc<ControlService>) -> Self {
+        Self { control }
+    }
+}
+
+#[tonic::async_trait]
+impl LlbBridge for GatewayService {
+    async fn solve(
+        &self,
+        request: Request<gw::SolveRequest>,
+    ) -> Result<Response<gw::SolveResponse>, Status> {
+        let job = self.control.gateways.job(&request).await?;
+        let request = request.into_inner();
+        if request.r#final {
+            return Err(Status::unimplemented(
+                "the legacy final solve is not supported: kilnd advertises the return capability",
+            ));
+        }
+        let attrs: BTreeMap<String, String> = request.frontend_opt.clone();
+        let (result, config) = self
+            .control
+            .build(
+                &request.frontend,
+                request.definition.clone(),
+                &attrs,
+                &job.session,
+                &job.entitlements,
+                &job.progress,
+                &job.build_ref,
+            )
+            .await?;
+        let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
+        let config_json =
+            serde_json::to_vec(&config).map_err(|e| Status::internal(e.to_string()))?;
+        job.results
+            .lock()
+            .map_err(|_| Status::internal("gateway results poisoned"))?
+            .insert(id.clone(), Solved { result, config });
+        let mut metadata = BTreeMap::new();
+        metadata.insert("containerimage.config".to_string(), config_json);
+        let response = if request.allow_result_return {
+            gw::SolveResponse {
+                r#ref: String::new(),
+                result: Some(gw::Result {
+                    result: Some(ResultKind::Ref(gw::Ref { id, def: None })),
+                    metadata,
+                }),
+            }
+        } else {
+            gw::SolveResponse {
+                r#ref: id,
+                result: None,
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PongResponse>, Status> {
+        self.control.gateways.job(&request).await?;
+        let cap = |id: &&str| ApiCap {
+            id: id.to_string(),
+            enabled: true,
+            ..Default::default()
+        };
+        Ok(Response::new(PongResponse {
+            frontend_api_caps: FRONTEND_CAPS.iter().map(cap).collect(),
+            llb_caps: Vec::new(),
+            workers: self.control.worker_records(),
+        }))
+    }
+
+    async fn r#return(
+        &self,
+        request: Request<ReturnRequest>,
+    ) -> Result<Response<ReturnResponse>, Status> {
+        let job = self.control.gateways.job(&request).await?;
+        let request = request.into_inner();
+        let outcome = match request.error {
+            Some(error) if error.code != 0 => {
+                Err(Status::new(tonic::Code::from(error.code), error.message))
+            }
+            _ => Ok(request.result.unwrap_or_default()),
+        };
+        let sender = job
+            .returned
+            .lock()
+            .map_err(|_| Status::internal("gateway job poisoned"))?
+            .take()
+            .ok_or_else(|| Status::failed_precondition("the build already returned"))?;
+        let _ = sender.send(outcome);
+        Ok(Response::new(ReturnResponse {}))
+    }
+}
