@@ -484,3 +484,63 @@ fn killing_kilnd_mid_build_leaves_nothing_held_in_containerd() {
     .success();
     assert_eq!(output.stdout.trim(), "ok");
 }
+
+#[test]
+fn containerd_worker_with_the_native_snapshotter() {
+    let namespace = Namespace(format!("kiln-native-e2e-{}", std::process::id()));
+    let ns = namespace.0.as_str();
+    let work = tempfile::tempdir().unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(
+        &socket,
+        &[
+            "--oci-worker=false",
+            "--containerd-worker=true",
+            "--containerd-worker-namespace",
+            ns,
+            "--containerd-worker-snapshotter",
+            "native",
+        ],
+    );
+    let context = work.path().join("ctx");
+    write_context(&context, &format!("FROM {BUSYBOX}\nRUN echo native > /n\n"));
+    let built = run(Command::new(cargo_bin("kiln"))
+        .args([
+            "--namespace",
+            ns,
+            "--snapshotter",
+            "native",
+            "build",
+            "--progress=plain",
+        ])
+        .args(["--buildkit-host", &socket, "-t", "kiln-native"])
+        .arg(&context));
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+    // Same snapshotter on both sides: landed directly, no tarball.
+    assert!(
+        !built.stderr.contains("sending tarball"),
+        "{}",
+        built.stderr
+    );
+    let output = ctr(
+        ns,
+        &[
+            "run",
+            "--snapshotter",
+            "native",
+            "--rm",
+            "docker.io/library/kiln-native:latest",
+            "kiln-native-1",
+            "cat",
+            "/n",
+        ],
+    )
+    .success();
+    assert_eq!(output.stdout.trim(), "native");
+}
