@@ -174,9 +174,16 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
             labels: config.containerd.labels.clone(),
             platforms: parse_platforms(&config.containerd.platforms)?,
         })
-        .await
-        .context("failed to start the containerd worker")?;
-        return Ok(Arc::new(worker));
+        .await;
+        match worker {
+            Ok(worker) => return Ok(Arc::new(worker)),
+            // `auto`, as buildkitd: a containerd that does not answer means
+            // no containerd worker, not a failed start.
+            Err(e) if config.containerd.enabled.is_none() => {
+                tracing::warn!(error = %e, "containerd is not answering: the containerd worker is off");
+            }
+            Err(e) => return Err(e).context("failed to start the containerd worker"),
+        }
     }
     bail!("no worker found, rebuild the buildkit daemon? (both the OCI and the containerd worker are disabled or unavailable)")
 }
