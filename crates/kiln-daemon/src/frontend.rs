@@ -185,6 +185,34 @@ async fn fetch_files(
     Ok(())
 }
 
+/// kiln's decision on `# syntax=<image>` (and `BUILDKIT_SYNTAX`): the
+/// Dockerfile frontend images (`docker/dockerfile`, any tag or digest) are
+/// what the builtin frontend implements, so they build with it; any other
+/// frontend image would need kilnd to run it as a container speaking the
+/// gateway API, which it does not do yet — that is an error, never a
+/// silent fallback.
+pub fn check_syntax(syntax: &str) -> Result<(), String> {
+    let name = syntax.split('@').next().unwrap_or(syntax);
+    let repository = match name.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => repository,
+        _ => name,
+    };
+    let repository = repository
+        .trim_start_matches("docker.io/")
+        .trim_start_matches("index.docker.io/");
+    if matches!(
+        repository,
+        "docker/dockerfile" | "docker/dockerfile-upstream"
+    ) {
+        Ok(())
+    } else {
+        Err(format!(
+            "syntax {syntax:?}: external frontend images are not supported yet (kilnd builds with its builtin \
+             Dockerfile frontend, which `# syntax=docker/dockerfile:1` selects)"
+        ))
+    }
+}
+
 /// The frontend attr `force-network-mode` (`kiln build --network`).
 pub fn network_mode(value: Option<&str>) -> anyhow::Result<pb::NetMode> {
     match value {
@@ -333,6 +361,14 @@ pub async fn dockerfile(
             e.line, e.line, e.message
         ),
     })?;
+    let syntax = attrs
+        .get("build-arg:BUILDKIT_SYNTAX")
+        .or_else(|| parsed.directives.get("syntax"));
+    if let Some(syntax) = syntax {
+        check_syntax(syntax).map_err(|message| UserError {
+            message: format!("{filename}: {message}"),
+        })?;
+    }
     let mut build_args = BTreeMap::new();
     let mut labels = BTreeMap::new();
     for (key, value) in attrs {
@@ -382,6 +418,21 @@ mod tests {
             dockerignore_patterns("# c\n\n a \n!b\n"),
             vec!["a".to_string(), "!b".to_string()]
         );
+    }
+
+    #[test]
+    fn syntax_directive() {
+        for ok in [
+            "docker/dockerfile:1",
+            "docker/dockerfile:1.7-labs",
+            "docker.io/docker/dockerfile:1@sha256:0123",
+            "docker/dockerfile",
+        ] {
+            assert!(check_syntax(ok).is_ok(), "{ok}");
+        }
+        let err = check_syntax("example.com/frontend:1").unwrap_err();
+        assert!(err.contains("not supported yet"), "{err}");
+        assert!(check_syntax("127.0.0.1:5000/docker/dockerfile:1").is_err());
     }
 
     #[test]
