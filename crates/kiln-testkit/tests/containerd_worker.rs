@@ -30,6 +30,18 @@ impl Drop for Namespace {
     }
 }
 
+/// Fails the test with the client's stderr and the daemon's log unless the
+/// build succeeded.
+fn assert_built(built: &Output, daemon: &Kilnd) {
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+}
+
 fn write_context(dir: &Path, dockerfile: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
@@ -72,13 +84,7 @@ fn containerd_worker_lands_directly_and_builds_from_its_own_images() {
         &format!("FROM {BUSYBOX}\nRUN echo hello > /hello\n"),
     );
     let built = build(&socket, ns, "foo", &first);
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     // Direct landing: the exporter named the image in containerd; no tarball.
     assert!(
         built.stderr.contains("exporting to image"),
@@ -121,13 +127,7 @@ fn containerd_worker_lands_directly_and_builds_from_its_own_images() {
         "FROM docker.io/library/foo:latest\nRUN cp /hello /copy\n",
     );
     let built = build(&socket, ns, "bar", &second);
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     let output = ctr(
         ns,
         &[
@@ -210,13 +210,7 @@ fn oci_worker_reads_base_images_from_a_containerd_namespace_when_opted_in() {
         "FROM docker.io/library/foo:latest\nRUN echo bar > /bar\n",
     );
     let built = build(&socket, ns, "bar", &second);
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     let output = ctr(
         ns,
         &[
@@ -304,13 +298,7 @@ fn client_finds_the_daemon_of_its_namespace_and_images_stay_there() {
         &format!("FROM {BUSYBOX}\nRUN echo hello > /hello\n"),
     );
     let built = build_discovering(ns, &tag, &first);
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     // Direct landing (no tarball) only happens when the worker is a containerd worker of
     // the client's namespace: the daemon found is this one.
     assert!(
@@ -463,13 +451,7 @@ fn killing_kilnd_mid_build_leaves_nothing_held_in_containerd() {
     let quick = work.path().join("quick");
     write_context(&quick, &format!("FROM {BUSYBOX}\nRUN echo ok > /ok\n"));
     let built = build(&socket, ns, "after-crash", &quick);
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     let output = ctr(
         ns,
         &[
@@ -515,13 +497,7 @@ fn containerd_worker_with_the_native_snapshotter() {
         ])
         .args(["--buildkit-host", &socket, "-t", "kiln-native"])
         .arg(&context));
-    assert_eq!(
-        built.code,
-        0,
-        "{}\nkilnd:\n{}",
-        built.stderr,
-        daemon.log_text()
-    );
+    assert_built(&built, &daemon);
     // Same snapshotter on both sides: landed directly, no tarball.
     assert!(
         !built.stderr.contains("sending tarball"),
