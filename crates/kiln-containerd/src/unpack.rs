@@ -94,15 +94,45 @@ impl Containerd {
                 &chain,
             )
             .await;
+        // Label before the lease goes: once it is deleted containerd's garbage collector may
+        // run at any moment, and only the config's label keeps the snapshots alive then.
+        let labelled = match &result {
+            Ok(_) => {
+                self.label_unpacked(namespace, snapshotter, &manifest, diff_ids, &chain)
+                    .await
+            }
+            Err(_) => Ok(()),
+        };
         if let Err(error) = self.delete_lease(namespace, &lease).await {
             warn!(%error, lease, "failed to delete unpack lease");
         }
         let (layers_unpacked, layers_present) = result?;
-
-        // The config's label keeps the snapshots alive after the lease is gone; the layers'
-        // labels let containerd skip decompressing to learn the diff ids again.
+        labelled?;
         let top_chain_id = chain.last().cloned();
-        if let Some(top) = &top_chain_id {
+        info!(
+            image = image.name,
+            snapshotter, layers_unpacked, layers_present, "unpacked image"
+        );
+        Ok(UnpackStats {
+            manifest: manifest_descriptor,
+            layers_unpacked,
+            layers_present,
+            top_chain_id,
+        })
+    }
+
+    /// Labels the config blob `containerd.io/gc.ref.snapshot.<snapshotter>` (keeping the
+    /// snapshots alive after the lease is gone) and each layer blob `containerd.io/uncompressed`
+    /// (so containerd need not decompress it to learn its diff id again).
+    async fn label_unpacked(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        manifest: &ImageManifest,
+        diff_ids: &[String],
+        chain: &[String],
+    ) -> Result<()> {
+        if let Some(top) = chain.last() {
             self.set_content_labels(
                 namespace,
                 &manifest.config.digest,
@@ -121,16 +151,7 @@ impl Containerd {
             )
             .await?;
         }
-        info!(
-            image = image.name,
-            snapshotter, layers_unpacked, layers_present, "unpacked image"
-        );
-        Ok(UnpackStats {
-            manifest: manifest_descriptor,
-            layers_unpacked,
-            layers_present,
-            top_chain_id,
-        })
+        Ok(())
     }
 
     /// The manifest of `descriptor` for `platform`: itself when it is a manifest, the first
