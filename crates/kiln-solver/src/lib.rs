@@ -696,6 +696,10 @@ fn finish(
     }
 }
 
+/// How many context entries a step's miss explanation records file by file (beyond it, a
+/// changed directory is named instead of the file in it).
+const EXPLAIN_FILES_BUDGET: usize = 50_000;
+
 /// For each input of a FileOp: when the input is a local source read only
 /// as the source of copies, a checksum of exactly what those copies read
 /// (so other files of the context do not affect the step's key); `None`
@@ -742,6 +746,7 @@ async fn copy_source_keys(
             move || -> Option<(Option<String>, BTreeMap<String, String>)> {
                 let mut hasher = Sha256::new();
                 let mut files = BTreeMap::new();
+                let mut budget = EXPLAIN_FILES_BUDGET;
                 for copy in &copies {
                     let checksum =
                         selector::checksum_selector(&root, &copy.src, copy.allow_wildcard)
@@ -753,6 +758,12 @@ async fn copy_source_keys(
                     let path = copy.src.trim_start_matches("./").trim_start_matches('/');
                     let path = if path.is_empty() { "." } else { path };
                     files.insert(path.to_string(), checksum);
+                    // Down to each file, so a miss can name the file that changed.
+                    if let Some(detail) =
+                        selector::file_checksums(&root, &copy.src, copy.allow_wildcard, &mut budget)
+                    {
+                        files.extend(detail);
+                    }
                 }
                 Some((Some(hex::encode(hasher.finalize())), files))
             },
