@@ -216,6 +216,34 @@ pub struct Solver {
     state_dir: PathBuf,
     /// One prune at a time (API and garbage collection).
     prune_lock: tokio::sync::Mutex<()>,
+    /// Cache keys being computed right now, by any build.
+    inflight: InFlight,
+    /// Bounds the ops running at once on the worker (`max-parallelism`); `None` = unbounded.
+    parallelism: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// One lock per cache key being computed: a build that needs a key another build is computing
+/// waits for it and then finds its record, so identical steps of concurrent builds run once.
+#[derive(Clone, Default)]
+struct InFlight(Arc<std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>>);
+
+impl InFlight {
+    /// Waits until no other build computes `key`, and holds it until the guard drops.
+    async fn acquire(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, weak| weak.strong_count() > 0);
+            match map.get(key).and_then(|weak| weak.upgrade()) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.to_string(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl fmt::Debug for Solver {
@@ -247,6 +275,8 @@ struct Context {
     progress: ProgressWriter,
     options: SolveOptions,
     leases: Leases,
+    inflight: InFlight,
+    parallelism: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Solver {
@@ -264,7 +294,16 @@ impl Solver {
             explain,
             state_dir: state_dir.to_path_buf(),
             prune_lock: tokio::sync::Mutex::new(()),
+            inflight: InFlight::default(),
+            parallelism: None,
         })
+    }
+
+    /// Runs at most `limit` exec and file ops at once (buildkitd's `max-parallelism`); `0`
+    /// means unbounded.
+    pub fn with_max_parallelism(mut self, limit: usize) -> Self {
+        self.parallelism = (limit > 0).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
+        self
     }
 
     /// The worker this solver runs on.
@@ -429,6 +468,8 @@ impl Solver {
             progress,
             options,
             leases: Leases::default(),
+            inflight: self.inflight.clone(),
+            parallelism: self.parallelism.clone(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -601,6 +642,11 @@ async fn run_vertex(
             }
             let key = CacheKey::from_parts(parts);
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
+            // Another build computing the same key: wait for it, then take its record.
+            let _computing = match ignore_cache {
+                false => Some(context.inflight.acquire(key.as_str()).await),
+                true => None,
+            };
             if !ignore_cache {
                 if let Some(resolved) = lookup(&context, &key) {
                     progress.cached();
@@ -625,6 +671,10 @@ async fn run_vertex(
             progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
             let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
             context.worker.record_use(&used);
+            let _permit = match &context.parallelism {
+                Some(limit) => limit.clone().acquire_owned().await.ok(),
+                None => None,
+            };
             let result = match &op.op {
                 Some(pb::op::Op::Exec(exec)) => {
                     context.worker.exec(exec, &input_snapshots, &progress).await
@@ -1053,3 +1103,6 @@ mod tests {
         assert_ne!(first, checksum_dir(dir.path()).unwrap());
     }
 }
+
+#[cfg(test)]
+mod scheduler_tests;
