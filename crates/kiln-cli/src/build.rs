@@ -333,6 +333,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     let mut locals = BTreeMap::new();
     locals.insert("context".to_string(), context_dir.clone());
     locals.insert("dockerfile".to_string(), dockerfile.dir.clone());
+    locals.extend(settings.named_locals.clone());
     let options = SolveOptions {
         frontend: "dockerfile.v0".to_string(),
         frontend_attrs,

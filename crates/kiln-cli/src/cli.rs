@@ -258,7 +258,7 @@ pub struct BuildArgs {
     /// Target platform (one; several are not supported yet).
     #[arg(long, value_delimiter = ',')]
     pub platform: Vec<String>,
-    /// Additional build contexts (not supported yet).
+    /// Additional build contexts: `name=DIR` (served as a local), `name=docker-image://REF`.
     #[arg(long)]
     pub build_context: Vec<String>,
     /// Write the image digest (the manifest digest, as nerdctl) to a file.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use kiln_dockerfile::{CompileOptions, ImageMetaResolver};
+use kiln_dockerfile::{CompileOptions, ImageMetaResolver, NamedContext};
 use kiln_image::oci::{ImageConfig, Platform};
 use kiln_image::reference::Reference;
 use kiln_image::Digest;
@@ -160,6 +160,40 @@ fn target_platform(attrs: &BTreeMap<String, String>) -> anyhow::Result<Platform>
             Platform::parse(first).with_context(|| format!("invalid platform {first:?}"))
         }
     }
+}
+
+/// The `context:<name>` attrs (`--build-context`): `local:<local>` and `docker-image://<ref>`;
+/// the other sources BuildKit knows are refused by name, never ignored.
+fn named_contexts(
+    attrs: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, NamedContext>, String> {
+    let mut contexts = BTreeMap::new();
+    for (key, value) in attrs {
+        let Some(name) = key.strip_prefix("context:") else {
+            continue;
+        };
+        if name.contains("::") {
+            return Err(format!(
+                "named context {name:?}: per-platform contexts are not supported yet"
+            ));
+        }
+        let context = if let Some(local) = value.strip_prefix("local:") {
+            NamedContext::Local(local.to_string())
+        } else if let Some(image) = value.strip_prefix("docker-image://") {
+            NamedContext::Image(image.to_string())
+        } else if value.starts_with("target:") {
+            return Err(format!(
+                "named context {name:?}: unsupported context source target"
+            ));
+        } else {
+            let kind = value.split_once(':').map_or(value.as_str(), |(k, _)| k);
+            return Err(format!(
+                "named context {name:?}: {kind} sources ({value}) are not supported yet (local directories and docker-image:// are)"
+            ));
+        };
+        contexts.insert(name.to_string(), context);
+    }
+    Ok(contexts)
 }
 
 /// Reads one small file set from a local of the session into `dir`.
@@ -378,6 +412,7 @@ pub async fn dockerfile(
             labels.insert(label.to_string(), value.clone());
         }
     }
+    let named_contexts = named_contexts(attrs).map_err(|message| UserError { message })?;
     let options = CompileOptions {
         filename: filename.clone(),
         source,
@@ -390,6 +425,7 @@ pub async fn dockerfile(
         excludes,
         network: network_mode(attrs.get("force-network-mode").map(String::as_str))?,
         extra_hosts: extra_hosts(attrs.get("add-hosts").map(String::as_str))?,
+        named_contexts,
     };
     let resolver = WorkerResolver {
         worker,

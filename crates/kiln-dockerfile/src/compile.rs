@@ -60,6 +60,18 @@ pub struct CompileOptions {
     pub network: pb::NetMode,
     /// Extra `/etc/hosts` entries of every `RUN` (frontend attr `add-hosts`).
     pub extra_hosts: Vec<(String, String)>,
+    /// `--build-context` overrides (frontend attrs `context:<name>`), by the name a `FROM` or
+    /// `COPY --from` uses.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+/// What a `--build-context name=…` replaces `name` with (frontend attr `context:<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `local:<local name>`: a directory the client serves in the session under that name.
+    Local(String),
+    /// `docker-image://<reference>`: another image.
+    Image(String),
 }
 
 impl Default for CompileOptions {
@@ -76,6 +88,7 @@ impl Default for CompileOptions {
             excludes: Vec::new(),
             network: pb::NetMode::Unset,
             extra_hosts: Vec::new(),
+            named_contexts: BTreeMap::new(),
         }
     }
 }
@@ -743,6 +756,18 @@ impl Compiler<'_> {
         prefix: &mut Prefix,
     ) -> Result<(Option<OutputRef>, ImageConfig), CompileError> {
         let line = span.start;
+        let replaced;
+        let name = match self.named_context(name).cloned() {
+            Some(NamedContext::Local(local)) => {
+                let output = self.named_local(local, stage, span)?;
+                return Ok((Some(output), empty_image(platform)));
+            }
+            Some(NamedContext::Image(image)) => {
+                replaced = image;
+                replaced.as_str()
+            }
+            None => name,
+        };
         let reference =
             Reference::parse_normalized(name).map_err(|source| CompileError::Reference {
                 line,
@@ -784,6 +809,45 @@ impl Compiler<'_> {
         let metadata = self.metadata(&name, stage.map(|s| s.original.as_str()));
         let output = self.add_op(op, &[], metadata, Some(span))?;
         Ok((Some(output), image))
+    }
+
+    /// The `--build-context` replacing image `name`: looked up as written, then by its familiar
+    /// form without `:latest` (`docker.io/library/alpine:latest` → `alpine`), as BuildKit does.
+    fn named_context(&self, name: &str) -> Option<&NamedContext> {
+        let contexts = &self.options.named_contexts;
+        if contexts.is_empty() {
+            return None;
+        }
+        contexts.get(name).or_else(|| {
+            let familiar = Reference::parse_normalized(name).ok()?.familiar();
+            contexts.get(familiar.strip_suffix(":latest").unwrap_or(&familiar))
+        })
+    }
+
+    /// The source op of a named local context (`--build-context name=DIR`), added once.
+    fn named_local(
+        &mut self,
+        local: String,
+        stage: Option<&Stage>,
+        span: Span,
+    ) -> Result<OutputRef, CompileError> {
+        let attrs = BTreeMap::from([
+            ("local.session".to_string(), self.options.session_id.clone()),
+            ("local.sharedkeyhint".to_string(), local.clone()),
+        ]);
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{local}"),
+                attrs,
+            })),
+            platform: None,
+            ..Default::default()
+        };
+        let metadata = self.metadata(
+            &format!("[context {local}] load from client"),
+            stage.map(|s| s.original.as_str()),
+        );
+        self.add_op(op, &[], metadata, Some(span))
     }
 
     /// A fresh state on top of `image` (BuildKit's per-stage initialisation).
