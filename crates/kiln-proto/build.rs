@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/fsutil/types/wire.proto",
         "proto/moby/filesync/v1/filesync.proto",
         "proto/moby/buildkit/v1/types/worker.proto",
+        "proto/moby/buildkit/v1/sourcepolicy/policy.proto",
         "proto/moby/buildkit/v1/control.proto",
         "proto/google/rpc/status.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",

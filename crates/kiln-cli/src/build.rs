@@ -344,6 +344,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         entitlements: settings.entitlements.clone(),
         cache_imports: settings.cache_imports.clone(),
         cache_exports: Vec::new(),
+        source_policy: settings.source_policy.clone(),
     };
 
     let mode = if settings.quiet {

@@ -273,7 +273,8 @@ pub struct BuildArgs {
     /// Custom host-to-IP mappings `host:ip`.
     #[arg(long)]
     pub add_host: Vec<String>,
-    /// Source policy file (not supported yet).
+    /// Source policy file (BuildKit's JSON: allow, deny or convert sources); default
+    /// `$EXPERIMENTAL_BUILDKIT_SOURCE_POLICY`.
     #[arg(long)]
     pub source_policy_file: Option<String>,
 }

@@ -65,6 +65,8 @@ pub struct BuildSettings {
     pub iidfile: Option<PathBuf>,
     /// `--metadata-file`.
     pub metadata_file: Option<PathBuf>,
+    /// `--source-policy-file` (or `EXPERIMENTAL_BUILDKIT_SOURCE_POLICY`), parsed.
+    pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
     /// Directories of `--build-context name=DIR`, served in the session under `name`.
     pub named_locals: BTreeMap<String, PathBuf>,
     /// Warnings to print on stderr.
@@ -130,7 +132,6 @@ fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
     vec![
         ("secret", !args.secret.is_empty()),
         ("ssh", !args.ssh.is_empty()),
-        ("source-policy-file", args.source_policy_file.is_some()),
     ]
 }
 
@@ -554,6 +555,7 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         iidfile: args.iidfile.as_ref().map(PathBuf::from),
         metadata_file: args.metadata_file.as_ref().map(PathBuf::from),
         named_locals,
+        source_policy: crate::policy::load(args.source_policy_file.as_deref(), &env)?,
         warnings,
     })
 }
@@ -763,10 +765,6 @@ mod tests {
     fn unsupported_flags_fail_by_name() {
         for (argv, name) in [
             (&["--secret", "id=a,src=b", "."][..], "secret"),
-            (
-                &["--source-policy-file", "p", "."][..],
-                "source-policy-file",
-            ),
             (&["--ssh", "default", "."][..], "ssh"),
         ] {
             assert_eq!(

@@ -40,6 +40,8 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// Source policy (`--source-policy-file`), sent as `SolveRequest.SourcePolicy`.
+    pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -134,6 +136,7 @@ pub async fn solve(
             exports: cache_entries(&options.cache_exports),
             ..Default::default()
         }),
+        source_policy: options.source_policy.clone(),
         ..Default::default()
     };
     let mut solve_client = client.clone();

@@ -10,6 +10,7 @@ mod gateway;
 mod jobs;
 mod listen;
 mod locals;
+mod policy;
 mod tuning;
 mod usage;
 

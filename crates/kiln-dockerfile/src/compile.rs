@@ -32,6 +32,18 @@ pub trait ImageMetaResolver: Send + Sync {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<(Digest, Vec<u8>), ResolveError>;
+
+    /// The reference the build's source op pins (with its digest), the manifest digest and the
+    /// config blob. By default `reference` itself; a resolver that rewrites references (a
+    /// source policy converting the image) returns the one it resolved.
+    async fn resolve_pinned(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<(Reference, Digest, Vec<u8>), ResolveError> {
+        let (digest, config) = self.resolve(reference, platform).await?;
+        Ok((reference.with_digest(digest.clone()), digest, config))
+    }
 }
 
 /// Inputs of [`compile`] besides the Dockerfile.
@@ -774,15 +786,15 @@ impl Compiler<'_> {
                 reference: name.to_string(),
                 source,
             })?;
-        let (digest, bytes) =
-            self.resolver
-                .resolve(&reference, platform)
-                .await
-                .map_err(|source| CompileError::Resolve {
-                    line,
-                    reference: reference.to_string(),
-                    source,
-                })?;
+        let (pinned, _digest, bytes) = self
+            .resolver
+            .resolve_pinned(&reference, platform)
+            .await
+            .map_err(|source| CompileError::Resolve {
+                line,
+                reference: reference.to_string(),
+                source,
+            })?;
         let mut image: ImageConfig =
             serde_json::from_slice(&bytes).map_err(|source| CompileError::ImageConfig {
                 line,
@@ -790,7 +802,6 @@ impl Compiler<'_> {
                 source,
             })?;
         image.created = None;
-        let pinned = reference.with_digest(digest);
         tracing::debug!(reference = %pinned, "resolved base image");
         let scratch =
             image.rootfs.diff_ids.is_empty() && image.history.iter().all(|h| h.empty_layer);

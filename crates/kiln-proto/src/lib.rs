@@ -55,6 +55,10 @@ pub mod moby {
             pub mod types {
                 tonic::include_proto!("moby.buildkit.v1.types");
             }
+            /// Package `moby.buildkit.v1.sourcepolicy`: rules over LLB sources.
+            pub mod sourcepolicy {
+                tonic::include_proto!("moby.buildkit.v1.sourcepolicy");
+            }
             /// Package `moby.buildkit.v1.apicaps`.
             pub mod apicaps {
                 tonic::include_proto!("moby.buildkit.v1.apicaps");
