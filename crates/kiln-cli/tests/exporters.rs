@@ -303,3 +303,49 @@ fn source_date_epoch_gives_reproducible_digests() {
     let f = std::fs::metadata(cwd.join("files/app/f")).unwrap();
     assert_eq!(f.mtime(), 1_700_000_000);
 }
+
+/// A containerd namespace removed (leases, images, namespace) on drop;
+/// declared before the daemon so the daemon stops first.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
+        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
+        }
+        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["images", "rm", "--sync", image]);
+        }
+        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
+    }
+}
+
+#[test]
+fn file_exporters_with_the_containerd_worker() {
+    if !kiln_testkit::containerd_available() {
+        eprintln!("containerd is not available: skipped");
+        return;
+    }
+    let namespace = Namespace(format!("kilntest-export-{:08x}", rand::random::<u32>()));
+    let work = tempfile::tempdir().unwrap();
+    let kilnd = Kilnd::start(
+        &format!("unix://{}/kilnd.sock", work.path().display()),
+        &[
+            "--oci-worker=false",
+            "--containerd-worker=true",
+            "--containerd-worker-namespace",
+            &namespace.0,
+        ],
+    );
+    let host = kilnd.address.clone();
+    let cwd = work.path();
+    write_context(&cwd.join("ctx"), &FILES.replace("{BUSYBOX}", BUSYBOX));
+    let out = kiln(&host, &["-o", "type=local,dest=out", "ctx"], cwd, None);
+    assert_eq!(out.code, 0, "{}\nkilnd:\n{}", out.stderr, kilnd.log_text());
+    assert_result_files(&cwd.join("out"));
+    kiln(&host, &["-o", "type=tar,dest=files.tar", "ctx"], cwd, None).success();
+    let mut entries = tar_entries(&cwd.join("files.tar"));
+    entries.sort();
+    assert_eq!(entries, ["hello.txt", "link", "sub/", "sub/run.sh"]);
+}
