@@ -100,8 +100,10 @@ pub enum Landing {
     Stdout,
     /// A tar written to this file.
     File(PathBuf),
-    /// Nothing comes back to the client (`type=image` without containerd,
-    /// `type=local` which the daemon refuses today).
+    /// The `local` exporter's files, merged into this directory.
+    Directory(PathBuf),
+    /// Nothing comes back to the client (`type=image` with a daemon-side
+    /// store or push).
     None,
 }
 
@@ -189,10 +191,8 @@ pub fn plan_output(
                 OutputDest::Load => (Landing::Load, false),
                 OutputDest::Stdout => (Landing::Stdout, true),
                 OutputDest::File(path) => (Landing::File(path.clone()), true),
-                OutputDest::Directory(dir) => {
-                    attrs.insert("dest".to_string(), dir.display().to_string());
-                    (Landing::None, true)
-                }
+                // `dest` is the client's path: kept here, not sent (buildctl).
+                OutputDest::Directory(dir) => (Landing::Directory(dir.clone()), true),
                 OutputDest::Daemon => (Landing::None, true),
             };
             name_suffix(&mut attrs, all_tags);
@@ -262,7 +262,9 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     }) = &settings.output
     {
         if std::io::stdout().is_terminal() {
-            bail!("refusing to write the image tarball to a terminal: set dest=<file> or redirect stdout");
+            bail!(
+                "refusing to write the tarball to a terminal: set dest=<file> or redirect stdout"
+            );
         }
     }
 
@@ -324,7 +326,14 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
             std::path::absolute(path)
                 .with_context(|| format!("invalid output file {}", path.display()))?,
         ),
-        Landing::Direct | Landing::None => None,
+        Landing::Direct | Landing::Directory(_) | Landing::None => None,
+    };
+    let output_dir = match &plan.landing {
+        Landing::Directory(dir) => Some(
+            std::path::absolute(dir)
+                .with_context(|| format!("invalid output directory {}", dir.display()))?,
+        ),
+        _ => None,
     };
 
     let mut frontend_attrs = BTreeMap::new();
@@ -340,6 +349,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         exporters: vec![plan.exporter.clone()],
         locals,
         output_file: output_file.clone(),
+        output_dir,
         shared_key: context_dir.display().to_string(),
         entitlements: settings.entitlements.clone(),
         cache_imports: settings.cache_imports.clone(),
@@ -605,9 +615,12 @@ mod tests {
         let out = parse_output("dir").unwrap();
         let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
         assert_eq!(plan.exporter.0, "local");
-        assert_eq!(plan.exporter.1["dest"], "dir");
+        assert!(
+            !plan.exporter.1.contains_key("dest"),
+            "dest stays client-side"
+        );
         assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
-        assert_eq!(plan.landing, Landing::None);
+        assert_eq!(plan.landing, Landing::Directory("dir".into()));
         let out = parse_output("type=tar,dest=-").unwrap();
         let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
         assert_eq!(plan.landing, Landing::Stdout);

@@ -220,9 +220,11 @@ pub struct BuildArgs {
     /// Do not use cache when building the image.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub no_cache: Option<bool>,
-    /// Output destination: `type=image|docker|oci[,dest=<file>|-]`, or a
-    /// path (= `type=local,dest=<path>`). `type=docker|oci` without `dest`
-    /// is loaded into containerd.
+    /// Output destination: `type=image|docker|oci|tar[,dest=<file>|-]`,
+    /// `type=local,dest=<dir>`, or a bare path (= `type=local,dest=<path>`).
+    /// `type=docker|oci` without `dest` is loaded into containerd; `tar`
+    /// without `dest` (or `dest=-`) goes to stdout, never a terminal.
+    /// `local` merges the files into the directory, owned by the caller.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
     /// Provenance attestation shorthand (refused: attestations are not supported yet).

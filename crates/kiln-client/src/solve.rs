@@ -32,6 +32,9 @@ pub struct SolveOptions {
     pub locals: BTreeMap<String, PathBuf>,
     /// File that receives a tar exporter's output over `FileSend`.
     pub output_file: Option<PathBuf>,
+    /// Directory the `local` exporter's files are merged into over
+    /// `FileSend` (wins over `output_file`).
+    pub output_dir: Option<PathBuf>,
     /// Session shared key (cache hint for local sources).
     pub shared_key: String,
     /// Entitlements asked for (`network.host`, `security.insecure`).
@@ -92,6 +95,9 @@ pub async fn solve(
     }
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
+    }
+    if let Some(dir) = &options.output_dir {
+        builder = builder.file_send_dir(dir.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder

@@ -2,7 +2,8 @@
 //! worker's content store) and deliver it — as a `docker`/`oci` tarball over
 //! the session's `FileSend`, pushed to registries (`image` with `push=true`),
 //! or only in the store (`image` without an image store, as BuildKit's OCI
-//! worker does).
+//! worker does). The file exporters (`local`, `tar`) live in
+//! [`crate::fsexport`].
 //!
 //! Layers are converted on the way when the attrs ask (`compression`,
 //! `compression-level`, `force-compression`, `rewrite-timestamp`); the
@@ -123,6 +124,10 @@ pub enum ExporterKind {
     Docker,
     /// `type=oci` tarball.
     Oci,
+    /// `type=local`: the result's files into a client directory.
+    Local,
+    /// `type=tar`: the result's files as one tar stream.
+    Tar,
 }
 
 impl ExporterKind {
@@ -132,6 +137,8 @@ impl ExporterKind {
             Self::Image => "exporting to image",
             Self::Docker => "exporting to docker image format",
             Self::Oci => "exporting to oci image format",
+            Self::Local => "exporting to client directory",
+            Self::Tar => "exporting to client tarball",
         }
     }
 
@@ -141,7 +148,8 @@ impl ExporterKind {
             "image" => Ok(Self::Image),
             "docker" => Ok(Self::Docker),
             "oci" => Ok(Self::Oci),
-            "local" | "tar" => bail!("exporter \"{kind}\" is not supported yet"),
+            "local" => Ok(Self::Local),
+            "tar" => Ok(Self::Tar),
             other => bail!("exporter \"{other}\" could not be found"),
         }
     }
@@ -376,6 +384,9 @@ pub async fn export(
     input: &ExportInput<'_>,
     vertex: &VertexProgress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
+    if matches!(kind, ExporterKind::Local | ExporterKind::Tar) {
+        return crate::fsexport::export(kind, index, attrs, input, vertex).await;
+    }
     let options = ExportOptions::parse(kind, attrs)?;
     let image = commit_image(
         input.worker,

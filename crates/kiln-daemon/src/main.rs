@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod exporter;
 mod frontend;
+mod fsexport;
 mod gateway;
 mod jobs;
 mod listen;

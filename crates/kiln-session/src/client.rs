@@ -23,7 +23,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
-use kiln_proto::moby::filesync::v1::file_send_server::FileSendServer;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -32,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 
-use crate::filesend::{FileSendService, ReceiveStats};
+use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
 use crate::tunnel::Tunnel;
 use crate::{
@@ -55,7 +54,7 @@ pub struct SessionBuilder {
     id: String,
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
-    file_send_path: Option<PathBuf>,
+    file_send: Option<FileSendTarget>,
 }
 
 impl SessionBuilder {
@@ -70,7 +69,7 @@ impl SessionBuilder {
             id,
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
-            file_send_path: None,
+            file_send: None,
         }
     }
 
@@ -87,7 +86,15 @@ impl SessionBuilder {
 
     /// Writes bytes received over FileSend into `path` (created/truncated).
     pub fn file_send_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.file_send_path = Some(path.into());
+        self.file_send = Some(FileSendTarget::File(path.into()));
+        self
+    }
+
+    /// Receives the `local` exporter's files over FileSend into `dir`
+    /// (created when missing; merged, existing files not listed are kept;
+    /// owned by this process's uid/gid).
+    pub fn file_send_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.file_send = Some(FileSendTarget::Dir(dir.into()));
         self
     }
 
@@ -121,10 +128,7 @@ impl SessionBuilder {
             dirs: Arc::new(self.dirs),
             stats: counters.clone(),
         };
-        let filesend = FileSendService {
-            target: self.file_send_path,
-            stats: counters.clone(),
-        };
+        let filesend = FileSendServer::new(self.file_send, counters.clone());
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
             .add_service(
@@ -132,11 +136,7 @@ impl SessionBuilder {
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
-            .add_service(
-                FileSendServer::new(filesend)
-                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            )
+            .add_service(filesend)
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it
