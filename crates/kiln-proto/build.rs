@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/status.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",
         "proto/moby/buildkit/v1/frontend/gateway.proto",
+        "proto/containerd/services/content/v1/content.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

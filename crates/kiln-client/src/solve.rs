@@ -40,6 +40,8 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// More session services to serve (e.g. the `export` content store of `tar=false`).
+    pub session_services: kiln_session::client::ExtraServices,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -90,6 +92,9 @@ pub async fn solve(
     }
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
+    }
+    if !options.session_services.is_empty() {
+        builder = builder.services(options.session_services.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder

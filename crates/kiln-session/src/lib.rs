@@ -16,7 +16,9 @@
 //!   `grpc.health.v1.Health` over it.
 //! - [`filesync::receive`] is the daemon's DiffCopy receiver that makes a
 //!   destination directory match a client directory, fetching only changed
-//!   files; [`filesend::send`] streams exporter bytes to the client.
+//!   files; [`filesend::send`] streams exporter bytes to the client;
+//!   [`content::SessionContentStore`] writes blobs into a client's content store
+//!   (`oci`/`docker` exporters with `tar=false`).
 //!
 //! Wire details follow `shared/reference/buildkit-and-nerdctl.md` §5.5–§5.7.
 
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod client;
+pub mod content;
 pub mod filesend;
 pub mod filesync;
 mod manager;
