@@ -362,7 +362,14 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
                 plan = tarball_plan(plan);
                 continue;
             }
-            land(containerd, globals, &settings, store, &outcome.exporter_response).await?;
+            land(
+                containerd,
+                globals,
+                &settings,
+                store,
+                &outcome.exporter_response,
+            )
+            .await?;
         }
         break (outcome, output_file);
     };

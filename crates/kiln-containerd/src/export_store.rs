@@ -91,7 +91,11 @@ impl Inner {
 
     fn request<T>(&self, message: T, leased: bool) -> std::result::Result<Request<T>, Status> {
         self.containerd
-            .request(&self.namespace, leased.then_some(self.lease.as_str()), message)
+            .request(
+                &self.namespace,
+                leased.then_some(self.lease.as_str()),
+                message,
+            )
             .map_err(|error| Status::internal(error.to_string()))
     }
 }
@@ -229,8 +233,9 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 fn recode<A: prost::Message, B: prost::Message + Default>(
     message: &A,
 ) -> std::result::Result<B, Status> {
-    B::decode(message.encode_to_vec().as_slice())
-        .map_err(|error| Status::internal(format!("failed to re-encode a content message: {error}")))
+    B::decode(message.encode_to_vec().as_slice()).map_err(|error| {
+        Status::internal(format!("failed to re-encode a content message: {error}"))
+    })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
@@ -258,7 +263,9 @@ impl Content for ExportStore {
                     info: Some(recode(&info)?),
                 }))
             }
-            None => Err(Status::not_found(format!("content digest {digest}: not found"))),
+            None => Err(Status::not_found(format!(
+                "content digest {digest}: not found"
+            ))),
         }
     }
 
@@ -434,12 +441,7 @@ impl Content for ExportStore {
         self.check(&request)?;
         let message: containerd_api::AbortRequest = recode(request.get_ref())?;
         let request = self.inner.request(message, false)?;
-        self.inner
-            .containerd
-            .raw()
-            .content()
-            .abort(request)
-            .await?;
+        self.inner.containerd.raw().content().abort(request).await?;
         Ok(Response::new(()))
     }
 }

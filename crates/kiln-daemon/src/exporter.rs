@@ -473,8 +473,16 @@ pub async fn write_to_session_store(
         .iter()
         .map(|layer| ("layer", layer.digest.clone(), layer.size))
         .collect();
-    blobs.push(("config", manifest.config.digest.clone(), manifest.config.size));
-    blobs.push(("manifest", image.manifest.digest.clone(), image.manifest.size));
+    blobs.push((
+        "config",
+        manifest.config.digest.clone(),
+        manifest.config.size,
+    ));
+    blobs.push((
+        "manifest",
+        image.manifest.digest.clone(),
+        image.manifest.size,
+    ));
 
     let status = "writing image to the client's content store";
     let total: u64 = blobs.iter().map(|(_, _, size)| size).sum();

@@ -87,9 +87,7 @@ impl SessionContentStore {
             digest: digest.to_string(),
         })?;
         match self.client.clone().info(request).await {
-            Ok(response) => Ok(Some(
-                response.into_inner().info.map_or(0, |info| info.size),
-            )),
+            Ok(response) => Ok(Some(response.into_inner().info.map_or(0, |info| info.size))),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
             Err(status) => Err(Error::Rpc {
                 method: INFO,
