@@ -6,9 +6,9 @@
 //! [`SessionContentStore`] is the daemon end. It speaks the protocol a containerd content
 //! client speaks, so it works against any client serving the API (buildctl with a local OCI
 //! layout, kiln landing into containerd): [`SessionContentStore::info`] asks whether a blob is
-//! present, [`SessionContentStore::write`] opens an ingest with a `STAT`, streams `WRITE`s and
-//! `COMMIT`s in lockstep (one response per request), and takes `AlreadyExists` at any point as
-//! "the store has it".
+//! present, [`SessionContentStore::write`] opens an ingest with a `STAT`, streams `WRITE`s (a
+//! few ahead of their responses; the server answers each in order) and a `COMMIT`, and takes
+//! `AlreadyExists` at any point as "the store has it".
 
 use kiln_proto::containerd::services::content::v1::content_client::ContentClient;
 use kiln_proto::containerd::services::content::v1::{
@@ -41,8 +41,11 @@ pub const METHODS: [&str; 9] = [
 ];
 
 /// Bytes per `WRITE` message (well under the session's 16 MiB message limit; large enough that
-/// the lockstep round trips through the tunnel do not dominate).
+/// the round trips through the tunnel do not dominate).
 pub const WRITE_CHUNK: usize = 4 << 20;
+
+/// `WRITE` requests sent ahead of their responses (a containerd server answers each in order).
+const WRITES_IN_FLIGHT: usize = 4;
 
 const INFO: &str = "/containerd.services.content.v1.Content/Info";
 const WRITE: &str = "/containerd.services.content.v1.Content/Write";
@@ -160,6 +163,9 @@ impl SessionContentStore {
             );
         }
         let mut offset = 0i64;
+        // Up to WRITES_IN_FLIGHT writes are sent before their responses are read, so the
+        // tunnel's round trips overlap with reading the blob.
+        let mut in_flight = 0usize;
         let mut buffer = vec![0u8; WRITE_CHUNK];
         loop {
             let mut filled = 0;
@@ -188,8 +194,16 @@ impl SessionContentStore {
                 .map_err(|_| Error::StreamEnded {
                     context: "during a content write",
                 })?;
-            round_trip!();
+            in_flight += 1;
+            if in_flight >= WRITES_IN_FLIGHT {
+                round_trip!();
+                in_flight -= 1;
+            }
             offset += filled as i64;
+        }
+        while in_flight > 0 {
+            round_trip!();
+            in_flight -= 1;
         }
         requests
             .send(WriteContentRequest {
