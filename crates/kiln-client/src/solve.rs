@@ -45,6 +45,8 @@ pub struct SolveOptions {
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
     /// Source policy (`--source-policy-file`), sent as `SolveRequest.SourcePolicy`.
     pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
+    /// More session services to serve (e.g. the `export` content store of `tar=false`).
+    pub session_services: kiln_session::client::ExtraServices,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -98,6 +100,9 @@ pub async fn solve(
     }
     if let Some(dir) = &options.output_dir {
         builder = builder.file_send_dir(dir.clone());
+    }
+    if !options.session_services.is_empty() {
+        builder = builder.services(options.session_services.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder

@@ -55,6 +55,42 @@ pub struct SessionBuilder {
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
     file_send: Option<FileSendTarget>,
+    services: ExtraServices,
+}
+
+/// Session services served besides the built-in ones (e.g. a content store), with the method
+/// names to advertise for them. Cloneable, so it can travel inside solve options.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraServices {
+    routes: tonic::service::RoutesBuilder,
+    methods: Vec<String>,
+}
+
+impl ExtraServices {
+    /// Adds a generated gRPC server (`FooServer::new(..)`) advertising `methods`
+    /// (`/<package>.<Service>/<Method>`).
+    pub fn add<S>(&mut self, service: S, methods: &[&str]) -> &mut Self
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.methods.extend(methods.iter().map(|m| m.to_string()));
+        self
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+    }
 }
 
 impl SessionBuilder {
@@ -70,6 +106,7 @@ impl SessionBuilder {
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
             file_send: None,
+            services: ExtraServices::default(),
         }
     }
 
@@ -98,6 +135,12 @@ impl SessionBuilder {
         self
     }
 
+    /// Also serves `services` over the session (and advertises their methods).
+    pub fn services(mut self, services: ExtraServices) -> Self {
+        self.services = services;
+        self
+    }
+
     /// Opens `Control.Session` on `control` and serves the session services
     /// over it until [`SessionHandle::close`] or the daemon ends it.
     pub async fn run(self, mut control: ControlClient<Channel>) -> Result<SessionHandle, Error> {
@@ -109,7 +152,8 @@ impl SessionBuilder {
         let md = request.metadata_mut();
         metadata::insert_value(md, HEADER_SESSION_ID, &self.id)?;
         metadata::insert_value(md, HEADER_SESSION_SHARED_KEY, &self.shared_key)?;
-        let methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        let mut methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        methods.extend(self.services.methods.iter().cloned());
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -131,6 +175,7 @@ impl SessionBuilder {
         let filesend = FileSendServer::new(self.file_send, counters.clone());
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
+            .add_routes(self.services.routes.routes())
             .add_service(
                 FileSyncServer::new(filesync)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)

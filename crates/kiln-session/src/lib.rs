@@ -19,7 +19,9 @@
 //!   destination directory match a client directory, fetching only changed
 //!   files; [`filesend::send`] streams exporter bytes to the client and
 //!   [`filesend::send_dir`] sends a directory to it (the same fsutil sender
-//!   and receiver with the roles swapped).
+//!   and receiver with the roles swapped);
+//!   [`content::SessionContentStore`] writes blobs into a client's content store
+//!   (`oci`/`docker` exporters with `tar=false`).
 //!
 //! Wire details follow `shared/reference/buildkit-and-nerdctl.md` §5.5–§5.7.
 
@@ -27,6 +29,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod client;
+pub mod content;
 pub mod filesend;
 pub mod filesync;
 mod manager;
