@@ -44,6 +44,12 @@ fn init_logging(debug: bool) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    kiln_client::set_client_tls(kiln_client::ClientTls {
+        ca_cert: cli.tls.tlscacert.clone(),
+        cert: cli.tls.tlscert.clone(),
+        key: cli.tls.tlskey.clone(),
+        server_name: cli.tls.tlsservername.clone(),
+    });
     let env = |key: &str| std::env::var(key).ok();
     let globals = build::Globals {
         namespace: cli.namespace.clone(),
