@@ -88,6 +88,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Install or remove kilnd as a systemd service (rootless or rootful).
+    Setup(crate::setup::SetupArgs),
     /// Print the shell completion script for bash, zsh or fish.
     ///
     /// bash: `source <(kiln completion bash)`; zsh: `kiln completion zsh >

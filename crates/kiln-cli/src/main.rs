@@ -24,6 +24,7 @@ mod dockerfile;
 mod metadata;
 mod output;
 mod settings;
+mod setup;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -75,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compose::build(&globals, compose_args, build_args, &env).await
             }
         },
+        Command::Setup(args) => setup::run(args),
         Command::Completion { shell } => {
             let mut out = std::io::stdout().lock();
             out.write_all(&cli::completion_script(*shell))?;
