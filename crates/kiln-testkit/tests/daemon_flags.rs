@@ -126,10 +126,16 @@ fn spawn_activated(listener: &impl std::os::fd::AsRawFd, root: &Path, log: &Path
         .arg(root)
         .stdin(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
-    // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
