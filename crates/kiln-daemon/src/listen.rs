@@ -197,6 +197,37 @@ pub fn bind(address: &str, group: Option<u32>, tls: bool) -> anyhow::Result<List
     bail!("address {address}: scheme {scheme}:// is not supported (use unix://, tcp:// or fd://)")
 }
 
+/// Tells systemd the daemon is ready (`Type=notify`): sends `READY=1` to the
+/// datagram socket named by `NOTIFY_SOCKET` (a path, or `@name` in the
+/// abstract namespace). Nothing to do without the variable.
+pub fn notify_ready() -> anyhow::Result<()> {
+    notify("READY=1")
+}
+
+/// Tells systemd the daemon is stopping (`STOPPING=1`).
+pub fn notify_stopping() -> anyhow::Result<()> {
+    notify("STOPPING=1")
+}
+
+fn notify(state: &str) -> anyhow::Result<()> {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sender = std::os::unix::net::UnixDatagram::unbound()
+        .context("failed to create the notify socket")?;
+    let bytes = socket.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .context("invalid abstract NOTIFY_SOCKET")?;
+        sender.send_to_addr(state.as_bytes(), &addr)
+    } else {
+        sender.send_to(state.as_bytes(), Path::new(&socket))
+    };
+    result.with_context(|| format!("failed to notify systemd at {}", socket.to_string_lossy()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,35 +258,4 @@ mod tests {
         assert!(err.contains("no socket was passed"), "{err}");
         assert!(bind("fd://4", None, false).is_err());
     }
-}
-
-/// Tells systemd the daemon is ready (`Type=notify`): sends `READY=1` to the
-/// datagram socket named by `NOTIFY_SOCKET` (a path, or `@name` in the
-/// abstract namespace). Nothing to do without the variable.
-pub fn notify_ready() -> anyhow::Result<()> {
-    notify("READY=1")
-}
-
-/// Tells systemd the daemon is stopping (`STOPPING=1`).
-pub fn notify_stopping() -> anyhow::Result<()> {
-    notify("STOPPING=1")
-}
-
-fn notify(state: &str) -> anyhow::Result<()> {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    let sender = std::os::unix::net::UnixDatagram::unbound()
-        .context("failed to create the notify socket")?;
-    let bytes = socket.as_encoded_bytes();
-    let result = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt as _;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .context("invalid abstract NOTIFY_SOCKET")?;
-        sender.send_to_addr(state.as_bytes(), &addr)
-    } else {
-        sender.send_to(state.as_bytes(), Path::new(&socket))
-    };
-    result.with_context(|| format!("failed to notify systemd at {}", socket.to_string_lossy()))?;
-    Ok(())
 }

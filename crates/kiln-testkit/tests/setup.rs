@@ -79,9 +79,14 @@ fn rootful_containerd_install_runs_only_the_containerd_worker() {
     }
     let toml_text = std::fs::read_to_string(&toml).unwrap();
     assert!(
-        toml_text.contains(&format!(
-            "[worker.oci]\nenabled = false\n\n[worker.containerd]\nenabled = true\n"
-        )) && toml_text.contains(&format!("namespace = \"{namespace}\"\n")),
+        toml_text.contains(
+            "[worker.oci]
+enabled = false
+
+[worker.containerd]
+enabled = true
+"
+        ) && toml_text.contains(&format!("namespace = \"{namespace}\"\n")),
         "{toml_text}"
     );
     let socket_text = std::fs::read_to_string(&socket_unit).unwrap();
