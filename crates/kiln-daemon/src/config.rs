@@ -24,7 +24,7 @@ pub struct Flags {
     /// Path to state directory.
     #[arg(long)]
     pub root: Option<PathBuf>,
-    /// Listening address (socket or tcp), repeatable.
+    /// Listening address (unix://, tcp:// or fd://), repeatable.
     #[arg(long = "addr")]
     pub addr: Vec<String>,
     /// Log formatter: json or text.
