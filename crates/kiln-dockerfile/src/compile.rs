@@ -405,7 +405,7 @@ impl Compiler<'_> {
         // Bases and COPY --from sources of every stage, as BuildKit resolves them up front.
         let mut bases = Vec::new();
         let mut platforms = Vec::new();
-        let mut copy_sources: Vec<Vec<Option<CopySource>>> = Vec::new();
+        let mut copy_sources: Vec<Vec<Vec<(String, CopySource)>>> = Vec::new();
         let mut image_copies = 0;
         for (i, stage) in stages.iter().enumerate() {
             let line = stage.span.start;
@@ -436,11 +436,12 @@ impl Compiler<'_> {
             });
             let mut sources = Vec::new();
             for command in &stage.commands {
-                let source = self.copy_source(command, stages)?;
-                if matches!(source, Some(CopySource::Image(_))) {
-                    image_copies += 1;
-                }
-                sources.push(source);
+                let named = self.command_sources(command, stages)?;
+                image_copies += named
+                    .iter()
+                    .filter(|(_, s)| matches!(s, CopySource::Image(_)))
+                    .count();
+                sources.push(named);
             }
             copy_sources.push(sources);
         }
@@ -455,7 +456,7 @@ impl Compiler<'_> {
             if let Base::Stage(j) = bases[i] {
                 stack.push(j);
             }
-            for source in copy_sources[i].iter().flatten() {
+            for (_, source) in copy_sources[i].iter().flatten() {
                 if let CopySource::Stage(j) = source {
                     stack.push(*j);
                 }
@@ -518,76 +519,77 @@ impl Compiler<'_> {
                 prefix.onbuild = true;
                 for trigger in &triggers {
                     let command = parse_trigger(trigger, stage.span)?;
-                    let source = self.copy_source(&command, stages)?;
-                    let from_state = match source {
-                        None => None,
-                        Some(CopySource::Stage(j)) => match &states[j] {
-                            Some(s) => Some(s.output.clone()),
-                            None => return Err(CompileError::UnsupportedSource {
-                                line: stage.span.start,
-                                what:
-                                    "ONBUILD COPY --from a stage the target does not otherwise need"
-                                        .to_string(),
-                            }),
-                        },
-                        Some(CopySource::Image(name)) => {
-                            let mut no_prefix = Prefix::default();
-                            let (output, _) = self
-                                .resolve_image(
-                                    &name,
-                                    &state.platform.clone(),
-                                    stage.span,
-                                    None,
-                                    &mut no_prefix,
-                                )
-                                .await?;
-                            Some(output)
-                        }
-                    };
-                    self.dispatch(&mut state, &command, from_state, &mut prefix)?;
+                    let mut from_state = Vec::new();
+                    for (from, source) in self.command_sources(&command, stages)? {
+                        let output = match source {
+                            CopySource::Stage(j) => match &states[j] {
+                                Some(s) => s.output.clone(),
+                                None => return Err(CompileError::UnsupportedSource {
+                                    line: stage.span.start,
+                                    what:
+                                        "ONBUILD COPY --from a stage the target does not otherwise need"
+                                            .to_string(),
+                                }),
+                            },
+                            CopySource::Image(name) => {
+                                let mut no_prefix = Prefix::default();
+                                let (output, _) = self
+                                    .resolve_image(
+                                        &name,
+                                        &state.platform.clone(),
+                                        stage.span,
+                                        None,
+                                        &mut no_prefix,
+                                    )
+                                    .await?;
+                                output
+                            }
+                        };
+                        from_state.push((from, output));
+                    }
+                    self.dispatch(&mut state, &command, &from_state, &mut prefix)?;
                 }
                 prefix.onbuild = false;
             }
 
-            for (command, source) in stage.commands.iter().zip(&copy_sources[i]) {
-                let from_state = match source {
-                    None => None,
-                    Some(CopySource::Stage(j)) => match &states[*j] {
-                        Some(s) => Some(s.output.clone()),
-                        None => {
-                            let from = match &command.instruction {
-                                Instruction::Copy(c) => c.from.clone().unwrap_or_default(),
-                                _ => String::new(),
-                            };
-                            return Err(if *j == i {
-                                CompileError::Circular {
-                                    line: command.span.start,
-                                    stage: stage_name.clone(),
-                                }
-                            } else {
-                                CompileError::StageOrder {
-                                    line: command.span.start,
-                                    from,
-                                    stage: stage_name.clone(),
-                                }
-                            });
+            for (command, sources) in stage.commands.iter().zip(&copy_sources[i]) {
+                let mut from_state = Vec::new();
+                for (from, source) in sources {
+                    let output = match source {
+                        CopySource::Stage(j) => match &states[*j] {
+                            Some(s) => s.output.clone(),
+                            None => {
+                                return Err(if *j == i {
+                                    CompileError::Circular {
+                                        line: command.span.start,
+                                        stage: stage_name.clone(),
+                                    }
+                                } else {
+                                    CompileError::StageOrder {
+                                        line: command.span.start,
+                                        from: from.clone(),
+                                        stage: stage_name.clone(),
+                                    }
+                                });
+                            }
+                        },
+                        CopySource::Image(name) => {
+                            let mut no_prefix = Prefix::default();
+                            let (output, _) = self
+                                .resolve_image(
+                                    name,
+                                    &state.platform.clone(),
+                                    command.span,
+                                    None,
+                                    &mut no_prefix,
+                                )
+                                .await?;
+                            output
                         }
-                    },
-                    Some(CopySource::Image(name)) => {
-                        let mut no_prefix = Prefix::default();
-                        let (output, _) = self
-                            .resolve_image(
-                                name,
-                                &state.platform.clone(),
-                                command.span,
-                                None,
-                                &mut no_prefix,
-                            )
-                            .await?;
-                        Some(output)
-                    }
-                };
-                self.dispatch(&mut state, command, from_state, &mut prefix)?;
+                    };
+                    from_state.push((from.clone(), output));
+                }
+                self.dispatch(&mut state, command, &from_state, &mut prefix)?;
             }
             states[i] = Some(state);
         }
@@ -601,35 +603,38 @@ impl Compiler<'_> {
         })
     }
 
-    /// What `COPY --from` of `command` names, if it has one.
-    fn copy_source(
+    /// The stages and images `command` reads besides its own state: `COPY --from` and the
+    /// `from=` of `RUN --mount=type=bind`, each with the name as written.
+    fn command_sources(
         &self,
         command: &crate::parser::Command,
         stages: &[Stage],
-    ) -> Result<Option<CopySource>, CompileError> {
-        let Instruction::Copy(CopyInstruction {
-            from: Some(from), ..
-        }) = &command.instruction
-        else {
-            return Ok(None);
-        };
+    ) -> Result<Vec<(String, CopySource)>, CompileError> {
         let line = command.span.start;
-        if self.expand(from, &[], line)? != *from {
-            return Err(CompileError::FromExpansion { line });
-        }
-        Ok(Some(if let Ok(index) = from.parse::<usize>() {
-            if index >= stages.len() {
-                return Err(CompileError::StageIndex { line, index });
+        match &command.instruction {
+            Instruction::Copy(CopyInstruction {
+                from: Some(from), ..
+            }) => {
+                if self.expand(from, &[], line)? != *from {
+                    return Err(CompileError::FromExpansion { line });
+                }
+                Ok(vec![(from.clone(), named_source(from, stages, line)?)])
             }
-            CopySource::Stage(index)
-        } else if let Some(j) = stages
-            .iter()
-            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
-        {
-            CopySource::Stage(j)
-        } else {
-            CopySource::Image(from.clone())
-        }))
+            Instruction::Run { flags, .. } => {
+                let mut sources = Vec::new();
+                for mount in run_modes(flags, line)?.mounts {
+                    if let RunMount::Bind {
+                        from: Some(from), ..
+                    } = mount
+                    {
+                        let source = named_source(&from, stages, line)?;
+                        sources.push((from, source));
+                    }
+                }
+                Ok(sources)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Global scope: BuildKit's platform args, then `ARG`s before the first `FROM`.
@@ -836,7 +841,7 @@ impl Compiler<'_> {
         &mut self,
         state: &mut State,
         command: &crate::parser::Command,
-        from: Option<Option<OutputRef>>,
+        from: &[(String, Option<OutputRef>)],
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         let line = command.span.start;
@@ -847,7 +852,7 @@ impl Compiler<'_> {
                 heredocs,
             } => {
                 let modes = run_modes(flags, line)?;
-                self.dispatch_run(state, command, cmd, heredocs, modes, prefix)
+                self.dispatch_run(state, command, cmd, heredocs, modes, from, prefix)
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(command.instruction, Instruction::Add(_));
@@ -858,6 +863,7 @@ impl Compiler<'_> {
                         flag: flag.clone(),
                     });
                 }
+                let from = from.first().map(|(_, output)| output.clone());
                 self.dispatch_copy(state, command, copy, is_add, from, prefix)
             }
             Instruction::Expose(raw) => {
@@ -1122,6 +1128,7 @@ impl Compiler<'_> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn dispatch_run(
         &mut self,
         state: &mut State,
@@ -1129,6 +1136,7 @@ impl Compiler<'_> {
         cmd: &CommandLine,
         heredocs: &[Heredoc],
         modes: RunModes,
+        from: &[(String, Option<OutputRef>)],
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         // Heredocs (BuildKit's dispatchRun): a command that is only `<<EOF` runs the body with
@@ -1223,6 +1231,33 @@ impl Compiler<'_> {
                         ..Default::default()
                     });
                 }
+                RunMount::Bind {
+                    target,
+                    from: source_name,
+                    source,
+                    readonly,
+                } => {
+                    let line = command.span.start;
+                    let mount = self.bind_mount(
+                        from,
+                        source_name,
+                        source,
+                        &absolute(target),
+                        *readonly,
+                        line,
+                    )?;
+                    let input = match mount.0 {
+                        Some(output) => match inputs.iter().position(|i| *i == output) {
+                            Some(p) => p as i64,
+                            None => {
+                                inputs.push(output);
+                                (inputs.len() - 1) as i64
+                            }
+                        },
+                        None => -1,
+                    };
+                    mounts.push(pb::Mount { input, ..mount.1 });
+                }
                 RunMount::Tmpfs { target, size } => mounts.push(pb::Mount {
                     input: -1,
                     dest: absolute(target),
@@ -1289,6 +1324,54 @@ impl Compiler<'_> {
         words.extend(args);
         self.history(state, format!("RUN {} # buildkit", words.join(" ")), true);
         Ok(())
+    }
+
+    /// A `RUN --mount=type=bind` as BuildKit's `dispatchRunMounts` compiles it: the `from`
+    /// stage or image (or the build context) as input, `source` as selector (none for the
+    /// root), never an output; `rw` mounts are writable but their writes are discarded.
+    /// Returns the input state (`None` = scratch) and the mount with `input` left to the caller.
+    fn bind_mount(
+        &mut self,
+        from: &[(String, Option<OutputRef>)],
+        from_name: &Option<String>,
+        source: &str,
+        target: &str,
+        readonly: bool,
+        line: usize,
+    ) -> Result<(Option<OutputRef>, pb::Mount), CompileError> {
+        if target == "/" {
+            return Err(CompileError::Invalid {
+                line,
+                message: format!("invalid mount target {target:?}"),
+            });
+        }
+        let input = match from_name {
+            Some(name) => from
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, output)| output.clone())
+                .ok_or_else(|| CompileError::Invalid {
+                    line,
+                    message: format!("mount source {name:?} was not resolved"),
+                })?,
+            None => Some(self.context()?),
+        };
+        let selector = clean_path(&format!("/{source}"));
+        Ok((
+            input,
+            pb::Mount {
+                selector: if selector == "/" {
+                    String::new()
+                } else {
+                    selector
+                },
+                dest: target.to_string(),
+                output: -1,
+                readonly,
+                mount_type: pb::MountType::Bind as i32,
+                ..Default::default()
+            },
+        ))
     }
 
     /// A scratch snapshot holding one file `/<name>` (BuildKit's "preparing inline document"
@@ -1694,12 +1777,20 @@ enum RunMount {
     },
     /// `type=tmpfs`, with an optional size in bytes.
     Tmpfs { target: String, size: i64 },
+    /// `type=bind`: `source` (default the root) of the `from` stage or image (default the build
+    /// context) at `target`, read-only unless `rw`.
+    Bind {
+        target: String,
+        from: Option<String>,
+        source: String,
+        readonly: bool,
+    },
 }
 
 /// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
 /// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
-/// `readonly|ro`, `rw`, `uid`, `gid`, `mode` (octal), `size`; `from`, `source` and the other
-/// types (bind, secret, ssh) are not supported yet.
+/// `readonly|ro`, `rw|readwrite`, `uid`, `gid`, `mode` (octal), `size`, `from`, `source|src`;
+/// `from`/`source` of a cache mount and the secret and ssh types are not supported yet.
 fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     let invalid = |message: String| CompileError::Invalid { line, message };
     let unsupported = |what: String| CompileError::UnsupportedSource { line, what };
@@ -1710,6 +1801,7 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     let mut readonly = None;
     let (mut uid, mut gid, mut mode) = (0u32, 0u32, 0o755i32);
     let mut size = 0i64;
+    let (mut from, mut source) = (None, None);
     for field in value.split(',').filter(|f| !f.is_empty()) {
         let (key, val) = match field.split_once('=') {
             Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim())),
@@ -1753,9 +1845,8 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
                 size =
                     parse_size(need()?).ok_or_else(|| invalid(format!("invalid size {field:?}")))?
             }
-            "from" | "source" | "src" => {
-                return Err(unsupported(format!("RUN --mount option {key}")))
-            }
+            "from" => from = Some(need()?.to_string()),
+            "source" | "src" => source = Some(need()?.to_string()),
             other => return Err(invalid(format!("unexpected key '{other}' in '{field}'"))),
         }
     }
@@ -1764,6 +1855,9 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
         .ok_or_else(|| invalid("mount destination (target) is required".to_string()))?;
     // A relative target is resolved against the working directory in `dispatch_run`.
     match kind.as_str() {
+        "cache" if from.is_some() || source.is_some() => Err(unsupported(
+            "RUN --mount=type=cache with from or source".to_string(),
+        )),
         "cache" => Ok(RunMount::Cache {
             // Empty = the (absolute) target, filled in by `dispatch_run`.
             id: id.unwrap_or_default(),
@@ -1775,7 +1869,14 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
             mode,
         }),
         "tmpfs" => Ok(RunMount::Tmpfs { target, size }),
-        "bind" | "secret" | "ssh" => Err(unsupported(format!("RUN --mount=type={kind}"))),
+        "bind" => Ok(RunMount::Bind {
+            target,
+            from: from.filter(|f| !f.is_empty()),
+            source: source.unwrap_or_default(),
+            // BuildKit: bind mounts are read-only unless `rw`.
+            readonly: readonly.unwrap_or(true),
+        }),
+        "secret" | "ssh" => Err(unsupported(format!("RUN --mount=type={kind}"))),
         other => Err(invalid(format!("unsupported mount type {other:?}"))),
     }
 }
@@ -1849,6 +1950,26 @@ fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
         }
     }
     Ok(modes)
+}
+
+/// What a `--from` (COPY) or `from=` (RUN --mount) value names: a stage index, a stage name
+/// (case-insensitive), or else an image.
+fn named_source(from: &str, stages: &[Stage], line: usize) -> Result<CopySource, CompileError> {
+    if let Ok(index) = from.parse::<usize>() {
+        if index >= stages.len() {
+            return Err(CompileError::StageIndex { line, index });
+        }
+        return Ok(CopySource::Stage(index));
+    }
+    Ok(
+        match stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
+        {
+            Some(j) => CopySource::Stage(j),
+            None => CopySource::Image(from.to_string()),
+        },
+    )
 }
 
 /// Parses an `ONBUILD` trigger as a single instruction placed at the `FROM` that runs it.
@@ -2240,9 +2361,23 @@ mod tests {
         assert_eq!(parse_size("1gb"), Some(1 << 30));
         assert!(parse_mount("type=cache", 3).is_err(), "target is required");
         assert!(parse_mount("type=cache,target=/c,bogus=1", 3).is_err());
-        assert!(
-            parse_mount("type=bind,target=/c", 3).is_err(),
-            "bind is not supported yet"
+        assert_eq!(
+            parse_mount("type=bind,target=/c", 3).unwrap(),
+            RunMount::Bind {
+                target: "/c".into(),
+                from: None,
+                source: String::new(),
+                readonly: true,
+            }
+        );
+        assert_eq!(
+            parse_mount("type=bind,from=build,src=/out,dst=o,rw", 3).unwrap(),
+            RunMount::Bind {
+                target: "o".into(),
+                from: Some("build".into()),
+                source: "/out".into(),
+                readonly: false,
+            }
         );
         assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_err());
     }

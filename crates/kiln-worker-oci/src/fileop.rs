@@ -272,7 +272,11 @@ fn resolve_owner(
                             index: k,
                             action: "chown",
                             path: file.to_string(),
-                            reason: format!("unknown user or group {}", named.name),
+                            reason: format!(
+                                "unknown {} {:?}: no entry in {file} of the destination",
+                                if field == 3 { "user" } else { "group" },
+                                named.name
+                            ),
                             source: None,
                         }),
                     }

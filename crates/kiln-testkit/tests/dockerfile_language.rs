@@ -1,0 +1,240 @@
+//! Dockerfile language features end to end: the real `kiln` against a sandboxed `kilnd`, with
+//! the built image unpacked (docker archive → config + layers) and its files and config checked.
+//! The Dockerfiles also assert inside their own `RUN` steps, so a wrong mount or owner fails the
+//! build itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
+
+/// A build directory with its own daemon.
+struct Bench {
+    work: tempfile::TempDir,
+    socket: String,
+    daemon: Kilnd,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let socket = format!("unix://{}/kilnd.sock", work.path().display());
+        let daemon = Kilnd::start(&socket, &[]);
+        Self {
+            work,
+            socket,
+            daemon,
+        }
+    }
+
+    /// Writes `files` (path, content) into a fresh context named `name`.
+    fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.work.path().join(name);
+        for (path, content) in files {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        dir
+    }
+
+    /// `kiln build` of `context` into a docker archive; returns the output and the archive.
+    fn build(&self, context: &Path, extra: &[&str]) -> (Output, PathBuf) {
+        let dest = context.with_extension("tar");
+        let out = run(Command::new(cargo_bin("kiln"))
+            .args(["build", "--progress=plain", "--buildkit-host", &self.socket])
+            .args(extra)
+            .arg("-o")
+            .arg(format!("type=docker,dest={}", dest.display()))
+            .arg(context));
+        (out, dest)
+    }
+
+    fn build_ok(&self, context: &Path, extra: &[&str]) -> Image {
+        let (out, dest) = self.build(context, extra);
+        assert_eq!(
+            out.code,
+            0,
+            "{}\nkilnd:\n{}",
+            out.stderr,
+            self.daemon.log_text()
+        );
+        Image::unpack(&dest, &context.with_extension("image"))
+    }
+}
+
+/// A docker archive unpacked: the image config and the layers applied in order.
+struct Image {
+    config: serde_json::Value,
+    rootfs: PathBuf,
+}
+
+impl Image {
+    fn unpack(archive: &Path, dir: &Path) -> Self {
+        let raw = dir.join("raw");
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&raw).unwrap();
+        std::fs::create_dir_all(&rootfs).unwrap();
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(&raw))
+        .success();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(raw.join("manifest.json")).unwrap()).unwrap();
+        let entry = &manifest[0];
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(raw.join(entry["Config"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        for layer in entry["Layers"].as_array().unwrap() {
+            run(Command::new("tar")
+                .args(["-xzf"])
+                .arg(raw.join(layer.as_str().unwrap()))
+                .args(["--numeric-owner", "-C"])
+                .arg(&rootfs))
+            .success();
+        }
+        Self { config, rootfs }
+    }
+
+    fn path(&self, path: &str) -> PathBuf {
+        self.rootfs.join(path.trim_start_matches('/'))
+    }
+
+    fn owner(&self, path: &str) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let meta =
+            std::fs::symlink_metadata(self.path(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        (meta.uid(), meta.gid())
+    }
+}
+
+/// `RUN --mount=type=bind` from a stage, an image, a stage index and the build context; read-only
+/// by default, `rw` writes discarded; nothing of the mounts ends up in the image.
+#[test]
+fn run_mount_bind() {
+    let bench = Bench::new();
+    let context = bench.context(
+        "bind",
+        &[
+            (
+                "Dockerfile",
+                &format!(
+                    r#"FROM {BUSYBOX} AS build
+RUN mkdir /out && echo built > /out/artifact
+
+FROM {BUSYBOX}
+WORKDIR /work
+RUN --mount=type=bind,from=build,source=/out,target=/mnt/out cp /mnt/out/artifact /artifact
+RUN --mount=type=bind,from=0,target=/first test -f /first/out/artifact && echo from-index > /from-index
+RUN --mount=type=bind,from={BUSYBOX},source=/bin,target=/img test -x /img/busybox
+RUN --mount=type=bind,target=ctx test "$(cat ctx/sub/data.txt)" = context-data && ! touch ctx/readonly 2>/dev/null && cp ctx/sub/data.txt /from-context
+RUN --mount=type=bind,src=sub,dst=/sub,rw echo changed > /sub/data.txt && touch /sub/new && test "$(cat /sub/data.txt)" = changed
+RUN --mount=type=bind,src=sub,dst=/sub test "$(cat /sub/data.txt)" = context-data && test ! -e /sub/new
+"#
+                ),
+            ),
+            ("sub/data.txt", "context-data\n"),
+        ],
+    );
+    let image = bench.build_ok(&context, &[]);
+    assert_eq!(
+        std::fs::read_to_string(image.path("/artifact")).unwrap(),
+        "built\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(image.path("/from-context")).unwrap(),
+        "context-data\n"
+    );
+    assert!(image.path("/from-index").is_file());
+    for gone in ["/mnt/out", "/first", "/img", "/work/ctx", "/sub"] {
+        assert!(
+            !image.path(gone).exists(),
+            "mount point {gone} leaked into the image"
+        );
+    }
+
+    // A source that does not exist fails clearly.
+    let missing = bench.context(
+        "bind-missing",
+        &[(
+            "Dockerfile",
+            &format!("FROM {BUSYBOX}\nRUN --mount=type=bind,source=nope,target=/m true\n"),
+        )],
+    );
+    let (out, _) = bench.build(&missing, &[]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("source path \"/nope\" does not exist"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// `USER name[:group]` and `COPY/ADD --chown=name[:group]` resolved from the image's
+/// `/etc/passwd` and `/etc/group`; unknown names fail naming the user.
+#[test]
+fn user_and_chown_by_name() {
+    let bench = Bench::new();
+    let context = bench.context(
+        "users",
+        &[
+            (
+                "Dockerfile",
+                &format!(
+                    r#"FROM {BUSYBOX}
+RUN echo 'app:x:1234:2345:app:/home/app:/bin/sh' >> /etc/passwd && echo 'appgrp:x:2345:' >> /etc/group && echo 'extra:x:3456:app' >> /etc/group
+COPY --chown=app:extra f.txt /owned-both.txt
+COPY --chown=app f.txt /owned-user.txt
+ADD --chown=app:3456 f.txt /added.txt
+COPY --chown=1234 f.txt /owned-id.txt
+USER app
+RUN test "$(id -u)" = 1234 && test "$(id -g)" = 2345 && id -G | grep -q 3456 && touch /tmp/by-app
+WORKDIR /home/app/work
+USER app:extra
+RUN test "$(id -u)" = 1234 && test "$(id -g)" = 3456 && touch /tmp/by-app-extra
+"#
+                ),
+            ),
+            ("f.txt", "owned\n"),
+        ],
+    );
+    let image = bench.build_ok(&context, &[]);
+    assert_eq!(image.owner("/owned-both.txt"), (1234, 3456));
+    assert_eq!(image.owner("/owned-user.txt"), (1234, 2345));
+    assert_eq!(image.owner("/added.txt"), (1234, 3456));
+    assert_eq!(image.owner("/owned-id.txt"), (1234, 1234));
+    assert_eq!(image.owner("/tmp/by-app"), (1234, 2345));
+    assert_eq!(image.owner("/tmp/by-app-extra"), (1234, 3456));
+    // WORKDIR under USER app is created owned by app (BuildKit's mkdir with the user's chown).
+    assert_eq!(image.owner("/home/app/work"), (1234, 2345));
+    assert_eq!(image.config["config"]["User"], "app:extra");
+
+    for (name, dockerfile, expected) in [
+        (
+            "chown-unknown",
+            format!("FROM {BUSYBOX}\nCOPY --chown=ghost f.txt /f\n"),
+            "unknown user \"ghost\"",
+        ),
+        (
+            "chown-unknown-group",
+            format!("FROM {BUSYBOX}\nCOPY --chown=root:ghosts f.txt /f\n"),
+            "unknown group \"ghosts\"",
+        ),
+        (
+            "user-unknown",
+            format!("FROM {BUSYBOX}\nUSER ghost\nRUN true\n"),
+            "unable to find user ghost",
+        ),
+    ] {
+        let context = bench.context(
+            name,
+            &[("Dockerfile", dockerfile.as_str()), ("f.txt", "x\n")],
+        );
+        let (out, _) = bench.build(&context, &[]);
+        assert_ne!(out.code, 0, "{name} built");
+        assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
+    }
+}
