@@ -856,13 +856,6 @@ impl Compiler<'_> {
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(command.instruction, Instruction::Add(_));
-                if let Some(flag) = copy.unsupported_flags.first() {
-                    return Err(CompileError::UnsupportedFlag {
-                        line,
-                        instruction: command.keyword.clone(),
-                        flag: flag.clone(),
-                    });
-                }
                 let from = from.first().map(|(_, output)| output.clone());
                 self.dispatch_copy(state, command, copy, is_add, from, prefix)
             }
@@ -1470,6 +1463,11 @@ impl Compiler<'_> {
             Some(c) => Some(self.expand(c, &state.env, line)?),
             None => None,
         };
+        let excludes = copy
+            .excludes
+            .iter()
+            .map(|e| self.expand(e, &state.env, line))
+            .collect::<Result<Vec<_>, _>>()?;
         let mode = match &chmod {
             None => -1,
             Some(value) => match u32::from_str_radix(value, 8) {
@@ -1601,15 +1599,24 @@ impl Compiler<'_> {
                         attempt_unpack_docker_compatibility: copy.unpack.unwrap_or(false),
                         create_dest_path: true,
                         timestamp: -1,
+                        exclude_patterns: excludes.clone(),
                         ..Default::default()
                     },
                 ));
             } else {
                 let secondary = input_of(&mut inputs, &local_source);
+                let (src, include_patterns, required_paths) = if copy.parents {
+                    parents_copy(src)
+                } else {
+                    (clean_path(&format!("/{src}")), Vec::new(), Vec::new())
+                };
                 copies.push((
                     secondary,
                     pb::FileActionCopy {
-                        src: clean_path(&format!("/{src}")),
+                        src,
+                        include_patterns,
+                        exclude_patterns: excludes.clone(),
+                        required_paths,
                         dest: dest.clone(),
                         owner: owner.clone(),
                         mode,
@@ -1651,6 +1658,7 @@ impl Compiler<'_> {
                     mode,
                     create_dest_path: true,
                     timestamp: -1,
+                    exclude_patterns: excludes.clone(),
                     ..Default::default()
                 },
             ));
@@ -1681,6 +1689,9 @@ impl Compiler<'_> {
         state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
 
         let mut message = String::from(keyword);
+        if copy.parents {
+            message.push_str(" --parents");
+        }
         if let Some(c) = &chown {
             message.push_str(&format!(" --chown={c}"));
         }
@@ -2126,6 +2137,30 @@ fn summarize_heredoc(doc: &str) -> String {
     }
 }
 
+/// `COPY --parents` of one local source, as dockerfile2llb compiles it: the part before a
+/// `/./` pivot (default the root) is copied with its contents, filtered by an include pattern
+/// made of the rest, so the matched paths keep their parent directories under the destination.
+/// A source without wildcards must exist (`required_paths`). Returns (src, includes, required).
+fn parents_copy(src: &str) -> (String, Vec<String>, Vec<String>) {
+    let (root, pattern) = match src.split_once("/./") {
+        Some((root, pattern)) => (root, pattern),
+        None => ("/", src),
+    };
+    let pattern = clean_path(&format!("/{pattern}"));
+    let root = clean_path(&format!("/{root}"));
+    let wildcards = |p: &str| p.contains(['*', '?', '[']);
+    let required = if wildcards(&root) || wildcards(&pattern) {
+        Vec::new()
+    } else {
+        vec![clean_path(&format!("{root}/{pattern}"))]
+    };
+    (
+        root,
+        vec![pattern.trim_start_matches('/').to_string()],
+        required,
+    )
+}
+
 /// Whether an `ADD` source names a git repository (BuildKit's `dfgitutil.ParseGitRef` forms).
 fn is_git_source(src: &str) -> bool {
     if src.starts_with("git://") || src.starts_with("git@") || src.starts_with("ssh://") {
@@ -2392,6 +2427,26 @@ mod tests {
         assert_eq!(dest_path("/app", "file"), "/app/file");
         assert_eq!(dest_path("/app", "/abs/../x"), "/x");
         assert_eq!(dest_path("/app", "/"), "/");
+    }
+
+    #[test]
+    fn parents_sources() {
+        assert_eq!(
+            parents_copy("a/b/c.txt"),
+            (
+                "/".into(),
+                vec!["a/b/c.txt".into()],
+                vec!["/a/b/c.txt".into()]
+            )
+        );
+        assert_eq!(
+            parents_copy("./src/./pkg/*/main.go"),
+            ("/src".into(), vec!["pkg/*/main.go".into()], vec![])
+        );
+        assert_eq!(
+            parents_copy("dir/"),
+            ("/".into(), vec!["dir".into()], vec!["/dir".into()])
+        );
     }
 
     #[test]

@@ -238,3 +238,80 @@ RUN test "$(id -u)" = 1234 && test "$(id -g)" = 3456 && touch /tmp/by-app-extra
         assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
     }
 }
+
+/// `COPY/ADD --exclude` (repeatable, expanded, `**` and `!` exceptions) and `COPY --parents`
+/// (with and without a `/./` pivot, wildcards, a missing source failing).
+#[test]
+fn copy_exclude_and_parents() {
+    let bench = Bench::new();
+    let context = bench.context(
+        "filters",
+        &[
+            (
+                "Dockerfile",
+                &format!(
+                    r#"FROM {BUSYBOX}
+ARG DOCS=md
+COPY --exclude=*.$DOCS --exclude=tmp --exclude=**/*_test.go --exclude=!keep.md . /app/
+ADD --exclude=**/*.txt a /added/
+COPY --parents a/b/c.txt ./pkg/./*/main.go /parents/
+"#
+                ),
+            ),
+            ("a/b/c.txt", "c\n"),
+            ("a/b/d.md", "d\n"),
+            ("a/x/y.bin", "y\n"),
+            ("keep.md", "keep\n"),
+            ("readme.md", "readme\n"),
+            ("tmp/junk", "junk\n"),
+            ("pkg/one/main.go", "one\n"),
+            ("pkg/one/main_test.go", "test\n"),
+            ("pkg/two/other.go", "other\n"),
+        ],
+    );
+    let image = bench.build_ok(&context, &[]);
+    let present = |p: &str| image.path(p).exists();
+    for p in [
+        "/app/a/b/c.txt",
+        // `*.md` only matches at the top (`*` does not cross `/`), as in .dockerignore.
+        "/app/a/b/d.md",
+        "/app/keep.md",
+        "/app/pkg/one/main.go",
+        "/app/pkg/two/other.go",
+        "/app/Dockerfile",
+        "/added/b/d.md",
+        "/added/x/y.bin",
+        "/parents/a/b/c.txt",
+        "/parents/one/main.go",
+    ] {
+        assert!(present(p), "{p} is missing");
+    }
+    for p in [
+        "/app/readme.md",
+        "/app/tmp",
+        "/app/pkg/one/main_test.go",
+        "/added/b/c.txt",
+        "/parents/a/b/d.md",
+        "/parents/a/x",
+        "/parents/pkg",
+        "/parents/two",
+        "/parents/one/main_test.go",
+    ] {
+        assert!(!present(p), "{p} should not be there");
+    }
+
+    let missing = bench.context(
+        "parents-missing",
+        &[(
+            "Dockerfile",
+            &format!("FROM {BUSYBOX}\nCOPY --parents nope/file /x/\n"),
+        )],
+    );
+    let (out, _) = bench.build(&missing, &[]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("/nope/file not found"),
+        "{}",
+        out.stderr
+    );
+}
