@@ -1515,7 +1515,7 @@ impl Compiler<'_> {
             };
             kinds.push(kind);
         }
-        if let Some(checksum) = &copy.checksum {
+        if copy.checksum.is_some() {
             if sources.len() != 1 || !copy.heredocs.is_empty() {
                 return Err(CompileError::Invalid {
                     line,
@@ -1528,13 +1528,26 @@ impl Compiler<'_> {
                     message: "checksum requires HTTP(S) or Git sources".to_string(),
                 });
             }
-            tracing::debug!(%checksum, "ADD --checksum requested");
-            return Err(CompileError::UnsupportedFlag {
-                line,
-                instruction: keyword.to_string(),
-                flag: "checksum".to_string(),
-            });
         }
+        // `ADD --checksum=<digest>` of a URL: the daemon verifies the download against it.
+        let checksum = match &copy.checksum {
+            None => None,
+            Some(raw) => {
+                let value = self.expand(raw, &state.env, line)?;
+                let valid = value.split_once(':').is_some_and(|(algorithm, hex)| {
+                    !algorithm.is_empty()
+                        && !hex.is_empty()
+                        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+                if !valid {
+                    return Err(CompileError::Invalid {
+                        line,
+                        message: format!("invalid checksum digest format: {value:?}"),
+                    });
+                }
+                Some(value)
+            }
+        };
 
         // The source for local paths: another stage/image, or the main build context.
         let local_source = if kinds.iter().any(|http| !http) {
@@ -1579,7 +1592,14 @@ impl Compiler<'_> {
                 let op = pb::Op {
                     op: Some(pb::op::Op::Source(pb::SourceOp {
                         identifier: src.clone(),
-                        attrs: BTreeMap::from([("http.filename".to_string(), filename.clone())]),
+                        attrs: {
+                            let mut attrs =
+                                BTreeMap::from([("http.filename".to_string(), filename.clone())]);
+                            if let Some(checksum) = &checksum {
+                                attrs.insert("http.checksum".to_string(), checksum.clone());
+                            }
+                            attrs
+                        },
                     })),
                     // Like BuildKit, only image sources carry a platform.
                     platform: None,

@@ -27,6 +27,7 @@
 
 pub mod cache;
 pub mod explain;
+mod http;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -96,6 +97,14 @@ pub enum Error {
     Unsupported {
         /// What was asked for.
         what: String,
+    },
+    /// Downloading an http(s) source failed.
+    #[error("failed to fetch {url}: {reason}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
     },
     /// A source identifier could not be understood.
     #[error("invalid source {identifier:?}: {reason}")]
@@ -247,6 +256,8 @@ struct Context {
     progress: ProgressWriter,
     options: SolveOptions,
     leases: Leases,
+    /// The solver's state directory (downloads and http validators live below it).
+    state_dir: PathBuf,
 }
 
 impl Solver {
@@ -429,6 +440,7 @@ impl Solver {
             progress,
             options,
             leases: Leases::default(),
+            state_dir: self.state_dir.clone(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -971,6 +983,9 @@ async fn run_source(
             cached: false,
             created: now_secs(),
         });
+    }
+    if identifier.starts_with("http://") || identifier.starts_with("https://") {
+        return http::run_http_source(context, source, ignore_cache, progress, name).await;
     }
     let scheme = identifier.split("://").next().unwrap_or(identifier);
     Err(SourceFailure::Other(Arc::new(Error::Unsupported {

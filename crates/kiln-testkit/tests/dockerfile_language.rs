@@ -315,3 +315,132 @@ COPY --parents a/b/c.txt ./pkg/./*/main.go /parents/
         out.stderr
     );
 }
+
+/// A tiny HTTP/1.1 server for `ADD <url>` tests: `/hello.txt` with an `ETag` and a
+/// `Last-Modified`, answering `If-None-Match` with 304; anything else is 404.
+struct HttpServer {
+    port: u16,
+    not_modified: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    downloads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const HELLO: &str = "hello from http\n";
+
+impl HttpServer {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let not_modified = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let downloads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (nm, dl) = (not_modified.clone(), downloads.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut etag_match = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if lower.starts_with("if-none-match:") && lower.contains("\"v1\"") {
+                        etag_match = true;
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("");
+                let response = if path == "/hello.txt" && etag_match {
+                    nm.fetch_add(1, Ordering::SeqCst);
+                    "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                } else if path == "/hello.txt" {
+                    dl.fetch_add(1, Ordering::SeqCst);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nLast-Modified: Wed, 21 Oct 2015 07:28:00 GMT\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{HELLO}",
+                        HELLO.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
+                };
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        Self {
+            port,
+            not_modified,
+            downloads,
+        }
+    }
+}
+
+/// `ADD <url>` fetched by the daemon: default mode 0600, mtime from `Last-Modified`,
+/// `--checksum` verified, `--chmod` applied; a rebuild revalidates with the `ETag` instead of
+/// downloading; a wrong checksum and a 404 fail clearly.
+#[test]
+fn add_http_url() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::atomic::Ordering;
+    let server = HttpServer::start();
+    let bench = Bench::new();
+    let url = format!("http://127.0.0.1:{}/hello.txt", server.port);
+    let sum = {
+        // sha256 of HELLO, computed with the system tool for an independent check.
+        let file = bench.work.path().join("hello");
+        std::fs::write(&file, HELLO).unwrap();
+        let out = run(Command::new("sha256sum").arg(&file)).success();
+        out.stdout.split_whitespace().next().unwrap().to_string()
+    };
+    let dockerfile = format!(
+        "FROM {BUSYBOX}\nADD {url} /downloads/\nADD --checksum=sha256:{sum} --chmod=644 {url} /checked.txt\nRUN test \"$(cat /downloads/hello.txt)\" = 'hello from http'\n"
+    );
+    let context = bench.context("http", &[("Dockerfile", dockerfile.as_str())]);
+    let image = bench.build_ok(&context, &[]);
+    let meta = std::fs::metadata(image.path("/downloads/hello.txt")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(image.path("/downloads/hello.txt")).unwrap(),
+        HELLO
+    );
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(meta.mtime(), 1_445_412_480, "mtime from Last-Modified");
+    let checked = std::fs::metadata(image.path("/checked.txt")).unwrap();
+    assert_eq!(checked.permissions().mode() & 0o7777, 0o644);
+    let downloads = server.downloads.load(Ordering::SeqCst);
+    assert!(downloads >= 1);
+
+    // Rebuild: the ETag revalidates (304), nothing is downloaded again, the steps are cached.
+    let (out, _) = bench.build(&context, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(server.not_modified.load(Ordering::SeqCst) >= 1);
+    assert_eq!(server.downloads.load(Ordering::SeqCst), downloads);
+    assert!(out.stderr.contains("CACHED"), "{}", out.stderr);
+
+    for (name, dockerfile, expected) in [
+        (
+            "http-bad-sum",
+            format!(
+                "FROM {BUSYBOX}\nADD --checksum=sha256:{} {url} /x\n",
+                "0".repeat(64)
+            ),
+            "digest mismatch",
+        ),
+        (
+            "http-404",
+            format!(
+                "FROM {BUSYBOX}\nADD http://127.0.0.1:{}/missing /x\n",
+                server.port
+            ),
+            "404",
+        ),
+    ] {
+        let context = bench.context(name, &[("Dockerfile", dockerfile.as_str())]);
+        let (out, _) = bench.build(&context, &[]);
+        assert_ne!(out.code, 0, "{name} built");
+        assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
+    }
+}
