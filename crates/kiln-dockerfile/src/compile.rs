@@ -1793,7 +1793,7 @@ struct RunModes {
     mounts: Vec<RunMount>,
 }
 
-/// One `RUN --mount` the compiler supports (`type=cache` and `type=tmpfs`).
+/// One `RUN --mount` the compiler supports (`type=cache`, `type=tmpfs` and `type=bind`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RunMount {
     /// `type=cache`: a persistent directory keyed by `id` (empty = the target).
@@ -1926,7 +1926,8 @@ fn parse_size(value: &str) -> Option<i64> {
     (n >= 0.0).then_some((n * unit as f64) as i64)
 }
 
-/// Parses `RUN` flags; `--mount` supports `type=cache` and `type=tmpfs`, `--device` nothing yet.
+/// Parses `RUN` flags; `--mount` supports `type=cache`, `type=tmpfs` and `type=bind`, `--device`
+/// nothing yet.
 fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
     let mut modes = RunModes {
         network: pb::NetMode::Unset,
