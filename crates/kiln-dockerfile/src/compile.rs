@@ -274,6 +274,17 @@ enum Base {
     Stage(usize),
 }
 
+/// What a `COPY`/`ADD` source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    /// A path in the build context or the `--from` stage/image.
+    Local,
+    /// An `http(s)://` URL (ADD only).
+    Http,
+    /// A git repository (ADD only).
+    Git,
+}
+
 /// What `COPY --from` names.
 #[derive(Debug, Clone)]
 enum CopySource {
@@ -1319,6 +1330,66 @@ impl Compiler<'_> {
         Ok(())
     }
 
+    /// The source op of `ADD <git ref>` (BuildKit's `llb.Git`): identifier
+    /// `git://<remote without scheme>[#<ref>[:<subdir>]]`, the full URL in `git.fullurl`,
+    /// `git.keepgitdir`, `git.checksum` and the auth secret names BuildKit always sets.
+    fn git_source(
+        &mut self,
+        src: &str,
+        keep_git_dir: Option<bool>,
+        checksum: &Option<String>,
+        name: &str,
+        line: usize,
+    ) -> Result<OutputRef, CompileError> {
+        let (url, fragment) = match src.split_once('#') {
+            Some((url, fragment)) => (url, fragment),
+            None => (src, ""),
+        };
+        if url.contains('?') {
+            return Err(CompileError::UnsupportedSource {
+                line,
+                what: format!("query parameters in a git reference ({src})"),
+            });
+        }
+        let (full_url, remote) = if let Some(rest) = url.strip_prefix("git@") {
+            // scp-like `git@host:path` → `host/path`, like the http(s) form.
+            (url.to_string(), rest.replacen(':', "/", 1))
+        } else if let Some((_, rest)) = url.split_once("://") {
+            (url.to_string(), rest.to_string())
+        } else {
+            (format!("https://{url}"), url.to_string())
+        };
+        let mut identifier = format!("git://{remote}");
+        if !fragment.is_empty() {
+            identifier.push('#');
+            identifier.push_str(fragment);
+        }
+        let mut attrs = BTreeMap::from([
+            ("git.fullurl".to_string(), full_url),
+            (
+                "git.authheadersecret".to_string(),
+                "GIT_AUTH_HEADER".to_string(),
+            ),
+            (
+                "git.authtokensecret".to_string(),
+                "GIT_AUTH_TOKEN".to_string(),
+            ),
+        ]);
+        if keep_git_dir == Some(true) {
+            attrs.insert("git.keepgitdir".to_string(), "true".to_string());
+        }
+        if let Some(checksum) = checksum {
+            attrs.insert("git.checksum".to_string(), checksum.clone());
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
+            platform: None,
+            ..Default::default()
+        };
+        let metadata = self.metadata(name, None);
+        self.add_op(op, &[], metadata, None)
+    }
+
     /// A `RUN --mount=type=bind` as BuildKit's `dispatchRunMounts` compiles it: the `from`
     /// stage or image (or the build context) as input, `source` as selector (none for the
     /// root), never an output; `rw` mounts are writable but their writes are discarded.
@@ -1491,17 +1562,7 @@ impl Compiler<'_> {
                         message: "source can't be a git ref for COPY".to_string(),
                     });
                 }
-                if copy.keep_git_dir.is_some() {
-                    return Err(CompileError::UnsupportedFlag {
-                        line,
-                        instruction: keyword.to_string(),
-                        flag: "keep-git-dir".to_string(),
-                    });
-                }
-                return Err(CompileError::UnsupportedSource {
-                    line,
-                    what: format!("ADD of a git repository ({src})"),
-                });
+                SourceKind::Git
             } else if src.starts_with("http://") || src.starts_with("https://") {
                 if !is_add {
                     return Err(CompileError::Invalid {
@@ -1509,9 +1570,9 @@ impl Compiler<'_> {
                         message: "source can't be a URL for COPY".to_string(),
                     });
                 }
-                true
+                SourceKind::Http
             } else {
-                false
+                SourceKind::Local
             };
             kinds.push(kind);
         }
@@ -1522,7 +1583,7 @@ impl Compiler<'_> {
                     message: "checksum can't be specified for multiple sources".to_string(),
                 });
             }
-            if !kinds[0] {
+            if kinds[0] == SourceKind::Local {
                 return Err(CompileError::Invalid {
                     line,
                     message: "checksum requires HTTP(S) or Git sources".to_string(),
@@ -1534,11 +1595,15 @@ impl Compiler<'_> {
             None => None,
             Some(raw) => {
                 let value = self.expand(raw, &state.env, line)?;
-                let valid = value.split_once(':').is_some_and(|(algorithm, hex)| {
-                    !algorithm.is_empty()
-                        && !hex.is_empty()
-                        && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                });
+                let hex = |h: &str| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit());
+                // A URL takes a digest; a git source a (prefix of a) commit hash.
+                let valid = if kinds[0] == SourceKind::Git {
+                    hex(&value)
+                } else {
+                    value
+                        .split_once(':')
+                        .is_some_and(|(algorithm, h)| !algorithm.is_empty() && hex(h))
+                };
                 if !valid {
                     return Err(CompileError::Invalid {
                         line,
@@ -1550,7 +1615,7 @@ impl Compiler<'_> {
         };
 
         // The source for local paths: another stage/image, or the main build context.
-        let local_source = if kinds.iter().any(|http| !http) {
+        let local_source = if kinds.contains(&SourceKind::Local) {
             match from {
                 Some(output) => output,
                 None => Some(self.context()?),
@@ -1586,8 +1651,25 @@ impl Compiler<'_> {
 
         // (secondary input, action) per source; inputs are final once all are known.
         let mut copies: Vec<(i64, pb::FileActionCopy)> = Vec::new();
-        for (src, http) in sources.iter().zip(&kinds) {
-            if *http {
+        for (src, kind) in sources.iter().zip(&kinds) {
+            if *kind == SourceKind::Git {
+                let output =
+                    Some(self.git_source(src, copy.keep_git_dir, &checksum, &name, line)?);
+                let secondary = input_of(&mut inputs, &output);
+                copies.push((
+                    secondary,
+                    pb::FileActionCopy {
+                        src: "/".to_string(),
+                        dest: dest.clone(),
+                        owner: owner.clone(),
+                        mode,
+                        create_dest_path: true,
+                        timestamp: -1,
+                        exclude_patterns: excludes.clone(),
+                        ..Default::default()
+                    },
+                ));
+            } else if *kind == SourceKind::Http {
                 let filename = url_filename(src);
                 let op = pb::Op {
                     op: Some(pb::op::Op::Source(pb::SourceOp {

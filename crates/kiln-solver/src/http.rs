@@ -395,7 +395,8 @@ fn remember_validator(path: &Path, validator: Validator) {
     }
 }
 
-fn unique_suffix() -> String {
+/// A name part unique in this process (for temporary directories).
+pub(crate) fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()

@@ -27,6 +27,7 @@
 
 pub mod cache;
 pub mod explain;
+mod git;
 mod http;
 pub mod progress;
 pub mod selector;
@@ -101,6 +102,14 @@ pub enum Error {
     /// Downloading an http(s) source failed.
     #[error("failed to fetch {url}: {reason}")]
     Http {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Fetching a git source failed.
+    #[error("failed to fetch git repository {url}: {reason}")]
+    Git {
         /// The URL.
         url: String,
         /// What went wrong.
@@ -983,6 +992,9 @@ async fn run_source(
             cached: false,
             created: now_secs(),
         });
+    }
+    if identifier.starts_with("git://") {
+        return git::run_git_source(context, source, ignore_cache, progress, name).await;
     }
     if identifier.starts_with("http://") || identifier.starts_with("https://") {
         return http::run_http_source(context, source, ignore_cache, progress, name).await;

@@ -444,3 +444,128 @@ fn add_http_url() {
         assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
     }
 }
+
+/// `git daemon` serving a fresh repository on 127.0.0.1; killed on drop.
+struct GitDaemon {
+    child: std::process::Child,
+    port: u16,
+    commit: String,
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl GitDaemon {
+    /// A repository `repo.git` under `base` with `README`, `sub/inner.txt`, branch `main`
+    /// and tag `v1`.
+    fn start(base: &Path) -> Self {
+        let work = base.join("work");
+        std::fs::create_dir_all(work.join("sub")).unwrap();
+        std::fs::write(work.join("README"), "from git\n").unwrap();
+        std::fs::write(work.join("sub/inner.txt"), "inner\n").unwrap();
+        let git = |dir: &Path, args: &[&str]| {
+            run(Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.name=kiln", "-c", "user.email=kiln@example.com"])
+                .args(args))
+            .success()
+        };
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", "initial"]);
+        git(&work, &["tag", "v1"]);
+        let commit = git(&work, &["rev-parse", "HEAD"]).stdout.trim().to_string();
+        let served = base.join("served");
+        std::fs::create_dir_all(&served).unwrap();
+        run(Command::new("git")
+            .args(["clone", "-q", "--bare"])
+            .arg(&work)
+            .arg(served.join("repo.git")))
+        .success();
+        // A free port: bind, read it, release it for the daemon.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", served.display()))
+            .arg(&served)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "git daemon did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            commit,
+        }
+    }
+}
+
+/// `ADD <git ref>`: a branch, a tag with a subdirectory, `--keep-git-dir` and `--checksum`;
+/// a wrong checksum and an unknown ref fail clearly.
+#[test]
+fn add_git_repository() {
+    let bench = Bench::new();
+    let daemon = GitDaemon::start(&bench.work.path().join("git"));
+    let repo = format!("git://127.0.0.1:{}/repo.git", daemon.port);
+    let short = &daemon.commit[..12];
+    let dockerfile = format!(
+        "FROM {BUSYBOX}\nADD {repo}#main /src\nADD {repo}#v1:sub /sub/\nADD --keep-git-dir=true --checksum={short} {repo} /withgit\n"
+    );
+    let context = bench.context("git", &[("Dockerfile", dockerfile.as_str())]);
+    let image = bench.build_ok(&context, &[]);
+    assert_eq!(
+        std::fs::read_to_string(image.path("/src/README")).unwrap(),
+        "from git\n"
+    );
+    assert!(image.path("/src/sub/inner.txt").is_file());
+    assert!(
+        !image.path("/src/.git").exists(),
+        ".git is dropped by default"
+    );
+    assert_eq!(
+        std::fs::read_to_string(image.path("/sub/inner.txt")).unwrap(),
+        "inner\n"
+    );
+    assert!(!image.path("/sub/README").exists());
+    assert!(image.path("/withgit/.git").is_dir());
+    assert!(image.path("/withgit/README").is_file());
+
+    for (name, dockerfile, expected) in [
+        (
+            "git-bad-sum",
+            format!("FROM {BUSYBOX}\nADD --checksum=deadbeef {repo} /x\n"),
+            "expected checksum to match deadbeef",
+        ),
+        (
+            "git-no-ref",
+            format!("FROM {BUSYBOX}\nADD {repo}#nope /x\n"),
+            "ref \"nope\" not found",
+        ),
+    ] {
+        let context = bench.context(name, &[("Dockerfile", dockerfile.as_str())]);
+        let (out, _) = bench.build(&context, &[]);
+        assert_ne!(out.code, 0, "{name} built");
+        assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
+    }
+}

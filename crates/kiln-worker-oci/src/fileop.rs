@@ -448,11 +448,12 @@ fn copy(
             }
         }
         let src_meta = fs::symlink_metadata(&src).map_err(action_err(k, "copy", &c.src))?;
+        // The root of the source (`ADD <git ref>` copies `/`) has no name to copy "into" the
+        // destination: its contents are copied, as fsutil does.
+        let contents = c.dir_copy_contents || src.as_path() == src_root;
         let dest_meta = fs::metadata(&dest).ok();
         let into = match &dest_meta {
-            Some(d) => {
-                (src_meta.is_dir() && !c.dir_copy_contents) || (!src_meta.is_dir() && d.is_dir())
-            }
+            Some(d) => (src_meta.is_dir() && !contents) || (!src_meta.is_dir() && d.is_dir()),
             None => false,
         };
         let name = src
@@ -470,7 +471,7 @@ fn copy(
             // Patterns apply below the source; an existing target keeps its metadata.
             copy_dir_filtered(&src, &target, filter, &opts)
                 .map_err(action_err(k, "copy", &c.dest))?;
-        } else if src_meta.is_dir() && c.dir_copy_contents && target.is_dir() {
+        } else if src_meta.is_dir() && contents && target.is_dir() {
             // Contents into an existing directory: its own metadata is kept.
             let mut names: Vec<_> = fs::read_dir(&src)
                 .map_err(action_err(k, "copy", &c.src))?
