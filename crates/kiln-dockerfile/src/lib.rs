@@ -15,15 +15,16 @@
 //! writes discarded), `COPY [--from] [--chown] [--chmod] [--link] [--exclude] [--parents]`
 //! (heredoc sources included), `ADD [--chown] [--chmod] [--link] [--unpack] [--exclude]
 //! [--checksum]` (local archives extracted by the worker through
-//! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s with `http.checksum`),
+//! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s with `http.checksum`,
+//! git references as `git://` sources with `--keep-git-dir`),
 //! `ENV`, `LABEL`, `WORKDIR`, `USER` (names kept as names: the worker resolves them), `CMD`,
 //! `ENTRYPOINT`, `SHELL`, `ARG`, `EXPOSE`, `VOLUME`, `STOPSIGNAL`, `HEALTHCHECK`, `ONBUILD`
 //! (stored in `OnBuild`; a base's triggers run first in a stage built on it) and `MAINTAINER`,
 //! with image config and history as BuildKit writes them.
 //!
 //! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount=type=secret`,
-//! `ssh`, `from`/`source` of a cache mount, `RUN --device`, git sources of `ADD`
-//! (`--keep-git-dir`), and `ONBUILD COPY --from` a stage the target does not otherwise need.
+//! `ssh`, `from`/`source` of a cache mount, `RUN --device`, query parameters in git references,
+//! and `ONBUILD COPY --from` a stage the target does not otherwise need.
 //!
 //! `RUN --network=host` and `--security=insecure` are only compiled into the ExecOp; whether the
 //! build may use them (the `network.host` / `security.insecure` entitlements) is for the daemon

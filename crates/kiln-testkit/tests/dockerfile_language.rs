@@ -8,22 +8,58 @@ use std::process::Command;
 
 use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
 
-/// A build directory with its own daemon.
+/// A build directory with its own daemon (fields drop in order: the daemon stops before its
+/// containerd namespace is removed).
 struct Bench {
+    daemon: Kilnd,
+    namespace: Option<Namespace>,
     work: tempfile::TempDir,
     socket: String,
-    daemon: Kilnd,
+}
+
+/// A containerd namespace removed on drop (leases, images, then the namespace).
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
+        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
+        }
+        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["images", "rm", "--sync", image.trim()]);
+        }
+        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
+    }
 }
 
 impl Bench {
+    /// kilnd with its OCI worker.
     fn new() -> Self {
+        Self::start(&[], None)
+    }
+
+    /// kilnd with only its containerd worker, in a fresh namespace.
+    fn containerd(name: &str) -> Self {
+        let namespace = format!("kiln-df-{name}-{}", std::process::id());
+        let args = [
+            "--oci-worker=false",
+            "--containerd-worker=true",
+            "--containerd-worker-namespace",
+            namespace.as_str(),
+        ];
+        Self::start(&args, Some(Namespace(namespace.clone())))
+    }
+
+    fn start(args: &[&str], namespace: Option<Namespace>) -> Self {
         let work = tempfile::tempdir().unwrap();
         let socket = format!("unix://{}/kilnd.sock", work.path().display());
-        let daemon = Kilnd::start(&socket, &[]);
+        let daemon = Kilnd::start(&socket, args);
         Self {
+            daemon,
+            namespace,
             work,
             socket,
-            daemon,
         }
     }
 
@@ -113,9 +149,7 @@ impl Image {
 
 /// `RUN --mount=type=bind` from a stage, an image, a stage index and the build context; read-only
 /// by default, `rw` writes discarded; nothing of the mounts ends up in the image.
-#[test]
-fn run_mount_bind() {
-    let bench = Bench::new();
+fn run_mount_bind(bench: &Bench) {
     let context = bench.context(
         "bind",
         &[
@@ -175,9 +209,7 @@ RUN --mount=type=bind,src=sub,dst=/sub test "$(cat /sub/data.txt)" = context-dat
 
 /// `USER name[:group]` and `COPY/ADD --chown=name[:group]` resolved from the image's
 /// `/etc/passwd` and `/etc/group`; unknown names fail naming the user.
-#[test]
-fn user_and_chown_by_name() {
-    let bench = Bench::new();
+fn user_and_chown_by_name(bench: &Bench) {
     let context = bench.context(
         "users",
         &[
@@ -241,9 +273,7 @@ RUN test "$(id -u)" = 1234 && test "$(id -g)" = 3456 && touch /tmp/by-app-extra
 
 /// `COPY/ADD --exclude` (repeatable, expanded, `**` and `!` exceptions) and `COPY --parents`
 /// (with and without a `/./` pivot, wildcards, a missing source failing).
-#[test]
-fn copy_exclude_and_parents() {
-    let bench = Bench::new();
+fn copy_exclude_and_parents(bench: &Bench) {
     let context = bench.context(
         "filters",
         &[
@@ -382,12 +412,10 @@ impl HttpServer {
 /// `ADD <url>` fetched by the daemon: default mode 0600, mtime from `Last-Modified`,
 /// `--checksum` verified, `--chmod` applied; a rebuild revalidates with the `ETag` instead of
 /// downloading; a wrong checksum and a 404 fail clearly.
-#[test]
-fn add_http_url() {
+fn add_http_url(bench: &Bench) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::sync::atomic::Ordering;
     let server = HttpServer::start();
-    let bench = Bench::new();
     let url = format!("http://127.0.0.1:{}/hello.txt", server.port);
     let sum = {
         // sha256 of HELLO, computed with the system tool for an independent check.
@@ -523,9 +551,7 @@ impl GitDaemon {
 
 /// `ADD <git ref>`: a branch, a tag with a subdirectory, `--keep-git-dir` and `--checksum`;
 /// a wrong checksum and an unknown ref fail clearly.
-#[test]
-fn add_git_repository() {
-    let bench = Bench::new();
+fn add_git_repository(bench: &Bench) {
     let daemon = GitDaemon::start(&bench.work.path().join("git"));
     let repo = format!("git://127.0.0.1:{}/repo.git", daemon.port);
     let short = &daemon.commit[..12];
@@ -568,4 +594,27 @@ fn add_git_repository() {
         assert_ne!(out.code, 0, "{name} built");
         assert!(out.stderr.contains(expected), "{name}: {}", out.stderr);
     }
+}
+
+#[test]
+fn oci_worker() {
+    let bench = Bench::new();
+    run_mount_bind(&bench);
+    user_and_chown_by_name(&bench);
+    copy_exclude_and_parents(&bench);
+    add_http_url(&bench);
+    add_git_repository(&bench);
+}
+
+/// The same cases on the containerd worker (its exec and file ops reuse the OCI worker's
+/// engine, its snapshots are containerd's).
+#[test]
+fn containerd_worker() {
+    let bench = Bench::containerd("lang");
+    assert!(bench.namespace.is_some());
+    run_mount_bind(&bench);
+    user_and_chown_by_name(&bench);
+    copy_exclude_and_parents(&bench);
+    add_http_url(&bench);
+    add_git_repository(&bench);
 }
