@@ -17,7 +17,8 @@ use crate::tuning::WorkerTuning;
     about = "kiln's build daemon, speaking BuildKit's API"
 )]
 pub struct Flags {
-    /// Path to the TOML configuration (default /etc/buildkit/buildkitd.toml).
+    /// Path to the TOML configuration (default /etc/buildkit/buildkitd.toml; rootless
+    /// `$XDG_CONFIG_HOME/buildkit/buildkitd.toml`).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Enable debug output in logs.
@@ -44,9 +45,12 @@ pub struct Flags {
     /// Path to the runc binary of the OCI worker.
     #[arg(long = "oci-worker-binary")]
     pub oci_worker_binary: Option<PathBuf>,
-    /// Snapshotter of the OCI worker (auto or overlayfs).
+    /// Snapshotter of the OCI worker (auto, overlayfs or native).
     #[arg(long = "oci-worker-snapshotter")]
     pub oci_worker_snapshotter: Option<String>,
+    /// Run the OCI worker's containers rootless (default: true in a user namespace).
+    #[arg(long = "oci-worker-rootless", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub oci_worker_rootless: Option<bool>,
     /// Extra worker labels (key=value), repeatable.
     #[arg(long = "oci-worker-labels")]
     pub oci_worker_labels: Vec<String>,
@@ -110,6 +114,8 @@ pub struct OciWorkerConfig {
     pub binary: Option<PathBuf>,
     /// Snapshotter.
     pub snapshotter: Option<String>,
+    /// Rootless containers (unset = true in a user namespace).
+    pub rootless: Option<bool>,
     /// Extra labels.
     pub labels: BTreeMap<String, String>,
     /// Platforms (`linux/amd64`).
@@ -248,6 +254,11 @@ pub struct FileConfig {
 /// Everything the daemon runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Whether the rootless defaults (reference §2.3) applied.
+    pub rootless: bool,
+    /// The rootless default socket's directory (`$XDG_RUNTIME_DIR/buildkit`) when it is
+    /// listened on: made `0700` and sticky, as buildkitd does.
+    pub rootless_socket_dir: Option<PathBuf>,
     /// State directory.
     pub root: PathBuf,
     /// Listen addresses.
@@ -305,13 +316,102 @@ fn resolve_group(group: &str) -> anyhow::Result<u32> {
     bail!("group {group:?} not found")
 }
 
+/// What kilnd uses without flags or file settings: buildkitd's rootful paths, or for a
+/// rootless daemon the XDG ones (reference §2.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Defaults {
+    /// The rootless defaults apply.
+    pub rootless: bool,
+    /// This process runs in a non-initial user namespace (the OCI worker's rootless default).
+    pub in_user_namespace: bool,
+    /// The config file.
+    pub config: PathBuf,
+    /// The state directory.
+    pub root: PathBuf,
+    /// The listen address.
+    pub address: String,
+}
+
+impl Defaults {
+    /// buildkitd's rootful defaults.
+    pub fn rootful() -> Self {
+        Self {
+            rootless: false,
+            in_user_namespace: false,
+            config: PathBuf::from(DEFAULT_CONFIG),
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: DEFAULT_ADDRESS.to_string(),
+        }
+    }
+
+    /// The defaults of this process, from its user namespace, euid and environment.
+    pub fn detect() -> Self {
+        Self::from_env(
+            kiln_worker_oci::userns::running_in_user_namespace(),
+            nix::unistd::geteuid().as_raw(),
+            |name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+        )
+    }
+
+    /// The defaults for a process in (or not in) a user namespace with `euid` and the
+    /// environment `env`. Rootless, as BuildKit decides it: not root, or a RootlessKit child
+    /// (`ROOTLESSKIT_STATE_DIR`), or in a user namespace with `$USER` set and not `root`.
+    pub fn from_env(in_userns: bool, euid: u32, env: impl Fn(&str) -> Option<String>) -> Self {
+        let user = env("USER");
+        let rootless = euid != 0
+            || env("ROOTLESSKIT_STATE_DIR").is_some()
+            || (in_userns && user.as_deref().is_some_and(|u| u != "root"));
+        let mut defaults = Self::rootful();
+        defaults.in_user_namespace = in_userns;
+        if !rootless {
+            return defaults;
+        }
+        defaults.rootless = true;
+        // XDG variables may hold a `:`-list; the first element counts.
+        let first = |name: &str| {
+            env(name).and_then(|v| {
+                v.split(':')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+        };
+        let home = first("HOME");
+        let runtime_dir = first("XDG_RUNTIME_DIR").or_else(|| {
+            // RootlessKit's child without XDG_RUNTIME_DIR: the parent's /run/user/<uid>.
+            env("ROOTLESSKIT_PARENT_EUID")
+                .or_else(|| (euid != 0).then(|| euid.to_string()))
+                .map(|uid| PathBuf::from(format!("/run/user/{uid}")))
+        });
+        if let Some(dir) = runtime_dir {
+            defaults.address = format!("unix://{}/buildkit/buildkitd.sock", dir.display());
+        }
+        if let Some(data) =
+            first("XDG_DATA_HOME").or_else(|| home.as_ref().map(|h| h.join(".local/share")))
+        {
+            defaults.root = data.join("buildkit");
+        }
+        if let Some(config) =
+            first("XDG_CONFIG_HOME").or_else(|| home.as_ref().map(|h| h.join(".config")))
+        {
+            defaults.config = config.join("buildkit/buildkitd.toml");
+        }
+        defaults
+    }
+}
+
 impl Config {
     /// Loads the file (the default path may be missing; an explicit one may
-    /// not), then applies the flags.
+    /// not), then applies the flags, over this process' [`Defaults`].
     pub fn load(flags: &Flags) -> anyhow::Result<Self> {
+        Self::load_with(flags, &Defaults::detect())
+    }
+
+    /// [`Config::load`] over the given defaults.
+    pub fn load_with(flags: &Flags, defaults: &Defaults) -> anyhow::Result<Self> {
         let (path, explicit) = match &flags.config {
             Some(p) => (p.clone(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG), false),
+            None => (defaults.config.clone(), false),
         };
         let file = read_file_config(&path, explicit)?;
 
@@ -363,10 +463,17 @@ impl Config {
             oci.snapshotter = Some(s.clone());
         }
         if let Some(s) = &oci.snapshotter {
-            if s != "auto" && s != "overlayfs" {
-                bail!("snapshotter {s:?} is not supported yet by the OCI worker (overlayfs only)");
+            if !matches!(s.as_str(), "auto" | "overlayfs" | "native") {
+                bail!("snapshotter {s:?} is not supported yet by the OCI worker (auto, overlayfs or native)");
             }
         }
+        if let Some(rootless) = flags.oci_worker_rootless {
+            oci.rootless = Some(rootless);
+        }
+        if oci.rootless == Some(true) && !defaults.in_user_namespace {
+            bail!("the rootless OCI worker requires to be executed as the mapped root in a user namespace; you may use RootlessKit for setting up the namespace");
+        }
+        oci.rootless.get_or_insert(defaults.in_user_namespace);
         if let Some(namespace) = &flags.oci_worker_containerd_images {
             oci.containerd_images
                 .get_or_insert_with(Default::default)
@@ -392,7 +499,7 @@ impl Config {
         } else if !file.grpc.address.is_empty() {
             file.grpc.address.clone()
         } else {
-            vec![DEFAULT_ADDRESS.to_string()]
+            vec![defaults.address.clone()]
         };
         for address in &addresses {
             if !address.contains("://") {
@@ -440,13 +547,24 @@ impl Config {
                 bail!("invalid entitlement : {entitlement}");
             }
         }
+        let rootless_socket_dir = if defaults.rootless && addresses.contains(&defaults.address) {
+            defaults
+                .address
+                .strip_prefix("unix://")
+                .and_then(|p| Path::new(p).parent())
+                .map(Path::to_path_buf)
+        } else {
+            None
+        };
         Ok(Self {
+            rootless: defaults.rootless,
+            rootless_socket_dir,
             entitlements,
             root: flags
                 .root
                 .clone()
                 .or(file.root.clone())
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
+                .unwrap_or_else(|| defaults.root.clone()),
             addresses,
             log_level,
             log_format,

@@ -27,7 +27,7 @@ use kiln_session::SessionManager;
 use kiln_solver::Solver;
 use kiln_worker::Worker;
 use kiln_worker_containerd::{ContainerdImageSource, ContainerdWorker, ContainerdWorkerConfig};
-use kiln_worker_oci::{OciWorker, OciWorkerConfig};
+use kiln_worker_oci::{OciWorker, OciWorkerConfig, OciWorkerOptions, Snapshotter};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::config::{Config, Flags};
@@ -128,13 +128,24 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
         }
         let runc =
             runc.context("no worker found, rebuild the buildkit daemon? (runc is not in PATH)")?;
-        let mut worker = OciWorker::open(OciWorkerConfig {
-            root: config.root.clone(),
-            runc_binary: runc,
-            registry_hosts: registry_hosts(config),
-            labels: config.oci.labels.clone(),
-            platforms: parse_platforms(&config.oci.platforms)?,
-        })
+        let options = OciWorkerOptions {
+            rootless: config.oci.rootless.unwrap_or(false),
+            snapshotter: match config.oci.snapshotter.as_deref() {
+                Some("overlayfs") => Some(Snapshotter::Overlayfs),
+                Some("native") => Some(Snapshotter::Native),
+                _ => None,
+            },
+        };
+        let mut worker = OciWorker::open_with(
+            OciWorkerConfig {
+                root: config.root.clone(),
+                runc_binary: runc,
+                registry_hosts: registry_hosts(config),
+                labels: config.oci.labels.clone(),
+                platforms: parse_platforms(&config.oci.platforms)?,
+            },
+            options,
+        )
         .context("failed to start the OCI worker")?;
         if let Some(images) = &config.oci.containerd_images {
             let address = images
@@ -192,6 +203,17 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
     bail!("no worker found, rebuild the buildkit daemon? (both the OCI and the containerd worker are disabled or unavailable)")
 }
 
+/// As rootless buildkitd: the default socket directory `$XDG_RUNTIME_DIR/buildkit` is made
+/// `0700` and sticky, so the XDG runtime-dir cleanup (files untouched for 6 hours) leaves it.
+fn protect_socket_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let result = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1700)));
+    if let Err(e) = result {
+        tracing::warn!(dir = %dir.display(), error = %e, "failed to protect the socket directory");
+    }
+}
+
 /// The tcp:// listeners' TLS: the server identity and, with a CA, required
 /// client certificates (mutual TLS; tonic sets ALPN `h2`).
 fn server_tls(files: &config::TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
@@ -245,6 +267,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let tls = config.tls.as_ref().map(server_tls).transpose()?;
+    if let Some(dir) = &config.rootless_socket_dir {
+        protect_socket_dir(dir);
+    }
     let mut listeners = Vec::new();
     for address in &config.addresses {
         listeners.push(listen::bind(address, config.group, tls.is_some())?);
@@ -302,7 +327,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(server);
         tracing::info!(address, "debug handlers listening");
     }
-    tracing::info!(addresses = ?config.addresses, root = %config.root.display(), "running server");
+    tracing::info!(addresses = ?config.addresses, root = %config.root.display(), rootless = config.rootless, "running server");
     if let Err(e) = listen::notify_ready() {
         tracing::warn!("{e:#}");
     }

@@ -23,8 +23,35 @@ use crate::{Digest, DigestWriter, Hasher};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+
+/// The xattr namespace overlayfs keeps its own attributes (the opaque-directory marker) in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OverlayXattrs {
+    /// `trusted.overlay.*`: overlayfs mounted by the initial user namespace's root.
+    #[default]
+    Trusted,
+    /// `user.overlay.*`: overlayfs mounted with `userxattr` inside a user namespace (rootless),
+    /// where `trusted.*` cannot be written.
+    User,
+}
+
+impl OverlayXattrs {
+    /// The prefix of overlayfs' own xattrs.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Trusted => "trusted.overlay.",
+            Self::User => "user.overlay.",
+        }
+    }
+
+    /// The opaque-directory xattr.
+    pub fn opaque(self) -> &'static str {
+        match self {
+            Self::Trusted => "trusted.overlay.opaque",
+            Self::User => "user.overlay.opaque",
+        }
+    }
+}
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 
 /// A layer apply or diff failure.
@@ -130,6 +157,11 @@ impl<R: Read> Read for HashingReader<R> {
 /// symlink and hard links leaving `dest` are errors. An existing entry is replaced unless both it
 /// and the new entry are directories.
 pub fn apply(reader: impl Read, dest: &Path) -> Result<LayerApplied> {
+    apply_with(reader, dest, OverlayXattrs::Trusted)
+}
+
+/// [`apply`] marking opaque directories in the `xattrs` namespace.
+pub fn apply_with(reader: impl Read, dest: &Path, xattrs: OverlayXattrs) -> Result<LayerApplied> {
     let mut reader = reader;
     let mut head = Vec::with_capacity(2);
     while head.len() < 2 {
@@ -158,7 +190,7 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<LayerApplied> {
         let entries = archive.entries().map_err(|source| Error::Read { source })?;
         for entry in entries {
             let mut entry = entry.map_err(|source| Error::Read { source })?;
-            apply_entry(&mut entry, dest, &mut dir_times)?;
+            apply_entry(&mut entry, dest, &mut dir_times, xattrs)?;
         }
     }
     // The diff id covers the whole stream, including the end-of-archive padding.
@@ -265,6 +297,7 @@ fn apply_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     dest: &Path,
     dir_times: &mut Vec<(PathBuf, (i64, i64))>,
+    overlay: OverlayXattrs,
 ) -> Result<()> {
     let raw = entry.path_bytes().into_owned();
     let kind = entry.header().entry_type();
@@ -286,7 +319,7 @@ fn apply_entry<R: Read>(
     let name_bytes = name.as_bytes();
 
     if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
-        return xattr::set(&parent, OPAQUE_XATTR, b"y")
+        return xattr::set(&parent, overlay.opaque(), b"y")
             .map_err(io_err("set opaque xattr on", &parent));
     }
     let header = entry.header();
@@ -452,11 +485,17 @@ fn apply_entry<R: Read>(
 /// ustar header use PAX. The diff id and the compressed digest and size are computed in the same
 /// pass.
 pub fn diff_upper(upper: &Path, out: impl Write) -> Result<LayerBlob> {
+    diff_upper_with(upper, out, OverlayXattrs::Trusted)
+}
+
+/// [`diff_upper`] of an upper dir whose overlayfs attributes are in the `xattrs` namespace.
+pub fn diff_upper_with(upper: &Path, out: impl Write, xattrs: OverlayXattrs) -> Result<LayerBlob> {
     let compressed = DigestWriter::new(out);
     let uncompressed = DigestWriter::new(compressor(compressed));
     let mut writer = TarWriter {
         out: uncompressed,
         links: HashMap::new(),
+        overlay: xattrs,
     };
     writer.walk(upper, b"")?;
     // End of archive: two zero blocks.
@@ -479,6 +518,8 @@ struct TarWriter<W: Write> {
     out: W,
     /// (dev, ino) of multiply-linked files already written → their path in the tar.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Where overlayfs' own attributes are (dropped from the layer).
+    overlay: OverlayXattrs,
 }
 
 /// Header fields of one entry.
@@ -567,8 +608,8 @@ impl<W: Write> TarWriter<W> {
                     &xattrs,
                     io::empty(),
                 )?;
-                let opaque =
-                    xattr::get(&path, OPAQUE_XATTR).map_err(io_err("read xattr of", &path))?;
+                let opaque = xattr::get(&path, self.overlay.opaque())
+                    .map_err(io_err("read xattr of", &path))?;
                 if opaque.as_deref() == Some(b"y") {
                     let mut opq = dir_path.clone();
                     opq.extend_from_slice(OPAQUE_WHITEOUT.as_bytes());
@@ -647,7 +688,7 @@ impl<W: Write> TarWriter<W> {
             let Some(name) = name.to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.starts_with(OVERLAY_XATTR_PREFIX) {
+            if name.starts_with(self.overlay.prefix()) {
                 continue;
             }
             if let Some(value) = xattr::get(path, &name).map_err(io_err("read xattr of", path))? {

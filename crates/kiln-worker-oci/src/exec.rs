@@ -37,6 +37,9 @@ pub struct Executor {
     pub cache_mounts: Arc<CacheMounts>,
     /// `RLIMIT_NOFILE` of processes.
     pub nofile: u64,
+    /// Rootless containers (kilnd is the mapped root of a user namespace): see
+    /// `SpecInput::rootless`; runc runs with `--rootless true`.
+    pub rootless: bool,
 }
 
 /// Owns everything an exec creates; see the module docs.
@@ -126,6 +129,7 @@ impl Executor {
             bundles,
             cache_mounts: Arc::new(CacheMounts::new(cache_mounts)),
             nofile: spec::nofile_limit(),
+            rootless: false,
         }
     }
 
@@ -373,6 +377,7 @@ impl Executor {
                 .map(|u| (u.name.clone(), u.soft.max(0) as u64, u.hard.max(0) as u64))
                 .collect(),
             nofile: self.nofile,
+            rootless: self.rootless,
         });
         let config = bundle.join("config.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Io {
@@ -386,7 +391,11 @@ impl Executor {
         let container_id = format!("kiln-{exec_id}");
         let command = meta.args.join(" ");
         tracing::debug!(container = %container_id, %command, "running container");
-        let mut child = tokio::process::Command::new(&self.runc)
+        let mut runc = tokio::process::Command::new(&self.runc);
+        if self.rootless {
+            runc.args(["--rootless", "true"]);
+        }
+        let mut child = runc
             .arg("--root")
             .arg(&self.runc_state)
             .arg("run")

@@ -181,12 +181,14 @@ pub(crate) fn copy_metadata(
     set_mtime(dst, secs, nanos)
 }
 
-/// Copies extended attributes except overlayfs' own; failures are logged, not fatal (the target
-/// filesystem may not support a namespace).
+/// Copies extended attributes except overlayfs' own (`trusted.overlay.*`, and `user.overlay.*`
+/// of `userxattr` mounts); failures are logged, not fatal (the target filesystem may not
+/// support a namespace).
 fn copy_xattrs(src: &Path, dst: &Path) {
     let Ok(names) = xattr::list(src) else { return };
     for name in names {
-        if name.as_bytes().starts_with(b"trusted.overlay.") {
+        let bytes = name.as_bytes();
+        if bytes.starts_with(b"trusted.overlay.") || bytes.starts_with(b"user.overlay.") {
             continue;
         }
         if let Ok(Some(value)) = xattr::get(src, &name) {

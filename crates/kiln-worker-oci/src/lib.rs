@@ -24,9 +24,11 @@ mod exec;
 mod fileop;
 mod fsx;
 mod mount;
+mod native;
 mod snapshot;
 mod spec;
 mod trees;
+pub mod userns;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,7 +49,10 @@ use kiln_worker::{
 };
 
 pub use crate::exec::Executor;
+pub use crate::snapshot::Snapshotter;
 pub use crate::trees::{ActiveTree, Trees};
+
+use kiln_image::layer::OverlayXattrs;
 
 use crate::fsx::io_err;
 use crate::snapshot::{random_id, SnapshotMeta, SnapshotStore};
@@ -65,6 +70,18 @@ pub struct OciWorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// Supported platforms; `None` means the host's.
     pub platforms: Option<Vec<Platform>>,
+}
+
+/// How the worker runs containers and assembles trees, beyond [`OciWorkerConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct OciWorkerOptions {
+    /// Rootless containers: kilnd is the mapped root of a user namespace (RootlessKit). runc
+    /// runs with `--rootless true` and a spec without cgroup settings; overlay mounts use
+    /// `userxattr` and snapshots keep overlay attributes in `user.overlay.*`.
+    pub rootless: bool,
+    /// The snapshotter; `None` = auto: overlayfs when an overlay can be mounted (and records
+    /// whiteouts) under the worker directory, else `native`.
+    pub snapshotter: Option<Snapshotter>,
 }
 
 /// A read-only store of named images the OCI worker falls back to when a registry cannot
@@ -120,6 +137,12 @@ impl OciWorker {
     /// Opens (creating) the worker state, removing what a crash may have left: mounts under the
     /// worker directory, uncommitted snapshots, bundles and runc state.
     pub fn open(config: OciWorkerConfig) -> Result<Self, Error> {
+        Self::open_with(config, OciWorkerOptions::default())
+    }
+
+    /// [`OciWorker::open`] with rootless and snapshotter choices. The snapshotter in use is
+    /// logged and reported as the worker label `org.mobyproject.buildkit.worker.snapshotter`.
+    pub fn open_with(config: OciWorkerConfig, options: OciWorkerOptions) -> Result<Self, Error> {
         let dir = config.root.join(WORKER_DIR);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let dir = dir.canonicalize().map_err(io_err("resolve", &dir))?;
@@ -130,7 +153,34 @@ impl OciWorker {
             path: content_dir.clone(),
             source: Box::new(e.into()),
         })?;
-        let snapshots = SnapshotStore::open(&dir.join("snapshots"))?;
+        let xattrs = if options.rootless || userns::running_in_user_namespace() {
+            OverlayXattrs::User
+        } else {
+            OverlayXattrs::Trusted
+        };
+        let snapshotter = match options.snapshotter {
+            Some(Snapshotter::Overlayfs) => {
+                probe_overlay(&dir, xattrs).map_err(|reason| Error::Unsupported {
+                    what: format!("the overlayfs snapshotter here: {reason}"),
+                })?;
+                Snapshotter::Overlayfs
+            }
+            Some(Snapshotter::Native) => Snapshotter::Native,
+            None => match probe_overlay(&dir, xattrs) {
+                Ok(()) => Snapshotter::Overlayfs,
+                Err(reason) => {
+                    tracing::warn!(%reason, "overlayfs cannot be used, falling back to the native snapshotter (copies)");
+                    Snapshotter::Native
+                }
+            },
+        };
+        tracing::info!(
+            snapshotter = snapshotter.name(),
+            rootless = options.rootless,
+            "OCI worker snapshotter"
+        );
+        let snapshots =
+            SnapshotStore::open(&dir.join("snapshots"))?.with_layout(snapshotter, xattrs);
 
         let executor_dir = dir.join("executor");
         let bundles = executor_dir.join("bundles");
@@ -156,7 +206,7 @@ impl OciWorker {
             .unwrap_or_default();
         for (k, v) in [
             ("executor", "oci"),
-            ("snapshotter", "overlayfs"),
+            ("snapshotter", snapshotter.name()),
             ("hostname", hostname.as_str()),
             ("network", "host"),
             ("oci.process-mode", "sandbox"),
@@ -172,7 +222,10 @@ impl OciWorker {
             platforms,
             content,
             snapshots,
-            executor: exec::Executor::new(config.runc_binary, runc_state, bundles, cache_mounts),
+            executor: exec::Executor {
+                rootless: options.rootless,
+                ..exec::Executor::new(config.runc_binary, runc_state, bundles, cache_mounts)
+            },
             resolver: Resolver::new(config.registry_hosts).map_err(|e| Error::RegistryClient {
                 source: Box::new(e.into()),
             })?,
@@ -262,11 +315,15 @@ impl OciWorker {
             source: Box::new(e.into()),
         })?;
         let pending = snapshots.prepare()?;
-        let applied = kiln_image::layer::apply(io::BufReader::new(blob), &pending.fs_path())
-            .map_err(|e| Error::Pull {
-                digest: layer.digest.clone(),
-                source: Box::new(e.into()),
-            })?;
+        let applied = kiln_image::layer::apply_with(
+            io::BufReader::new(blob),
+            &pending.fs_path(),
+            snapshots.xattrs,
+        )
+        .map_err(|e| Error::Pull {
+            digest: layer.digest.clone(),
+            source: Box::new(e.into()),
+        })?;
         if &applied.diff_id != expected_diff_id {
             return Err(Error::DiffIdMismatch {
                 digest: layer.digest.clone(),
@@ -296,6 +353,46 @@ pub fn run_file_op(
     inputs: &[Option<SnapshotId>],
 ) -> Result<Vec<Option<SnapshotId>>, Error> {
     fileop::run(trees, scratch, op, inputs)
+}
+
+/// Checks that an overlay with an upper dir can be mounted under `dir` and that removing a lower
+/// file leaves a whiteout in the upper (what the overlayfs snapshotter relies on).
+fn probe_overlay(dir: &Path, xattrs: OverlayXattrs) -> Result<(), String> {
+    let probe = dir.join(format!("overlay-probe-{}", random_id()));
+    let result = (|| {
+        let [lower1, lower2, upper, work, merged] =
+            ["l1", "l2", "u", "w", "m"].map(|name| probe.join(name));
+        for d in [&lower1, &lower2, &upper, &work, &merged] {
+            fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        fs::write(lower1.join("f"), b"x").map_err(|e| format!("write probe file: {e}"))?;
+        let mounted = mount::mount_overlay(
+            &[lower2, lower1],
+            Some((&upper, &work)),
+            &merged,
+            xattrs == OverlayXattrs::User,
+        )
+        .map_err(|e| {
+            format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+        let removed = fs::remove_file(merged.join("f"));
+        mounted.unmount().map_err(|e| e.to_string())?;
+        removed.map_err(|e| format!("remove a lower file through the overlay: {e}"))?;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        match fs::symlink_metadata(upper.join("f")) {
+            Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => Ok(()),
+            _ => Err("removing a lower file left no whiteout in the upper dir".to_string()),
+        }
+    })();
+    if let Err(e) = fs::remove_dir_all(&probe) {
+        tracing::debug!(path = %probe.display(), error = %e, "failed to remove the overlay probe");
+    }
+    result
 }
 
 /// Deletes the containers left in runc's state dir `state` by a crash.
@@ -571,11 +668,13 @@ impl Worker for OciWorker {
         let target = self.executor.bundles.join(format!("view-{}", random_id()));
         fs::create_dir_all(&target).map_err(io_err("create", &target))?;
         let mut guard = ViewGuard {
-            mount: None,
+            view: None,
             dir: target.clone(),
         };
-        guard.mount = Some(mount::mount_overlay(&lowers, None, &target)?);
-        Ok(SnapshotView::new(target, Some(Box::new(guard))))
+        let view = self.snapshots.view(Some(id), &target)?;
+        let path = view.path().to_path_buf();
+        guard.view = Some(view);
+        Ok(SnapshotView::new(path, Some(Box::new(guard))))
     }
 
     async fn layers(&self, id: &SnapshotId) -> Result<Vec<Layer>, Error> {
@@ -710,15 +809,15 @@ impl OciWorker {
     }
 }
 
-/// Unmounts and removes a view's mount point.
+/// Releases a view (unmounting or removing its copy) and removes its mount point.
 struct ViewGuard {
-    mount: Option<mount::Mounted>,
+    view: Option<SnapshotView>,
     dir: PathBuf,
 }
 
 impl Drop for ViewGuard {
     fn drop(&mut self) {
-        drop(self.mount.take());
+        drop(self.view.take());
         let _ = fs::remove_dir(&self.dir);
     }
 }
@@ -735,8 +834,9 @@ fn export_snapshot(
         source: Box::new(e),
     };
     let mut writer = content.writer().map_err(|e| export_err(e.into()))?;
-    let blob = kiln_image::layer::diff_upper(&snapshots.fs_path(id), &mut writer)
-        .map_err(|e| export_err(e.into()))?;
+    let blob =
+        kiln_image::layer::diff_upper_with(&snapshots.fs_path(id), &mut writer, snapshots.xattrs)
+            .map_err(|e| export_err(e.into()))?;
     let (digest, size) = writer
         .commit(Some(&blob.digest))
         .map_err(|e| export_err(e.into()))?;

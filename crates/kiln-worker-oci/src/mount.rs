@@ -52,8 +52,13 @@ fn unmount(target: &Path) -> Result<(), Error> {
     }
 }
 
-/// The overlay mount options for `lowers` (top first) and an optional `(upper, work)` pair.
-pub(crate) fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Vec<u8> {
+/// The overlay mount options for `lowers` (top first) and an optional `(upper, work)` pair;
+/// `userxattr` keeps overlayfs' attributes in `user.overlay.*` (needed in a user namespace).
+pub(crate) fn overlay_options(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    userxattr: bool,
+) -> Vec<u8> {
     let mut opts = b"lowerdir=".to_vec();
     for (i, lower) in lowers.iter().enumerate() {
         if i > 0 {
@@ -66,6 +71,9 @@ pub(crate) fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>)
         opts.extend_from_slice(&escape(upper.as_os_str()));
         opts.extend_from_slice(b",workdir=");
         opts.extend_from_slice(&escape(work.as_os_str()));
+    }
+    if userxattr {
+        opts.extend_from_slice(b",userxattr");
     }
     if index_enabled() {
         // With index=on a lower can be used by only one mount at a time; snapshots are shared.
@@ -94,16 +102,17 @@ fn index_enabled() -> bool {
 
 /// Mounts an overlay of `lowers` (top first, at least one) at `target`, writable through
 /// `(upper, work)` when given. With one lower and no upper a read-only bind mount is used (overlay
-/// needs two lowers without an upper).
+/// needs two lowers without an upper). `userxattr` as in [`overlay_options`].
 pub(crate) fn mount_overlay(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,
     target: &Path,
+    userxattr: bool,
 ) -> Result<Mounted, Error> {
     if upper.is_none() && lowers.len() == 1 {
         return bind(&lowers[0], target, true);
     }
-    let opts = overlay_options(lowers, upper);
+    let opts = overlay_options(lowers, upper, userxattr);
     let page = 4096;
     if opts.len() >= page {
         return Err(Error::Unsupported {
@@ -220,9 +229,10 @@ mod tests {
         let opts = overlay_options(
             &[PathBuf::from("/a:b"), PathBuf::from("/c")],
             Some((Path::new("/u,p"), Path::new("/w"))),
+            true,
         );
         let opts = String::from_utf8(opts).unwrap();
-        assert!(opts.starts_with("lowerdir=/a\\:b:/c,upperdir=/u\\,p,workdir=/w"));
+        assert!(opts.starts_with("lowerdir=/a\\:b:/c,upperdir=/u\\,p,workdir=/w,userxattr"));
     }
 
     #[test]

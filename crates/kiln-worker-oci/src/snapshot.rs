@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kiln_image::layer::OverlayXattrs;
 use kiln_image::oci::Descriptor;
 use kiln_image::Digest;
 use kiln_worker::{Error, SnapshotId};
@@ -148,11 +149,35 @@ impl Drop for Hold {
     }
 }
 
+/// How the trees of snapshots are assembled from their `fs` dirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshotter {
+    /// overlayfs mounts of the chain (BuildKit's `overlayfs`).
+    Overlayfs,
+    /// Copies of the chain, diffed back into an upper dir at commit (BuildKit's `native`): no
+    /// mount needed, for kernels or filesystems where overlayfs cannot be mounted.
+    Native,
+}
+
+impl Snapshotter {
+    /// BuildKit's name (`overlayfs`, `native`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Overlayfs => "overlayfs",
+            Self::Native => "native",
+        }
+    }
+}
+
 /// The directory of committed snapshots.
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotStore {
     dir: PathBuf,
     refs: SharedRefs,
+    /// How trees are assembled.
+    pub(crate) snapshotter: Snapshotter,
+    /// Where the `fs` dirs keep overlayfs' attributes (`user.*` in a user namespace).
+    pub(crate) xattrs: OverlayXattrs,
 }
 
 /// A snapshot being written: its `fs` dir is writable until [`PendingSnapshot::commit`]. Dropping
@@ -196,7 +221,16 @@ impl SnapshotStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             refs: SharedRefs::default(),
+            snapshotter: Snapshotter::Overlayfs,
+            xattrs: OverlayXattrs::Trusted,
         })
+    }
+
+    /// The same store assembling trees with `snapshotter`, overlay attributes in `xattrs`.
+    pub(crate) fn with_layout(mut self, snapshotter: Snapshotter, xattrs: OverlayXattrs) -> Self {
+        self.snapshotter = snapshotter;
+        self.xattrs = xattrs;
+        self
     }
 
     /// The in-use tracking of this store.

@@ -86,7 +86,9 @@ pub(crate) struct Linux {
     pub namespaces: Vec<Namespace>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
-    pub resources: Resources,
+    /// cgroup settings; none for rootless containers (runc could not apply them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
 }
 
 /// A namespace to create.
@@ -259,10 +261,14 @@ pub(crate) struct SpecInput<'a> {
     pub ulimits: Vec<(String, u64, u64)>,
     /// The `RLIMIT_NOFILE` given to the process (see [`nofile_limit`]).
     pub nofile: u64,
+    /// A rootless container (kilnd in a user namespace): `/sys` bind-mounted when the network
+    /// namespace is the host's (sysfs cannot be mounted there), no cgroup settings.
+    pub rootless: bool,
 }
 
 /// BuildKit's `RLIMIT_NOFILE` (1048576), lowered to this process' hard limit when it lacks
-/// `CAP_SYS_RESOURCE` (runc could not raise it, and the container would fail to start).
+/// `CAP_SYS_RESOURCE` in the initial user namespace (runc could not raise it, and the container
+/// would fail to start).
 pub(crate) fn nofile_limit() -> u64 {
     const WANTED: u64 = 1_048_576;
     const CAP_SYS_RESOURCE: u32 = 24;
@@ -274,7 +280,8 @@ pub(crate) fn nofile_limit() -> u64 {
                 .find_map(|l| l.strip_prefix("CapEff:"))
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0);
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+        && !crate::userns::running_in_user_namespace();
     if capable {
         return WANTED;
     }
@@ -371,6 +378,17 @@ pub(crate) fn generate(input: SpecInput<'_>) -> Spec {
         });
     }
     let mut mounts = default_mounts();
+    if input.rootless && input.host_network {
+        // As runc's rootless spec: sysfs belongs to the network namespace, which is not ours.
+        for mount in mounts.iter_mut().filter(|m| m.destination == "/sys") {
+            mount.kind = "none".into();
+            mount.source = "/sys".into();
+            mount.options = ["rbind", "nosuid", "noexec", "nodev", "ro"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        }
+    }
     mounts.extend(input.extra_mounts);
     Spec {
         oci_version: "1.0.2".into(),
@@ -409,12 +427,12 @@ pub(crate) fn generate(input: SpecInput<'_>) -> Spec {
             } else {
                 READONLY_PATHS.iter().map(|s| s.to_string()).collect()
             },
-            resources: Resources {
+            resources: (!input.rootless).then(|| Resources {
                 devices: vec![DeviceRule {
                     allow: input.insecure,
                     access: "rwm".into(),
                 }],
-            },
+            }),
         },
     }
 }
@@ -558,6 +576,7 @@ mod tests {
             extra_mounts: vec![],
             ulimits: vec![],
             nofile: 1_048_576,
+            rootless: false,
         }
     }
 
@@ -630,6 +649,36 @@ mod tests {
             .rlimits
             .iter()
             .any(|r| r.kind == "RLIMIT_NPROC" && r.soft == 10 && r.hard == 20));
+    }
+
+    #[test]
+    fn rootless_spec_binds_sys_and_has_no_cgroup_settings() {
+        let mut i = input(Path::new("/r"));
+        i.rootless = true;
+        let json = serde_json::to_value(generate(i.clone())).unwrap();
+        assert!(json["linux"].get("resources").is_none());
+        let sys = json["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap()
+            .clone();
+        assert_eq!(sys["type"], "none");
+        assert_eq!(sys["source"], "/sys");
+        assert!(sys["options"].as_array().unwrap().contains(&"rbind".into()));
+        // With its own network namespace the container may mount sysfs.
+        i.host_network = false;
+        let spec = generate(i);
+        let sys = spec
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/sys")
+            .unwrap();
+        assert_eq!(sys.kind, "sysfs");
+        // Rootful keeps the device rule.
+        let json = serde_json::to_value(generate(input(Path::new("/r")))).unwrap();
+        assert_eq!(json["linux"]["resources"]["devices"][0]["allow"], false);
     }
 
     #[test]

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use kiln_worker::{Error, SnapshotId, SnapshotView};
 
+use crate::fsx::io_err;
 use crate::mount::{mount_overlay, Mounted};
-use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore};
+use crate::native::{self, Recorded};
+use crate::snapshot::{random_id, PendingSnapshot, SnapshotMeta, SnapshotStore, Snapshotter};
 
 /// A snapshot backend seen by the executor and the file-op engine.
 ///
@@ -50,8 +52,18 @@ impl Trees for SnapshotStore {
         match lowers.len() {
             0 => Ok(SnapshotView::new(mount_point.to_path_buf(), None)),
             1 => Ok(SnapshotView::new(lowers[0].clone(), None)),
+            _ if self.snapshotter == Snapshotter::Native => {
+                let copy = CopiedTree(mount_point.to_path_buf());
+                native::materialize(&lowers, mount_point, self.xattrs)
+                    .map_err(io_err("copy snapshot chain into", mount_point))?;
+                Ok(SnapshotView::new(
+                    mount_point.to_path_buf(),
+                    Some(Box::new(copy)),
+                ))
+            }
             _ => {
-                let mounted = mount_overlay(&lowers, None, mount_point)?;
+                let userxattr = self.xattrs == kiln_image::layer::OverlayXattrs::User;
+                let mounted = mount_overlay(&lowers, None, mount_point, userxattr)?;
                 Ok(SnapshotView::new(
                     mount_point.to_path_buf(),
                     Some(Box::new(mounted)),
@@ -79,8 +91,21 @@ impl Trees for SnapshotStore {
                 parent: parent.cloned(),
             }));
         }
+        if self.snapshotter == Snapshotter::Native {
+            let copy = CopiedTree(mount_point.to_path_buf());
+            let recorded = native::materialize(&lowers, mount_point, self.xattrs)
+                .map_err(io_err("copy snapshot chain into", mount_point))?;
+            return Ok(Box::new(NativeActive {
+                copy,
+                recorded,
+                pending,
+                parent: parent.cloned(),
+                xattrs: self.xattrs,
+            }));
+        }
         let work = pending.scratch_dir("work")?;
-        let mount = mount_overlay(&lowers, Some((&upper, &work)), mount_point)?;
+        let userxattr = self.xattrs == kiln_image::layer::OverlayXattrs::User;
+        let mount = mount_overlay(&lowers, Some((&upper, &work)), mount_point, userxattr)?;
         Ok(Box::new(OciActive {
             mount: Some(mount),
             path: mount_point.to_path_buf(),
@@ -111,6 +136,52 @@ impl ActiveTree for OciActive {
         if let Some(m) = this.mount {
             m.unmount()?;
         }
+        let id = random_id();
+        this.pending.commit(
+            &id,
+            &SnapshotMeta {
+                parent: this.parent,
+                ..Default::default()
+            },
+        )?;
+        Ok(id)
+    }
+}
+
+/// A copy of a snapshot chain (the `native` snapshotter), removed when dropped.
+struct CopiedTree(PathBuf);
+
+impl Drop for CopiedTree {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "failed to remove copied tree");
+            }
+        }
+    }
+}
+
+/// A pending snapshot of the `native` snapshotter: a copy of the parent chain, diffed into the
+/// pending upper at commit.
+struct NativeActive {
+    copy: CopiedTree,
+    recorded: Recorded,
+    pending: PendingSnapshot,
+    parent: Option<SnapshotId>,
+    xattrs: kiln_image::layer::OverlayXattrs,
+}
+
+impl ActiveTree for NativeActive {
+    fn path(&self) -> &Path {
+        &self.copy.0
+    }
+
+    fn commit(self: Box<Self>) -> Result<SnapshotId, Error> {
+        let this = *self;
+        let upper = this.pending.fs_path();
+        native::diff_into(&this.copy.0, &this.recorded, &upper, this.xattrs)
+            .map_err(io_err("record the changes of", &this.copy.0))?;
+        drop(this.copy);
         let id = random_id();
         this.pending.commit(
             &id,

@@ -1,0 +1,283 @@
+//! The `native` snapshotter: trees assembled by copying instead of mounting.
+//!
+//! Snapshots keep the same on-disk form as with overlayfs (an upper dir per snapshot, overlay
+//! whiteouts and opaque markers), so layers export the same way. A tree of a chain is a copy of
+//! its `fs` dirs merged bottom to top ([`materialize`]); a writable tree records the identity of
+//! every entry it started with ([`Recorded`]) and at commit [`diff_into`] writes what changed
+//! (new or modified entries, whiteouts for removed ones, opaque markers for replaced directories)
+//! into the new snapshot's upper dir. A change is detected by inode number and ctime, which every
+//! write, chmod, chown or rename touches and no process can set back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use kiln_image::layer::OverlayXattrs;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use crate::fsx::{copy_metadata, copy_tree, CopyOptions};
+
+/// Identity of an entry of a materialized tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    ino: u64,
+    ctime: (i64, i64),
+    dir: bool,
+}
+
+impl Identity {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            dir: meta.is_dir(),
+        }
+    }
+}
+
+/// The entries of a materialized tree, per directory (relative path → child name → identity).
+#[derive(Debug, Default)]
+pub(crate) struct Recorded {
+    dirs: HashMap<PathBuf, BTreeMap<OsString, Identity>>,
+}
+
+fn is_whiteout(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn sorted_names(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut names: Vec<OsString> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    names.sort();
+    Ok(names)
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copies the chain `lowers` (top first, as overlay's `lowerdir`) into the empty directory
+/// `dest`, applying whiteouts and opaque directories, and records what it made.
+pub(crate) fn materialize(
+    lowers: &[PathBuf],
+    dest: &Path,
+    xattrs: OverlayXattrs,
+) -> io::Result<Recorded> {
+    for layer in lowers.iter().rev() {
+        merge_layer(layer, dest, xattrs)?;
+    }
+    let mut recorded = Recorded::default();
+    record(dest, PathBuf::new(), &mut recorded)?;
+    Ok(recorded)
+}
+
+fn merge_layer(src: &Path, dst: &Path, xattrs: OverlayXattrs) -> io::Result<()> {
+    for name in sorted_names(src)? {
+        let from = src.join(&name);
+        let to = dst.join(&name);
+        let meta = fs::symlink_metadata(&from)?;
+        if is_whiteout(&meta) {
+            remove_any(&to)?;
+            continue;
+        }
+        if !meta.is_dir() {
+            copy_tree(&from, &to, &CopyOptions::default())?;
+            continue;
+        }
+        match fs::symlink_metadata(&to) {
+            Ok(existing) if existing.is_dir() => {
+                let opaque = xattr::get(&from, xattrs.opaque())
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v == b"y");
+                if opaque {
+                    for child in sorted_names(&to)? {
+                        remove_any(&to.join(child))?;
+                    }
+                }
+            }
+            Ok(_) => {
+                fs::remove_file(&to)?;
+                fs::create_dir(&to)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&to)?,
+            Err(e) => return Err(e),
+        }
+        merge_layer(&from, &to, xattrs)?;
+        // After the children, which changed the directory's mtime.
+        copy_metadata(&from, &to, &meta, &CopyOptions::default())?;
+    }
+    Ok(())
+}
+
+fn record(dir: &Path, rel: PathBuf, recorded: &mut Recorded) -> io::Result<()> {
+    let mut children = BTreeMap::new();
+    for name in sorted_names(dir)? {
+        let path = dir.join(&name);
+        let meta = fs::symlink_metadata(&path)?;
+        let identity = Identity::of(&meta);
+        if identity.dir {
+            record(&path, rel.join(&name), recorded)?;
+        }
+        children.insert(name, identity);
+    }
+    recorded.dirs.insert(rel, children);
+    Ok(())
+}
+
+/// Writes the changes of the tree `tree` since it was [`materialize`]d (`recorded`) into the
+/// empty upper dir `upper`, as overlayfs would have.
+pub(crate) fn diff_into(
+    tree: &Path,
+    recorded: &Recorded,
+    upper: &Path,
+    xattrs: OverlayXattrs,
+) -> io::Result<()> {
+    let mut made_dirs = Vec::new();
+    diff_dir(tree, Path::new(""), recorded, upper, xattrs, &mut made_dirs)?;
+    // Directories made in the upper get the tree's metadata, deepest first (children done).
+    for rel in made_dirs.iter().rev() {
+        let source = tree.join(rel);
+        let meta = fs::symlink_metadata(&source)?;
+        copy_metadata(&source, &upper.join(rel), &meta, &CopyOptions::default())?;
+    }
+    Ok(())
+}
+
+/// Makes `upper/rel` and its missing parents as directories, remembering them.
+fn ensure_upper_dir(upper: &Path, rel: &Path, made: &mut Vec<PathBuf>) -> io::Result<()> {
+    let mut current = PathBuf::new();
+    for component in rel.components() {
+        current.push(component);
+        let path = upper.join(&current);
+        if fs::symlink_metadata(&path).is_err() {
+            fs::create_dir(&path)?;
+            made.push(current.clone());
+        }
+    }
+    Ok(())
+}
+
+fn diff_dir(
+    tree: &Path,
+    rel: &Path,
+    recorded: &Recorded,
+    upper: &Path,
+    xattrs: OverlayXattrs,
+    made: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    let empty = BTreeMap::new();
+    let before = recorded.dirs.get(rel).unwrap_or(&empty);
+    let names = sorted_names(&tree.join(rel))?;
+    for name in &names {
+        let child = rel.join(name);
+        let path = tree.join(&child);
+        let meta = fs::symlink_metadata(&path)?;
+        let now = Identity::of(&meta);
+        let old = before.get(name);
+        if now.dir && old.is_some_and(|o| o.dir && o.ino == now.ino) {
+            // The same directory: its own metadata may have changed, its children are compared.
+            if old != Some(&now) {
+                ensure_upper_dir(upper, &child, made)?;
+            }
+            diff_dir(tree, &child, recorded, upper, xattrs, made)?;
+            continue;
+        }
+        if old == Some(&now) {
+            continue;
+        }
+        ensure_upper_dir(upper, rel, made)?;
+        let target = upper.join(&child);
+        copy_tree(&path, &target, &CopyOptions::default())?;
+        if now.dir && old.is_some_and(|o| o.dir) {
+            // A directory removed and made again: nothing of the old one shows through.
+            xattr::set(&target, xattrs.opaque(), b"y")?;
+        }
+    }
+    for (name, _) in before.iter() {
+        if names.binary_search(name).is_ok() {
+            continue;
+        }
+        ensure_upper_dir(upper, rel, made)?;
+        let target = upper.join(rel).join(name);
+        remove_any(&target)?;
+        mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!(
+                    "cannot record the removal of {} (whiteout device 0/0): {e}",
+                    target.display()
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn materialize_then_diff_gives_the_overlay_upper() {
+        // Needs mknod of whiteouts (root or a user namespace on Linux >= 5.8).
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        write(&base.join("keep"), "k");
+        write(&base.join("gone"), "g");
+        write(&base.join("d/old"), "o");
+        write(&base.join("e/x"), "x");
+        write(&base.join("edit"), "1");
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        let recorded = materialize(&[base.clone()], &tree, OverlayXattrs::User).unwrap();
+        assert_eq!(fs::read_to_string(tree.join("d/old")).unwrap(), "o");
+
+        fs::remove_file(tree.join("gone")).unwrap();
+        fs::remove_dir_all(tree.join("d")).unwrap();
+        write(&tree.join("d/new"), "n");
+        write(&tree.join("e/y"), "y");
+        fs::write(tree.join("edit"), "2").unwrap();
+        write(&tree.join("added"), "a");
+
+        let upper = dir.path().join("upper");
+        fs::create_dir(&upper).unwrap();
+        diff_into(&tree, &recorded, &upper, OverlayXattrs::User).unwrap();
+        let meta = fs::symlink_metadata(upper.join("gone")).unwrap();
+        assert!(is_whiteout(&meta), "removed file is a whiteout");
+        assert!(!upper.join("keep").exists(), "unchanged file not copied");
+        assert!(!upper.join("e/x").exists());
+        assert_eq!(fs::read_to_string(upper.join("e/y")).unwrap(), "y");
+        assert_eq!(fs::read_to_string(upper.join("edit")).unwrap(), "2");
+        assert_eq!(fs::read_to_string(upper.join("added")).unwrap(), "a");
+        assert_eq!(fs::read_to_string(upper.join("d/new")).unwrap(), "n");
+        assert_eq!(
+            xattr::get(upper.join("d"), "user.overlay.opaque").unwrap(),
+            Some(b"y".to_vec())
+        );
+
+        // The upper over the base materializes to the changed tree.
+        let again = dir.path().join("again");
+        fs::create_dir(&again).unwrap();
+        materialize(&[upper.clone(), base], &again, OverlayXattrs::User).unwrap();
+        assert!(!again.join("gone").exists());
+        assert!(!again.join("d/old").exists());
+        assert_eq!(fs::read_to_string(again.join("d/new")).unwrap(), "n");
+        assert_eq!(fs::read_to_string(again.join("edit")).unwrap(), "2");
+        assert_eq!(fs::read_to_string(again.join("e/x")).unwrap(), "x");
+    }
+}
