@@ -23,36 +23,43 @@ use crate::{Digest, DigestWriter, Hasher};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 
-/// The xattr namespace overlayfs keeps its own attributes (the opaque-directory marker) in.
+/// How a tree on disk records removed entries and opaque directories.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OverlayXattrs {
-    /// `trusted.overlay.*`: overlayfs mounted by the initial user namespace's root.
+    /// overlayfs upper dir mounted by the initial user namespace's root: char device 0/0
+    /// whiteouts, `trusted.overlay.opaque=y`.
     #[default]
     Trusted,
-    /// `user.overlay.*`: overlayfs mounted with `userxattr` inside a user namespace (rootless),
-    /// where `trusted.*` cannot be written.
+    /// overlayfs upper dir mounted with `userxattr` in a user namespace (rootless), where
+    /// `trusted.*` cannot be written: char device 0/0 whiteouts, `user.overlay.opaque=y`.
     User,
+    /// No overlayfs (the `native` snapshotter): the OCI whiteout files themselves, `.wh.NAME`
+    /// and `DIR/.wh..wh..opq`, as empty regular files. Works where neither a whiteout device
+    /// nor an overlay xattr can be made (for example on an overlayfs).
+    Files,
 }
 
 impl OverlayXattrs {
-    /// The prefix of overlayfs' own xattrs.
-    pub fn prefix(self) -> &'static str {
+    /// The prefix of overlayfs' own xattrs (dropped from layers), if any.
+    pub fn prefix(self) -> Option<&'static str> {
         match self {
-            Self::Trusted => "trusted.overlay.",
-            Self::User => "user.overlay.",
+            Self::Trusted => Some("trusted.overlay."),
+            Self::User => Some("user.overlay."),
+            Self::Files => None,
         }
     }
 
-    /// The opaque-directory xattr.
-    pub fn opaque(self) -> &'static str {
+    /// The opaque-directory xattr, if opaque directories are marked by one.
+    pub fn opaque(self) -> Option<&'static str> {
         match self {
-            Self::Trusted => "trusted.overlay.opaque",
-            Self::User => "user.overlay.opaque",
+            Self::Trusted => Some("trusted.overlay.opaque"),
+            Self::User => Some("user.overlay.opaque"),
+            Self::Files => None,
         }
     }
 }
-const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 
 /// A layer apply or diff failure.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +211,12 @@ pub fn apply_with(reader: impl Read, dest: &Path, xattrs: OverlayXattrs) -> Resu
     })
 }
 
+/// An empty regular file standing for an OCI whiteout ([`OverlayXattrs::Files`]).
+fn write_marker(path: &Path) -> Result<()> {
+    remove_existing(path)?;
+    fs::write(path, b"").map_err(io_err("create whiteout file", path))
+}
+
 /// Splits an entry name into safe components: leading `/` and `.` components dropped, `..`
 /// rejected.
 fn clean_path(raw: &[u8]) -> Result<Vec<OsString>> {
@@ -319,8 +332,12 @@ fn apply_entry<R: Read>(
     let name_bytes = name.as_bytes();
 
     if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
-        return xattr::set(&parent, overlay.opaque(), b"y")
-            .map_err(io_err("set opaque xattr on", &parent));
+        return match overlay.opaque() {
+            Some(name) => {
+                xattr::set(&parent, name, b"y").map_err(io_err("set opaque xattr on", &parent))
+            }
+            None => write_marker(&parent.join(OPAQUE_WHITEOUT)),
+        };
     }
     let header = entry.header();
     let mode = numeric(&header.as_old().mode, header.mode().map(u64::from))? as u32 & 0o7777;
@@ -359,6 +376,11 @@ fn apply_entry<R: Read>(
                 path: String::from_utf8_lossy(&raw).into_owned(),
                 reason: "invalid whiteout name",
             });
+        }
+        if overlay == OverlayXattrs::Files {
+            let hidden_target = parent.join(OsStr::from_bytes(hidden));
+            remove_existing(&hidden_target)?;
+            return write_marker(&parent.join(name));
         }
         let target = parent.join(OsStr::from_bytes(hidden));
         remove_existing(&target)?;
@@ -608,8 +630,12 @@ impl<W: Write> TarWriter<W> {
                     &xattrs,
                     io::empty(),
                 )?;
-                let opaque = xattr::get(&path, self.overlay.opaque())
-                    .map_err(io_err("read xattr of", &path))?;
+                let opaque = match self.overlay.opaque() {
+                    Some(name) => {
+                        xattr::get(&path, name).map_err(io_err("read xattr of", &path))?
+                    }
+                    None => None,
+                };
                 if opaque.as_deref() == Some(b"y") {
                     let mut opq = dir_path.clone();
                     opq.extend_from_slice(OPAQUE_WHITEOUT.as_bytes());
@@ -688,7 +714,7 @@ impl<W: Write> TarWriter<W> {
             let Some(name) = name.to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.starts_with(self.overlay.prefix()) {
+            if self.overlay.prefix().is_some_and(|p| name.starts_with(p)) {
                 continue;
             }
             if let Some(value) = xattr::get(path, &name).map_err(io_err("read xattr of", path))? {

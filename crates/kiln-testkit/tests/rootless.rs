@@ -281,6 +281,8 @@ fn check_build(user: &TestUser, round: &str) {
         "RUN runs as uid 0 inside the user namespace"
     );
     assert!(!dest.join("bin/ls").exists(), "removed in the build");
+    assert!(!dest.join("d/old").exists(), "removed with its directory");
+    assert!(dest.join("d/n").exists());
 
     let tar = user.dir.join("ctx").join(format!("image-{round}.tar"));
     user.build(&format!("type=oci,dest={}", tar.display()))
@@ -295,16 +297,24 @@ fn check_build(user: &TestUser, round: &str) {
         "/uid owned by 0:0 in the image:\n{uid_layer}"
     );
     let changes = &layers[2];
-    for expected in ["bin/.wh.ls", ".wh.root", "tmp/.wh..wh..opq"] {
+    for expected in ["bin/.wh.ls", ".wh.root"] {
         assert!(
             changes.lines().any(|l| l.ends_with(expected)),
             "{expected} in the layer:\n{changes}"
         );
     }
+    // The replaced directory hides its old content: opaque (overlayfs), or a whiteout per old
+    // entry (native, when the new directory got the old inode number back).
     assert!(
         changes
             .lines()
-            .any(|l| l.contains(" 1/2 ") && l.ends_with("tmp/n")),
+            .any(|l| l.ends_with("d/.wh..wh..opq") || l.ends_with("d/.wh.old")),
+        "d/ hides its old content:\n{changes}"
+    );
+    assert!(
+        changes
+            .lines()
+            .any(|l| l.contains(" 1/2 ") && l.ends_with("d/n")),
         "chown inside the user namespace is kept in the layer:\n{changes}"
     );
 }
@@ -325,8 +335,8 @@ fn rootless_kilnd_builds_as_an_unprivileged_user() {
         user.dir.join("ctx/Dockerfile"),
         format!(
             "FROM {BUSYBOX}\n\
-             RUN id -u > /uid\n\
-             RUN rm -rf /root /bin/ls && rm -rf /tmp && mkdir /tmp && echo n > /tmp/n && chown 1:2 /tmp/n\n"
+             RUN id -u > /uid && mkdir /d && touch /d/old\n\
+             RUN rm -rf /root /bin/ls && rm -rf /d && mkdir /d && echo n > /d/n && chown 1:2 /d/n\n"
         ),
     )
     .unwrap();

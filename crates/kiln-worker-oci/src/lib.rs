@@ -60,7 +60,8 @@ use crate::snapshot::{random_id, SnapshotMeta, SnapshotStore};
 /// How to open an [`OciWorker`].
 #[derive(Debug, Clone)]
 pub struct OciWorkerConfig {
-    /// The daemon root (`kilnd --root`); the worker lives in `<root>/runc-overlayfs/`.
+    /// The daemon root (`kilnd --root`); the worker lives in `<root>/runc-overlayfs/`
+    /// (`<root>/runc-native/` with the native snapshotter).
     pub root: PathBuf,
     /// The runc binary.
     pub runc_binary: PathBuf,
@@ -130,8 +131,10 @@ impl std::fmt::Debug for OciWorker {
 /// The label (after [`LABEL_PREFIX`]) naming the worker's [`BaseImageSource`], when it has one.
 pub const BASE_IMAGES_LABEL: &str = "kiln.base-images";
 
-/// The worker's directory under the daemon root.
+/// The worker's directory under the daemon root (overlayfs snapshotter).
 pub const WORKER_DIR: &str = "runc-overlayfs";
+/// The worker's directory under the daemon root with the native snapshotter.
+pub const NATIVE_WORKER_DIR: &str = "runc-native";
 
 impl OciWorker {
     /// Opens (creating) the worker state, removing what a crash may have left: mounts under the
@@ -143,7 +146,42 @@ impl OciWorker {
     /// [`OciWorker::open`] with rootless and snapshotter choices. The snapshotter in use is
     /// logged and reported as the worker label `org.mobyproject.buildkit.worker.snapshotter`.
     pub fn open_with(config: OciWorkerConfig, options: OciWorkerOptions) -> Result<Self, Error> {
-        let dir = config.root.join(WORKER_DIR);
+        fs::create_dir_all(&config.root).map_err(io_err("create", &config.root))?;
+        let overlay_xattrs = if options.rootless || userns::running_in_user_namespace() {
+            OverlayXattrs::User
+        } else {
+            OverlayXattrs::Trusted
+        };
+        let snapshotter = match options.snapshotter {
+            Some(Snapshotter::Overlayfs) => {
+                probe_overlay(&config.root, overlay_xattrs).map_err(|reason| {
+                    Error::Unsupported {
+                        what: format!("the overlayfs snapshotter here: {reason}"),
+                    }
+                })?;
+                Snapshotter::Overlayfs
+            }
+            Some(Snapshotter::Native) => Snapshotter::Native,
+            None => match probe_overlay(&config.root, overlay_xattrs) {
+                Ok(()) => Snapshotter::Overlayfs,
+                Err(reason) => {
+                    tracing::warn!(%reason, "overlayfs cannot be used, falling back to the native snapshotter (copies)");
+                    Snapshotter::Native
+                }
+            },
+        };
+        // Each snapshotter has its own directory (as BuildKit's `runc-<snapshotter>`): their
+        // snapshots record whiteouts differently.
+        let (worker_dir, xattrs) = match snapshotter {
+            Snapshotter::Overlayfs => (WORKER_DIR, overlay_xattrs),
+            Snapshotter::Native => (NATIVE_WORKER_DIR, OverlayXattrs::Files),
+        };
+        tracing::info!(
+            snapshotter = snapshotter.name(),
+            rootless = options.rootless,
+            "OCI worker snapshotter"
+        );
+        let dir = config.root.join(worker_dir);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let dir = dir.canonicalize().map_err(io_err("resolve", &dir))?;
         mount::unmount_all_under(&dir);
@@ -153,32 +191,6 @@ impl OciWorker {
             path: content_dir.clone(),
             source: Box::new(e.into()),
         })?;
-        let xattrs = if options.rootless || userns::running_in_user_namespace() {
-            OverlayXattrs::User
-        } else {
-            OverlayXattrs::Trusted
-        };
-        let snapshotter = match options.snapshotter {
-            Some(Snapshotter::Overlayfs) => {
-                probe_overlay(&dir, xattrs).map_err(|reason| Error::Unsupported {
-                    what: format!("the overlayfs snapshotter here: {reason}"),
-                })?;
-                Snapshotter::Overlayfs
-            }
-            Some(Snapshotter::Native) => Snapshotter::Native,
-            None => match probe_overlay(&dir, xattrs) {
-                Ok(()) => Snapshotter::Overlayfs,
-                Err(reason) => {
-                    tracing::warn!(%reason, "overlayfs cannot be used, falling back to the native snapshotter (copies)");
-                    Snapshotter::Native
-                }
-            },
-        };
-        tracing::info!(
-            snapshotter = snapshotter.name(),
-            rootless = options.rootless,
-            "OCI worker snapshotter"
-        );
         let snapshots =
             SnapshotStore::open(&dir.join("snapshots"))?.with_layout(snapshotter, xattrs);
 
@@ -288,7 +300,7 @@ impl OciWorker {
         Ok(Some(image))
     }
 
-    /// The worker directory (`<root>/runc-overlayfs`).
+    /// The worker directory (`<root>/runc-overlayfs` or `<root>/runc-native`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -358,7 +370,7 @@ pub fn run_file_op(
 /// Checks that an overlay with an upper dir can be mounted under `dir` and that removing a lower
 /// file leaves a whiteout in the upper (what the overlayfs snapshotter relies on).
 fn probe_overlay(dir: &Path, xattrs: OverlayXattrs) -> Result<(), String> {
-    let probe = dir.join(format!("overlay-probe-{}", random_id()));
+    let probe = dir.join(format!(".overlay-probe-{}", random_id()));
     let result = (|| {
         let [lower1, lower2, upper, work, merged] =
             ["l1", "l2", "u", "w", "m"].map(|name| probe.join(name));

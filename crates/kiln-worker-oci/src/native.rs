@@ -1,22 +1,25 @@
 //! The `native` snapshotter: trees assembled by copying instead of mounting.
 //!
-//! Snapshots keep the same on-disk form as with overlayfs (an upper dir per snapshot, overlay
-//! whiteouts and opaque markers), so layers export the same way. A tree of a chain is a copy of
-//! its `fs` dirs merged bottom to top ([`materialize`]); a writable tree records the identity of
-//! every entry it started with ([`Recorded`]) and at commit [`diff_into`] writes what changed
-//! (new or modified entries, whiteouts for removed ones, opaque markers for replaced directories)
-//! into the new snapshot's upper dir. A change is detected by inode number and ctime, which every
-//! write, chmod, chown or rename touches and no process can set back.
+//! Snapshots keep their own changes per directory as with overlayfs, but removed entries and
+//! opaque directories are recorded as the OCI whiteout files themselves (`.wh.NAME`,
+//! `.wh..wh..opq`; [`OverlayXattrs::Files`]): the native snapshotter is the fallback where
+//! overlayfs cannot be mounted, often because the root is itself on overlayfs, which refuses both
+//! whiteout devices and overlay xattrs. A tree of a chain is a copy of its `fs` dirs merged bottom
+//! to top ([`materialize`]); a writable tree records the identity of every entry it started with
+//! ([`Recorded`]) and at commit [`diff_into`] writes what changed (new or modified entries,
+//! whiteouts for removed ones, opaque markers for replaced directories) into the new snapshot's
+//! `fs` dir. A change is detected by inode number and ctime, which every write, chmod, chown or
+//! rename touches and no process can set back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+#[cfg(doc)]
 use kiln_image::layer::OverlayXattrs;
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use crate::fsx::{copy_metadata, copy_tree, CopyOptions};
 
@@ -44,8 +47,16 @@ pub(crate) struct Recorded {
     dirs: HashMap<PathBuf, BTreeMap<OsString, Identity>>,
 }
 
-fn is_whiteout(meta: &fs::Metadata) -> bool {
-    meta.file_type().is_char_device() && meta.rdev() == 0
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// The name an OCI whiteout file `name` hides, if it is one (not the opaque marker).
+fn hidden_name(name: &OsString) -> Option<OsString> {
+    let text = name.to_str()?;
+    if text == OPAQUE {
+        return None;
+    }
+    text.strip_prefix(WHITEOUT_PREFIX).map(OsString::from)
 }
 
 fn sorted_names(dir: &Path) -> io::Result<Vec<OsString>> {
@@ -67,44 +78,39 @@ fn remove_any(path: &Path) -> io::Result<()> {
 
 /// Copies the chain `lowers` (top first, as overlay's `lowerdir`) into the empty directory
 /// `dest`, applying whiteouts and opaque directories, and records what it made.
-pub(crate) fn materialize(
-    lowers: &[PathBuf],
-    dest: &Path,
-    xattrs: OverlayXattrs,
-) -> io::Result<Recorded> {
+pub(crate) fn materialize(lowers: &[PathBuf], dest: &Path) -> io::Result<Recorded> {
     for layer in lowers.iter().rev() {
-        merge_layer(layer, dest, xattrs)?;
+        merge_layer(layer, dest)?;
     }
     let mut recorded = Recorded::default();
     record(dest, PathBuf::new(), &mut recorded)?;
     Ok(recorded)
 }
 
-fn merge_layer(src: &Path, dst: &Path, xattrs: OverlayXattrs) -> io::Result<()> {
-    for name in sorted_names(src)? {
+fn merge_layer(src: &Path, dst: &Path) -> io::Result<()> {
+    let names = sorted_names(src)?;
+    if names.iter().any(|n| n == OPAQUE) {
+        for child in sorted_names(dst)? {
+            remove_any(&dst.join(child))?;
+        }
+    }
+    for name in names {
+        if name == OPAQUE {
+            continue;
+        }
+        if let Some(hidden) = hidden_name(&name) {
+            remove_any(&dst.join(hidden))?;
+            continue;
+        }
         let from = src.join(&name);
         let to = dst.join(&name);
         let meta = fs::symlink_metadata(&from)?;
-        if is_whiteout(&meta) {
-            remove_any(&to)?;
-            continue;
-        }
         if !meta.is_dir() {
             copy_tree(&from, &to, &CopyOptions::default())?;
             continue;
         }
         match fs::symlink_metadata(&to) {
-            Ok(existing) if existing.is_dir() => {
-                let opaque = xattr::get(&from, xattrs.opaque())
-                    .ok()
-                    .flatten()
-                    .is_some_and(|v| v == b"y");
-                if opaque {
-                    for child in sorted_names(&to)? {
-                        remove_any(&to.join(child))?;
-                    }
-                }
-            }
+            Ok(existing) if existing.is_dir() => {}
             Ok(_) => {
                 fs::remove_file(&to)?;
                 fs::create_dir(&to)?;
@@ -112,7 +118,7 @@ fn merge_layer(src: &Path, dst: &Path, xattrs: OverlayXattrs) -> io::Result<()> 
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&to)?,
             Err(e) => return Err(e),
         }
-        merge_layer(&from, &to, xattrs)?;
+        merge_layer(&from, &to)?;
         // After the children, which changed the directory's mtime.
         copy_metadata(&from, &to, &meta, &CopyOptions::default())?;
     }
@@ -136,14 +142,9 @@ fn record(dir: &Path, rel: PathBuf, recorded: &mut Recorded) -> io::Result<()> {
 
 /// Writes the changes of the tree `tree` since it was [`materialize`]d (`recorded`) into the
 /// empty upper dir `upper`, as overlayfs would have.
-pub(crate) fn diff_into(
-    tree: &Path,
-    recorded: &Recorded,
-    upper: &Path,
-    xattrs: OverlayXattrs,
-) -> io::Result<()> {
+pub(crate) fn diff_into(tree: &Path, recorded: &Recorded, upper: &Path) -> io::Result<()> {
     let mut made_dirs = Vec::new();
-    diff_dir(tree, Path::new(""), recorded, upper, xattrs, &mut made_dirs)?;
+    diff_dir(tree, Path::new(""), recorded, upper, &mut made_dirs)?;
     // Directories made in the upper get the tree's metadata, deepest first (children done).
     for rel in made_dirs.iter().rev() {
         let source = tree.join(rel);
@@ -172,7 +173,6 @@ fn diff_dir(
     rel: &Path,
     recorded: &Recorded,
     upper: &Path,
-    xattrs: OverlayXattrs,
     made: &mut Vec<PathBuf>,
 ) -> io::Result<()> {
     let empty = BTreeMap::new();
@@ -189,7 +189,7 @@ fn diff_dir(
             if old != Some(&now) {
                 ensure_upper_dir(upper, &child, made)?;
             }
-            diff_dir(tree, &child, recorded, upper, xattrs, made)?;
+            diff_dir(tree, &child, recorded, upper, made)?;
             continue;
         }
         if old == Some(&now) {
@@ -200,7 +200,7 @@ fn diff_dir(
         copy_tree(&path, &target, &CopyOptions::default())?;
         if now.dir && old.is_some_and(|o| o.dir) {
             // A directory removed and made again: nothing of the old one shows through.
-            xattr::set(&target, xattrs.opaque(), b"y")?;
+            fs::write(target.join(OPAQUE), b"")?;
         }
     }
     for (name, _) in before.iter() {
@@ -208,17 +208,9 @@ fn diff_dir(
             continue;
         }
         ensure_upper_dir(upper, rel, made)?;
-        let target = upper.join(rel).join(name);
-        remove_any(&target)?;
-        mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!(
-                    "cannot record the removal of {} (whiteout device 0/0): {e}",
-                    target.display()
-                ),
-            )
-        })?;
+        let mut marker = OsString::from(WHITEOUT_PREFIX);
+        marker.push(name);
+        fs::write(upper.join(rel).join(marker), b"")?;
     }
     Ok(())
 }
@@ -233,8 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn materialize_then_diff_gives_the_overlay_upper() {
-        // Needs mknod of whiteouts (root or a user namespace on Linux >= 5.8).
+    fn materialize_then_diff_gives_the_changes_with_whiteout_files() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base");
         write(&base.join("keep"), "k");
@@ -244,7 +235,7 @@ mod tests {
         write(&base.join("edit"), "1");
         let tree = dir.path().join("tree");
         fs::create_dir(&tree).unwrap();
-        let recorded = materialize(&[base.clone()], &tree, OverlayXattrs::User).unwrap();
+        let recorded = materialize(&[base.clone()], &tree).unwrap();
         assert_eq!(fs::read_to_string(tree.join("d/old")).unwrap(), "o");
 
         fs::remove_file(tree.join("gone")).unwrap();
@@ -256,24 +247,31 @@ mod tests {
 
         let upper = dir.path().join("upper");
         fs::create_dir(&upper).unwrap();
-        diff_into(&tree, &recorded, &upper, OverlayXattrs::User).unwrap();
-        let meta = fs::symlink_metadata(upper.join("gone")).unwrap();
-        assert!(is_whiteout(&meta), "removed file is a whiteout");
+        diff_into(&tree, &recorded, &upper).unwrap();
+        assert!(
+            upper.join(".wh.gone").is_file(),
+            "removed file is a whiteout"
+        );
+        assert!(!upper.join("gone").exists());
         assert!(!upper.join("keep").exists(), "unchanged file not copied");
         assert!(!upper.join("e/x").exists());
         assert_eq!(fs::read_to_string(upper.join("e/y")).unwrap(), "y");
         assert_eq!(fs::read_to_string(upper.join("edit")).unwrap(), "2");
         assert_eq!(fs::read_to_string(upper.join("added")).unwrap(), "a");
         assert_eq!(fs::read_to_string(upper.join("d/new")).unwrap(), "n");
-        assert_eq!(
-            xattr::get(upper.join("d"), "user.overlay.opaque").unwrap(),
-            Some(b"y".to_vec())
+        // A replaced directory hides the old content: opaque, or (when the new directory got
+        // the old inode number back) a whiteout per old entry.
+        assert!(
+            upper.join("d/.wh..wh..opq").is_file() || upper.join("d/.wh.old").is_file(),
+            "old content of the replaced dir hidden"
         );
 
         // The upper over the base materializes to the changed tree.
         let again = dir.path().join("again");
         fs::create_dir(&again).unwrap();
-        materialize(&[upper.clone(), base], &again, OverlayXattrs::User).unwrap();
+        materialize(&[upper.clone(), base], &again).unwrap();
+        assert!(!again.join(".wh.gone").exists(), "markers are not copied");
+        assert!(!again.join("d/.wh..wh..opq").exists());
         assert!(!again.join("gone").exists());
         assert!(!again.join("d/old").exists());
         assert_eq!(fs::read_to_string(again.join("d/new")).unwrap(), "n");

@@ -54,7 +54,7 @@ impl Trees for SnapshotStore {
             1 => Ok(SnapshotView::new(lowers[0].clone(), None)),
             _ if self.snapshotter == Snapshotter::Native => {
                 let copy = CopiedTree(mount_point.to_path_buf());
-                native::materialize(&lowers, mount_point, self.xattrs)
+                native::materialize(&lowers, mount_point)
                     .map_err(io_err("copy snapshot chain into", mount_point))?;
                 Ok(SnapshotView::new(
                     mount_point.to_path_buf(),
@@ -93,14 +93,13 @@ impl Trees for SnapshotStore {
         }
         if self.snapshotter == Snapshotter::Native {
             let copy = CopiedTree(mount_point.to_path_buf());
-            let recorded = native::materialize(&lowers, mount_point, self.xattrs)
+            let recorded = native::materialize(&lowers, mount_point)
                 .map_err(io_err("copy snapshot chain into", mount_point))?;
             return Ok(Box::new(NativeActive {
                 copy,
                 recorded,
                 pending,
                 parent: parent.cloned(),
-                xattrs: self.xattrs,
             }));
         }
         let work = pending.scratch_dir("work")?;
@@ -168,7 +167,6 @@ struct NativeActive {
     recorded: Recorded,
     pending: PendingSnapshot,
     parent: Option<SnapshotId>,
-    xattrs: kiln_image::layer::OverlayXattrs,
 }
 
 impl ActiveTree for NativeActive {
@@ -179,7 +177,7 @@ impl ActiveTree for NativeActive {
     fn commit(self: Box<Self>) -> Result<SnapshotId, Error> {
         let this = *self;
         let upper = this.pending.fs_path();
-        native::diff_into(&this.copy.0, &this.recorded, &upper, this.xattrs)
+        native::diff_into(&this.copy.0, &this.recorded, &upper)
             .map_err(io_err("record the changes of", &this.copy.0))?;
         drop(this.copy);
         let id = random_id();
