@@ -265,10 +265,17 @@ pub fn rootless_plan(worker: Worker, env: &SetupEnv) -> anyhow::Result<Plan> {
             (unit, address, root, daemon)
         }
     };
-    // kilnd has no rootless defaults of its own yet, so the socket and root
-    // are always explicit.
+    // kilnd's rootless defaults would give the same socket and root (the
+    // unit's environment may lack the XDG variables of this shell, so they
+    // stay explicit). Its default config, `$XDG_CONFIG_HOME/buildkit/
+    // buildkitd.toml`, is named only when it exists now: a missing default
+    // file is fine for kilnd, a missing explicit one is an error.
     daemon.push(format!("--addr={address}"));
     daemon.push(format!("--root={}", root.display()));
+    let user_config = config_home.join("buildkit/buildkitd.toml");
+    if user_config.is_file() {
+        daemon.push(format!("--config={}", user_config.display()));
+    }
     let wrapper: Vec<String> = match worker {
         Worker::Oci => {
             let rootlesskit = env

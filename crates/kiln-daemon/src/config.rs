@@ -807,6 +807,114 @@ labels = { a = "b" }
     }
 
     #[test]
+    fn rootless_defaults_follow_xdg_and_rootlesskit() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        // The initial namespace as root: buildkitd's rootful paths.
+        assert_eq!(
+            Defaults::from_env(false, 0, env(&[("USER", "u")])),
+            Defaults::rootful()
+        );
+        // uid 0 of a user namespace, but $USER root (a container): still rootful paths.
+        let container = Defaults::from_env(true, 0, env(&[("USER", "root")]));
+        assert!(!container.rootless && container.in_user_namespace);
+        assert_eq!(container.address, DEFAULT_ADDRESS);
+        // RootlessKit's child: the XDG dirs (first element of a list).
+        let child = Defaults::from_env(
+            true,
+            0,
+            env(&[
+                ("USER", "u"),
+                ("HOME", "/home/u"),
+                ("XDG_RUNTIME_DIR", "/run/user/1000:/other"),
+                ("XDG_DATA_HOME", "/data"),
+            ]),
+        );
+        assert!(child.rootless);
+        assert_eq!(
+            child.address,
+            "unix:///run/user/1000/buildkit/buildkitd.sock"
+        );
+        assert_eq!(child.root, PathBuf::from("/data/buildkit"));
+        assert_eq!(
+            child.config,
+            PathBuf::from("/home/u/.config/buildkit/buildkitd.toml")
+        );
+        // No XDG_RUNTIME_DIR: the parent's /run/user/<uid>; no XDG_DATA_HOME: ~/.local/share.
+        let bare = Defaults::from_env(
+            true,
+            0,
+            env(&[
+                ("ROOTLESSKIT_STATE_DIR", "/tmp/rk"),
+                ("ROOTLESSKIT_PARENT_EUID", "1001"),
+                ("HOME", "/home/v"),
+            ]),
+        );
+        assert_eq!(
+            bare.address,
+            "unix:///run/user/1001/buildkit/buildkitd.sock"
+        );
+        assert_eq!(bare.root, PathBuf::from("/home/v/.local/share/buildkit"));
+
+        // Loading over them: the default config may be missing, the defaults are used, the
+        // socket dir is protected, and the OCI worker is rootless in the user namespace.
+        let dir = tempfile::tempdir().unwrap();
+        let mut defaults = child.clone();
+        defaults.config = dir.path().join("missing.toml");
+        let config = Config::load_with(&Flags::parse_from(["kilnd"]), &defaults).unwrap();
+        assert!(config.rootless);
+        assert_eq!(config.addresses, vec![child.address.clone()]);
+        assert_eq!(config.root, child.root);
+        assert_eq!(
+            config.rootless_socket_dir,
+            Some(PathBuf::from("/run/user/1000/buildkit"))
+        );
+        assert_eq!(config.oci.rootless, Some(true));
+        // The default file is read when present.
+        std::fs::write(
+            &defaults.config,
+            "root = \"/from/file\"\n[worker.oci]\nrootless = false\n",
+        )
+        .unwrap();
+        let config = Config::load_with(
+            &Flags::parse_from(["kilnd", "--addr=unix:///x.sock"]),
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(config.root, PathBuf::from("/from/file"));
+        assert_eq!(config.oci.rootless, Some(false));
+        assert_eq!(
+            config.rootless_socket_dir, None,
+            "only the default socket's dir"
+        );
+        let config = Config::load_with(
+            &Flags::parse_from([
+                "kilnd",
+                "--oci-worker-rootless",
+                "--oci-worker-snapshotter=native",
+            ]),
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(config.oci.rootless, Some(true));
+        assert_eq!(config.oci.snapshotter.as_deref(), Some("native"));
+        // Rootless containers need the user namespace.
+        let err = Config::load_with(
+            &Flags::parse_from(["kilnd", "--oci-worker-rootless=true"]),
+            &Defaults::rootful(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("user namespace"), "{err}");
+    }
+
+    #[test]
     fn address_without_scheme_is_rejected() {
         let flags = Flags::parse_from(["kilnd", "--config", "/nonexistent-kiln.toml"]);
         assert!(

@@ -374,4 +374,27 @@ fn rootless_kilnd_builds_as_an_unprivileged_user() {
     assert_eq!(snapshotter_label(&user), "native");
     check_build(&user, "native");
     user.stop_kilnd();
+
+    // 3. `kiln setup install-buildkit --start` as the user: without a user systemd it writes
+    //    the unit and starts the daemon command itself; the build finds that daemon.
+    let kiln = user.dir.join("kiln").display().to_string();
+    let setup = run(&mut user.command(&[&kiln, "setup", "install-buildkit", "--start"]));
+    eprintln!("kiln setup install-buildkit --start:\n{}", setup.stderr);
+    let setup = setup.success();
+    let socket = user.runtime_dir().join("buildkit/buildkitd.sock");
+    assert!(
+        setup.stderr.contains("Started kilnd") || setup.stderr.contains("Installed"),
+        "{}",
+        setup.stderr
+    );
+    assert!(
+        setup.stderr.contains(&socket.display().to_string()),
+        "listens on the default socket:\n{}",
+        setup.stderr
+    );
+    let unit = format!("{}/.config/systemd/user/buildkit.service", user.home());
+    let unit = std::fs::read_to_string(&unit).unwrap();
+    assert!(unit.contains("rootlesskit --net=host"), "{unit}");
+    check_build(&user, "setup");
+    // The detached daemon is no child of ours: stopped with the user's other processes on drop.
 }
