@@ -1,8 +1,9 @@
 //! Layer tars: applying them onto a directory and diffing an overlayfs upper dir into one.
 //!
 //! Whiteouts are translated at the boundary: on disk they are overlayfs whiteouts (a char device
-//! 0/0 for a removed entry, the `trusted.overlay.opaque=y` xattr for an opaque directory); in the
-//! tar they are OCI whiteouts (`.wh.NAME` and `DIR/.wh..wh..opq`).
+//! 0/0 for a removed entry, the `trusted.overlay.opaque=y` xattr — `user.overlay.opaque` for a
+//! rootless overlay — for an opaque directory, see [`OverlayXattrs`]); in the tar they are OCI
+//! whiteouts (`.wh.NAME` and `DIR/.wh..wh..opq`), which [`OverlayXattrs::Files`] keeps on disk.
 //!
 //! [`apply`] treats the tar as hostile: no entry lands outside the destination, `..` components are
 //! rejected, and no symlink is ever followed while creating entries.

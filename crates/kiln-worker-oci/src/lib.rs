@@ -1,6 +1,8 @@
 //! kiln's OCI worker: BuildKit's `runc-overlayfs` worker rebuilt on the host's kernel and runc.
 //!
-//! [`OciWorker`] keeps everything under `<root>/runc-overlayfs/`:
+//! [`OciWorker`] keeps everything under `<root>/runc-overlayfs/` (`<root>/runc-native/` with the
+//! [`Snapshotter::Native`] fallback, where snapshots record whiteouts as OCI `.wh.` files and
+//! trees are copies; see [`OciWorkerOptions`] for rootless containers):
 //! - `content/` — a [`ContentStore`] of pulled and exported blobs;
 //! - `snapshots/<id>/{fs,meta.json}` — immutable snapshots; `fs` is an overlayfs upper dir (the
 //!   snapshot's own changes, with overlay whiteouts) and `meta.json` names the parent, the diff id

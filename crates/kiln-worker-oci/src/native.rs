@@ -235,7 +235,7 @@ mod tests {
         write(&base.join("edit"), "1");
         let tree = dir.path().join("tree");
         fs::create_dir(&tree).unwrap();
-        let recorded = materialize(&[base.clone()], &tree).unwrap();
+        let recorded = materialize(std::slice::from_ref(&base), &tree).unwrap();
         assert_eq!(fs::read_to_string(tree.join("d/old")).unwrap(), "o");
 
         fs::remove_file(tree.join("gone")).unwrap();
