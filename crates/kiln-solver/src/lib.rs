@@ -27,6 +27,7 @@
 
 pub mod cache;
 pub mod explain;
+pub mod import;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -46,6 +47,7 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 pub use cache::{CacheKey, CacheRecord, CacheRecords};
+pub use import::{CacheImport, CacheImports, CacheVertex, ImportedResult};
 pub use progress::{ProgressWriter, VertexProgress};
 pub use usage::{default_gc_policy, DiskStat, Filter, FilterError, GcLimits, PruneOptions};
 
@@ -120,6 +122,15 @@ pub enum Error {
     /// A disk-usage or prune filter is invalid.
     #[error("invalid usage filter")]
     Filter(#[source] FilterError),
+    /// A result of an imported cache could not be applied.
+    #[error("failed to import cache result {key}")]
+    Import {
+        /// The cache key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// The worker failed to report or remove snapshots.
     #[error("failed to {op} snapshots")]
     Worker {
@@ -199,6 +210,9 @@ pub struct SolveResult {
     /// Keeps the snapshots of this solve from being pruned while the result
     /// is exported; drop the result to release them.
     pub leases: Leases,
+    /// Every vertex that resolved, inputs before the vertices using them
+    /// (what a cache exporter writes).
+    pub vertices: Vec<CacheVertex>,
 }
 
 /// Per-solve options.
@@ -206,6 +220,9 @@ pub struct SolveResult {
 pub struct SolveOptions {
     /// Ignore the cache for every vertex (results are still recorded).
     pub no_cache: bool,
+    /// Caches imported for this solve (`--cache-from`), consulted after the
+    /// worker's own records.
+    pub cache_imports: CacheImports,
 }
 
 /// The solver of one worker.
@@ -419,6 +436,7 @@ impl Solver {
                 stats: SolveStats::default(),
                 created: None,
                 leases: Leases::default(),
+                vertices: Vec::new(),
             });
         };
         let context = Arc::new(Context {
@@ -473,12 +491,41 @@ impl Solver {
         }
         let index = usize::try_from(result.index).unwrap_or(usize::MAX);
         let snapshot = resolved.outputs.get(index).cloned().flatten();
+        let mut vertices = Vec::new();
+        for digest in graph.topological_order() {
+            let Some(Ok(vertex)) = futures.get(digest).and_then(|f| f.peek()) else {
+                continue;
+            };
+            let inputs = graph
+                .op(digest)
+                .map(|op| {
+                    op.inputs
+                        .iter()
+                        .filter_map(|input| {
+                            let Some(Ok(r)) = futures.get(&input.digest).and_then(|f| f.peek())
+                            else {
+                                return None;
+                            };
+                            Some((r.key.clone(), usize::try_from(input.index).ok()?))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            vertices.push(CacheVertex {
+                key: vertex.key.clone(),
+                inputs,
+                outputs: vertex.outputs.clone(),
+                created: vertex.created,
+                is_result: *digest == result.digest,
+            });
+        }
         Ok(SolveResult {
             snapshot,
             cache_key: Some(resolved.key.clone()),
             stats,
             created: Some(resolved.created),
             leases: context.leases.clone(),
+            vertices,
         })
     }
 }
@@ -605,6 +652,14 @@ async fn run_vertex(
                 if let Some(resolved) = lookup(&context, &key) {
                     progress.cached();
                     return Ok(Arc::new(resolved));
+                }
+                match import_lookup(&context, &key, &name, &progress).await {
+                    Ok(Some(resolved)) => {
+                        progress.cached();
+                        return Ok(Arc::new(resolved));
+                    }
+                    Ok(None) => {}
+                    Err(failure) => return finish(&progress, Err(failure), vertex_error),
                 }
             }
             let reason = if ignore_cache {
@@ -790,6 +845,48 @@ fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
     })
 }
 
+/// A result of an imported cache for `key`, applied on the worker and
+/// recorded locally (with the imported creation time, so a fully cached
+/// build gives the same image as the one that made the cache).
+async fn import_lookup(
+    context: &Context,
+    key: &CacheKey,
+    name: &str,
+    progress: &VertexProgress,
+) -> Result<Option<Resolved>, SourceFailure> {
+    for import in &context.options.cache_imports {
+        let Some(imported) = import.lookup(key) else {
+            continue;
+        };
+        let snapshot = import::materialize(context.worker.as_ref(), import.as_ref(), &imported, progress)
+            .await
+            .map_err(|source| {
+                SourceFailure::Other(Arc::new(Error::Import {
+                    key: key.to_string(),
+                    source,
+                }))
+            })?;
+        let outputs = vec![snapshot];
+        hold(context, &outputs);
+        let plain: Vec<Option<String>> = outputs
+            .iter()
+            .map(|o| o.as_ref().map(|s| s.to_string()))
+            .collect();
+        context
+            .records
+            .put_created(key, &plain, name, imported.created)
+            .map_err(|e| SourceFailure::Other(Arc::new(e)))?;
+        tracing::debug!(%key, name, "result taken from an imported cache");
+        return Ok(Some(Resolved {
+            key: key.clone(),
+            outputs,
+            cached: true,
+            created: imported.created,
+        }));
+    }
+    Ok(None)
+}
+
 /// Records a vertex's key parts for the next miss explanation; failing to
 /// write them only loses an explanation, not the build.
 fn remember(context: &Context, identity: &str, parts: &explain::KeyParts) {
@@ -893,6 +990,9 @@ async fn run_source(
         ]);
         if !ignore_cache {
             if let Some(resolved) = lookup(context, &key) {
+                return Ok(resolved);
+            }
+            if let Some(resolved) = import_lookup(context, &key, name, progress).await? {
                 return Ok(resolved);
             }
         }
