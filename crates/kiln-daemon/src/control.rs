@@ -29,6 +29,9 @@ pub struct ControlService {
     root: PathBuf,
     entitlements: Vec<String>,
     gc_policy: Vec<GcPolicy>,
+    /// Caches imported for a build (`--cache-from`), by build ref, for the
+    /// solve that build runs (directly or through the gateway).
+    cache_imports: std::sync::Mutex<std::collections::HashMap<String, kiln_solver::CacheImports>>,
 }
 
 /// Checks that every privileged step of `definition` is allowed both by the
@@ -82,6 +85,7 @@ impl ControlService {
             root,
             entitlements: Vec::new(),
             gc_policy: Vec::new(),
+            cache_imports: Default::default(),
         }
     }
 
@@ -254,8 +258,14 @@ impl ControlService {
             session_id.to_string(),
             &self.root.join("locals"),
         ));
+        let cache_imports = self
+            .cache_imports
+            .lock()
+            .map(|m| m.get(build_ref).cloned().unwrap_or_default())
+            .unwrap_or_default();
         let options = SolveOptions {
             no_cache: attrs.contains_key("no-cache"),
+            cache_imports,
         };
         let result = self
             .solver
@@ -316,6 +326,37 @@ impl ControlService {
         let tmp_root = self.root.join("tmp");
         let request_ref = request.r#ref.clone();
         let worker = self.solver.worker().clone();
+        let cache = request.cache.clone().unwrap_or_default();
+        let cache_exports = crate::cache::parse_exports(&cache.exports)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let _imports = if cache.imports.is_empty() {
+            None
+        } else {
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, "importing cache"]),
+                "importing cache manifest",
+                Vec::new(),
+            );
+            let source = crate::cache::ImportSource {
+                worker: worker.as_ref(),
+                session: session.as_deref(),
+                tmp_dir: &tmp_root,
+                hosts: exporter::registry_hosts(),
+            };
+            let imports = match crate::cache::import(&source, &cache.imports, &vertex).await {
+                Ok(imports) => {
+                    vertex.done();
+                    imports
+                }
+                Err(e) => {
+                    vertex.failed(&format!("{e:#}"));
+                    return Err(Status::invalid_argument(format!(
+                        "failed to import cache: {e:#}"
+                    )));
+                }
+            };
+            Some(CacheImportsGuard::new(self, &request_ref, imports))
+        };
 
         let (result, image_config) = match (request.frontend.as_str(), request.definition) {
             ("", None) => {
@@ -374,9 +415,60 @@ impl ControlService {
                 }
             }
         }
+        let target = crate::cache::ExportTarget {
+            worker: worker.as_ref(),
+            session: session.as_deref(),
+            tmp_dir: &tmp_root,
+            hosts: exporter::registry_hosts(),
+        };
+        for (n, export) in cache_exports.iter().enumerate() {
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, "exporting cache", &n.to_string()]),
+                "exporting cache",
+                Vec::new(),
+            );
+            match crate::cache::export(&target, &result, export, n, &vertex).await {
+                Ok(()) => vertex.done(),
+                Err(e) => {
+                    vertex.failed(&format!("{e:#}"));
+                    return Err(Status::unknown(format!("failed to export cache: {e:#}")));
+                }
+            }
+        }
         Ok(api::SolveResponse {
             exporter_response: response,
         })
+    }
+}
+
+/// Registers a build's imported caches for its solve and forgets them when
+/// the build ends.
+struct CacheImportsGuard<'a> {
+    service: &'a ControlService,
+    build_ref: String,
+}
+
+impl<'a> CacheImportsGuard<'a> {
+    fn new(
+        service: &'a ControlService,
+        build_ref: &str,
+        imports: kiln_solver::CacheImports,
+    ) -> Self {
+        if let Ok(mut map) = service.cache_imports.lock() {
+            map.insert(build_ref.to_string(), imports);
+        }
+        Self {
+            service,
+            build_ref: build_ref.to_string(),
+        }
+    }
+}
+
+impl Drop for CacheImportsGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.service.cache_imports.lock() {
+            map.remove(&self.build_ref);
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! `buildkitd.toml`, serves BuildKit's `Control` API on the same sockets and
 //! runs builds on the OCI worker.
 
+mod cache;
 mod config;
 mod control;
 mod exporter;

@@ -591,6 +591,22 @@ impl Resolver {
         })
     }
 
+    /// The manifest or index `reference` names (its digest, else its tag, else `latest`), as
+    /// bytes with the media type the registry gave, without interpreting it (cache manifests
+    /// are not images). A digest in the reference is verified.
+    pub async fn fetch_manifest_bytes(&self, reference: &Reference) -> Result<(Vec<u8>, String)> {
+        let target = match (reference.digest(), reference.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_owned(),
+            (None, None) => crate::reference::DEFAULT_TAG.to_owned(),
+        };
+        let (bytes, media_type) = self.fetch_manifest(reference, &target).await?;
+        if let Some(expected) = reference.digest() {
+            check_digest(reference, "manifest", expected, &Digest::of(&bytes))?;
+        }
+        Ok((bytes, media_type))
+    }
+
     /// Streams the blob `descriptor` of `reference` into `store`, verifying digest and size.
     /// Does nothing when the store already has it.
     pub async fn fetch_blob(

@@ -56,6 +56,7 @@ pub struct SessionBuilder {
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
     file_send_path: Option<PathBuf>,
+    file_send_targets: HashMap<String, PathBuf>,
 }
 
 impl SessionBuilder {
@@ -71,6 +72,7 @@ impl SessionBuilder {
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
             file_send_path: None,
+            file_send_targets: HashMap::new(),
         }
     }
 
@@ -88,6 +90,19 @@ impl SessionBuilder {
     /// Writes bytes received over FileSend into `path` (created/truncated).
     pub fn file_send_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.file_send_path = Some(path.into());
+        self
+    }
+
+    /// Writes bytes received over FileSend for exporter id `exporter_id`
+    /// (the `buildkit-attachable-exporter-id` metadata) into `path` instead
+    /// of the [`file_send_path`](Self::file_send_path).
+    pub fn file_send_target(
+        mut self,
+        exporter_id: impl Into<String>,
+        path: impl Into<PathBuf>,
+    ) -> Self {
+        self.file_send_targets
+            .insert(exporter_id.into(), path.into());
         self
     }
 
@@ -123,6 +138,7 @@ impl SessionBuilder {
         };
         let filesend = FileSendService {
             target: self.file_send_path,
+            targets: Arc::new(self.file_send_targets),
             stats: counters.clone(),
         };
         let (_reporter, health) = tonic_health::server::health_reporter();

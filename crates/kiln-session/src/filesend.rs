@@ -26,6 +26,9 @@ pub const CHUNK_SIZE: usize = 3 << 20;
 
 const METHOD: &str = "/moby.filesync.v1.FileSend/DiffCopy";
 
+/// The metadata key naming the exporter a FileSend call carries output of.
+const EXPORTER_ID: &str = "buildkit-attachable-exporter-id";
+
 /// Streams everything `reader` yields to the session's FileSend target and
 /// returns the number of bytes sent. A client answering `AlreadyExists`
 /// ("target exists, skip") counts as success.
@@ -33,16 +36,24 @@ pub async fn send(
     channel: Channel,
     exporter_index: usize,
     metadata: &BTreeMap<String, String>,
+    reader: impl AsyncRead + Unpin + Send,
+) -> Result<u64, Error> {
+    send_to(channel, &exporter_index.to_string(), metadata, reader).await
+}
+
+/// [`send`] with any exporter id: kiln sends cache exports as `cache-<n>`
+/// so the client can route them to their own target
+/// ([`SessionBuilder::file_send_target`](crate::client::SessionBuilder::file_send_target)).
+pub async fn send_to(
+    channel: Channel,
+    exporter_id: &str,
+    metadata: &BTreeMap<String, String>,
     mut reader: impl AsyncRead + Unpin + Send,
 ) -> Result<u64, Error> {
     let (tx, rx) = mpsc::channel::<BytesMessage>(2);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     let md = request.metadata_mut();
-    metadata::insert_value(
-        md,
-        "buildkit-attachable-exporter-id",
-        &exporter_index.to_string(),
-    )?;
+    metadata::insert_value(md, EXPORTER_ID, exporter_id)?;
     for (key, value) in metadata {
         metadata::insert_value(md, &format!("exporter-md-{key}"), value)?;
     }
@@ -107,9 +118,11 @@ pub(crate) trait ReceiveStats: Send + Sync {
     fn received(&self, bytes: u64);
 }
 
-/// The client end: writes received bytes into `target`.
+/// The client end: writes received bytes into `targets[exporter id]`, else
+/// into `target`.
 pub(crate) struct FileSendService {
     pub(crate) target: Option<PathBuf>,
+    pub(crate) targets: Arc<std::collections::HashMap<String, PathBuf>>,
     pub(crate) stats: Arc<dyn ReceiveStats>,
 }
 
@@ -121,9 +134,14 @@ impl FileSend for FileSendService {
         &self,
         request: tonic::Request<tonic::Streaming<BytesMessage>>,
     ) -> Result<tonic::Response<Self::DiffCopyStream>, tonic::Status> {
-        let target = self
-            .target
-            .clone()
+        let routed = request
+            .metadata()
+            .get(EXPORTER_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| self.targets.get(id))
+            .cloned();
+        let target = routed
+            .or_else(|| self.target.clone())
             .ok_or_else(|| Error::NoFileSendTarget.to_status())?;
         let mut file = tokio::fs::File::create(&target)
             .await
