@@ -330,7 +330,12 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     let mut frontend_attrs = BTreeMap::new();
     frontend_attrs.insert("filename".to_string(), dockerfile.filename.clone());
     frontend_attrs.extend(settings.frontend_attrs.clone());
-    let mut locals = BTreeMap::new();
+    let cache = crate::cache::plan(
+        &settings.cache_imports,
+        &settings.cache_exports,
+        output_dir.path(),
+    )?;
+    let mut locals = cache.locals.clone();
     locals.insert("context".to_string(), context_dir.clone());
     locals.insert("dockerfile".to_string(), dockerfile.dir.clone());
     let options = SolveOptions {
@@ -341,8 +346,9 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         output_file: output_file.clone(),
         shared_key: context_dir.display().to_string(),
         entitlements: settings.entitlements.clone(),
-        cache_imports: settings.cache_imports.clone(),
-        cache_exports: Vec::new(),
+        cache_imports: cache.imports.clone(),
+        cache_exports: cache.exports.clone(),
+        file_send_targets: cache.file_send_targets.clone(),
     };
 
     let mode = if settings.quiet {
@@ -360,6 +366,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     }
     let outcome = solved?;
     tracing::debug!(response = ?outcome.exporter_response, stats = ?outcome.session_stats, "solve done");
+    cache.land()?;
 
     match (&plan.landing, &containerd) {
         (Landing::Load, Some(containerd)) => {

@@ -17,6 +17,7 @@
 mod autostart;
 mod build;
 mod builder;
+mod cache;
 mod cli;
 mod compose;
 mod discovery;

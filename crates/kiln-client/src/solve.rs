@@ -40,6 +40,10 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// Files receiving FileSend output by exporter id (kilnd sends a `local`
+    /// cache export as exporter `cache-<n>`); other output goes to
+    /// `output_file`.
+    pub file_send_targets: BTreeMap<String, PathBuf>,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -90,6 +94,9 @@ pub async fn solve(
     }
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
+    }
+    for (id, path) in &options.file_send_targets {
+        builder = builder.file_send_target(id.clone(), path.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder
