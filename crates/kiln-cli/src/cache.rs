@@ -104,7 +104,10 @@ fn unpack_layout(archive: &Path, dest: &Path, tag: &str) -> anyhow::Result<()> {
     let mut tar = tar::Archive::new(file);
     for entry in tar.entries().context("failed to read the cache tar")? {
         let mut entry = entry.context("failed to read the cache tar")?;
-        let path = entry.path().context("invalid path in the cache tar")?.into_owned();
+        let path = entry
+            .path()
+            .context("invalid path in the cache tar")?
+            .into_owned();
         let name = path.to_string_lossy().to_string();
         if name == "index.json" {
             let mut bytes = Vec::new();
@@ -182,7 +185,10 @@ mod tests {
     fn local_entries_get_session_names_and_targets() {
         let tmp = tempfile::tempdir().unwrap();
         let plan = plan(
-            &[entry("registry", &[("ref", "r/x")]), entry("local", &[("src", "/c")])],
+            &[
+                entry("registry", &[("ref", "r/x")]),
+                entry("local", &[("src", "/c")]),
+            ],
             &[entry("local", &[("dest", "/d"), ("mode", "max")])],
             tmp.path(),
         )
@@ -190,7 +196,10 @@ mod tests {
         assert_eq!(plan.imports[1].1[SESSION_DIR_ATTR], "kiln-cache-from-1");
         assert_eq!(plan.locals["kiln-cache-from-1"], PathBuf::from("/c"));
         assert!(!plan.exports[0].1.contains_key("dest"));
-        assert_eq!(plan.file_send_targets["cache-0"], tmp.path().join("cache-0.tar"));
+        assert_eq!(
+            plan.file_send_targets["cache-0"],
+            tmp.path().join("cache-0.tar")
+        );
     }
 
     fn layout_tar(path: &Path, digest_hex: &str, tag: &str) {
@@ -198,14 +207,19 @@ mod tests {
         let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "m", "digest": format!("sha256:{digest_hex}"), "size": 1, "annotations": {REF_NAME: tag}}]});
         for (name, data) in [
             ("oci-layout".to_string(), b"{}".to_vec()),
-            ("index.json".to_string(), serde_json::to_vec(&index).unwrap()),
+            (
+                "index.json".to_string(),
+                serde_json::to_vec(&index).unwrap(),
+            ),
             (format!("blobs/sha256/{digest_hex}"), b"x".to_vec()),
         ] {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            builder.append_data(&mut header, name, data.as_slice()).unwrap();
+            builder
+                .append_data(&mut header, name, data.as_slice())
+                .unwrap();
         }
         builder.finish().unwrap();
     }
@@ -225,7 +239,9 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dest.join("index.json")).unwrap()).unwrap();
         let manifests = index["manifests"].as_array().unwrap();
         assert_eq!(manifests.len(), 2, "{index}");
-        assert!(manifests.iter().all(|m| m["digest"] == format!("sha256:{b}")));
+        assert!(manifests
+            .iter()
+            .all(|m| m["digest"] == format!("sha256:{b}")));
         assert!(dest.join("blobs/sha256").join(&a).exists());
         assert!(dest.join("oci-layout").exists());
     }

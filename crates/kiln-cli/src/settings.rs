@@ -531,7 +531,9 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         if cache_exports.iter().any(|(k, _)| *k == kind) {
             bail!("duplicate cache exports");
         }
-        attrs.entry("mode".to_string()).or_insert_with(|| "min".to_string());
+        attrs
+            .entry("mode".to_string())
+            .or_insert_with(|| "min".to_string());
         cache_exports.push((kind, attrs));
     }
     let output = args.output.as_deref().map(parse_output).transpose()?;
@@ -856,13 +858,28 @@ mod tests {
         assert_eq!((kind.as_str(), attrs["src"].as_str()), ("local", "/c"));
         let s = resolve(&["--cache-from", "r/x", "--cache-from=r/x", "."], &[]).unwrap();
         assert_eq!(s.cache_imports.len(), 1);
-        let s = resolve(&["--cache-to", "r/x", "--cache-to=type=local,dest=/d,mode=max", "."], &[]).unwrap();
+        let s = resolve(
+            &[
+                "--cache-to",
+                "r/x",
+                "--cache-to=type=local,dest=/d,mode=max",
+                ".",
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.cache_exports.len(), 2);
         assert_eq!(s.cache_exports[0].0, "registry");
         assert_eq!(s.cache_exports[0].1["mode"], "min");
         assert_eq!(s.cache_exports[1].1["mode"], "max");
         assert_eq!(
-            err(&["--cache-to", "r/x", "--cache-to", "type=registry,ref=r/y", "."]),
+            err(&[
+                "--cache-to",
+                "r/x",
+                "--cache-to",
+                "type=registry,ref=r/y",
+                "."
+            ]),
             "duplicate cache exports"
         );
         assert_eq!(

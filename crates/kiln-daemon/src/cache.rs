@@ -427,13 +427,8 @@ pub async fn export(
             let session = target
                 .session
                 .context("a local cache export needs a session to send the cache to")?;
-            let file = layout_to_temp(
-                target.worker.content(),
-                &manifest,
-                tag,
-                target.tmp_dir,
-            )
-            .await?;
+            let file =
+                layout_to_temp(target.worker.content(), &manifest, tag, target.tmp_dir).await?;
             let status = "sending cache to client".to_string();
             vertex.status(&status, &status, 0, None, false);
             let sent = kiln_session::filesend::send_to(
@@ -685,16 +680,7 @@ pub async fn import(
                 tag,
                 digest,
                 session_dir,
-            } => {
-                import_local(
-                    source,
-                    tag,
-                    digest.as_ref(),
-                    session_dir.as_deref(),
-                    vertex,
-                )
-                .await
-            }
+            } => import_local(source, tag, digest.as_ref(), session_dir.as_deref(), vertex).await,
         };
         match loaded {
             Ok(import) => out.push(import),
@@ -833,8 +819,8 @@ async fn import_local(
         })?;
     let manifest_bytes = std::fs::read(blob_path(&root, &chosen.digest))
         .with_context(|| format!("missing cache manifest blob {}", chosen.digest))?;
-    let (config, blobs) = config_descriptor(&manifest_bytes, &chosen.media_type)
-        .context("invalid cache manifest")?;
+    let (config, blobs) =
+        config_descriptor(&manifest_bytes, &chosen.media_type).context("invalid cache manifest")?;
     let config_bytes = std::fs::read(blob_path(&root, &config.digest))
         .with_context(|| format!("missing cache config blob {}", config.digest))?;
     let config: CacheConfig =
@@ -865,7 +851,10 @@ mod tests {
     #[test]
     fn exports_parse_modes_and_refuse_duplicates() {
         let exports = parse_exports(&[
-            entry("registry", &[("ref", "127.0.0.1:5000/c:t"), ("mode", "max")]),
+            entry(
+                "registry",
+                &[("ref", "127.0.0.1:5000/c:t"), ("mode", "max")],
+            ),
             entry("local", &[("dest", "/x")]),
         ])
         .unwrap();
@@ -886,7 +875,11 @@ mod tests {
 
     fn layer(n: u8) -> Layer {
         Layer {
-            descriptor: Descriptor::new(media_types::OCI_LAYER_GZIP, Digest::of(&[n]), 10 + n as u64),
+            descriptor: Descriptor::new(
+                media_types::OCI_LAYER_GZIP,
+                Digest::of(&[n]),
+                10 + n as u64,
+            ),
             diff_id: Digest::of(&[n, n]),
         }
     }
@@ -912,10 +905,20 @@ mod tests {
         ];
         let chains = vec![Some(vec![layer(1)]), Some(vec![layer(1), layer(2)])];
         let config = build_config(&vertices, &chains);
-        assert_eq!(config.layers.len(), 2, "the shared base layer is written once");
+        assert_eq!(
+            config.layers.len(),
+            2,
+            "the shared base layer is written once"
+        );
         assert_eq!(config.layers[0].parent, -1);
         assert_eq!(config.layers[1].parent, 0);
-        assert_eq!(config.records[1].inputs, vec![vec![CacheInput { selector: String::new(), link: 0 }]]);
+        assert_eq!(
+            config.records[1].inputs,
+            vec![vec![CacheInput {
+                selector: String::new(),
+                link: 0
+            }]]
+        );
         let json = serde_json::to_string(&config).unwrap();
         assert!(json.contains("\"diffID\""), "{json}");
         let parsed: CacheConfig = serde_json::from_str(&json).unwrap();

@@ -13,10 +13,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use kiln_image::content::ContentStore;
-use kiln_image::Digest;
 use kiln_image::oci::{media_types, Descriptor, ImageConfig, ImageManifest, RootFs};
 use kiln_image::reference::Reference;
 use kiln_image::registry::ResolvedImage;
+use kiln_image::Digest;
 use kiln_worker::{Layer, SnapshotId, Worker};
 
 use crate::{BoxError, CacheKey};

@@ -64,8 +64,7 @@ fn layer_digests(archive: &Path) -> Vec<String> {
     }
     let blob = |digest: &str| {
         let hex = digest.strip_prefix("sha256:").unwrap();
-        serde_json::from_slice::<serde_json::Value>(&files[&format!("blobs/sha256/{hex}")])
-            .unwrap()
+        serde_json::from_slice::<serde_json::Value>(&files[&format!("blobs/sha256/{hex}")]).unwrap()
     };
     let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
     let mut manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
@@ -112,9 +111,18 @@ fn dockerfile(context: &Path, last: &str) {
 fn assert_all_cached(output: &Output, what: &str) {
     let steps = steps(&output.stderr);
     let runs: Vec<_> = steps.iter().filter(|(_, t, _)| t.contains("RUN")).collect();
-    assert_eq!(runs.len(), 3, "{what}: expected 3 RUN steps:\n{}", output.stderr);
+    assert_eq!(
+        runs.len(),
+        3,
+        "{what}: expected 3 RUN steps:\n{}",
+        output.stderr
+    );
     for (id, title, cached) in &runs {
-        assert!(cached, "{what}: step {id} {title} not CACHED:\n{}", output.stderr);
+        assert!(
+            cached,
+            "{what}: step {id} {title} not CACHED:\n{}",
+            output.stderr
+        );
     }
 }
 
@@ -131,40 +139,55 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     // kilnd A builds and exports (registry, mode=max).
     let (runc_a, log_a) = counting_runc(work.path(), "a");
     let address_a = format!("unix://{}/a.sock", work.path().display());
-    let daemon_a = Kilnd::start(&address_a, &["--oci-worker-binary", runc_a.to_str().unwrap()]);
+    let daemon_a = Kilnd::start(
+        &address_a,
+        &["--oci-worker-binary", runc_a.to_str().unwrap()],
+    );
     let build_a = Build {
         address: &address_a,
         context: &context,
         out: work.path().join("a.tar"),
     };
-    let exported = build_a.run(&["--cache-to", &format!("type=registry,ref={cache_ref},mode=max")]);
+    let exported = build_a.run(&[
+        "--cache-to",
+        &format!("type=registry,ref={cache_ref},mode=max"),
+    ]);
     assert_eq!(
-        exported.code, 0,
+        exported.code,
+        0,
         "export build failed:\n{}\nkilnd A:\n{}",
         exported.stderr,
         daemon_a.log_text()
     );
     assert_eq!(container_runs(&log_a), 3, "A runs the three RUN steps");
     let layers_a = layer_digests(&build_a.out);
-    assert_eq!(layers_a.len(), 4, "busybox + three RUN layers: {layers_a:?}");
+    assert_eq!(
+        layers_a.len(),
+        4,
+        "busybox + three RUN layers: {layers_a:?}"
+    );
     let skopeo = run(Command::new("skopeo").args([
         "inspect",
         "--raw",
         "--tls-verify=false",
         &format!("docker://{cache_ref}"),
-    ]));
-    if skopeo.code == 0 {
-        assert!(
-            skopeo.stdout.contains("application/vnd.buildkit.cacheconfig.v0"),
-            "{}",
-            skopeo.stdout
-        );
-    }
+    ]))
+    .success();
+    assert!(
+        skopeo
+            .stdout
+            .contains("application/vnd.buildkit.cacheconfig.v0"),
+        "skopeo sees no cache config in {cache_ref}: {}",
+        skopeo.stdout
+    );
 
     // kilnd B, empty root: everything from the registry cache (bare ref form).
     let (runc_b, log_b) = counting_runc(work.path(), "b");
     let address_b = format!("unix://{}/b.sock", work.path().display());
-    let daemon_b = Kilnd::start(&address_b, &["--oci-worker-binary", runc_b.to_str().unwrap()]);
+    let daemon_b = Kilnd::start(
+        &address_b,
+        &["--oci-worker-binary", runc_b.to_str().unwrap()],
+    );
     let build_b = Build {
         address: &address_b,
         context: &context,
@@ -172,14 +195,52 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     };
     let imported = build_b.run(&["--cache-from", &cache_ref]);
     assert_eq!(
-        imported.code, 0,
+        imported.code,
+        0,
         "import build failed:\n{}\nkilnd B:\n{}",
         imported.stderr,
         daemon_b.log_text()
     );
     assert_all_cached(&imported, "registry import");
-    assert_eq!(container_runs(&log_b), 0, "B started a container:\n{}", imported.stderr);
-    assert_eq!(layer_digests(&build_b.out), layers_a, "B's image has other layers");
+    assert_eq!(
+        container_runs(&log_b),
+        0,
+        "B started a container:\n{}",
+        imported.stderr
+    );
+    assert_eq!(
+        layer_digests(&build_b.out),
+        layers_a,
+        "B's image has other layers"
+    );
+
+    // mode=min (the default): only the result's layers travel; a fresh D
+    // still takes every step from the cache, running none.
+    let min_ref = format!("127.0.0.1:5000/kiln-test/cache-{nonce:x}:min");
+    let min_export = build_a.run(&["--cache-to", &min_ref]);
+    assert_eq!(min_export.code, 0, "{}", min_export.stderr);
+    let (runc_d, log_d) = counting_runc(work.path(), "d");
+    let address_d = format!("unix://{}/d.sock", work.path().display());
+    let daemon_d = Kilnd::start(
+        &address_d,
+        &["--oci-worker-binary", runc_d.to_str().unwrap()],
+    );
+    let build_d = Build {
+        address: &address_d,
+        context: &context,
+        out: work.path().join("d.tar"),
+    };
+    let min_import = build_d.run(&["--cache-from", &format!("type=registry,ref={min_ref}")]);
+    assert_eq!(
+        min_import.code,
+        0,
+        "min import build failed:\n{}\nkilnd D:\n{}",
+        min_import.stderr,
+        daemon_d.log_text()
+    );
+    assert_all_cached(&min_import, "registry min import");
+    assert_eq!(container_runs(&log_d), 0, "D started a container");
+    assert_eq!(layer_digests(&build_d.out), layers_a);
 
     // A changed last step on B reruns that step only.
     dockerfile(&context, &format!("changed-{nonce}"));
@@ -190,9 +251,17 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
         .filter(|(_, t, _)| t.contains("RUN"))
         .collect();
     assert_eq!(runs.len(), 3, "{}", changed.stderr);
-    assert!(runs[0].2 && runs[1].2, "first two RUN steps cached:\n{}", changed.stderr);
+    assert!(
+        runs[0].2 && runs[1].2,
+        "first two RUN steps cached:\n{}",
+        changed.stderr
+    );
     assert!(!runs[2].2, "the changed step ran:\n{}", changed.stderr);
-    assert_eq!(container_runs(&log_b), 1, "only the changed step started a container");
+    assert_eq!(
+        container_runs(&log_b),
+        1,
+        "only the changed step started a container"
+    );
     let changed_layers = layer_digests(&build_b.out);
     assert_eq!(changed_layers[..3], layers_a[..3]);
     assert_ne!(changed_layers[3], layers_a[3]);
@@ -213,7 +282,10 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     );
     let (runc_c, log_c) = counting_runc(work.path(), "c");
     let address_c = format!("unix://{}/c.sock", work.path().display());
-    let daemon_c = Kilnd::start(&address_c, &["--oci-worker-binary", runc_c.to_str().unwrap()]);
+    let daemon_c = Kilnd::start(
+        &address_c,
+        &["--oci-worker-binary", runc_c.to_str().unwrap()],
+    );
     let build_c = Build {
         address: &address_c,
         context: &context,
@@ -224,7 +296,8 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
         &format!("type=local,src={}", cache_dir.display()),
     ]);
     assert_eq!(
-        local_import.code, 0,
+        local_import.code,
+        0,
         "local import build failed:\n{}\nkilnd C:\n{}",
         local_import.stderr,
         daemon_c.log_text()
