@@ -249,7 +249,8 @@ pub struct BuildArgs {
     /// External cache sources (`ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_from: Vec<String>,
-    /// Cache export destinations (refused: cache export is not supported yet).
+    /// Cache export destinations (`type=registry,ref=…` or `type=local,dest=…`, `mode=min|max`;
+    /// `ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_to: Vec<String>,
     /// Networking mode for RUN: default, none or host.
