@@ -220,9 +220,11 @@ pub struct BuildArgs {
     /// Do not use cache when building the image.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub no_cache: Option<bool>,
-    /// Output destination: `type=image|docker|oci[,dest=<file>|-]`, or a
-    /// path (= `type=local,dest=<path>`). `type=docker|oci` without `dest`
-    /// is loaded into containerd.
+    /// Output destination: `type=image|docker|oci|tar[,dest=<file>|-]`,
+    /// `type=local,dest=<dir>`, or a bare path (= `type=local,dest=<path>`).
+    /// `type=docker|oci` without `dest` is loaded into containerd; `tar`
+    /// without `dest` (or `dest=-`) goes to stdout, never a terminal.
+    /// `local` merges the files into the directory, owned by the caller.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
     /// Provenance attestation shorthand (refused: attestations are not supported yet).
@@ -259,7 +261,7 @@ pub struct BuildArgs {
     /// Target platform (one; several are not supported yet).
     #[arg(long, value_delimiter = ',')]
     pub platform: Vec<String>,
-    /// Additional build contexts (not supported yet).
+    /// Additional build contexts: `name=DIR` (served as a local), `name=docker-image://REF`.
     #[arg(long)]
     pub build_context: Vec<String>,
     /// Write the image digest (the manifest digest, as nerdctl) to a file.
@@ -274,7 +276,8 @@ pub struct BuildArgs {
     /// Custom host-to-IP mappings `host:ip`.
     #[arg(long)]
     pub add_host: Vec<String>,
-    /// Source policy file (not supported yet).
+    /// Source policy file (BuildKit's JSON: allow, deny or convert sources); default
+    /// `$EXPERIMENTAL_BUILDKIT_SOURCE_POLICY`.
     #[arg(long)]
     pub source_policy_file: Option<String>,
 }

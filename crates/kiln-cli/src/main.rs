@@ -24,6 +24,7 @@ mod discovery;
 mod dockerfile;
 mod metadata;
 mod output;
+mod policy;
 mod settings;
 
 use std::io::Write;

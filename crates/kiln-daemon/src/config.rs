@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
+use crate::tuning::WorkerTuning;
+
 /// The daemon's flags, named as buildkitd's.
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -109,6 +111,9 @@ pub struct OciWorkerConfig {
     pub containerd_images: Option<ContainerdImagesConfig>,
     /// Garbage collection of the build cache (default on).
     pub gc: Option<bool>,
+    /// `max-parallelism` and the garbage-collection limits and policies.
+    #[serde(flatten)]
+    pub tuning: WorkerTuning,
 }
 
 /// `[worker.oci] containerd-images` (kiln's extension).
@@ -139,6 +144,9 @@ pub struct ContainerdWorkerConfig {
     pub platforms: Vec<String>,
     /// Garbage collection of the build cache (default on).
     pub gc: Option<bool>,
+    /// `max-parallelism` and the garbage-collection limits and policies.
+    #[serde(flatten)]
+    pub tuning: WorkerTuning,
 }
 
 /// Default containerd socket of the containerd worker.

@@ -7,10 +7,13 @@ mod config;
 mod control;
 mod exporter;
 mod frontend;
+mod fsexport;
 mod gateway;
 mod jobs;
 mod listen;
 mod locals;
+mod policy;
+mod tuning;
 mod usage;
 
 use std::path::{Path, PathBuf};
@@ -194,17 +197,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::debug!(lock = %lock.path().display(), "locked the root");
     exporter::set_registry_hosts(registry_hosts(&config));
     let worker = open_worker(&config).await?;
-    let solver =
-        Arc::new(Solver::open(worker, &config.root).context("failed to open the solver state")?);
-    let sessions = SessionManager::new();
-    // BuildKit's default garbage-collection policy for the disk holding the
-    // root, applied at start and every minute; ListWorkers reports it.
-    let gc_policy = usage::default_gc_policy(&config.root, kiln_solver::GcLimits::default());
-    let gc_enabled = if solver.worker().image_store().is_some() {
-        config.containerd.gc
+    // The table of the worker in use: its parallelism bound and its garbage collection.
+    let (gc_enabled, tuning) = if worker.image_store().is_some() {
+        (config.containerd.gc, &config.containerd.tuning)
     } else {
-        config.oci.gc
+        (config.oci.gc, &config.oci.tuning)
     };
+    let solver = Arc::new(
+        Solver::open(worker, &config.root)
+            .context("failed to open the solver state")?
+            .with_max_parallelism(tuning.max_parallelism.unwrap_or(0)),
+    );
+    let sessions = SessionManager::new();
+    // The configured garbage-collection policies (buildkitd's defaults for the disk holding
+    // the root when none is), applied at start and every minute; ListWorkers reports them.
+    let gc_policy = tuning
+        .gc_policy(&config.root)
+        .context("invalid garbage-collection settings in the worker table")?;
     let _gc =
         (gc_enabled != Some(false)).then(|| usage::spawn_gc(solver.clone(), gc_policy.clone()));
     let service = Arc::new(

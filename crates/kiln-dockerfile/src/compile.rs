@@ -32,6 +32,18 @@ pub trait ImageMetaResolver: Send + Sync {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<(Digest, Vec<u8>), ResolveError>;
+
+    /// The reference the build's source op pins (with its digest), the manifest digest and the
+    /// config blob. By default `reference` itself; a resolver that rewrites references (a
+    /// source policy converting the image) returns the one it resolved.
+    async fn resolve_pinned(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<(Reference, Digest, Vec<u8>), ResolveError> {
+        let (digest, config) = self.resolve(reference, platform).await?;
+        Ok((reference.with_digest(digest.clone()), digest, config))
+    }
 }
 
 /// Inputs of [`compile`] besides the Dockerfile.
@@ -60,6 +72,18 @@ pub struct CompileOptions {
     pub network: pb::NetMode,
     /// Extra `/etc/hosts` entries of every `RUN` (frontend attr `add-hosts`).
     pub extra_hosts: Vec<(String, String)>,
+    /// `--build-context` overrides (frontend attrs `context:<name>`), by the name a `FROM` or
+    /// `COPY --from` uses.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+/// What a `--build-context name=…` replaces `name` with (frontend attr `context:<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `local:<local name>`: a directory the client serves in the session under that name.
+    Local(String),
+    /// `docker-image://<reference>`: another image.
+    Image(String),
 }
 
 impl Default for CompileOptions {
@@ -76,6 +100,7 @@ impl Default for CompileOptions {
             excludes: Vec::new(),
             network: pb::NetMode::Unset,
             extra_hosts: Vec::new(),
+            named_contexts: BTreeMap::new(),
         }
     }
 }
@@ -743,21 +768,33 @@ impl Compiler<'_> {
         prefix: &mut Prefix,
     ) -> Result<(Option<OutputRef>, ImageConfig), CompileError> {
         let line = span.start;
+        let replaced;
+        let name = match self.named_context(name).cloned() {
+            Some(NamedContext::Local(local)) => {
+                let output = self.named_local(local, stage, span)?;
+                return Ok((Some(output), empty_image(platform)));
+            }
+            Some(NamedContext::Image(image)) => {
+                replaced = image;
+                replaced.as_str()
+            }
+            None => name,
+        };
         let reference =
             Reference::parse_normalized(name).map_err(|source| CompileError::Reference {
                 line,
                 reference: name.to_string(),
                 source,
             })?;
-        let (digest, bytes) =
-            self.resolver
-                .resolve(&reference, platform)
-                .await
-                .map_err(|source| CompileError::Resolve {
-                    line,
-                    reference: reference.to_string(),
-                    source,
-                })?;
+        let (pinned, _digest, bytes) = self
+            .resolver
+            .resolve_pinned(&reference, platform)
+            .await
+            .map_err(|source| CompileError::Resolve {
+                line,
+                reference: reference.to_string(),
+                source,
+            })?;
         let mut image: ImageConfig =
             serde_json::from_slice(&bytes).map_err(|source| CompileError::ImageConfig {
                 line,
@@ -765,7 +802,6 @@ impl Compiler<'_> {
                 source,
             })?;
         image.created = None;
-        let pinned = reference.with_digest(digest);
         tracing::debug!(reference = %pinned, "resolved base image");
         let scratch =
             image.rootfs.diff_ids.is_empty() && image.history.iter().all(|h| h.empty_layer);
@@ -784,6 +820,45 @@ impl Compiler<'_> {
         let metadata = self.metadata(&name, stage.map(|s| s.original.as_str()));
         let output = self.add_op(op, &[], metadata, Some(span))?;
         Ok((Some(output), image))
+    }
+
+    /// The `--build-context` replacing image `name`: looked up as written, then by its familiar
+    /// form without `:latest` (`docker.io/library/alpine:latest` → `alpine`), as BuildKit does.
+    fn named_context(&self, name: &str) -> Option<&NamedContext> {
+        let contexts = &self.options.named_contexts;
+        if contexts.is_empty() {
+            return None;
+        }
+        contexts.get(name).or_else(|| {
+            let familiar = Reference::parse_normalized(name).ok()?.familiar();
+            contexts.get(familiar.strip_suffix(":latest").unwrap_or(&familiar))
+        })
+    }
+
+    /// The source op of a named local context (`--build-context name=DIR`), added once.
+    fn named_local(
+        &mut self,
+        local: String,
+        stage: Option<&Stage>,
+        span: Span,
+    ) -> Result<OutputRef, CompileError> {
+        let attrs = BTreeMap::from([
+            ("local.session".to_string(), self.options.session_id.clone()),
+            ("local.sharedkeyhint".to_string(), local.clone()),
+        ]);
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{local}"),
+                attrs,
+            })),
+            platform: None,
+            ..Default::default()
+        };
+        let metadata = self.metadata(
+            &format!("[context {local}] load from client"),
+            stage.map(|s| s.original.as_str()),
+        );
+        self.add_op(op, &[], metadata, Some(span))
     }
 
     /// A fresh state on top of `image` (BuildKit's per-stage initialisation).

@@ -32,7 +32,8 @@ mod parser;
 pub mod shell;
 
 pub use compile::{
-    compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, ResolveError, DEFAULT_PATH,
+    compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, NamedContext, ResolveError,
+    DEFAULT_PATH,
 };
 pub use parser::{
     parse, ArgDef, Command, CommandLine, CopyInstruction, Dockerfile, HealthcheckInstruction,

@@ -13,6 +13,8 @@
 //! - [`moby::filesync::v1`] — `FileSync` and `FileSend` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
+//! - [`containerd::services::content::v1`] — containerd's `Content` service, served by the
+//!   client as a session content store (`buildkit-attachable-store-id`)
 
 #![allow(clippy::all, missing_docs)]
 
@@ -55,6 +57,10 @@ pub mod moby {
             pub mod types {
                 tonic::include_proto!("moby.buildkit.v1.types");
             }
+            /// Package `moby.buildkit.v1.sourcepolicy`: rules over LLB sources.
+            pub mod sourcepolicy {
+                tonic::include_proto!("moby.buildkit.v1.sourcepolicy");
+            }
             /// Package `moby.buildkit.v1.apicaps`.
             pub mod apicaps {
                 tonic::include_proto!("moby.buildkit.v1.apicaps");
@@ -62,6 +68,21 @@ pub mod moby {
             /// Package `moby.buildkit.v1.frontend`: the gateway API.
             pub mod frontend {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
+            }
+        }
+    }
+}
+
+/// containerd packages.
+pub mod containerd {
+    /// containerd services.
+    pub mod services {
+        /// containerd's content store.
+        pub mod content {
+            /// Package `containerd.services.content.v1`: the `Content` service a
+            /// session content store (reference §5.6) speaks.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
             }
         }
     }

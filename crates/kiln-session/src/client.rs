@@ -23,7 +23,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
-use kiln_proto::moby::filesync::v1::file_send_server::FileSendServer;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -32,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 
-use crate::filesend::{FileSendService, ReceiveStats};
+use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
 use crate::tunnel::Tunnel;
 use crate::{
@@ -55,8 +54,44 @@ pub struct SessionBuilder {
     id: String,
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
-    file_send_path: Option<PathBuf>,
-    file_send_targets: HashMap<String, PathBuf>,
+    file_send: Option<FileSendTarget>,
+    file_send_targets: HashMap<String, FileSendTarget>,
+    services: ExtraServices,
+}
+
+/// Session services served besides the built-in ones (e.g. a content store), with the method
+/// names to advertise for them. Cloneable, so it can travel inside solve options.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraServices {
+    routes: tonic::service::RoutesBuilder,
+    methods: Vec<String>,
+}
+
+impl ExtraServices {
+    /// Adds a generated gRPC server (`FooServer::new(..)`) advertising `methods`
+    /// (`/<package>.<Service>/<Method>`).
+    pub fn add<S>(&mut self, service: S, methods: &[&str]) -> &mut Self
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.methods.extend(methods.iter().map(|m| m.to_string()));
+        self
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+    }
 }
 
 impl SessionBuilder {
@@ -71,8 +106,9 @@ impl SessionBuilder {
             id,
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
-            file_send_path: None,
+            file_send: None,
             file_send_targets: HashMap::new(),
+            services: ExtraServices::default(),
         }
     }
 
@@ -89,20 +125,34 @@ impl SessionBuilder {
 
     /// Writes bytes received over FileSend into `path` (created/truncated).
     pub fn file_send_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.file_send_path = Some(path.into());
+        self.file_send = Some(FileSendTarget::File(path.into()));
+        self
+    }
+
+    /// Receives the `local` exporter's files over FileSend into `dir`
+    /// (created when missing; merged, existing files not listed are kept;
+    /// owned by this process's uid/gid).
+    pub fn file_send_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.file_send = Some(FileSendTarget::Dir(dir.into()));
         self
     }
 
     /// Writes bytes received over FileSend for exporter id `exporter_id`
     /// (the `buildkit-attachable-exporter-id` metadata) into `path` instead
-    /// of the [`file_send_path`](Self::file_send_path).
+    /// of the default target.
     pub fn file_send_target(
         mut self,
         exporter_id: impl Into<String>,
         path: impl Into<PathBuf>,
     ) -> Self {
         self.file_send_targets
-            .insert(exporter_id.into(), path.into());
+            .insert(exporter_id.into(), FileSendTarget::File(path.into()));
+        self
+    }
+
+    /// Also serves `services` over the session (and advertises their methods).
+    pub fn services(mut self, services: ExtraServices) -> Self {
+        self.services = services;
         self
     }
 
@@ -117,7 +167,8 @@ impl SessionBuilder {
         let md = request.metadata_mut();
         metadata::insert_value(md, HEADER_SESSION_ID, &self.id)?;
         metadata::insert_value(md, HEADER_SESSION_SHARED_KEY, &self.shared_key)?;
-        let methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        let mut methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        methods.extend(self.services.methods.iter().cloned());
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -136,23 +187,17 @@ impl SessionBuilder {
             dirs: Arc::new(self.dirs),
             stats: counters.clone(),
         };
-        let filesend = FileSendService {
-            target: self.file_send_path,
-            targets: Arc::new(self.file_send_targets),
-            stats: counters.clone(),
-        };
+        let filesend =
+            FileSendServer::new(self.file_send, self.file_send_targets, counters.clone());
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
+            .add_routes(self.services.routes.routes())
             .add_service(
                 FileSyncServer::new(filesync)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
-            .add_service(
-                FileSendServer::new(filesend)
-                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            )
+            .add_service(filesend)
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it
