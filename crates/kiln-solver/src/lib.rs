@@ -27,6 +27,8 @@
 
 pub mod cache;
 pub mod explain;
+mod git;
+mod http;
 pub mod import;
 pub mod progress;
 pub mod selector;
@@ -98,6 +100,22 @@ pub enum Error {
     Unsupported {
         /// What was asked for.
         what: String,
+    },
+    /// Downloading an http(s) source failed.
+    #[error("failed to fetch {url}: {reason}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Fetching a git source failed.
+    #[error("failed to fetch git repository {url}: {reason}")]
+    Git {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
     },
     /// A source identifier could not be understood.
     #[error("invalid source {identifier:?}: {reason}")]
@@ -327,6 +345,8 @@ struct Context {
     leases: Leases,
     inflight: InFlight,
     parallelism: Option<Arc<tokio::sync::Semaphore>>,
+    /// The solver's state directory (downloads and http validators live below it).
+    state_dir: PathBuf,
 }
 
 impl Solver {
@@ -521,6 +541,7 @@ impl Solver {
             leases: Leases::default(),
             inflight: self.inflight.clone(),
             parallelism: self.parallelism.clone(),
+            state_dir: self.state_dir.clone(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -1269,6 +1290,12 @@ async fn run_source(
         hold(context, &outputs);
         record(context, &key, &outputs, name)?;
         return Ok(Resolved::ready(key, false, outputs, now_secs()));
+    }
+    if identifier.starts_with("git://") {
+        return git::run_git_source(context, source, ignore_cache, progress, name).await;
+    }
+    if identifier.starts_with("http://") || identifier.starts_with("https://") {
+        return http::run_http_source(context, source, ignore_cache, progress, name).await;
     }
     let scheme = identifier.split("://").next().unwrap_or(identifier);
     Err(SourceFailure::Other(Arc::new(Error::Unsupported {
