@@ -486,8 +486,17 @@ pub async fn dockerfile(
     };
     let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
         .await
-        .map_err(|e| UserError {
-            message: format!("{filename}: {}", with_causes(&e)),
+        .map_err(|e| {
+            // Compile errors start with `<line>: `; name the place `Dockerfile:<line>` as BuildKit does.
+            let text = with_causes(&e);
+            let separator = if text.starts_with(|c: char| c.is_ascii_digit()) {
+                ":"
+            } else {
+                ": "
+            };
+            UserError {
+                message: format!("{filename}{separator}{text}"),
+            }
         })?;
     Ok(FrontendResult {
         definition: compiled.definition,

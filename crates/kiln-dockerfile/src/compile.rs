@@ -529,7 +529,7 @@ impl Compiler<'_> {
             let mut state = match &bases[i] {
                 Base::Stage(j) => states[*j].clone().ok_or_else(|| CompileError::Circular {
                     line: stage.span.start,
-                    stage: stage_name.clone(),
+                    stage: dependency_name(stage, i),
                 })?,
                 Base::Scratch => self.init_state(None, empty_image(&platform), platform),
                 Base::Image(name) => {
@@ -598,7 +598,7 @@ impl Compiler<'_> {
                                 return Err(if *j == i {
                                     CompileError::Circular {
                                         line: command.span.start,
-                                        stage: stage_name.clone(),
+                                        stage: dependency_name(stage, i),
                                     }
                                 } else {
                                     CompileError::StageOrder {
@@ -1133,7 +1133,8 @@ impl Compiler<'_> {
                 let args = self.with_shell(state, cmd);
                 let keep_cmd = state.cmd_set;
                 let runtime = state.runtime();
-                runtime.entrypoint = Some(args.clone());
+                // `ENTRYPOINT []` clears the entrypoint (BuildKit stores nil, not an empty list).
+                runtime.entrypoint = (!args.is_empty()).then(|| args.clone());
                 if !keep_cmd {
                     runtime.cmd = None;
                 }
@@ -2680,4 +2681,13 @@ mod tests {
         ));
         assert!(chown_opt(":1", 0, 1).is_err());
     }
+}
+
+/// The name BuildKit gives a stage in dependency errors: its `AS` name or `stage-<index>`
+/// (even in a single-stage Dockerfile, whose progress prefix is empty).
+fn dependency_name(stage: &Stage, index: usize) -> String {
+    stage
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("stage-{index}"))
 }
