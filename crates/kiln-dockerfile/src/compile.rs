@@ -2522,6 +2522,15 @@ fn go_quote(s: &str) -> String {
     out
 }
 
+/// The name BuildKit gives a stage in dependency errors: its `AS` name or `stage-<index>`
+/// (even in a single-stage Dockerfile, whose progress prefix is empty).
+fn dependency_name(stage: &Stage, index: usize) -> String {
+    stage
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("stage-{index}"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -2681,13 +2690,4 @@ mod tests {
         ));
         assert!(chown_opt(":1", 0, 1).is_err());
     }
-}
-
-/// The name BuildKit gives a stage in dependency errors: its `AS` name or `stage-<index>`
-/// (even in a single-stage Dockerfile, whose progress prefix is empty).
-fn dependency_name(stage: &Stage, index: usize) -> String {
-    stage
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("stage-{index}"))
 }

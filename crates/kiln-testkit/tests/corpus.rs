@@ -440,7 +440,9 @@ impl Image {
         };
         let blob = |digest: &serde_json::Value| -> Result<PathBuf, String> {
             let digest = digest.as_str().ok_or("descriptor without digest")?;
-            let hex = digest.strip_prefix("sha256:").ok_or("not a sha256 digest")?;
+            let hex = digest
+                .strip_prefix("sha256:")
+                .ok_or("not a sha256 digest")?;
             Ok(layout.join("blobs/sha256").join(hex))
         };
         let index = json(layout.join("index.json"))?;
@@ -587,7 +589,7 @@ fn dockerfile_corpus() {
                 known.push(format!(
                     "{}: {reason}\n    {}",
                     case.name,
-                    problems.join("\n    ")
+                    problems.join("\n    ").replace('\n', "\n    ")
                 ));
                 "known failure".to_string()
             }
@@ -600,7 +602,11 @@ fn dockerfile_corpus() {
                 "FAIL".to_string()
             }
         };
-        eprintln!("{:<44} {:>6.1}s  {status}", case.name, elapsed.as_secs_f64());
+        eprintln!(
+            "{:<44} {:>6.1}s  {status}",
+            case.name,
+            elapsed.as_secs_f64()
+        );
     }
     eprintln!(
         "\n{total} cases: {} ok, {} known failures, {} failures",
