@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pb/ops.proto",
         "proto/fsutil/types/wire.proto",
         "proto/moby/filesync/v1/filesync.proto",
+        "proto/moby/filesync/v1/auth.proto",
         "proto/moby/buildkit/v1/types/worker.proto",
         "proto/moby/buildkit/v1/sourcepolicy/policy.proto",
         "proto/moby/buildkit/v1/control.proto",

@@ -78,8 +78,9 @@ pub fn new_ref() -> String {
 
 /// Runs one build on the daemon behind `client`.
 ///
-/// Opens the session (serving `options.locals` and, when set, receiving the
-/// exporter output into `options.output_file`), then runs `Control.Status`
+/// Opens the session (serving `options.locals`, registry credentials from
+/// the docker config (`$DOCKER_CONFIG`, `~/.docker/config.json`) and, when
+/// set, receiving the exporter output into `options.output_file`), then runs `Control.Status`
 /// and `Control.Solve` concurrently. Every status message is forwarded to
 /// `progress`; the channel is dropped once the status stream ends (or stays
 /// silent for 5 s after the solve). The session is closed after the solve. A
@@ -89,7 +90,9 @@ pub async fn solve(
     options: SolveOptions,
     progress: mpsc::Sender<StatusResponse>,
 ) -> Result<SolveOutcome, Error> {
-    let mut builder = SessionBuilder::new(options.shared_key.clone());
+    // Registry credentials from the docker config, as buildctl always attaches them.
+    let mut builder = SessionBuilder::new(options.shared_key.clone())
+        .registry_auth(kiln_session::auth::DockerConfig::from_env());
     for (name, path) in &options.locals {
         builder = builder.local_dir(name.clone(), path.clone());
     }

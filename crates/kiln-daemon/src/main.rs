@@ -12,6 +12,7 @@ mod jobs;
 mod listen;
 mod locals;
 mod policy;
+mod registry_auth;
 mod tuning;
 mod usage;
 

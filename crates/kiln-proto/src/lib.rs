@@ -10,7 +10,7 @@
 //! Module paths mirror the proto packages:
 //! - [`pb`] — LLB (`Definition`, `Op`, `ExecOp`, `SourceOp`, `FileOp`, …)
 //! - [`fsutil::types`] — DiffCopy `Packet` and `Stat`
-//! - [`moby::filesync::v1`] — `FileSync` and `FileSend` session services
+//! - [`moby::filesync::v1`] — `FileSync`, `FileSend` and `Auth` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
 

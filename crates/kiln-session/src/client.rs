@@ -31,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 
+use crate::auth::{AuthService, DockerConfig};
 use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
 use crate::tunnel::Tunnel;
@@ -39,8 +40,9 @@ use crate::{
     MAX_MESSAGE_SIZE,
 };
 
-/// The methods a session built here serves, as advertised in
-/// `x-docker-expose-session-grpc-method`.
+/// The methods a session built here always serves, as advertised in
+/// `x-docker-expose-session-grpc-method` ([`crate::auth::METHODS`] are added
+/// with [`SessionBuilder::registry_auth`]).
 pub const METHODS: [&str; 4] = [
     "/moby.filesync.v1.FileSync/DiffCopy",
     "/moby.filesync.v1.FileSync/TarStream",
@@ -55,6 +57,7 @@ pub struct SessionBuilder {
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
     file_send: Option<FileSendTarget>,
+    registry_auth: Option<DockerConfig>,
 }
 
 impl SessionBuilder {
@@ -70,6 +73,7 @@ impl SessionBuilder {
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
             file_send: None,
+            registry_auth: None,
         }
     }
 
@@ -98,6 +102,13 @@ impl SessionBuilder {
         self
     }
 
+    /// Serves `moby.filesync.v1.Auth` from `config`: the daemon asks it for registry
+    /// credentials and tokens (as buildctl, which always attaches it).
+    pub fn registry_auth(mut self, config: DockerConfig) -> Self {
+        self.registry_auth = Some(config);
+        self
+    }
+
     /// Opens `Control.Session` on `control` and serves the session services
     /// over it until [`SessionHandle::close`] or the daemon ends it.
     pub async fn run(self, mut control: ControlClient<Channel>) -> Result<SessionHandle, Error> {
@@ -109,7 +120,11 @@ impl SessionBuilder {
         let md = request.metadata_mut();
         metadata::insert_value(md, HEADER_SESSION_ID, &self.id)?;
         metadata::insert_value(md, HEADER_SESSION_SHARED_KEY, &self.shared_key)?;
-        let methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        let auth = self.registry_auth.map(AuthService::new).transpose()?;
+        let mut methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        if auth.is_some() {
+            methods.extend(crate::auth::METHODS.iter().map(|m| m.to_string()));
+        }
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -137,6 +152,7 @@ impl SessionBuilder {
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
             .add_service(filesend)
+            .add_optional_service(auth.map(AuthService::into_server))
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it
