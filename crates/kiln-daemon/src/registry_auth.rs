@@ -75,7 +75,10 @@ fn rpc_error(what: &'static str, host: &str, e: kiln_session::Error) -> AuthErro
 #[async_trait::async_trait]
 impl RegistryAuth for SessionAuth {
     async fn credentials(&self, host: &str) -> Result<Option<BasicCredentials>, AuthError> {
-        let Some(session) = self.session(CREDENTIALS_METHOD, "credentials", host).await? else {
+        let Some(session) = self
+            .session(CREDENTIALS_METHOD, "credentials", host)
+            .await?
+        else {
             return Ok(None);
         };
         let answer = kiln_session::auth::credentials(session.channel(), host)

@@ -1216,14 +1216,13 @@ impl Resolver {
             let Some(scope) = &scope else {
                 return Ok(response);
             };
-            let credentials =
-                scope
-                    .credentials(host)
-                    .await
-                    .map_err(|source| Error::Auth {
-                        reference: reference.to_string(),
-                        source,
-                    })?;
+            let credentials = scope
+                .credentials(host)
+                .await
+                .map_err(|source| Error::Auth {
+                    reference: reference.to_string(),
+                    source,
+                })?;
             let Some(credentials) = credentials else {
                 tracing::debug!(%reference, host, "no credentials for basic challenge");
                 return Ok(response);

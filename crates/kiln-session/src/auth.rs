@@ -276,8 +276,8 @@ async fn run_helper(helper: &str, host: &str) -> Result<Option<Credentials>, Con
         #[serde(rename = "Secret", default)]
         secret: String,
     }
-    let answer: HelperAnswer = serde_json::from_slice(&output.stdout)
-        .map_err(|e| fail(format!("invalid answer: {e}")))?;
+    let answer: HelperAnswer =
+        serde_json::from_slice(&output.stdout).map_err(|e| fail(format!("invalid answer: {e}")))?;
     // docker's convention: user name `<token>` means the secret is an identity token.
     Ok(Some(if answer.username == "<token>" {
         Credentials {
@@ -319,9 +319,10 @@ impl AuthService {
     }
 
     async fn lookup(&self, host: &str) -> Result<Option<Credentials>, Status> {
-        self.config.credentials(host).await.map_err(|e| {
-            Status::internal(crate::error_chain(&e))
-        })
+        self.config
+            .credentials(host)
+            .await
+            .map_err(|e| Status::internal(crate::error_chain(&e)))
     }
 }
 
@@ -356,7 +357,11 @@ impl Auth for AuthService {
                 secret: c.password,
             },
         };
-        tracing::debug!(host, found = !response.secret.is_empty(), "credentials asked");
+        tracing::debug!(
+            host,
+            found = !response.secret.is_empty(),
+            "credentials asked"
+        );
         Ok(Response::new(response))
     }
 
@@ -492,10 +497,7 @@ fn unsupported(status: &Status) -> bool {
 
 /// Daemon end: the client's credentials for `host` over the session `channel`; `None` when it
 /// has none or does not serve `Auth`.
-pub async fn credentials(
-    channel: Channel,
-    host: &str,
-) -> Result<Option<(String, String)>, Error> {
+pub async fn credentials(channel: Channel, host: &str) -> Result<Option<(String, String)>, Error> {
     let mut client = AuthClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
     match client
         .credentials(CredentialsRequest {
@@ -570,7 +572,10 @@ mod tests {
             ),
         );
         let a = c.credentials("127.0.0.1:5000").await.unwrap().unwrap();
-        assert_eq!((a.username.as_str(), a.password.as_str()), ("alice", "pa:ss"));
+        assert_eq!(
+            (a.username.as_str(), a.password.as_str()),
+            ("alice", "pa:ss")
+        );
         let b = c.credentials("reg.example:8443").await.unwrap().unwrap();
         assert_eq!((b.username.as_str(), b.password.as_str()), ("bob", "pw"));
         for hub in ["docker.io", "registry-1.docker.io", "index.docker.io"] {
@@ -608,6 +613,9 @@ mod tests {
             Some(1_709_210_096)
         );
         assert_eq!(chrono_free_unix("2024-02-29T12:34:56+02:00"), None);
-        assert_eq!(hostname_of("https://reg.example:8443/v1/"), "reg.example:8443");
+        assert_eq!(
+            hostname_of("https://reg.example:8443/v1/"),
+            "reg.example:8443"
+        );
     }
 }
