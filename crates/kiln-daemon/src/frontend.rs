@@ -156,7 +156,8 @@ impl ImageMetaResolver for WorkerResolver {
                 // where images live: no note about image stores then.
                 let unauthorized = matches!(&e, kiln_worker::Error::Resolve { source, .. }
                     if matches!(**source, kiln_image::Error::Registry(
-                        kiln_image::registry::Error::Unauthorized { .. })));
+                        kiln_image::registry::Error::Unauthorized { .. }
+                        | kiln_image::registry::Error::Auth { .. })));
                 let e = with_causes(&e);
                 let message = match (self.worker.image_store(), base_images) {
                     _ if unauthorized => format!("{reference}: {e}"),
