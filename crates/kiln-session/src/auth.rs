@@ -434,7 +434,7 @@ impl Auth for AuthService {
         let issued_at = answer
             .issued_at
             .as_deref()
-            .and_then(|t| chrono_free_unix(t))
+            .and_then(rfc3339_unix_seconds)
             .unwrap_or_else(|| {
                 SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -465,7 +465,7 @@ impl Auth for AuthService {
 
 /// Seconds since the epoch of an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SS[.frac](Z|+00:00)`;
 /// `None` for anything else (the caller uses the current time).
-fn chrono_free_unix(text: &str) -> Option<i64> {
+fn rfc3339_unix_seconds(text: &str) -> Option<i64> {
     let bytes = text.as_bytes();
     if bytes.len() < 19 || bytes[4] != b'-' || bytes[10] != b'T' {
         return None;
@@ -607,12 +607,12 @@ mod tests {
 
     #[test]
     fn rfc3339_times() {
-        assert_eq!(chrono_free_unix("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_unix_seconds("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(
-            chrono_free_unix("2024-02-29T12:34:56.789Z"),
+            rfc3339_unix_seconds("2024-02-29T12:34:56.789Z"),
             Some(1_709_210_096)
         );
-        assert_eq!(chrono_free_unix("2024-02-29T12:34:56+02:00"), None);
+        assert_eq!(rfc3339_unix_seconds("2024-02-29T12:34:56+02:00"), None);
         assert_eq!(
             hostname_of("https://reg.example:8443/v1/"),
             "reg.example:8443"
