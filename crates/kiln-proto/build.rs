@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/status.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",
         "proto/moby/buildkit/v1/frontend/gateway.proto",
+        "proto/moby/buildkit/secrets/v1/secrets.proto",
+        "proto/moby/sshforward/v1/ssh.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -13,6 +13,8 @@
 //! - [`moby::filesync::v1`] — `FileSync` and `FileSend` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
+//! - [`moby::buildkit::secrets::v1`] — the `Secrets` session service;
+//!   [`moby::sshforward::v1`] — the `SSH` agent-forwarding session service
 
 #![allow(clippy::all, missing_docs)]
 
@@ -63,6 +65,20 @@ pub mod moby {
             pub mod frontend {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
             }
+        }
+        /// Secrets session service.
+        pub mod secrets {
+            /// Package `moby.buildkit.secrets.v1`.
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.secrets.v1");
+            }
+        }
+    }
+    /// SSH agent forwarding session service.
+    pub mod sshforward {
+        /// Package `moby.sshforward.v1`.
+        pub mod v1 {
+            tonic::include_proto!("moby.sshforward.v1");
         }
     }
 }

@@ -22,9 +22,11 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
+use kiln_proto::moby::buildkit::secrets::v1::secrets_server::SecretsServer;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
 use kiln_proto::moby::filesync::v1::file_send_server::FileSendServer;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
+use kiln_proto::moby::sshforward::v1::ssh_server::SshServer;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,14 +36,17 @@ use tonic::transport::{Channel, Server};
 
 use crate::filesend::{FileSendService, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
+use crate::secrets::{SecretSource, SecretsService};
+use crate::sshforward::SshService;
 use crate::tunnel::Tunnel;
 use crate::{
     metadata, Error, HEADER_SESSION_ID, HEADER_SESSION_METHOD, HEADER_SESSION_SHARED_KEY,
     MAX_MESSAGE_SIZE,
 };
 
-/// The methods a session built here serves, as advertised in
-/// `x-docker-expose-session-grpc-method`.
+/// The methods every session built here serves, as advertised in
+/// `x-docker-expose-session-grpc-method`; the Secrets and SSH methods are
+/// added when secrets or agents are configured.
 pub const METHODS: [&str; 4] = [
     "/moby.filesync.v1.FileSync/DiffCopy",
     "/moby.filesync.v1.FileSync/TarStream",
@@ -56,6 +61,8 @@ pub struct SessionBuilder {
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
     file_send_path: Option<PathBuf>,
+    secrets: HashMap<String, SecretSource>,
+    ssh_agents: HashMap<String, PathBuf>,
 }
 
 impl SessionBuilder {
@@ -71,6 +78,8 @@ impl SessionBuilder {
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
             file_send_path: None,
+            secrets: HashMap::new(),
+            ssh_agents: HashMap::new(),
         }
     }
 
@@ -91,6 +100,19 @@ impl SessionBuilder {
         self
     }
 
+    /// Serves secret `id` from `source` over `moby.buildkit.secrets.v1.Secrets`.
+    pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> Self {
+        self.secrets.insert(id.into(), source);
+        self
+    }
+
+    /// Forwards agent `id` to the unix socket `socket` over
+    /// `moby.sshforward.v1.SSH`.
+    pub fn ssh_agent(mut self, id: impl Into<String>, socket: impl Into<PathBuf>) -> Self {
+        self.ssh_agents.insert(id.into(), socket.into());
+        self
+    }
+
     /// Opens `Control.Session` on `control` and serves the session services
     /// over it until [`SessionHandle::close`] or the daemon ends it.
     pub async fn run(self, mut control: ControlClient<Channel>) -> Result<SessionHandle, Error> {
@@ -102,7 +124,13 @@ impl SessionBuilder {
         let md = request.metadata_mut();
         metadata::insert_value(md, HEADER_SESSION_ID, &self.id)?;
         metadata::insert_value(md, HEADER_SESSION_SHARED_KEY, &self.shared_key)?;
-        let methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        let mut methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        if !self.secrets.is_empty() {
+            methods.push(crate::secrets::METHOD.to_string());
+        }
+        if !self.ssh_agents.is_empty() {
+            methods.extend(crate::sshforward::METHODS.iter().map(|m| m.to_string()));
+        }
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -125,6 +153,12 @@ impl SessionBuilder {
             target: self.file_send_path,
             stats: counters.clone(),
         };
+        let secrets = SecretsService {
+            sources: Arc::new(self.secrets),
+        };
+        let ssh = SshService {
+            agents: Arc::new(self.ssh_agents),
+        };
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
             .add_service(
@@ -137,6 +171,12 @@ impl SessionBuilder {
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
+            .add_service(
+                SecretsServer::new(secrets)
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            )
+            .add_service(SshServer::new(ssh))
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it

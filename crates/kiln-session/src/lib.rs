@@ -13,7 +13,10 @@
 //! - Client end: [`client::SessionBuilder`] opens `Control.Session` and serves
 //!   `moby.filesync.v1.FileSync` (fsutil DiffCopy sender of local dirs),
 //!   `moby.filesync.v1.FileSend` (exporter output into a file) and
-//!   `grpc.health.v1.Health` over it.
+//!   `grpc.health.v1.Health` over it, plus `moby.buildkit.secrets.v1.Secrets`
+//!   ([`secrets`]) and `moby.sshforward.v1.SSH` ([`sshforward`]) when the
+//!   build was given secrets or SSH agents; the daemon ends of those two are
+//!   [`secrets::get_secret`] and [`sshforward::forward_agent`].
 //! - [`filesync::receive`] is the daemon's DiffCopy receiver that makes a
 //!   destination directory match a client directory, fetching only changed
 //!   files; [`filesend::send`] streams exporter bytes to the client.
@@ -29,6 +32,8 @@ pub mod filesync;
 mod manager;
 mod metadata;
 pub mod patterns;
+pub mod secrets;
+pub mod sshforward;
 pub mod stat;
 mod tunnel;
 
