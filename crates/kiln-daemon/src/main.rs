@@ -10,6 +10,7 @@ mod gateway;
 mod jobs;
 mod listen;
 mod locals;
+mod secrets;
 mod usage;
 
 use std::path::{Path, PathBuf};
