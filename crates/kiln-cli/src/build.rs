@@ -240,6 +240,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     for warning in &settings.warnings {
         eprintln!("warning: {warning}");
     }
+    crate::secrets::check_sources(&settings.secrets, &settings.ssh_agents)?;
     let context_dir = std::path::absolute(&settings.context)
         .with_context(|| format!("invalid build context {:?}", settings.context))?;
     if !context_dir.is_dir() {
@@ -343,6 +344,8 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         entitlements: settings.entitlements.clone(),
         cache_imports: settings.cache_imports.clone(),
         cache_exports: Vec::new(),
+        secrets: settings.secrets.clone(),
+        ssh_agents: settings.ssh_agents.clone(),
     };
 
     let mode = if settings.quiet {

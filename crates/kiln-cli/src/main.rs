@@ -23,6 +23,7 @@ mod discovery;
 mod dockerfile;
 mod metadata;
 mod output;
+mod secrets;
 mod settings;
 
 use std::io::Write;

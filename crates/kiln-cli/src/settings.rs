@@ -67,6 +67,10 @@ pub struct BuildSettings {
     pub metadata_file: Option<PathBuf>,
     /// Warnings to print on stderr.
     pub warnings: Vec<String>,
+    /// `--secret`, by id.
+    pub secrets: BTreeMap<String, kiln_client::SecretSource>,
+    /// `--ssh`: agent sockets by id.
+    pub ssh_agents: BTreeMap<String, PathBuf>,
 }
 
 /// A cache import or export: `(type, attrs)`.
@@ -126,8 +130,6 @@ fn env_flag(value: Option<String>) -> bool {
 
 fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
     vec![
-        ("secret", !args.secret.is_empty()),
-        ("ssh", !args.ssh.is_empty()),
         ("build-context", !args.build_context.is_empty()),
         ("source-policy-file", args.source_policy_file.is_some()),
     ]
@@ -516,6 +518,8 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         iidfile: args.iidfile.as_ref().map(PathBuf::from),
         metadata_file: args.metadata_file.as_ref().map(PathBuf::from),
         warnings,
+        secrets: crate::secrets::parse_secrets(&dedupe(&args.secret), env)?,
+        ssh_agents: crate::secrets::parse_ssh(&dedupe(&args.ssh), env)?,
     })
 }
 
@@ -689,13 +693,11 @@ mod tests {
     #[test]
     fn unsupported_flags_fail_by_name() {
         for (argv, name) in [
-            (&["--secret", "id=a,src=b", "."][..], "secret"),
             (&["--build-context", "a=b", "."][..], "build-context"),
             (
                 &["--source-policy-file", "p", "."][..],
                 "source-policy-file",
             ),
-            (&["--ssh", "default", "."][..], "ssh"),
         ] {
             assert_eq!(
                 err(argv),

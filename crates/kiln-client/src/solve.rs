@@ -40,6 +40,10 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// Secrets served over the session by id (`--secret`).
+    pub secrets: BTreeMap<String, kiln_session::secrets::SecretSource>,
+    /// SSH agent sockets forwarded over the session by id (`--ssh`).
+    pub ssh_agents: BTreeMap<String, PathBuf>,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -90,6 +94,12 @@ pub async fn solve(
     }
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
+    }
+    for (id, source) in &options.secrets {
+        builder = builder.secret(id.clone(), source.clone());
+    }
+    for (id, socket) in &options.ssh_agents {
+        builder = builder.ssh_agent(id.clone(), socket.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::secrets::v1::secrets_server::SecretsServer;
+use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
 use kiln_proto::moby::filesync::v1::file_send_server::FileSendServer;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;

@@ -170,7 +170,11 @@ where
         status,
     };
     let result = async {
-        let mut inbound = client.forward_agent(request).await.map_err(rpc)?.into_inner();
+        let mut inbound = client
+            .forward_agent(request)
+            .await
+            .map_err(rpc)?
+            .into_inner();
         while let Some(message) = inbound.message().await.map_err(rpc)? {
             if writer.write_all(&message.data).await.is_err() {
                 break;

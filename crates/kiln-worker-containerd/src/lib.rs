@@ -525,8 +525,13 @@ impl Worker for ContainerdWorker {
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
-        self.exec_in_session(op, inputs, std::sync::Arc::new(kiln_worker::NoSession), progress)
-            .await
+        self.exec_in_session(
+            op,
+            inputs,
+            std::sync::Arc::new(kiln_worker::NoSession),
+            progress,
+        )
+        .await
     }
 
     async fn exec_in_session(

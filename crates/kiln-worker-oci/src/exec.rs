@@ -353,6 +353,20 @@ impl Executor {
         }
 
         let mut env = meta.env.clone();
+        // Secrets as environment variables: the spec holding them is written into the secrets
+        // tmpfs instead of the bundle, so their values never touch a disk.
+        let mut spec_dir = bundle.clone();
+        if !op.secretenv.is_empty() {
+            let mounts = guard
+                .session_mounts
+                .get_or_insert_with(|| SessionMounts::new(&bundle));
+            if let Some(dir) = mounts
+                .secret_env(&op.secretenv, session.as_ref(), &mut env)
+                .await?
+            {
+                spec_dir = dir;
+            }
+        }
         if let Some(proxy) = &meta.proxy_env {
             for (names, value) in [
                 (["HTTP_PROXY", "http_proxy"], &proxy.http_proxy),
@@ -386,7 +400,7 @@ impl Executor {
                 .collect(),
             nofile: self.nofile,
         });
-        let config = bundle.join("config.json");
+        let config = spec_dir.join("config.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Io {
             op: "encode",
             path: config.clone(),
@@ -403,7 +417,7 @@ impl Executor {
             .arg(&self.runc_state)
             .arg("run")
             .arg("--bundle")
-            .arg(&bundle)
+            .arg(&spec_dir)
             .arg(&container_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -6,6 +6,9 @@
 //! snapshot: the target only exists as a mount, and the stub runc creates for it in the rootfs
 //! is removed like every other mount stub. The tmpfs is unmounted when the exec ends.
 //!
+//! Secrets given as environment variables (`SecretEnv`) are added to the process environment;
+//! the process spec that then holds them is written into the same tmpfs, not the bundle.
+//!
 //! An SSH mount is a unix socket in a private directory, bind-mounted at the target; every
 //! connection made to it inside the container becomes one `ForwardAgent` stream to the
 //! client's agent. The accept loop and the forwarded connections end with the exec.
@@ -73,13 +76,10 @@ impl SessionMounts {
     ) -> Result<Option<spec::Mount>, Error> {
         let opt = m.secret_opt.clone().unwrap_or_default();
         let id = opt.id.clone();
-        let value = session
-            .secret(&id)
-            .await
-            .map_err(|source| Error::Session {
-                what: format!("get secret {id}"),
-                source,
-            })?;
+        let value = session.secret(&id).await.map_err(|source| Error::Session {
+            what: format!("get secret {id}"),
+            source,
+        })?;
         let Some(data) = value else {
             if opt.optional {
                 tracing::debug!(id, dest = %m.dest, "optional secret not given, not mounted");
@@ -111,6 +111,46 @@ impl SessionMounts {
                 "noexec".into(),
             ],
         }))
+    }
+
+    /// Adds the secrets of `secret_env` to `env` (`NAME=value`); returns the tmpfs directory
+    /// the process spec must be written to (it holds the values), `None` when no secret was
+    /// added. A required secret the client does not have fails.
+    pub(crate) async fn secret_env(
+        &mut self,
+        secret_env: &[pb::SecretEnv],
+        session: &dyn ExecSession,
+        env: &mut Vec<String>,
+    ) -> Result<Option<PathBuf>, Error> {
+        let mut added = false;
+        for item in secret_env {
+            let value = session
+                .secret(&item.id)
+                .await
+                .map_err(|source| Error::Session {
+                    what: format!("get secret {}", item.id),
+                    source,
+                })?;
+            match value {
+                Some(value) => {
+                    env.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(item.name.as_str()));
+                    env.push(format!("{}={}", item.name, String::from_utf8_lossy(&value)));
+                    added = true;
+                }
+                None if item.optional => {}
+                None => {
+                    return Err(Error::SecretNotFound {
+                        id: item.id.clone(),
+                    })
+                }
+            }
+        }
+        if !added {
+            return Ok(None);
+        }
+        let dir = self.secrets_dir()?.join("spec");
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        Ok(Some(dir))
     }
 
     /// Prepares the ssh mount `index` of the op: a socket forwarding to the client's agent,
@@ -211,7 +251,11 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
 
 /// Accepts connections on `listener` and forwards each to the client's agent `id`. Aborting
 /// the task drops the [`JoinSet`], which aborts every forwarded connection.
-async fn serve_agent(listener: tokio::net::UnixListener, id: String, session: Arc<dyn ExecSession>) {
+async fn serve_agent(
+    listener: tokio::net::UnixListener,
+    id: String,
+    session: Arc<dyn ExecSession>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
