@@ -174,7 +174,8 @@ fn secrets_reach_run_and_nothing_else() {
     .success();
     let entries = layer_entries(&unpacked);
     assert!(
-        entries.iter().any(|e| e.ends_with("ran-file")) && entries.iter().any(|e| e.ends_with("ran-env")),
+        entries.iter().any(|e| e.ends_with("ran-file"))
+            && entries.iter().any(|e| e.ends_with("ran-env")),
         "the RUN steps left their marker files: {entries:?}"
     );
     assert!(
@@ -194,8 +195,14 @@ fn secrets_reach_run_and_nothing_else() {
             Vec::<PathBuf>::new(),
             "secret in the daemon's root"
         );
-        assert!(!daemon.log_text().contains(value.as_str()), "secret in kilnd's log");
-        assert!(!built.stderr.contains(value.as_str()), "secret in the build output");
+        assert!(
+            !daemon.log_text().contains(value.as_str()),
+            "secret in kilnd's log"
+        );
+        assert!(
+            !built.stderr.contains(value.as_str()),
+            "secret in the build output"
+        );
     }
 }
 
@@ -224,12 +231,17 @@ fn missing_required_secret_fails_naming_it() {
     let built = build(
         &socket,
         &context,
-        &["--secret", &format!("id=npm_token,src={}", missing.display())],
+        &[
+            "--secret",
+            &format!("id=npm_token,src={}", missing.display()),
+        ],
         &[],
     );
     assert_ne!(built.code, 0);
     assert!(
-        built.stderr.contains("--secret id=npm_token: failed to stat"),
+        built
+            .stderr
+            .contains("--secret id=npm_token: failed to stat"),
         "{}",
         built.stderr
     );
@@ -275,7 +287,11 @@ fn copy_ssh_add(dir: &Path) -> String {
         let Some(path) = path.filter(|p| p.starts_with('/')) else {
             continue;
         };
-        let name = Path::new(path).file_name().unwrap().to_string_lossy().into_owned();
+        let name = Path::new(path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         std::fs::copy(path, dir.join(&name)).unwrap();
         if name.starts_with("ld-linux") {
             loader = Some(name);
@@ -369,5 +385,101 @@ fn ssh_agent_is_forwarded_into_run() {
         built.stderr.contains("no ssh agent \"deploy\" forwarded"),
         "{}",
         built.stderr
+    );
+}
+
+/// Removes a containerd namespace's leases, images and the namespace itself (declare it before
+/// the daemon so the daemon stops first).
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
+        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
+        }
+        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&["images", "rm", "--sync", image]);
+        }
+        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
+    }
+}
+
+/// The containerd worker shares the OCI worker's executor: the same mounts work there.
+#[test]
+fn containerd_worker_mounts_secrets_and_agents() {
+    if !kiln_testkit::containerd_available() {
+        eprintln!("containerd is not running; skipped");
+        return;
+    }
+    let namespace = Namespace(format!("kiln-secrets-e2e-{}", std::process::id()));
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("ctx");
+    std::fs::create_dir(&context).unwrap();
+    let value = random_value("kiln-ctrd-secret");
+    let secret_file = work.path().join("secret.txt");
+    std::fs::write(&secret_file, &value).unwrap();
+    let agent = Agent::start(work.path());
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX}\n\
+             RUN --mount=type=secret,id=s --mount=type=ssh \
+                 test \"$(sha256sum < /run/secrets/s | cut -d' ' -f1)\" = {sum} \
+                 && test -S \"$SSH_AUTH_SOCK\" && echo ok > /ok\n",
+            sum = sha256_hex(value.as_bytes()),
+        ),
+    )
+    .unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(
+        &socket,
+        &[
+            "--oci-worker=false",
+            "--containerd-worker=true",
+            "--containerd-worker-namespace",
+            &namespace.0,
+        ],
+    );
+    let dest = work.path().join("image.tar");
+    let built = build(
+        &socket,
+        &context,
+        &[
+            "--secret",
+            &format!("id=s,src={}", secret_file.display()),
+            "--ssh",
+            &format!("default={}", agent.socket.display()),
+            "-o",
+            &format!("type=docker,dest={}", dest.display()),
+        ],
+        &[],
+    );
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+    let unpacked = work.path().join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&dest)
+        .arg("-C")
+        .arg(&unpacked))
+    .success();
+    let entries = layer_entries(&unpacked);
+    assert!(entries.iter().any(|e| e.ends_with("ok")), "{entries:?}");
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e.contains("run/secrets") || e.contains("ssh_agent")),
+        "{entries:?}"
+    );
+    assert_eq!(
+        files_holding(&unpacked, value.as_bytes()),
+        Vec::<PathBuf>::new()
     );
 }
