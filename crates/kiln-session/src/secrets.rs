@@ -67,7 +67,7 @@ impl SecretsService {
                 })
             }
             SecretSource::Env(name) => std::env::var_os(name)
-                .map(|v| std::os::unix::ffi::OsStringExt::into_vec(v))
+                .map(std::os::unix::ffi::OsStringExt::into_vec)
                 .ok_or_else(|| {
                     tonic::Status::not_found(format!(
                         "secret {id}: environment variable {name} is not set"
