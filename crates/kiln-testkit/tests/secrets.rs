@@ -483,3 +483,51 @@ fn containerd_worker_mounts_secrets_and_agents() {
         Vec::<PathBuf>::new()
     );
 }
+
+/// `kiln compose build` turns `build.secrets` + top-level `secrets:` (file and environment)
+/// into `--secret`s the build's `RUN` can read.
+#[test]
+fn compose_build_secrets_reach_run() {
+    let namespace = Namespace(format!("kiln-secrets-compose-{}", std::process::id()));
+    let work = tempfile::tempdir().unwrap();
+    let project = work.path().join("proj");
+    let app = project.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    let file_value = random_value("kiln-compose-file");
+    let env_value = random_value("kiln-compose-env");
+    std::fs::write(app.join("token.txt"), &file_value).unwrap();
+    std::fs::write(
+        app.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX}\n\
+             RUN --mount=type=secret,id=token --mount=type=secret,id=npmrc \
+                 test \"$(sha256sum < /run/secrets/token | cut -d' ' -f1)\" = {file_sum} \
+                 && test \"$(sha256sum < /run/secrets/npmrc | cut -d' ' -f1)\" = {env_sum} \
+                 && echo ok > /ok\n",
+            file_sum = sha256_hex(file_value.as_bytes()),
+            env_sum = sha256_hex(env_value.as_bytes()),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("compose.yaml"),
+        "services:\n  app:\n    image: 127.0.0.1:5000/kilntest/compose-secrets:1\n    build:\n      context: app\n      secrets:\n        - token\n        - source: npm\n          target: npmrc\n\
+         secrets:\n  token:\n    file: ./token.txt\n  npm:\n    environment: KILN_TEST_NPM\n",
+    )
+    .unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(&socket, &[]);
+    let out = run(Command::new(cargo_bin("kiln"))
+        .args(["--namespace", &namespace.0, "compose", "build"])
+        .args(["--buildkit-host", &socket, "--progress=plain"])
+        .env("KILN_TEST_NPM", &env_value)
+        .current_dir(&project));
+    assert_eq!(out.code, 0, "{}\nkilnd:\n{}", out.stderr, daemon.log_text());
+    let images = run(Command::new("ctr").args(["-n", &namespace.0, "images", "ls", "-q"]))
+        .success()
+        .stdout;
+    assert!(
+        images.contains("127.0.0.1:5000/kilntest/compose-secrets:1"),
+        "{images}"
+    );
+}
