@@ -1891,8 +1891,8 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 
 /// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
 /// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
-/// `readonly|ro`, `rw`, `uid`, `gid`, `mode` (octal), `size`; `from`, `source` and the other
-/// types (bind, secret, ssh) are not supported yet.
+/// `readonly|ro`, `rw`, `uid`, `gid`, `mode` (octal), `size`; `type=secret|ssh` go to
+/// [`parse_session_mount`]; `from`, `source` and type bind are not supported yet.
 fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     if let Some(mount) = parse_session_mount(value, line)? {
         return Ok(mount);
@@ -2026,7 +2026,7 @@ fn parse_size(value: &str) -> Option<i64> {
     (n >= 0.0).then_some((n * unit as f64) as i64)
 }
 
-/// Parses `RUN` flags; `--mount` supports `type=cache` and `type=tmpfs`, `--device` nothing yet.
+/// Parses `RUN` flags; `--mount` supports `type=cache|tmpfs|secret|ssh`, `--device` nothing yet.
 fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
     let mut modes = RunModes {
         network: pb::NetMode::Unset,
