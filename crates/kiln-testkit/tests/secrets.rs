@@ -204,6 +204,28 @@ fn secrets_reach_run_and_nothing_else() {
             "secret in the build output"
         );
     }
+
+    // The secret's value is not part of any cache key (as upstream): with other values every
+    // step is a cache hit, which the digest checks prove (they would fail if a step re-ran).
+    std::fs::write(&secret_file, "another value").unwrap();
+    let rebuilt = build(
+        &socket,
+        &context,
+        &[
+            "--secret",
+            &format!("id=s,src={}", secret_file.display()),
+            "--secret",
+            "id=e,env=KILN_TEST_SECRET",
+            "-o",
+            &format!(
+                "type=docker,dest={}",
+                work.path().join("again.tar").display()
+            ),
+        ],
+        &[("KILN_TEST_SECRET", "another env value")],
+    );
+    assert_eq!(rebuilt.code, 0, "{}", rebuilt.stderr);
+    assert!(rebuilt.stderr.contains("CACHED"), "{}", rebuilt.stderr);
 }
 
 #[test]
