@@ -35,9 +35,30 @@ pub struct Cli {
     /// Debug logging on stderr.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// TLS to a `tcp://` build daemon (buildctl's TLS flags).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// buildctl's TLS flags, for a `tcp://` `--buildkit-host` (ignored for
+/// unix sockets). Giving any of them turns TLS on.
+#[derive(Debug, Default, Clone, Args)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) the daemon's certificate must chain to (default: the system CAs).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlscacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for daemons requiring mutual TLS.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlscert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --tlscert.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlskey: Option<std::path::PathBuf>,
+    /// Server name the daemon's certificate must carry (default: the host of the address).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tlsservername: Option<String>,
 }
 
 /// Top-level commands.
@@ -67,6 +88,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Install or remove kilnd as a systemd service (rootless or rootful).
+    Setup(crate::setup::SetupArgs),
     /// Print the shell completion script for bash, zsh or fish.
     ///
     /// bash: `source <(kiln completion bash)`; zsh: `kiln completion zsh >
@@ -220,9 +243,11 @@ pub struct BuildArgs {
     /// Do not use cache when building the image.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub no_cache: Option<bool>,
-    /// Output destination: `type=image|docker|oci[,dest=<file>|-]`, or a
-    /// path (= `type=local,dest=<path>`). `type=docker|oci` without `dest`
-    /// is loaded into containerd.
+    /// Output destination: `type=image|docker|oci|tar[,dest=<file>|-]`,
+    /// `type=local,dest=<dir>`, or a bare path (= `type=local,dest=<path>`).
+    /// `type=docker|oci` without `dest` is loaded into containerd; `tar`
+    /// without `dest` (or `dest=-`) goes to stdout, never a terminal.
+    /// `local` merges the files into the directory, owned by the caller.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
     /// Provenance attestation shorthand (refused: attestations are not supported yet).
@@ -258,7 +283,7 @@ pub struct BuildArgs {
     /// Target platform (one; several are not supported yet).
     #[arg(long, value_delimiter = ',')]
     pub platform: Vec<String>,
-    /// Additional build contexts (not supported yet).
+    /// Additional build contexts: `name=DIR` (served as a local), `name=docker-image://REF`.
     #[arg(long)]
     pub build_context: Vec<String>,
     /// Write the image digest (the manifest digest, as nerdctl) to a file.
@@ -273,7 +298,8 @@ pub struct BuildArgs {
     /// Custom host-to-IP mappings `host:ip`.
     #[arg(long)]
     pub add_host: Vec<String>,
-    /// Source policy file (not supported yet).
+    /// Source policy file (BuildKit's JSON: allow, deny or convert sources); default
+    /// `$EXPERIMENTAL_BUILDKIT_SOURCE_POLICY`.
     #[arg(long)]
     pub source_policy_file: Option<String>,
 }

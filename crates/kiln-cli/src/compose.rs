@@ -57,6 +57,9 @@ pub struct ServiceBuild {
     pub labels: Vec<String>,
     /// `--cache-from`.
     pub cache_from: Vec<String>,
+    /// `--build-context name=value` (`additional_contexts`; relative directories resolved
+    /// against the project directory).
+    pub additional_contexts: Vec<String>,
     /// `--platform`.
     pub platform: Option<String>,
     /// `--secret` values from `build.secrets` and the top-level `secrets:`.
@@ -157,6 +160,7 @@ pub fn parse_services(
             target: None,
             labels: Vec::new(),
             cache_from: Vec::new(),
+            additional_contexts: Vec::new(),
             platform: service
                 .get("platform")
                 .map(|p| string_of(p, &format!("service {name:?}: platform")))
@@ -176,8 +180,18 @@ pub fn parse_services(
                 if !ignored.is_empty() {
                     spec.warnings.push(format!("Ignoring: build: {ignored:?}"));
                 }
-                if map.contains_key("additional_contexts") {
-                    bail!("service {name:?}: build.additional_contexts is not supported yet");
+                if let Some(v) = build.get("additional_contexts") {
+                    for entry in map_or_list(v, &what("additional_contexts"))? {
+                        let Some((key, value)) = entry.split_once('=') else {
+                            bail!("service {name:?}: build.additional_contexts: invalid entry {entry:?}, expected name=value");
+                        };
+                        let value = if value.contains("://") || value.starts_with("target:") {
+                            value.to_string()
+                        } else {
+                            project_dir.join(value).display().to_string()
+                        };
+                        spec.additional_contexts.push(format!("{key}={value}"));
+                    }
                 }
                 if map.contains_key("tags") {
                     bail!("service {name:?}: build.tags is not supported yet");
@@ -365,6 +379,7 @@ pub fn build_args(
         None => spec.dockerfile.as_ref().map(|p| p.display().to_string()),
     };
     args.cache_from = spec.cache_from.clone();
+    args.build_context = spec.additional_contexts.clone();
     args.target = spec.target.clone();
     args.label = spec.labels.clone();
     args.secret = spec.secrets.clone();
@@ -552,12 +567,17 @@ services:
     }
 
     #[test]
+    fn additional_contexts_become_build_contexts() {
+        let extra = "services:\n  a:\n    build:\n      additional_contexts:\n        x: ../x\n        y: docker-image://127.0.0.1:5000/y\n";
+        let specs = parse_services(extra, Path::new("/p"), "p").unwrap();
+        assert_eq!(
+            specs[0].additional_contexts,
+            vec!["x=/p/../x", "y=docker-image://127.0.0.1:5000/y"]
+        );
+    }
+
+    #[test]
     fn unsupported_keys_fail() {
-        let extra = "services:\n  a:\n    build:\n      additional_contexts:\n        x: ../x\n";
-        let err = parse_services(extra, Path::new("/p"), "p").unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("additional_contexts is not supported yet"));
         let git = "services:\n  a:\n    build: https://example.invalid/r.git\n";
         assert!(parse_services(git, Path::new("/p"), "p").is_err());
     }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context as _};
 use kiln_image::oci::Platform;
 use kiln_image::reference::Reference;
 
@@ -65,6 +65,10 @@ pub struct BuildSettings {
     pub iidfile: Option<PathBuf>,
     /// `--metadata-file`.
     pub metadata_file: Option<PathBuf>,
+    /// `--source-policy-file` (or `EXPERIMENTAL_BUILDKIT_SOURCE_POLICY`), parsed.
+    pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
+    /// Directories of `--build-context name=DIR`, served in the session under `name`.
+    pub named_locals: BTreeMap<String, PathBuf>,
     /// Warnings to print on stderr.
     pub warnings: Vec<String>,
     /// `--secret`, by id.
@@ -121,18 +125,44 @@ fn parse_go_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Flags of `nerdctl build` that are parsed but not implemented yet, with
-/// whether each was given.
 /// A switch-like environment variable: set to anything but empty, `0` or `false`.
 fn env_flag(value: Option<String>) -> bool {
     value.is_some_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
 }
 
-fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
-    vec![
-        ("build-context", !args.build_context.is_empty()),
-        ("source-policy-file", args.source_policy_file.is_some()),
-    ]
+/// `--build-context name=value` (§1.7): the frontend attrs `context:<name>` and the local
+/// directories to serve. Remote sources (`docker-image://`, `http(s)://`, `target:`) pass
+/// through to the frontend as nerdctl passes them; a directory is served as local `name`;
+/// `oci-layout://` needs a client-side content store kiln does not serve yet and is refused.
+pub fn resolve_build_contexts(
+    values: &[String],
+) -> anyhow::Result<(BTreeMap<String, String>, BTreeMap<String, PathBuf>)> {
+    let mut attrs = BTreeMap::new();
+    let mut locals = BTreeMap::new();
+    for value in values {
+        let Some((name, source)) = value.split_once('=') else {
+            bail!("invalid context value: {value}, expected key=value");
+        };
+        locals.remove(name);
+        let remote = ["https://", "http://", "docker-image://", "target:"];
+        if remote.iter().any(|prefix| source.starts_with(prefix)) {
+            attrs.insert(format!("context:{name}"), source.to_string());
+        } else if source.starts_with("oci-layout://") {
+            bail!("kiln build: --build-context {name}={source}: oci-layout contexts are not supported yet");
+        } else {
+            let dir = std::path::absolute(source)
+                .with_context(|| format!("invalid build context {name}={source}"))?;
+            if !dir.is_dir() {
+                bail!(
+                    "kiln build: --build-context {name}={source}: {} is not a directory",
+                    dir.display()
+                );
+            }
+            attrs.insert(format!("context:{name}"), format!("local:{name}"));
+            locals.insert(name.to_string(), dir);
+        }
+    }
+    Ok((attrs, locals))
 }
 
 /// The context argument (§1.1).
@@ -432,11 +462,6 @@ pub fn resolve_labels(labels: &[String]) -> BTreeMap<String, String> {
 
 /// Resolves and validates every build flag.
 pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSettings> {
-    for (name, given) in unsupported_flags(args) {
-        if given {
-            bail!("kiln build: flag --{name} is not supported yet");
-        }
-    }
     let mut warnings = Vec::new();
     if args.rm == Some(false) {
         warnings.push("ignoring deprecated flag: '--rm=false'".to_string());
@@ -451,6 +476,8 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
     if let Some(platform) = &platform {
         frontend_attrs.insert("platform".to_string(), platform.to_string());
     }
+    let (context_attrs, named_locals) = resolve_build_contexts(&args.build_context)?;
+    frontend_attrs.extend(context_attrs);
     frontend_attrs.extend(resolve_build_args(&args.build_arg, env)?);
     frontend_attrs.extend(resolve_labels(&args.label));
     if args.no_cache == Some(true) {
@@ -517,6 +544,8 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         cache_imports,
         iidfile: args.iidfile.as_ref().map(PathBuf::from),
         metadata_file: args.metadata_file.as_ref().map(PathBuf::from),
+        named_locals,
+        source_policy: crate::policy::load(args.source_policy_file.as_deref(), &env)?,
         warnings,
         secrets: crate::secrets::parse_secrets(&dedupe(&args.secret), env)?,
         ssh_agents: crate::secrets::parse_ssh(&dedupe(&args.ssh), env)?,
@@ -691,20 +720,41 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_flags_fail_by_name() {
-        for (argv, name) in [
-            (&["--build-context", "a=b", "."][..], "build-context"),
-            (
-                &["--source-policy-file", "p", "."][..],
-                "source-policy-file",
-            ),
-        ] {
-            assert_eq!(
-                err(argv),
-                format!("kiln build: flag --{name} is not supported yet"),
-                "{argv:?}"
-            );
-        }
+    fn build_contexts_become_attrs_and_locals() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().display().to_string();
+        let (attrs, locals) = resolve_build_contexts(&[
+            format!("src={local}"),
+            "base=docker-image://127.0.0.1:5000/busybox:latest".into(),
+            "web=https://example.invalid/ctx.tar".into(),
+        ])
+        .unwrap();
+        assert_eq!(attrs["context:src"], "local:src");
+        assert_eq!(locals["src"], dir.path());
+        assert_eq!(
+            attrs["context:base"],
+            "docker-image://127.0.0.1:5000/busybox:latest"
+        );
+        assert_eq!(attrs["context:web"], "https://example.invalid/ctx.tar");
+        assert_eq!(locals.len(), 1);
+        // The last value of a name wins, as nerdctl's map.
+        let (attrs, locals) = resolve_build_contexts(&[
+            format!("src={local}"),
+            "src=docker-image://127.0.0.1:5000/x".into(),
+        ])
+        .unwrap();
+        assert_eq!(attrs["context:src"], "docker-image://127.0.0.1:5000/x");
+        assert!(locals.is_empty());
+        assert_eq!(
+            resolve_build_contexts(&["src".into()])
+                .unwrap_err()
+                .to_string(),
+            "invalid context value: src, expected key=value"
+        );
+    }
+
+    #[test]
+    fn network_and_allow_flags() {
         assert!(resolve(&["--network=default", "."], &[]).is_ok());
         let allowed = resolve(
             &[

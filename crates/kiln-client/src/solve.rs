@@ -32,6 +32,9 @@ pub struct SolveOptions {
     pub locals: BTreeMap<String, PathBuf>,
     /// File that receives a tar exporter's output over `FileSend`.
     pub output_file: Option<PathBuf>,
+    /// Directory the `local` exporter's files are merged into over
+    /// `FileSend` (wins over `output_file`).
+    pub output_dir: Option<PathBuf>,
     /// Session shared key (cache hint for local sources).
     pub shared_key: String,
     /// Entitlements asked for (`network.host`, `security.insecure`).
@@ -44,6 +47,10 @@ pub struct SolveOptions {
     pub secrets: BTreeMap<String, kiln_session::secrets::SecretSource>,
     /// SSH agent sockets forwarded over the session by id (`--ssh`).
     pub ssh_agents: BTreeMap<String, PathBuf>,
+    /// Source policy (`--source-policy-file`), sent as `SolveRequest.SourcePolicy`.
+    pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
+    /// More session services to serve (e.g. the `export` content store of `tar=false`).
+    pub session_services: kiln_session::client::ExtraServices,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -101,6 +108,12 @@ pub async fn solve(
     for (id, socket) in &options.ssh_agents {
         builder = builder.ssh_agent(id.clone(), socket.clone());
     }
+    if let Some(dir) = &options.output_dir {
+        builder = builder.file_send_dir(dir.clone());
+    }
+    if !options.session_services.is_empty() {
+        builder = builder.services(options.session_services.clone());
+    }
     let session_id = builder.id().to_string();
     let session = builder
         .run(client.clone())
@@ -144,6 +157,7 @@ pub async fn solve(
             exports: cache_entries(&options.cache_exports),
             ..Default::default()
         }),
+        source_policy: options.source_policy.clone(),
         ..Default::default()
     };
     let mut solve_client = client.clone();

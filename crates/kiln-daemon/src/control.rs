@@ -19,6 +19,7 @@ use crate::exporter::{self, ExporterKind};
 use crate::frontend::{self, UserError};
 use crate::jobs::{Jobs, StatusStream};
 use crate::locals::{SessionLocals, SESSION_WAIT};
+use crate::policy::SourcePolicy;
 
 /// The daemon's state shared by every request.
 pub struct ControlService {
@@ -203,6 +204,7 @@ impl ControlService {
         entitlements: &[String],
         progress: &ProgressWriter,
         build_ref: &str,
+        policy: Option<Arc<SourcePolicy>>,
     ) -> Result<(kiln_solver::SolveResult, ImageConfig), Status> {
         let worker = self.solver.worker().clone();
         let tmp_root = self.root.join("tmp");
@@ -227,6 +229,7 @@ impl ControlService {
                     progress,
                     build_ref,
                     &tmp_root,
+                    policy.clone(),
                 )
                 .await
                 .map_err(anyhow_status)?;
@@ -247,6 +250,12 @@ impl ControlService {
                 ))
             }
             (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
+        };
+        let definition = match &policy {
+            Some(policy) => policy
+                .apply(&definition)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?,
+            None => definition,
         };
         check_entitlements(&definition, &self.entitlements, entitlements)?;
         let locals = Arc::new(SessionLocals::new(
@@ -320,6 +329,12 @@ impl ControlService {
         let tmp_root = self.root.join("tmp");
         let request_ref = request.r#ref.clone();
         let worker = self.solver.worker().clone();
+        let policy = match &request.source_policy {
+            Some(policy) => SourcePolicy::compile(policy)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .map(Arc::new),
+            None => None,
+        };
 
         let (result, image_config) = match (request.frontend.as_str(), request.definition) {
             ("", None) => {
@@ -330,6 +345,7 @@ impl ControlService {
                     request.session.clone(),
                     progress.clone(),
                     request.entitlements.clone(),
+                    policy.clone(),
                 );
                 let _registration = self.gateways.register(job.clone());
                 let returned = returned.await.map_err(|_| {
@@ -346,6 +362,7 @@ impl ControlService {
                     &request.entitlements,
                     progress,
                     &request_ref,
+                    policy.clone(),
                 )
                 .await?
             }

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use kiln_dockerfile::{CompileOptions, ImageMetaResolver};
+use kiln_dockerfile::{CompileOptions, ImageMetaResolver, NamedContext};
+
+use crate::policy::SourcePolicy;
 use kiln_image::oci::{ImageConfig, Platform};
 use kiln_image::reference::Reference;
 use kiln_image::Digest;
@@ -51,6 +53,9 @@ struct WorkerResolver {
     progress: ProgressWriter,
     build_ref: String,
     mode: ResolveMode,
+    /// The build's source policy: applied before a base image is resolved, as BuildKit's
+    /// frontend resolves through it.
+    policy: Option<Arc<SourcePolicy>>,
 }
 
 /// The frontend attr `image-resolve-mode` (`kiln build --pull[=false]`).
@@ -82,6 +87,33 @@ impl ResolveMode {
 
 #[async_trait::async_trait]
 impl ImageMetaResolver for WorkerResolver {
+    async fn resolve_pinned(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<(Reference, Digest, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+        let reference = match &self.policy {
+            None => reference.clone(),
+            Some(policy) => {
+                let identifier = format!("docker-image://{reference}");
+                let (converted, _) = policy.evaluate(&identifier, &BTreeMap::new())?;
+                match converted.strip_prefix("docker-image://") {
+                    Some(name) if converted != identifier => Reference::parse_normalized(name)
+                        .map_err(|e| format!("source policy converted {reference} to {converted}: {e}"))?,
+                    Some(_) => reference.clone(),
+                    None => {
+                        return Err(format!(
+                            "source policy converted {reference} to {converted}: only docker-image:// targets can replace an image"
+                        )
+                        .into())
+                    }
+                }
+            }
+        };
+        let (digest, config) = self.resolve(&reference, platform).await?;
+        Ok((reference.with_digest(digest.clone()), digest, config))
+    }
+
     async fn resolve(
         &self,
         reference: &Reference,
@@ -160,6 +192,56 @@ fn target_platform(attrs: &BTreeMap<String, String>) -> anyhow::Result<Platform>
             Platform::parse(first).with_context(|| format!("invalid platform {first:?}"))
         }
     }
+}
+
+/// `error: cause: cause…`, each cause once (a cause whose text the message already holds, as
+/// the resolver's own messages do, is not repeated).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let part = next.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
+    }
+    text
+}
+
+/// The `context:<name>` attrs (`--build-context`): `local:<local>` and `docker-image://<ref>`;
+/// the other sources BuildKit knows are refused by name, never ignored.
+fn named_contexts(
+    attrs: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, NamedContext>, String> {
+    let mut contexts = BTreeMap::new();
+    for (key, value) in attrs {
+        let Some(name) = key.strip_prefix("context:") else {
+            continue;
+        };
+        if name.contains("::") {
+            return Err(format!(
+                "named context {name:?}: per-platform contexts are not supported yet"
+            ));
+        }
+        let context = if let Some(local) = value.strip_prefix("local:") {
+            NamedContext::Local(local.to_string())
+        } else if let Some(image) = value.strip_prefix("docker-image://") {
+            NamedContext::Image(image.to_string())
+        } else if value.starts_with("target:") {
+            return Err(format!(
+                "named context {name:?}: unsupported context source target"
+            ));
+        } else {
+            let kind = value.split_once(':').map_or(value.as_str(), |(k, _)| k);
+            return Err(format!(
+                "named context {name:?}: {kind} sources ({value}) are not supported yet (local directories and docker-image:// are)"
+            ));
+        };
+        contexts.insert(name.to_string(), context);
+    }
+    Ok(contexts)
 }
 
 /// Reads one small file set from a local of the session into `dir`.
@@ -264,6 +346,7 @@ pub fn dockerignore_patterns(text: &str) -> Vec<String> {
 }
 
 /// Runs the Dockerfile frontend up to the LLB.
+#[allow(clippy::too_many_arguments)]
 pub async fn dockerfile(
     worker: Arc<dyn Worker>,
     session: &Session,
@@ -271,6 +354,7 @@ pub async fn dockerfile(
     progress: &ProgressWriter,
     build_ref: &str,
     tmp_root: &Path,
+    policy: Option<Arc<SourcePolicy>>,
 ) -> anyhow::Result<FrontendResult> {
     let filename = attrs
         .get("filename")
@@ -378,6 +462,7 @@ pub async fn dockerfile(
             labels.insert(label.to_string(), value.clone());
         }
     }
+    let named_contexts = named_contexts(attrs).map_err(|message| UserError { message })?;
     let options = CompileOptions {
         filename: filename.clone(),
         source,
@@ -390,17 +475,19 @@ pub async fn dockerfile(
         excludes,
         network: network_mode(attrs.get("force-network-mode").map(String::as_str))?,
         extra_hosts: extra_hosts(attrs.get("add-hosts").map(String::as_str))?,
+        named_contexts,
     };
     let resolver = WorkerResolver {
         worker,
         progress: progress.clone(),
         build_ref: build_ref.to_string(),
         mode: ResolveMode::parse(attrs.get("image-resolve-mode").map(String::as_str))?,
+        policy,
     };
     let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
         .await
         .map_err(|e| UserError {
-            message: format!("{filename}: {e}"),
+            message: format!("{filename}: {}", with_causes(&e)),
         })?;
     Ok(FrontendResult {
         definition: compiled.definition,

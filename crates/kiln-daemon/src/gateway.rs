@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 use tonic::{Request, Response, Status};
 
 use crate::control::ControlService;
+use crate::policy::SourcePolicy;
 
 /// The metadata key naming the build an `LLBBridge` call belongs to.
 pub const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
@@ -48,6 +49,8 @@ pub struct Job {
     session: String,
     progress: ProgressWriter,
     entitlements: Vec<String>,
+    /// The source policy of the `Control.Solve` that started the job.
+    policy: Option<Arc<SourcePolicy>>,
     results: Mutex<HashMap<String, Solved>>,
     returned: Mutex<Option<oneshot::Sender<Result<gw::Result, Status>>>>,
 }
@@ -59,6 +62,7 @@ impl Job {
         session: String,
         progress: ProgressWriter,
         entitlements: Vec<String>,
+        policy: Option<Arc<SourcePolicy>>,
     ) -> (Arc<Self>, oneshot::Receiver<Result<gw::Result, Status>>) {
         let (tx, rx) = oneshot::channel();
         let job = Arc::new(Self {
@@ -66,6 +70,7 @@ impl Job {
             session,
             progress,
             entitlements,
+            policy,
             results: Mutex::new(HashMap::new()),
             returned: Mutex::new(Some(tx)),
         });
@@ -199,6 +204,7 @@ impl LlbBridge for GatewayService {
                 &job.entitlements,
                 &job.progress,
                 &job.build_ref,
+                job.policy.clone(),
             )
             .await?;
         let id = format!("{}-{}", job.build_ref, rand::random::<u64>());

@@ -15,6 +15,8 @@
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
 //! - [`moby::buildkit::secrets::v1`] — the `Secrets` session service;
 //!   [`moby::sshforward::v1`] — the `SSH` agent-forwarding session service
+//! - [`containerd::services::content::v1`] — containerd's `Content` service, served by the
+//!   client as a session content store (`buildkit-attachable-store-id`)
 
 #![allow(clippy::all, missing_docs)]
 
@@ -57,6 +59,10 @@ pub mod moby {
             pub mod types {
                 tonic::include_proto!("moby.buildkit.v1.types");
             }
+            /// Package `moby.buildkit.v1.sourcepolicy`: rules over LLB sources.
+            pub mod sourcepolicy {
+                tonic::include_proto!("moby.buildkit.v1.sourcepolicy");
+            }
             /// Package `moby.buildkit.v1.apicaps`.
             pub mod apicaps {
                 tonic::include_proto!("moby.buildkit.v1.apicaps");
@@ -79,6 +85,21 @@ pub mod moby {
         /// Package `moby.sshforward.v1`.
         pub mod v1 {
             tonic::include_proto!("moby.sshforward.v1");
+        }
+    }
+}
+
+/// containerd packages.
+pub mod containerd {
+    /// containerd services.
+    pub mod services {
+        /// containerd's content store.
+        pub mod content {
+            /// Package `containerd.services.content.v1`: the `Content` service a
+            /// session content store (reference §5.6) speaks.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
         }
     }
 }

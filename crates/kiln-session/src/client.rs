@@ -24,7 +24,6 @@ use futures::StreamExt;
 use kiln_proto::moby::buildkit::secrets::v1::secrets_server::SecretsServer;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
-use kiln_proto::moby::filesync::v1::file_send_server::FileSendServer;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
 use kiln_proto::moby::sshforward::v1::ssh_server::SshServer;
 use rand::Rng;
@@ -34,7 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 
-use crate::filesend::{FileSendService, ReceiveStats};
+use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
 use crate::secrets::{SecretSource, SecretsService};
 use crate::sshforward::SshService;
@@ -60,9 +59,45 @@ pub struct SessionBuilder {
     id: String,
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
-    file_send_path: Option<PathBuf>,
+    file_send: Option<FileSendTarget>,
     secrets: HashMap<String, SecretSource>,
     ssh_agents: HashMap<String, PathBuf>,
+    services: ExtraServices,
+}
+
+/// Session services served besides the built-in ones (e.g. a content store), with the method
+/// names to advertise for them. Cloneable, so it can travel inside solve options.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraServices {
+    routes: tonic::service::RoutesBuilder,
+    methods: Vec<String>,
+}
+
+impl ExtraServices {
+    /// Adds a generated gRPC server (`FooServer::new(..)`) advertising `methods`
+    /// (`/<package>.<Service>/<Method>`).
+    pub fn add<S>(&mut self, service: S, methods: &[&str]) -> &mut Self
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.methods.extend(methods.iter().map(|m| m.to_string()));
+        self
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+    }
 }
 
 impl SessionBuilder {
@@ -77,9 +112,10 @@ impl SessionBuilder {
             id,
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
-            file_send_path: None,
+            file_send: None,
             secrets: HashMap::new(),
             ssh_agents: HashMap::new(),
+            services: ExtraServices::default(),
         }
     }
 
@@ -96,7 +132,21 @@ impl SessionBuilder {
 
     /// Writes bytes received over FileSend into `path` (created/truncated).
     pub fn file_send_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.file_send_path = Some(path.into());
+        self.file_send = Some(FileSendTarget::File(path.into()));
+        self
+    }
+
+    /// Receives the `local` exporter's files over FileSend into `dir`
+    /// (created when missing; merged, existing files not listed are kept;
+    /// owned by this process's uid/gid).
+    pub fn file_send_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.file_send = Some(FileSendTarget::Dir(dir.into()));
+        self
+    }
+
+    /// Also serves `services` over the session (and advertises their methods).
+    pub fn services(mut self, services: ExtraServices) -> Self {
+        self.services = services;
         self
     }
 
@@ -131,6 +181,7 @@ impl SessionBuilder {
         if !self.ssh_agents.is_empty() {
             methods.extend(crate::sshforward::METHODS.iter().map(|m| m.to_string()));
         }
+        methods.extend(self.services.methods.iter().cloned());
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -149,10 +200,7 @@ impl SessionBuilder {
             dirs: Arc::new(self.dirs),
             stats: counters.clone(),
         };
-        let filesend = FileSendService {
-            target: self.file_send_path,
-            stats: counters.clone(),
-        };
+        let filesend = FileSendServer::new(self.file_send, counters.clone());
         let secrets = SecretsService {
             sources: Arc::new(self.secrets),
         };
@@ -161,16 +209,13 @@ impl SessionBuilder {
         };
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
+            .add_routes(self.services.routes.routes())
             .add_service(
                 FileSyncServer::new(filesync)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
-            .add_service(
-                FileSendServer::new(filesend)
-                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            )
+            .add_service(filesend)
             .add_service(
                 SecretsServer::new(secrets)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)

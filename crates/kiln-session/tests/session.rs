@@ -517,3 +517,58 @@ async fn secrets_and_ssh_agents_through_the_tunnel() {
         .unwrap();
     handle.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn local_export_is_merged_into_the_client_dir() {
+    let temp = tempfile::tempdir().unwrap();
+    let result = temp.path().join("result");
+    make_context(&result);
+    let out = temp.path().join("out");
+    let outside = temp.path().join("outside");
+    fs::create_dir_all(&out).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    // Merge keeps what the result does not list; a symlink where the result
+    // has a directory is replaced, never written through.
+    fs::write(out.join("mine.txt"), "mine").unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("src")).unwrap();
+
+    let manager = SessionManager::new();
+    let control = start_daemon(temp.path(), manager.clone()).await;
+    let builder = SessionBuilder::new("").file_send_dir(&out);
+    let id = builder.id().to_string();
+    let handle = builder.run(control).await.unwrap();
+    let session = manager.get(&id, Duration::from_secs(5)).await.unwrap();
+
+    let md: BTreeMap<String, String> = BTreeMap::new();
+    let stats = filesend::send_dir(session.channel(), 0, &md, &result, Some(1_000_000_000))
+        .await
+        .unwrap();
+    assert_eq!(stats.files_sent, 7, "{stats:?}");
+    let mut want = tree(&result);
+    want.push("mine.txt".to_string());
+    want.sort();
+    assert_eq!(tree(&out), want);
+    assert_eq!(tree(&outside), Vec::<String>::new());
+    assert!(fs::symlink_metadata(out.join("src")).unwrap().is_dir());
+    assert_eq!(
+        fs::read(out.join("src/main.rs")).unwrap(),
+        fs::read(result.join("src/main.rs")).unwrap()
+    );
+    assert_eq!(
+        fs::read_link(out.join("link")).unwrap(),
+        fs::read_link(result.join("link")).unwrap()
+    );
+    let run = fs::metadata(out.join("run.sh")).unwrap();
+    assert_eq!(run.permissions().mode() & 0o7777, 0o755);
+    assert_eq!(run.uid(), nix::unistd::getuid().as_raw());
+    // Times later than the epoch were clamped to it.
+    assert_eq!(run.mtime(), 1_000_000_000);
+    assert_eq!(fs::read(out.join("mine.txt")).unwrap(), b"mine");
+
+    // A second export of the same files transfers no content.
+    let again = filesend::send_dir(session.channel(), 0, &md, &result, Some(1_000_000_000))
+        .await
+        .unwrap();
+    assert_eq!(again.files_sent, 0, "{again:?}");
+    handle.close().await.unwrap();
+}

@@ -135,6 +135,29 @@ impl ExplainIndex {
     }
 }
 
+/// Whether `path` lies inside directory `dir` (`.` holds everything).
+fn is_under(path: &str, dir: &str) -> bool {
+    dir == "."
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// `file changed: a, b` — at most five names, then how many more.
+fn describe_files(paths: &[&str]) -> String {
+    const SHOWN: usize = 5;
+    let label = if paths.len() == 1 {
+        "file changed"
+    } else {
+        "files changed"
+    };
+    let mut text = format!("{label}: {}", paths[..paths.len().min(SHOWN)].join(", "));
+    if paths.len() > SHOWN {
+        text.push_str(&format!(" and {} more", paths.len() - SHOWN));
+    }
+    text
+}
+
 fn compare_inputs(previous: &KeyParts, current: &KeyParts, input_names: &[String]) -> String {
     if previous.inputs.len() != current.inputs.len() {
         return "instruction changed".to_string();
@@ -158,8 +181,18 @@ fn compare_inputs(previous: &KeyParts, current: &KeyParts, input_names: &[String
                     .filter(|p| !new_files.contains_key(*p))
                     .map(|p| p.as_str()),
             );
-            if !changed.is_empty() {
-                return format!("file changed: {}", changed.join(", "));
+            // The most specific names: a directory is dropped when a file under it is listed.
+            let specific: Vec<&str> = changed
+                .iter()
+                .copied()
+                .filter(|path| {
+                    !changed
+                        .iter()
+                        .any(|other| other.len() > path.len() && is_under(other, path))
+                })
+                .collect();
+            if !specific.is_empty() {
+                return describe_files(&specific);
             }
         }
         return match input_names.get(index) {
@@ -223,6 +256,24 @@ mod tests {
         assert_eq!(
             index.explain("[3/3] COPY app.txt lib /", &changed, &[]),
             "file changed: app.txt"
+        );
+        // A directory and the files under it: the files are named, not the directory.
+        let mut tree = parts("cp2", &[], &["t1"]);
+        tree.files = vec![BTreeMap::from([
+            ("lib".to_string(), "d1".to_string()),
+            ("lib/a.rs".to_string(), "a1".to_string()),
+            ("lib/b.rs".to_string(), "b1".to_string()),
+            ("library.txt".to_string(), "l1".to_string()),
+        ])];
+        record(&index, "[2/2] COPY lib library.txt /", &tree);
+        let mut edited = tree.clone();
+        edited.inputs = vec!["t2".into()];
+        edited.files[0].insert("lib".into(), "d2".into());
+        edited.files[0].insert("lib/b.rs".into(), "b2".into());
+        edited.files[0].insert("lib/c.rs".into(), "c1".into());
+        assert_eq!(
+            index.explain("[2/2] COPY lib library.txt /", &edited, &[]),
+            "files changed: lib/b.rs, lib/c.rs"
         );
         index
             .put(

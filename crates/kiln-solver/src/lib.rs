@@ -27,6 +27,8 @@
 
 pub mod cache;
 pub mod explain;
+mod git;
+mod http;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -96,6 +98,22 @@ pub enum Error {
     Unsupported {
         /// What was asked for.
         what: String,
+    },
+    /// Downloading an http(s) source failed.
+    #[error("failed to fetch {url}: {reason}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Fetching a git source failed.
+    #[error("failed to fetch git repository {url}: {reason}")]
+    Git {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
     },
     /// A source identifier could not be understood.
     #[error("invalid source {identifier:?}: {reason}")]
@@ -219,6 +237,34 @@ pub struct Solver {
     state_dir: PathBuf,
     /// One prune at a time (API and garbage collection).
     prune_lock: tokio::sync::Mutex<()>,
+    /// Cache keys being computed right now, by any build.
+    inflight: InFlight,
+    /// Bounds the ops running at once on the worker (`max-parallelism`); `None` = unbounded.
+    parallelism: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// One lock per cache key being computed: a build that needs a key another build is computing
+/// waits for it and then finds its record, so identical steps of concurrent builds run once.
+#[derive(Clone, Default)]
+struct InFlight(Arc<std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>>);
+
+impl InFlight {
+    /// Waits until no other build computes `key`, and holds it until the guard drops.
+    async fn acquire(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, weak| weak.strong_count() > 0);
+            match map.get(key).and_then(|weak| weak.upgrade()) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.to_string(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl fmt::Debug for Solver {
@@ -250,6 +296,10 @@ struct Context {
     progress: ProgressWriter,
     options: SolveOptions,
     leases: Leases,
+    inflight: InFlight,
+    parallelism: Option<Arc<tokio::sync::Semaphore>>,
+    /// The solver's state directory (downloads and http validators live below it).
+    state_dir: PathBuf,
 }
 
 impl Solver {
@@ -267,7 +317,16 @@ impl Solver {
             explain,
             state_dir: state_dir.to_path_buf(),
             prune_lock: tokio::sync::Mutex::new(()),
+            inflight: InFlight::default(),
+            parallelism: None,
         })
+    }
+
+    /// Runs at most `limit` exec and file ops at once (buildkitd's `max-parallelism`); `0`
+    /// means unbounded.
+    pub fn with_max_parallelism(mut self, limit: usize) -> Self {
+        self.parallelism = (limit > 0).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
+        self
     }
 
     /// The worker this solver runs on.
@@ -432,6 +491,9 @@ impl Solver {
             progress,
             options,
             leases: Leases::default(),
+            inflight: self.inflight.clone(),
+            parallelism: self.parallelism.clone(),
+            state_dir: self.state_dir.clone(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -604,6 +666,11 @@ async fn run_vertex(
             }
             let key = CacheKey::from_parts(parts);
             let progress = context.progress.start_vertex(&digest, &name, input_digests);
+            // Another build computing the same key: wait for it, then take its record.
+            let _computing = match ignore_cache {
+                false => Some(context.inflight.acquire(key.as_str()).await),
+                true => None,
+            };
             if !ignore_cache {
                 if let Some(resolved) = lookup(&context, &key) {
                     progress.cached();
@@ -628,6 +695,10 @@ async fn run_vertex(
             progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
             let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
             context.worker.record_use(&used);
+            let _permit = match &context.parallelism {
+                Some(limit) => limit.clone().acquire_owned().await.ok(),
+                None => None,
+            };
             let result = match &op.op {
                 Some(pb::op::Op::Exec(exec)) => {
                     let session: Arc<dyn kiln_worker::ExecSession> = match &context.options.session
@@ -707,6 +778,10 @@ fn finish(
     }
 }
 
+/// How many context entries a step's miss explanation records file by file (beyond it, a
+/// changed directory is named instead of the file in it).
+const EXPLAIN_FILES_BUDGET: usize = 50_000;
+
 /// For each input of a FileOp: when the input is a local source read only
 /// as the source of copies, a checksum of exactly what those copies read
 /// (so other files of the context do not affect the step's key); `None`
@@ -753,6 +828,7 @@ async fn copy_source_keys(
             move || -> Option<(Option<String>, BTreeMap<String, String>)> {
                 let mut hasher = Sha256::new();
                 let mut files = BTreeMap::new();
+                let mut budget = EXPLAIN_FILES_BUDGET;
                 for copy in &copies {
                     let checksum =
                         selector::checksum_selector(&root, &copy.src, copy.allow_wildcard)
@@ -764,6 +840,12 @@ async fn copy_source_keys(
                     let path = copy.src.trim_start_matches("./").trim_start_matches('/');
                     let path = if path.is_empty() { "." } else { path };
                     files.insert(path.to_string(), checksum);
+                    // Down to each file, so a miss can name the file that changed.
+                    if let Some(detail) =
+                        selector::file_checksums(&root, &copy.src, copy.allow_wildcard, &mut budget)
+                    {
+                        files.extend(detail);
+                    }
                 }
                 Some((Some(hex::encode(hasher.finalize())), files))
             },
@@ -983,6 +1065,12 @@ async fn run_source(
             created: now_secs(),
         });
     }
+    if identifier.starts_with("git://") {
+        return git::run_git_source(context, source, ignore_cache, progress, name).await;
+    }
+    if identifier.starts_with("http://") || identifier.starts_with("https://") {
+        return http::run_http_source(context, source, ignore_cache, progress, name).await;
+    }
     let scheme = identifier.split("://").next().unwrap_or(identifier);
     Err(SourceFailure::Other(Arc::new(Error::Unsupported {
         what: format!("source {scheme}://"),
@@ -1053,3 +1141,6 @@ mod tests {
         assert_ne!(first, checksum_dir(dir.path()).unwrap());
     }
 }
+
+#[cfg(test)]
+mod scheduler_tests;

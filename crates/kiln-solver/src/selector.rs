@@ -157,6 +157,59 @@ pub fn checksum_selector(
     Ok(Some(hex::encode(hasher.finalize())))
 }
 
+/// Per-file checksums (path relative to `root` → checksum of mode and content) of what `src`
+/// selects, for explaining a miss down to the file. Directories are walked; at most `budget`
+/// entries are listed in all (the budget is shared by a step's copies) — `None` when the
+/// budget runs out, the selection cannot be listed, or it is not a plain path or wildcard.
+/// Never part of a cache key: [`checksum_selector`] is.
+pub fn file_checksums(
+    root: &Path,
+    src: &str,
+    allow_wildcard: bool,
+    budget: &mut usize,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let relative = relative(src)?;
+    let (parent, last) = (
+        relative.parent()?.to_path_buf(),
+        relative.file_name()?.to_string_lossy().to_string(),
+    );
+    let dir = root.join(&parent);
+    let names: Vec<String> = if allow_wildcard && has_wildcard(&last) {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|name| glob_match(&last, name))
+            .collect();
+        names.sort();
+        names
+    } else {
+        vec![last]
+    };
+    let mut out = std::collections::BTreeMap::new();
+    let mut pending: Vec<PathBuf> = names.iter().map(|n| parent.join(n)).collect();
+    while let Some(path) = pending.pop() {
+        *budget = budget.checked_sub(1)?;
+        let full = root.join(&path);
+        let metadata = std::fs::symlink_metadata(&full).ok()?;
+        let key = path.to_string_lossy().to_string();
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(&full).ok()? {
+                pending.push(path.join(entry.ok()?.file_name()));
+            }
+        } else if metadata.file_type().is_symlink() {
+            let target = std::fs::read_link(&full).ok()?;
+            out.insert(key, format!("link:{}", target.display()));
+        } else {
+            // Shortened: it only tells runs apart, it keys nothing.
+            let mut sum = checksum_entry(root, &full).ok()?;
+            sum.truncate(21);
+            out.insert(key, sum);
+        }
+    }
+    Some(out)
+}
+
 fn missing(what: &str) -> String {
     format!("missing:{what}")
 }
@@ -185,6 +238,31 @@ fn checksum_entry(_root: &Path, path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_checksums_name_each_file_within_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("app/sub")).unwrap();
+        std::fs::write(root.join("app/a.txt"), b"a").unwrap();
+        std::fs::write(root.join("app/sub/b.txt"), b"b").unwrap();
+        std::fs::write(root.join("other.txt"), b"o").unwrap();
+        let mut budget = 100;
+        let files = file_checksums(root, "app", false, &mut budget).unwrap();
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            vec!["app/a.txt", "app/sub/b.txt"]
+        );
+        let before = files["app/a.txt"].clone();
+        std::fs::write(root.join("app/a.txt"), b"changed").unwrap();
+        let after = file_checksums(root, "app", false, &mut 100).unwrap();
+        assert_ne!(after["app/a.txt"], before);
+        assert_eq!(after["app/sub/b.txt"], files["app/sub/b.txt"]);
+        let globbed = file_checksums(root, "*.txt", true, &mut 100).unwrap();
+        assert_eq!(globbed.keys().collect::<Vec<_>>(), vec!["other.txt"]);
+        // app, a.txt, sub, b.txt: four entries do not fit in three.
+        assert!(file_checksums(root, "app", false, &mut 3).is_none());
+    }
 
     #[test]
     fn globs() {

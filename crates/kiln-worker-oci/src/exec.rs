@@ -206,6 +206,18 @@ impl Executor {
                     if i != root_index {
                         let source = resolve_in_root(&p.view, &m.selector, true)
                             .map_err(io_err("resolve selector in", &p.view))?;
+                        if fs::symlink_metadata(&source).is_err() {
+                            // runc would fail with an unclear error about the mount.
+                            return Err(invalid(format!(
+                                "failed to mount {}: source path {:?} does not exist",
+                                m.dest,
+                                if m.selector.is_empty() {
+                                    "/"
+                                } else {
+                                    m.selector.as_str()
+                                }
+                            )));
+                        }
                         let mut options = vec!["rbind".to_string()];
                         if m.readonly {
                             options.push("ro".into());

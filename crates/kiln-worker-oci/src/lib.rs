@@ -19,6 +19,7 @@
 //! worker's own content store, then pulled as usual.
 
 mod cachemount;
+mod copyfilter;
 mod exec;
 mod fileop;
 mod fsx;

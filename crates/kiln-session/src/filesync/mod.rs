@@ -17,9 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{metadata, Error};
 
 mod receive;
-mod send;
+pub(crate) mod send;
 
 pub use receive::receive;
+pub(crate) use receive::{receive_packets, ReceiveOptions};
 pub(crate) use send::SendStats;
 
 /// How the receiver decides which files to fetch.
@@ -102,7 +103,10 @@ impl FileSync for FileSyncService {
         let (tx, rx) = mpsc::channel(16);
         let stats = self.stats.clone();
         tokio::spawn(async move {
-            if let Err(error) = send::serve(entries, &mut inbound, &tx, stats.as_ref()).await {
+            let method = "/moby.filesync.v1.FileSync/DiffCopy";
+            if let Err(error) =
+                send::serve(entries, &mut inbound, &tx, stats.as_ref(), method).await
+            {
                 tracing::warn!(dir = %dir_name, error = %crate::error_chain(&error), "filesync send failed");
                 let _ = tx
                     .send(Ok(Packet {

@@ -15,6 +15,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::{Stream, StreamExt};
 use kiln_proto::fsutil::types::{Packet, PacketType, Stat};
 use kiln_proto::moby::filesync::v1::file_sync_client::FileSyncClient;
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
@@ -44,7 +45,7 @@ pub async fn receive(channel: Channel, request: ReceiveRequest) -> Result<Transf
     let mut client = FileSyncClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    let mut inbound = client
+    let inbound = client
         .diff_copy(grpc_request)
         .await
         .map_err(|status| Error::Rpc {
@@ -52,10 +53,45 @@ pub async fn receive(channel: Channel, request: ReceiveRequest) -> Result<Transf
             status,
         })?
         .into_inner();
-
-    let mut receiver = Receiver {
+    let options = ReceiveOptions {
         dest: request.dest.clone(),
         differ: request.differ,
+        merge: false,
+        owner: (0, 0),
+        method: METHOD,
+    };
+    receive_packets(inbound, tx, options).await
+}
+
+/// How [`receive_packets`] writes into its destination.
+#[derive(Debug, Clone)]
+pub(crate) struct ReceiveOptions {
+    /// Destination directory (created when missing).
+    pub(crate) dest: PathBuf,
+    /// Which files to fetch.
+    pub(crate) differ: Differ,
+    /// Merge: keep entries of `dest` the sender did not list (the local
+    /// exporter); otherwise `dest` is made to match exactly.
+    pub(crate) merge: bool,
+    /// Owner `(uid, gid)` of everything written (`EPERM` is ignored, so an
+    /// unprivileged receiver keeps its own).
+    pub(crate) owner: (u32, u32),
+    /// The gRPC method, for error messages.
+    pub(crate) method: &'static str,
+}
+
+/// The receiver half of DiffCopy over any packet stream: `inbound` from the
+/// sender, `tx` towards it. On failure an ERR packet tells the sender why.
+pub(crate) async fn receive_packets<S>(
+    mut inbound: S,
+    tx: mpsc::Sender<Packet>,
+    options: ReceiveOptions,
+) -> Result<TransferStats, Error>
+where
+    S: Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
+    let mut receiver = Receiver {
+        options,
         inbound: &mut inbound,
         tx: tx.clone(),
     };
@@ -73,10 +109,9 @@ pub async fn receive(channel: Channel, request: ReceiveRequest) -> Result<Transf
     }
 }
 
-struct Receiver<'a> {
-    dest: PathBuf,
-    differ: Differ,
-    inbound: &'a mut tonic::Streaming<Packet>,
+struct Receiver<'a, S> {
+    options: ReceiveOptions,
+    inbound: &'a mut S,
     tx: mpsc::Sender<Packet>,
 }
 
@@ -88,16 +123,18 @@ struct Incoming {
     stat: Stat,
 }
 
-impl Receiver<'_> {
+impl<S> Receiver<'_, S>
+where
+    S: Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
     async fn next(&mut self, context: &'static str) -> Result<Packet, Error> {
+        let method = self.options.method;
         let packet = self
             .inbound
-            .message()
+            .next()
             .await
-            .map_err(|status| Error::Rpc {
-                method: METHOD,
-                status,
-            })?
+            .transpose()
+            .map_err(|status| Error::Rpc { method, status })?
             .ok_or(Error::StreamEnded { context })?;
         if packet.r#type == PacketType::PacketErr as i32 {
             return Err(Error::Remote {
@@ -109,23 +146,32 @@ impl Receiver<'_> {
 
     async fn run(&mut self) -> Result<TransferStats, Error> {
         let stats = self.read_stats().await?;
-        fs::create_dir_all(&self.dest)
-            .map_err(|source| Error::io("create destination", &self.dest, source))?;
-        let wanted: HashMap<&str, usize> = stats
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.path.as_str(), i))
-            .collect();
-        remove_unlisted(&self.dest, "", &stats, &wanted)?;
+        let dest = self.options.dest.clone();
+        let owner = self.options.owner;
+        fs::create_dir_all(&dest)
+            .map_err(|source| Error::io("create destination", &dest, source))?;
+        if !self.options.merge {
+            let wanted: HashMap<&str, usize> = stats
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.path.as_str(), i))
+                .collect();
+            remove_unlisted(&dest, "", &stats, &wanted)?;
+        }
 
         let mut needed: Vec<u32> = Vec::new();
         let mut hardlinks: Vec<&Stat> = Vec::new();
         for (index, stat) in stats.iter().enumerate() {
-            let target = self.dest.join(&stat.path);
+            let target = dest.join(&stat.path);
             let existing = fs::symlink_metadata(&target).ok();
             match kind(stat.mode) {
                 Kind::Dir => {
-                    if existing.is_none() {
+                    // Anything but a real directory (a symlink above all) is
+                    // replaced, so nothing below is written through a link.
+                    if existing.as_ref().is_some_and(|m| !m.is_dir()) {
+                        remove_existing(&target, existing.as_ref())?;
+                    }
+                    if !existing.as_ref().is_some_and(|m| m.is_dir()) {
                         fs::create_dir(&target)
                             .map_err(|source| Error::io("create directory", &target, source))?;
                     }
@@ -142,7 +188,7 @@ impl Receiver<'_> {
                 }
                 Kind::File if !stat.linkname.is_empty() => hardlinks.push(stat),
                 Kind::File => {
-                    let unchanged = self.differ == Differ::Metadata
+                    let unchanged = self.options.differ == Differ::Metadata
                         && existing.as_ref().is_some_and(|m| {
                             m.is_file()
                                 && m.len() as i64 == stat.size
@@ -164,9 +210,9 @@ impl Receiver<'_> {
         let bytes_received = self.fetch(&stats, &needed).await?;
 
         for stat in &hardlinks {
-            let target = self.dest.join(&stat.path);
+            let target = dest.join(&stat.path);
             remove_existing(&target, fs::symlink_metadata(&target).ok().as_ref())?;
-            fs::hard_link(self.dest.join(&stat.linkname), &target)
+            fs::hard_link(dest.join(&stat.linkname), &target)
                 .map_err(|source| Error::io("create hardlink", &target, source))?;
         }
         // Metadata of everything but regular files (set when written), deepest
@@ -174,7 +220,7 @@ impl Receiver<'_> {
         for stat in stats.iter().rev() {
             match kind(stat.mode) {
                 Kind::File | Kind::Socket => {}
-                entry_kind => set_metadata(&self.dest.join(&stat.path), stat, entry_kind)?,
+                entry_kind => set_metadata(&dest.join(&stat.path), stat, entry_kind, owner)?,
             }
         }
 
@@ -189,17 +235,17 @@ impl Receiver<'_> {
             })?;
         // Drain until the sender ends the stream.
         loop {
-            match self.inbound.message().await {
-                Ok(Some(packet)) if packet.r#type == PacketType::PacketErr as i32 => {
+            match self.inbound.next().await {
+                Some(Ok(packet)) if packet.r#type == PacketType::PacketErr as i32 => {
                     return Err(Error::Remote {
                         message: String::from_utf8_lossy(&packet.data).into_owned(),
                     })
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(status) => {
+                Some(Ok(_)) => {}
+                None => break,
+                Some(Err(status)) => {
                     return Err(Error::Rpc {
-                        method: METHOD,
+                        method: self.options.method,
                         status,
                     })
                 }
@@ -277,7 +323,7 @@ impl Receiver<'_> {
             }
             if packet.data.is_empty() {
                 if let Some(incoming) = open.remove(&id) {
-                    finish_file(incoming)?;
+                    finish_file(incoming, self.options.owner)?;
                 }
                 outstanding.remove(&id);
                 continue;
@@ -294,8 +340,8 @@ impl Receiver<'_> {
     }
 
     fn create_temp(&self, stat: Stat, id: u32) -> Result<Incoming, Error> {
-        let target = self.dest.join(&stat.path);
-        let dir = target.parent().unwrap_or(&self.dest).to_path_buf();
+        let target = self.options.dest.join(&stat.path);
+        let dir = target.parent().unwrap_or(&self.options.dest).to_path_buf();
         let temp = dir.join(format!(".kiln-receive-{id}-{:08x}", rand::random::<u32>()));
         let file = fs::OpenOptions::new()
             .write(true)
@@ -315,7 +361,7 @@ impl Receiver<'_> {
 
 /// Sets mode, owner and mtime on the open file, then renames it into place
 /// (rename replaces a symlink at the target rather than following it).
-fn finish_file(incoming: Incoming) -> Result<(), Error> {
+fn finish_file(incoming: Incoming, (uid, gid): (u32, u32)) -> Result<(), Error> {
     let Incoming {
         file,
         temp,
@@ -324,7 +370,7 @@ fn finish_file(incoming: Incoming) -> Result<(), Error> {
     } = incoming;
     let result = (|| {
         file.set_permissions(Permissions::from_mode(unix_perm(stat.mode)))?;
-        std::os::unix::fs::fchown(&file, Some(0), Some(0)).or_else(ignore_eperm)?;
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).or_else(ignore_eperm)?;
         let time = system_time(stat.mod_time);
         file.set_times(FileTimes::new().set_modified(time).set_accessed(time))?;
         Ok(())
@@ -360,13 +406,18 @@ fn system_time(nanos: i64) -> SystemTime {
     }
 }
 
-fn set_metadata(path: &Path, stat: &Stat, entry_kind: Kind) -> Result<(), Error> {
+fn set_metadata(
+    path: &Path,
+    stat: &Stat,
+    entry_kind: Kind,
+    (uid, gid): (u32, u32),
+) -> Result<(), Error> {
     if entry_kind != Kind::Symlink {
         // Not a symlink (we created or checked it), so this does not follow one.
         fs::set_permissions(path, Permissions::from_mode(unix_perm(stat.mode)))
             .map_err(|source| Error::io("chmod", path, source))?;
     }
-    std::os::unix::fs::lchown(path, Some(0), Some(0))
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
         .or_else(ignore_eperm)
         .map_err(|source| Error::io("chown", path, source))?;
     let time = TimeSpec::new(
@@ -451,6 +502,7 @@ struct StatList {
     stats: Vec<Stat>,
     dirs: HashSet<String>,
     files: HashSet<String>,
+    symlinks: HashSet<String>,
 }
 
 impl StatList {
@@ -473,12 +525,21 @@ impl StatList {
             }
         }
         let parent_dir = parent(&stat.path);
+        if self.symlinks.contains(parent_dir) {
+            return Err(Error::InvalidPath {
+                path: stat.path,
+                reason: "path goes through a symlink",
+            });
+        }
         if !parent_dir.is_empty() && !self.dirs.contains(parent_dir) {
             return Err(Error::ParentMissing { path: stat.path });
         }
         match kind(stat.mode) {
             Kind::Dir => {
                 self.dirs.insert(stat.path.clone());
+            }
+            Kind::Symlink => {
+                self.symlinks.insert(stat.path.clone());
             }
             Kind::File if stat.linkname.is_empty() => {
                 self.files.insert(stat.path.clone());
@@ -565,6 +626,17 @@ mod tests {
                 &[("a", DIR, ""), ("b", FILE, "a")],
                 Some("invalid hardlink \"b\" to \"a\""),
             ),
+            (
+                &[
+                    ("l", filemode::SYMLINK | 0o777, "/etc"),
+                    ("l/passwd", FILE, ""),
+                ],
+                Some("invalid path \"l/passwd\": path goes through a symlink"),
+            ),
+            (
+                &[("a", FILE, ""), ("b", FILE, "../a")],
+                Some("invalid hardlink \"b\" to \"../a\""),
+            ),
         ];
         for (entries, want) in cases {
             let mut list = StatList::default();
@@ -573,6 +645,78 @@ mod tests {
                 .try_for_each(|(path, mode, link)| list.push(stat(path, *mode, link)));
             let got = result.err().map(|e| e.to_string());
             assert_eq!(got.as_deref(), *want, "{entries:?}");
+        }
+    }
+
+    /// Runs the receiver over a scripted sender and returns its error text
+    /// and the packets it sent back.
+    async fn receive_scripted(dest: &Path, stats: Vec<Stat>) -> (String, Vec<Packet>) {
+        let mut packets: Vec<Result<Packet, tonic::Status>> = stats
+            .into_iter()
+            .map(|stat| {
+                Ok(Packet {
+                    r#type: PacketType::PacketStat as i32,
+                    stat: Some(stat),
+                    ..Packet::default()
+                })
+            })
+            .collect();
+        packets.push(Ok(Packet {
+            r#type: PacketType::PacketStat as i32,
+            ..Packet::default()
+        }));
+        let (tx, mut rx) = mpsc::channel(16);
+        let options = ReceiveOptions {
+            dest: dest.to_path_buf(),
+            differ: Differ::Metadata,
+            merge: true,
+            owner: (0, 0),
+            method: "test",
+        };
+        let error = receive_packets(futures::stream::iter(packets), tx, options)
+            .await
+            .unwrap_err();
+        let mut back = Vec::new();
+        while let Ok(packet) = rx.try_recv() {
+            back.push(packet);
+        }
+        (error.to_string(), back)
+    }
+
+    #[tokio::test]
+    async fn hostile_paths_are_refused_and_nothing_is_written_outside() {
+        const DIR: u32 = filemode::DIR | 0o755;
+        const LINK: u32 = filemode::SYMLINK | 0o777;
+        let temp = tempfile::tempdir().unwrap();
+        let outside = temp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let dest = temp.path().join("dest");
+        let outside_text = outside.display().to_string();
+        let cases: Vec<(Vec<Stat>, &str)> = vec![
+            (
+                vec![stat("../outside/x", 0o644, "")],
+                "invalid path \"../outside/x\": path escapes the destination",
+            ),
+            (
+                vec![stat("a", DIR, ""), stat("a/../../x", 0o644, "")],
+                "invalid path \"a/../../x\": path escapes the destination",
+            ),
+            (vec![stat(&outside_text, 0o644, "")], "absolute path"),
+            (
+                vec![stat("l", LINK, &outside_text), stat("l/x", 0o644, "")],
+                "invalid path \"l/x\": path goes through a symlink",
+            ),
+        ];
+        for (stats, want) in cases {
+            let (error, back) = receive_scripted(&dest, stats).await;
+            assert!(error.contains(want), "{error} (want {want})");
+            // The sender is told why.
+            assert!(
+                back.iter().any(|p| p.r#type == PacketType::PacketErr as i32
+                    && String::from_utf8_lossy(&p.data).contains(want)),
+                "{back:?}"
+            );
+            assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         }
     }
 }

@@ -6,6 +6,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use futures::{Stream, StreamExt};
 use kiln_proto::fsutil::types::{Packet, PacketType, Stat};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -266,12 +267,18 @@ pub(crate) trait SendStats: Send + Sync {
 }
 
 /// Runs the sender half of DiffCopy: STATs, then REQ/DATA until FIN.
-pub(crate) async fn serve(
+/// `inbound` carries the receiver's packets, `method` names the call in
+/// errors.
+pub(crate) async fn serve<S>(
     entries: Vec<Entry>,
-    inbound: &mut tonic::Streaming<Packet>,
+    inbound: &mut S,
     out: &mpsc::Sender<Result<Packet, tonic::Status>>,
     stats: &dyn SendStats,
-) -> Result<(), Error> {
+    method: &'static str,
+) -> Result<(), Error>
+where
+    S: Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
     for entry in &entries {
         send(
             out,
@@ -295,12 +302,10 @@ pub(crate) async fn serve(
 
     loop {
         let packet = inbound
-            .message()
+            .next()
             .await
-            .map_err(|status| Error::Rpc {
-                method: "/moby.filesync.v1.FileSync/DiffCopy",
-                status,
-            })?
+            .transpose()
+            .map_err(|status| Error::Rpc { method, status })?
             .ok_or(Error::StreamEnded {
                 context: "before FIN from the receiver",
             })?;
