@@ -13,7 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/status.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",
         "proto/moby/buildkit/v1/frontend/gateway.proto",
+        "proto/moby/buildkit/secrets/v1/secrets.proto",
+        "proto/moby/sshforward/v1/ssh.proto",
+        "proto/containerd/services/content/v1/content.proto",
     ];
+    // The whole directory too: a proto file added later must rerun this
+    // script even in a target dir whose last run predates it.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=build.rs");
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -94,6 +94,10 @@ pub enum Landing {
     /// The daemon stored and unpacked the image in our containerd itself
     /// (`type=image,unpack=true`); extra tags are applied by the client.
     Direct,
+    /// The exporter writes the image into our containerd through the session
+    /// content store `export` (`tar=false`): only blobs containerd lacks cross;
+    /// the client names and unpacks the image.
+    Store,
     /// A tar received into a temporary file and loaded into containerd.
     Load,
     /// A tar written to stdout.
@@ -165,11 +169,16 @@ pub fn plan_output(
                 containerd.snapshotter,
                 &platforms,
             );
-            let exporter = choice.exporter(tags);
+            let mut exporter = choice.exporter(tags);
             let (landing, reason) = if choice.needs_loading() {
+                exporter.1.insert("tar".to_string(), "false".to_string());
                 (
-                    Landing::Load,
-                    sharing_mismatch(worker_labels, containerd, platform),
+                    Landing::Store,
+                    format!(
+                        "{}: the exporter writes only the blobs containerd lacks into it \
+                         over the session",
+                        sharing_mismatch(worker_labels, containerd, platform)
+                    ),
                 )
             } else {
                 (
@@ -240,6 +249,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     for warning in &settings.warnings {
         eprintln!("warning: {warning}");
     }
+    crate::secrets::check_sources(&settings.secrets, &settings.ssh_agents)?;
     let context_dir = std::path::absolute(&settings.context)
         .with_context(|| format!("invalid build context {:?}", settings.context))?;
     if !context_dir.is_dir() {
@@ -316,69 +326,65 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     );
     tracing::debug!(?plan, "output plan");
 
-    let output_dir = tempfile::Builder::new()
-        .prefix("kiln-build-")
-        .tempdir()
-        .context("failed to create a temporary directory for the image archive")?;
-    let output_file = match &plan.landing {
-        Landing::Load | Landing::Stdout => Some(output_dir.path().join("image.tar")),
-        Landing::File(path) => Some(
-            std::path::absolute(path)
-                .with_context(|| format!("invalid output file {}", path.display()))?,
-        ),
-        Landing::Direct | Landing::Directory(_) | Landing::None => None,
+    let mut plan = plan;
+    let outcome = loop {
+        let store = match (&plan.landing, &containerd) {
+            (Landing::Store, Some(containerd)) => Some(
+                kiln_containerd::ExportStore::open(containerd, &globals.namespace)
+                    .await
+                    .context("failed to prepare containerd to receive the image")?,
+            ),
+            _ => None,
+        };
+        let attempt = solve_plan(
+            client.clone(),
+            &plan,
+            &settings,
+            &dockerfile,
+            &context_dir,
+            store.as_ref(),
+        )
+        .await;
+        let (outcome, output_file) = match attempt {
+            Ok(done) => done,
+            Err(err) => {
+                if let Some(store) = &store {
+                    store.abandon().await;
+                }
+                return Err(err);
+            }
+        };
+        if let (Some(store), Some(containerd)) = (store, &containerd) {
+            if store.stats().calls == 0 {
+                // An older daemon ignores tar=false: it exported nothing to us.
+                store.abandon().await;
+                eprintln!(
+                    "warning: the build daemon did not write the image into containerd \
+                     (tar=false is not supported by it); building again to a tarball"
+                );
+                plan = tarball_plan(plan);
+                continue;
+            }
+            land(
+                containerd,
+                globals,
+                &settings,
+                store,
+                &outcome.exporter_response,
+            )
+            .await?;
+        }
+        break (outcome, output_file);
     };
-    let output_dir = match &plan.landing {
-        Landing::Directory(dir) => Some(
-            std::path::absolute(dir)
-                .with_context(|| format!("invalid output directory {}", dir.display()))?,
-        ),
-        _ => None,
-    };
-
-    let mut frontend_attrs = BTreeMap::new();
-    frontend_attrs.insert("filename".to_string(), dockerfile.filename.clone());
-    frontend_attrs.extend(settings.frontend_attrs.clone());
-    let mut locals = BTreeMap::new();
-    locals.insert("context".to_string(), context_dir.clone());
-    locals.insert("dockerfile".to_string(), dockerfile.dir.clone());
-    locals.extend(settings.named_locals.clone());
-    let options = SolveOptions {
-        frontend: "dockerfile.v0".to_string(),
-        frontend_attrs,
-        exporters: vec![plan.exporter.clone()],
-        locals,
-        output_file: output_file.clone(),
-        output_dir,
-        shared_key: context_dir.display().to_string(),
-        entitlements: settings.entitlements.clone(),
-        cache_imports: settings.cache_imports.clone(),
-        cache_exports: Vec::new(),
-        source_policy: settings.source_policy.clone(),
-    };
-
-    let mode = if settings.quiet {
-        ProgressMode::Quiet
-    } else {
-        settings.progress
-    };
-    let (progress_tx, progress_rx) = mpsc::channel::<StatusResponse>(128);
-    let renderer = tokio::spawn(render_progress(progress_rx, mode));
-    let solved = kiln_client::solve(client, options, progress_tx).await;
-    match renderer.await {
-        Ok(Err(err)) => tracing::debug!(%err, "progress rendering failed"),
-        Err(err) => tracing::debug!(%err, "progress task failed"),
-        Ok(Ok(())) => {}
-    }
-    let outcome = solved?;
-    tracing::debug!(response = ?outcome.exporter_response, stats = ?outcome.session_stats, "solve done");
+    let (outcome, output_file) = outcome;
 
     match (&plan.landing, &containerd) {
         (Landing::Load, Some(containerd)) => {
             let path = output_file
-                .as_deref()
+                .as_ref()
+                .map(|f| f.path.clone())
                 .ok_or_else(|| anyhow!("no image archive was received"))?;
-            load(containerd, globals, &settings, path).await?;
+            load(containerd, globals, &settings, &path).await?;
         }
         (Landing::Direct, Some(containerd)) => {
             if let Some((first, rest)) = settings.tags.split_first() {
@@ -397,9 +403,10 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
         }
         (Landing::Stdout, _) => {
             let path = output_file
-                .as_deref()
+                .as_ref()
+                .map(|f| f.path.clone())
                 .ok_or_else(|| anyhow!("no image archive was received"))?;
-            let mut file = std::fs::File::open(path)
+            let mut file = std::fs::File::open(&path)
                 .with_context(|| format!("failed to open {}", path.display()))?;
             let mut stdout = std::io::stdout().lock();
             std::io::copy(&mut file, &mut stdout)
@@ -410,6 +417,101 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     }
     write_result_files(&settings, &outcome.exporter_response)?;
     Ok(())
+}
+
+/// The plan `plan` falls back to when the daemon cannot write into our
+/// content store: the tarball, loaded by the client.
+fn tarball_plan(mut plan: OutputPlan) -> OutputPlan {
+    plan.exporter.1.remove("tar");
+    plan.landing = Landing::Load;
+    plan.reason = format!("{} (fallback: the daemon ignored tar=false)", plan.reason);
+    plan
+}
+
+/// Where a tarball exporter's output is received; the temporary directory
+/// (when there is one) lives as long as this.
+struct OutputFile {
+    path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Runs the solve for `plan`, serving `store` over the session when given.
+async fn solve_plan(
+    client: kiln_client::ControlClient<tonic::transport::Channel>,
+    plan: &OutputPlan,
+    settings: &BuildSettings,
+    dockerfile: &dockerfile::DockerfileLocation,
+    context_dir: &std::path::Path,
+    store: Option<&kiln_containerd::ExportStore>,
+) -> anyhow::Result<(kiln_client::SolveOutcome, Option<OutputFile>)> {
+    let output_dir = tempfile::Builder::new()
+        .prefix("kiln-build-")
+        .tempdir()
+        .context("failed to create a temporary directory for the image archive")?;
+    let output_file = match &plan.landing {
+        Landing::Load | Landing::Stdout => Some(OutputFile {
+            path: output_dir.path().join("image.tar"),
+            _dir: Some(output_dir),
+        }),
+        Landing::File(path) => Some(OutputFile {
+            path: std::path::absolute(path)
+                .with_context(|| format!("invalid output file {}", path.display()))?,
+            _dir: None,
+        }),
+        Landing::Direct | Landing::Store | Landing::Directory(_) | Landing::None => None,
+    };
+    let receive_dir = match &plan.landing {
+        Landing::Directory(dir) => Some(
+            std::path::absolute(dir)
+                .with_context(|| format!("invalid output directory {}", dir.display()))?,
+        ),
+        _ => None,
+    };
+    let mut session_services = kiln_session::client::ExtraServices::default();
+    if let Some(store) = store {
+        session_services.add(store.service(), &kiln_session::content::METHODS);
+    }
+
+    let mut frontend_attrs = BTreeMap::new();
+    frontend_attrs.insert("filename".to_string(), dockerfile.filename.clone());
+    frontend_attrs.extend(settings.frontend_attrs.clone());
+    let mut locals = BTreeMap::new();
+    locals.insert("context".to_string(), context_dir.to_path_buf());
+    locals.insert("dockerfile".to_string(), dockerfile.dir.clone());
+    locals.extend(settings.named_locals.clone());
+    let options = SolveOptions {
+        frontend: "dockerfile.v0".to_string(),
+        frontend_attrs,
+        exporters: vec![plan.exporter.clone()],
+        locals,
+        output_file: output_file.as_ref().map(|f| f.path.clone()),
+        output_dir: receive_dir,
+        shared_key: context_dir.display().to_string(),
+        entitlements: settings.entitlements.clone(),
+        cache_imports: settings.cache_imports.clone(),
+        cache_exports: Vec::new(),
+        source_policy: settings.source_policy.clone(),
+        session_services,
+        secrets: settings.secrets.clone(),
+        ssh_agents: settings.ssh_agents.clone(),
+    };
+
+    let mode = if settings.quiet {
+        ProgressMode::Quiet
+    } else {
+        settings.progress
+    };
+    let (progress_tx, progress_rx) = mpsc::channel::<StatusResponse>(128);
+    let renderer = tokio::spawn(render_progress(progress_rx, mode));
+    let solved = kiln_client::solve(client, options, progress_tx).await;
+    match renderer.await {
+        Ok(Err(err)) => tracing::debug!(%err, "progress rendering failed"),
+        Err(err) => tracing::debug!(%err, "progress task failed"),
+        Ok(Ok(())) => {}
+    }
+    let outcome = solved?;
+    tracing::debug!(response = ?outcome.exporter_response, stats = ?outcome.session_stats, "solve done");
+    Ok((outcome, output_file))
 }
 
 /// `--metadata-file` and `--iidfile` (§1.8), written after the image has landed.
@@ -470,6 +572,78 @@ async fn render_progress(
         }
     }
     renderer.finish()
+}
+
+/// After a `tar=false` export into `store`: names the image (the first tag,
+/// else `<snapshotter>@<digest>` as the load path does), unpacks it (layers
+/// already unpacked are skipped), applies extra tags and says what crossed.
+async fn land(
+    containerd: &Containerd,
+    globals: &Globals,
+    settings: &BuildSettings,
+    store: kiln_containerd::ExportStore,
+    response: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let target = match response.get("containerimage.descriptor") {
+        Some(encoded) => {
+            let json = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .context("invalid containerimage.descriptor in the exporter response")?;
+            serde_json::from_slice::<kiln_containerd::Descriptor>(&json)
+                .context("invalid containerimage.descriptor in the exporter response")?
+        }
+        None => {
+            store.abandon().await;
+            bail!("the exporter response has no containerimage.descriptor: no image was built");
+        }
+    };
+    if !store.has_blob(&target.digest).await? {
+        store.abandon().await;
+        bail!(
+            "the build daemon reported image {} but did not write it into containerd",
+            target.digest
+        );
+    }
+    let stats = store.stats();
+    let platform = match &settings.platform {
+        Some(p) => kiln_containerd::Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
+        None => kiln_containerd::Platform::host(),
+    };
+    let name = settings
+        .tags
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("{}@{}", globals.snapshotter, target.digest));
+    let images = store
+        .finish(&target, std::slice::from_ref(&name), &platform)
+        .await
+        .context("failed to name the image in containerd")?;
+    let mut stdout = std::io::stdout();
+    for image in &images {
+        if !settings.quiet {
+            eprintln!("unpacking {} ({})...", image.name, image.target.digest);
+        }
+        containerd
+            .unpack(&globals.namespace, image, &globals.snapshotter, &platform)
+            .await
+            .with_context(|| format!("failed to unpack {}", image.name))?;
+        if settings.quiet {
+            writeln!(stdout, "{}", image.target.digest)?;
+        } else {
+            eprintln!("landed {}: {}", image.name, stats.summary());
+            eprintln!("Loaded image: {}", image.name);
+        }
+    }
+    if let Some((first, rest)) = settings.tags.split_first() {
+        for tag in rest {
+            containerd
+                .tag(&globals.namespace, first, tag)
+                .await
+                .context("unable to tag image")?;
+        }
+    }
+    Ok(())
 }
 
 /// Imports the archive into containerd, unpacks it and applies extra tags (§1.5, §1.8).
@@ -571,17 +745,21 @@ mod tests {
     }
 
     #[test]
-    fn oci_worker_takes_the_tar_path_and_says_why() {
+    fn oci_worker_writes_into_the_content_store_and_says_why() {
         let plan = plan_output(None, &tags(), None, &labels("oci"), &VIEW);
-        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.landing, Landing::Store);
         assert_eq!(plan.exporter.0, "docker");
+        assert_eq!(plan.exporter.1["tar"], "false");
+        let fallback = tarball_plan(plan.clone());
+        assert_eq!(fallback.landing, Landing::Load);
+        assert!(!fallback.exporter.1.contains_key("tar"));
         assert!(plan.reason.contains("\"oci\""), "{}", plan.reason);
         let other = ContainerdView {
             uuid: "uuid-2",
             ..VIEW
         };
         let plan = plan_output(None, &[], None, &labels("containerd"), &other);
-        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.landing, Landing::Store);
         assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
         assert!(plan.reason.contains("uuid"), "{}", plan.reason);
         let foreign = kiln_image::oci::Platform::parse(
@@ -593,7 +771,7 @@ mod tests {
         )
         .unwrap();
         let plan = plan_output(None, &[], Some(&foreign), &labels("containerd"), &VIEW);
-        assert_eq!(plan.landing, Landing::Load);
+        assert_eq!(plan.landing, Landing::Store);
         assert!(plan.reason.contains("platform"), "{}", plan.reason);
     }
 

@@ -282,6 +282,9 @@ pub fn render_info(report: &InfoReport) -> String {
         Some(Ok((Landing::Direct, reason))) => {
             out.push_str(&format!("Images land: directly in containerd ({reason})\n"))
         }
+        Some(Ok((Landing::Store, reason))) => out.push_str(&format!(
+            "Images land: written into containerd over the build session ({reason})\n"
+        )),
         Some(Ok((_, reason))) => out.push_str(&format!(
             "Images land: via a docker tarball loaded into containerd by kiln ({reason})\n"
         )),

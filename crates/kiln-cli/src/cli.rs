@@ -35,9 +35,30 @@ pub struct Cli {
     /// Debug logging on stderr.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// TLS to a `tcp://` build daemon (buildctl's TLS flags).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// buildctl's TLS flags, for a `tcp://` `--buildkit-host` (ignored for
+/// unix sockets). Giving any of them turns TLS on.
+#[derive(Debug, Default, Clone, Args)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) the daemon's certificate must chain to (default: the system CAs).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlscacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for daemons requiring mutual TLS.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlscert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --tlscert.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlskey: Option<std::path::PathBuf>,
+    /// Server name the daemon's certificate must carry (default: the host of the address).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tlsservername: Option<String>,
 }
 
 /// Top-level commands.
@@ -67,6 +88,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Install or remove kilnd as a systemd service (rootless or rootful).
+    Setup(crate::setup::SetupArgs),
     /// Print the shell completion script for bash, zsh or fish.
     ///
     /// bash: `source <(kiln completion bash)`; zsh: `kiln completion zsh >
@@ -233,7 +256,7 @@ pub struct BuildArgs {
     /// Always (`--pull`) or never (`--pull=false`) pull base images.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub pull: Option<bool>,
-    /// Secret to expose to the build (not supported yet).
+    /// Secret to expose to the build: `id=<id>,src=<file>`, `id=<id>,env=<VAR>` (buildctl syntax).
     #[arg(long)]
     pub secret: Vec<String>,
     /// Extra privileged entitlement (not supported yet).
@@ -242,7 +265,7 @@ pub struct BuildArgs {
     /// Attestation parameters `type=X[,...]` (refused unless `disabled=true`).
     #[arg(long)]
     pub attest: Vec<String>,
-    /// SSH agent socket or keys to expose (not supported yet).
+    /// SSH agent to forward: `default` (`$SSH_AUTH_SOCK`) or `<id>=<socket>`; key files are not supported yet.
     #[arg(long)]
     pub ssh: Vec<String>,
     /// SBOM attestation shorthand (refused: attestations are not supported yet).

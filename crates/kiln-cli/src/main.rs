@@ -24,7 +24,9 @@ mod dockerfile;
 mod metadata;
 mod output;
 mod policy;
+mod secrets;
 mod settings;
+mod setup;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -45,6 +47,12 @@ fn init_logging(debug: bool) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    kiln_client::set_client_tls(kiln_client::ClientTls {
+        ca_cert: cli.tls.tlscacert.clone(),
+        cert: cli.tls.tlscert.clone(),
+        key: cli.tls.tlskey.clone(),
+        server_name: cli.tls.tlsservername.clone(),
+    });
     let env = |key: &str| std::env::var(key).ok();
     let globals = build::Globals {
         namespace: cli.namespace.clone(),
@@ -70,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compose::build(&globals, compose_args, build_args, &env).await
             }
         },
+        Command::Setup(args) => setup::run(args),
         Command::Completion { shell } => {
             let mut out = std::io::stdout().lock();
             out.write_all(&cli::completion_script(*shell))?;

@@ -331,7 +331,8 @@ fn builder_commands_against_kilnd() {
         info.stdout
     );
     assert!(
-        info.stdout.contains("Images land: via a docker tarball"),
+        info.stdout
+            .contains("Images land: written into containerd over the build session"),
         "{}",
         info.stdout
     );

@@ -1,13 +1,14 @@
 //! Dialing a BuildKit-compatible daemon and pinging it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 use kiln_proto::moby::buildkit::v1::ListWorkersRequest;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::Error;
 
@@ -19,8 +20,94 @@ pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 pub enum Address {
     /// `unix://<path>`: h2c over a unix socket.
     Unix(PathBuf),
-    /// `tcp://host:port`: plaintext h2c (kiln does not speak TLS yet).
+    /// `tcp://host:port`: h2c, or HTTP/2 over TLS when [`ClientTls`] is set.
     Tcp(String),
+}
+
+/// buildctl's TLS flags (`--tlscacert`, `--tlscert`, `--tlskey`,
+/// `--tlsservername`), used for `tcp://` addresses; unix sockets stay
+/// plain. TLS is on as soon as one of them is given (as buildctl).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificate (PEM) the server's certificate must chain to; without
+    /// it, the system bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for daemons that require one (mutual TLS).
+    pub cert: Option<PathBuf>,
+    /// Key (PEM) of [`cert`](Self::cert).
+    pub key: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the address' host).
+    pub server_name: Option<String>,
+}
+
+impl ClientTls {
+    /// Whether any TLS flag was given.
+    pub fn is_enabled(&self) -> bool {
+        self.ca_cert.is_some()
+            || self.cert.is_some()
+            || self.key.is_some()
+            || self.server_name.is_some()
+    }
+
+    fn config(&self, address: &str, host_port: &str) -> Result<ClientTlsConfig, Error> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| Error::TlsFile {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let ca = match &self.ca_cert {
+            Some(path) => read("CA certificate", path)?,
+            None => read("CA certificate", Path::new(SYSTEM_CA_BUNDLE))?,
+        };
+        let server_name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => host_of(host_port).to_string(),
+        };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(server_name);
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("certificate", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::TlsSettings {
+                    address: address.to_string(),
+                    reason: "--tlscert and --tlskey go together".to_string(),
+                })
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// The system's CA bundle (Debian's path), for TLS without `--tlscacert`.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The host part of `host:port` (`[v6]:port` → `v6`).
+fn host_of(host_port: &str) -> &str {
+    if let Some(rest) = host_port.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host_port.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => host_port,
+    }
+}
+
+static CLIENT_TLS: OnceLock<ClientTls> = OnceLock::new();
+
+/// Sets the TLS settings every later `tcp://` connection of this process
+/// uses — buildctl's TLS flags are global flags too, and the CLI resolves
+/// them once. Only the first call takes effect.
+pub fn set_client_tls(tls: ClientTls) {
+    let _ = CLIENT_TLS.set(tls);
 }
 
 impl Address {
@@ -84,12 +171,22 @@ pub async fn connect_channel(address: &str, timeout: Duration) -> Result<Channel
                     .await
             }
             Address::Tcp(host_port) => {
-                let endpoint = Endpoint::from_shared(format!("http://{host_port}"))
+                let tls = CLIENT_TLS.get().filter(|tls| tls.is_enabled());
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
                     .map_err(|source| Error::Connect {
                         address: address.to_string(),
                         source,
                     })?
                     .connect_timeout(timeout);
+                if let Some(tls) = tls {
+                    endpoint = endpoint
+                        .tls_config(tls.config(address, &host_port)?)
+                        .map_err(|e| Error::TlsSettings {
+                            address: address.to_string(),
+                            reason: crate::error_chain(&e),
+                        })?;
+                }
                 endpoint.connect().await
             }
         }
@@ -135,6 +232,41 @@ pub async fn ping_address(address: &str, timeout: Duration) -> Result<Vec<Worker
             address: address.to_string(),
             timeout,
         })?
+        .map_err(|e| explain_tls_rejection(address, e))
+}
+
+/// With TLS 1.3 the server checks the client certificate after the
+/// client's side of the handshake is done, so a refused certificate shows
+/// up as the first call failing with a bare transport error ("connection
+/// closed", or the alert when it arrives first). Says what that means.
+fn explain_tls_rejection(address: &str, err: Error) -> Error {
+    let Some(tls) = CLIENT_TLS.get().filter(|tls| tls.is_enabled()) else {
+        return err;
+    };
+    if !matches!(Address::parse(address), Ok(Address::Tcp(_))) {
+        return err;
+    }
+    let Error::Rpc { status, .. } = &err else {
+        return err;
+    };
+    let Some(mut cause) = std::error::Error::source(status) else {
+        return err;
+    };
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let hint = match &tls.cert {
+        None => "it requires a client certificate: pass --tlscert and --tlskey".to_string(),
+        Some(cert) => format!(
+            "it did not accept the client certificate {}: is it signed by the CA the daemon trusts (its --tlscacert)?",
+            cert.display()
+        ),
+    };
+    Error::TlsRejected {
+        address: address.to_string(),
+        detail: cause.to_string(),
+        hint,
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +282,40 @@ mod tests {
         assert_eq!(
             Address::parse("tcp://127.0.0.1:1234").unwrap(),
             Address::Tcp("127.0.0.1:1234".into())
+        );
+    }
+
+    #[test]
+    fn tls_server_name_defaults_to_the_host() {
+        assert_eq!(host_of("127.0.0.1:1234"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:1234"), "::1");
+        assert_eq!(host_of("builder.example"), "builder.example");
+        assert!(!ClientTls::default().is_enabled());
+        let half = ClientTls {
+            cert: Some("/c.pem".into()),
+            ..Default::default()
+        };
+        assert!(half.is_enabled());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let half = ClientTls {
+            ca_cert: Some(ca),
+            ..half
+        };
+        let err = half.config("tcp://h:1", "h:1").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid TLS settings for tcp://h:1: --tlscert and --tlskey go together"
+        );
+        let missing = ClientTls {
+            ca_cert: Some(dir.path().join("nope.pem")),
+            ..Default::default()
+        };
+        let err = missing.config("tcp://h:1", "h:1").unwrap_err().to_string();
+        assert!(
+            err.starts_with("failed to read the TLS CA certificate "),
+            "{err}"
         );
     }
 

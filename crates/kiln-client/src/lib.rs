@@ -21,11 +21,15 @@ mod usage;
 
 use std::time::Duration;
 
-pub use connect::{connect, connect_channel, ping, ping_address, Address, MAX_MESSAGE_SIZE};
+pub use connect::{
+    connect, connect_channel, ping, ping_address, set_client_tls, Address, ClientTls,
+    MAX_MESSAGE_SIZE,
+};
 pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 pub use kiln_proto::moby::buildkit::v1::StatusResponse;
 pub use kiln_proto::moby::buildkit::v1::UsageRecord;
+pub use kiln_session::secrets::{SecretSource, MAX_SECRET_SIZE};
 pub use solve::{new_ref, solve, SolveOptions, SolveOutcome};
 pub use tonic::Code;
 pub use usage::{disk_usage, prune};
@@ -55,6 +59,36 @@ pub enum Error {
         /// The transport error.
         #[source]
         source: tonic::transport::Error,
+    },
+    /// A TLS file given to the client could not be read.
+    #[error("failed to read the TLS {what} {}", path.display())]
+    TlsFile {
+        /// Which file (`CA certificate`, `certificate`, `key`).
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS settings are incomplete or were refused by the transport.
+    #[error("invalid TLS settings for {address}: {reason}")]
+    TlsSettings {
+        /// The address dialed.
+        address: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The daemon closed the TLS connection right after the handshake: it
+    /// refused the client certificate (or its absence).
+    #[error("the daemon at {address} refused the TLS connection ({detail}): {hint}")]
+    TlsRejected {
+        /// The address dialed.
+        address: String,
+        /// The transport's last word (`connection closed`, the TLS alert).
+        detail: String,
+        /// What to do about it.
+        hint: String,
     },
     /// Connecting took longer than allowed.
     #[error("timed out after {timeout:?} connecting to {address}")]

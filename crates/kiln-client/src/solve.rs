@@ -43,8 +43,14 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// Secrets served over the session by id (`--secret`).
+    pub secrets: BTreeMap<String, kiln_session::secrets::SecretSource>,
+    /// SSH agent sockets forwarded over the session by id (`--ssh`).
+    pub ssh_agents: BTreeMap<String, PathBuf>,
     /// Source policy (`--source-policy-file`), sent as `SolveRequest.SourcePolicy`.
     pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
+    /// More session services to serve (e.g. the `export` content store of `tar=false`).
+    pub session_services: kiln_session::client::ExtraServices,
 }
 
 fn cache_entries(entries: &[(String, BTreeMap<String, String>)]) -> Vec<CacheOptionsEntry> {
@@ -99,8 +105,17 @@ pub async fn solve(
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
     }
+    for (id, source) in &options.secrets {
+        builder = builder.secret(id.clone(), source.clone());
+    }
+    for (id, socket) in &options.ssh_agents {
+        builder = builder.ssh_agent(id.clone(), socket.clone());
+    }
     if let Some(dir) = &options.output_dir {
         builder = builder.file_send_dir(dir.clone());
+    }
+    if !options.session_services.is_empty() {
+        builder = builder.services(options.session_services.clone());
     }
     let session_id = builder.id().to_string();
     let session = builder

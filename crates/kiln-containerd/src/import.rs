@@ -262,10 +262,10 @@ fn image_name(entry: &Descriptor, position: usize, options: &ImportOptions) -> S
 }
 
 /// Where walked blobs are read from: the archive's small blobs, else containerd.
-struct BlobSource<'a> {
-    containerd: &'a Containerd,
-    namespace: &'a str,
-    small_blobs: &'a HashMap<String, Vec<u8>>,
+pub(crate) struct BlobSource<'a> {
+    pub(crate) containerd: &'a Containerd,
+    pub(crate) namespace: &'a str,
+    pub(crate) small_blobs: &'a HashMap<String, Vec<u8>>,
 }
 
 impl BlobSource<'_> {
@@ -296,7 +296,7 @@ impl BlobSource<'_> {
 /// Sets the labels containerd's garbage collector follows, from `descriptor` down:
 /// `containerd.io/gc.ref.content.m.<i>` on indexes (children of `platform` and children without
 /// a platform), `containerd.io/gc.ref.content.config` and `.l.<i>` on manifests.
-async fn set_gc_labels(
+pub(crate) async fn set_gc_labels(
     blobs: &BlobSource<'_>,
     descriptor: &Descriptor,
     platform: &Platform,

@@ -26,7 +26,7 @@ pub struct Flags {
     /// Path to state directory.
     #[arg(long)]
     pub root: Option<PathBuf>,
-    /// Listening address (socket or tcp), repeatable.
+    /// Listening address (unix://, tcp:// or fd://), repeatable.
     #[arg(long = "addr")]
     pub addr: Vec<String>,
     /// Log formatter: json or text.
@@ -73,9 +73,19 @@ pub struct Flags {
     /// Allow an insecure entitlement (security.insecure, network.host), repeatable.
     #[arg(long = "allow-insecure-entitlement")]
     pub allow_insecure_entitlement: Vec<String>,
-    /// Debug HTTP address (not supported yet).
+    /// Debug HTTP address (`host:port`; off by default): serves `/debug/health`,
+    /// `/debug/vars` and `/metrics`.
     #[arg(long = "debugaddr", env = "BUILDKITD_DEBUGADDR")]
     pub debugaddr: Option<String>,
+    /// Certificate (PEM) the tcp:// listeners serve TLS with.
+    #[arg(long = "tlscert")]
+    pub tlscert: Option<PathBuf>,
+    /// Private key (PEM) of --tlscert.
+    #[arg(long = "tlskey")]
+    pub tlskey: Option<PathBuf>,
+    /// CA certificate (PEM): when given, clients must present a certificate it signed.
+    #[arg(long = "tlscacert")]
+    pub tlscacert: Option<PathBuf>,
 }
 
 /// `[registry."host"]`.
@@ -174,6 +184,34 @@ pub struct GrpcConfig {
     pub address: Vec<String>,
     /// Socket group id.
     pub gid: Option<u32>,
+    /// `debugAddress`: the debug HTTP listener.
+    #[serde(rename = "debugAddress")]
+    pub debug_address: Option<String>,
+    /// `[grpc.tls]`.
+    pub tls: GrpcTlsConfig,
+}
+
+/// `[grpc.tls]`: the tcp:// listeners' TLS files.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct GrpcTlsConfig {
+    /// Server certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Server key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA of the client certificates (PEM); set = mutual TLS.
+    pub ca: Option<PathBuf>,
+}
+
+/// TLS of the tcp:// listeners, resolved from the flags and `[grpc.tls]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate (PEM).
+    pub cert: PathBuf,
+    /// Server key (PEM).
+    pub key: PathBuf,
+    /// CA that must have signed client certificates (mutual TLS), if any.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -220,6 +258,10 @@ pub struct Config {
     pub log_format: String,
     /// Socket group.
     pub group: Option<u32>,
+    /// TLS of the tcp:// listeners (none = plaintext).
+    pub tls: Option<TlsFiles>,
+    /// The debug HTTP listener (`host:port`), off when `None`.
+    pub debug_address: Option<String>,
     /// Insecure entitlements builds may ask for.
     pub entitlements: Vec<String>,
     /// Registry host settings.
@@ -273,11 +315,12 @@ impl Config {
         };
         let file = read_file_config(&path, explicit)?;
 
-        if let Some(addr) = &flags.debugaddr {
-            if !addr.is_empty() {
-                bail!("--debugaddr is not supported yet");
-            }
-        }
+        let debug_address = flags
+            .debugaddr
+            .clone()
+            .or(file.grpc.debug_address.clone())
+            .filter(|a| !a.is_empty());
+        let tls = resolve_tls(flags, &file.grpc.tls)?;
         let mut containerd = file.worker.containerd.clone();
         if let Some(v) = &flags.containerd_worker {
             containerd.enabled = parse_tristate("containerd-worker", v)?;
@@ -356,15 +399,33 @@ impl Config {
                 bail!("address {address} does not contain proto, you meant unix://{address} ?");
             }
         }
+        if addresses.iter().filter(|a| a.starts_with("fd://")).count() > 1 {
+            bail!("fd:// may be given once (it is the first socket systemd passes)");
+        }
         let log_level = if flags.debug || file.debug {
             "debug".to_string()
         } else {
-            flags
+            let level = flags
                 .log_level
                 .clone()
                 .or(file.log.level.clone())
-                .unwrap_or_else(|| "info".to_string())
+                .unwrap_or_else(|| "info".to_string());
+            // logrus' names, as buildkitd takes them, onto tracing's levels.
+            match level.to_ascii_lowercase().as_str() {
+                "trace" | "debug" | "info" | "error" => level.to_ascii_lowercase(),
+                "warn" | "warning" => "warn".to_string(),
+                "fatal" | "panic" => "error".to_string(),
+                _ => bail!("invalid log level {level:?}: expected trace, debug, info, warn, error, fatal or panic"),
+            }
         };
+        let log_format = flags
+            .log_format
+            .clone()
+            .or(file.log.format.clone())
+            .unwrap_or_else(|| "text".to_string());
+        if log_format != "text" && log_format != "json" {
+            bail!("invalid log format {log_format:?}: expected text or json");
+        }
         let group = match &flags.group {
             Some(g) => Some(resolve_group(g)?),
             None => file.grpc.gid,
@@ -388,16 +449,31 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
             addresses,
             log_level,
-            log_format: flags
-                .log_format
-                .clone()
-                .or(file.log.format.clone())
-                .unwrap_or_else(|| "text".to_string()),
+            log_format,
             group,
+            tls,
+            debug_address,
             registries: file.registry.clone(),
             oci,
             containerd,
         })
+    }
+}
+
+/// Flags over `[grpc.tls]`; a certificate needs its key and the reverse,
+/// and a CA alone (client verification without a server identity) is refused.
+fn resolve_tls(flags: &Flags, file: &GrpcTlsConfig) -> anyhow::Result<Option<TlsFiles>> {
+    let cert = flags.tlscert.clone().or(file.cert.clone());
+    let key = flags.tlskey.clone().or(file.key.clone());
+    let ca = flags.tlscacert.clone().or(file.ca.clone());
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key, ca })),
+        (None, None) if ca.is_none() => Ok(None),
+        (None, None) => {
+            bail!("--tlscacert needs --tlscert and --tlskey (the server's own certificate)")
+        }
+        (Some(_), None) => bail!("--tlscert needs --tlskey"),
+        (None, Some(_)) => bail!("--tlskey needs --tlscert"),
     }
 }
 
@@ -449,6 +525,69 @@ labels = { a = "b" }
         assert!(config.registries["127.0.0.1:5000"].http);
         assert_eq!(config.oci.labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(config.oci.labels.get("c").map(String::as_str), Some("d"));
+    }
+
+    #[test]
+    fn tls_from_flags_over_file_and_log_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[grpc]\ndebugAddress = \"127.0.0.1:6060\"\n[grpc.tls]\ncert = \"/f/cert.pem\"\nkey = \"/f/key.pem\"\nca = \"/f/ca.pem\"\n[log]\nformat = \"json\"\nlevel = \"warning\"\n",
+        )
+        .unwrap();
+        let config_path = path.to_str().unwrap();
+        let config = Config::load(&Flags::parse_from(["kilnd", "--config", config_path])).unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "/f/cert.pem".into(),
+                key: "/f/key.pem".into(),
+                ca: Some("/f/ca.pem".into()),
+            })
+        );
+        assert_eq!(config.debug_address.as_deref(), Some("127.0.0.1:6060"));
+        assert_eq!(
+            (config.log_format.as_str(), config.log_level.as_str()),
+            ("json", "warn")
+        );
+        let config = Config::load(&Flags::parse_from([
+            "kilnd",
+            "--config",
+            config_path,
+            "--tlscert=/x/c.pem",
+            "--log-format=text",
+            "--debugaddr=",
+        ]))
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/x/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/f/key.pem"));
+        assert_eq!(config.log_format, "text");
+        assert_eq!(config.debug_address, None);
+
+        let missing = dir.path().join("none.toml");
+        let missing = missing.to_str().unwrap();
+        std::fs::write(missing, "").unwrap();
+        let load = |extra: &[&str]| {
+            let mut args = vec!["kilnd", "--config", missing];
+            args.extend_from_slice(extra);
+            Config::load(&Flags::parse_from(args)).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            load(&["--tlscert=/c"]).unwrap_err(),
+            "--tlscert needs --tlskey"
+        );
+        assert!(load(&["--tlscacert=/c"])
+            .unwrap_err()
+            .contains("needs --tlscert"));
+        assert!(load(&[]).unwrap().tls.is_none());
+        assert!(load(&["--log-format=xml"])
+            .unwrap_err()
+            .contains("text or json"));
+        assert!(load(&["--log-level=loud"])
+            .unwrap_err()
+            .contains("invalid log level"));
     }
 
     #[test]

@@ -265,6 +265,10 @@ impl ControlService {
         ));
         let options = SolveOptions {
             no_cache: attrs.contains_key("no-cache"),
+            session: Some(Arc::new(crate::secrets::SessionSecrets::new(
+                self.sessions.clone(),
+                session_id.to_string(),
+            ))),
         };
         let result = self
             .solver

@@ -410,6 +410,16 @@ pub async fn export(
     if kind == ExporterKind::Image {
         store_image(kind, attrs, input, &image, &options.names, vertex).await?;
     }
+    if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && !bool_attr(attrs, "tar", true)? {
+        let session = input
+            .session
+            .context("tar=false needs a session whose content store receives the image")?;
+        let store = kiln_session::content::SessionContentStore::new(
+            session.channel(),
+            kiln_session::content::EXPORT_STORE,
+        );
+        write_to_session_store(input.worker, &image, &store, vertex).await?;
+    }
     if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && bool_attr(attrs, "tar", true)? {
         let session = input
             .session
@@ -438,6 +448,96 @@ pub async fn export(
         vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
     }
     Ok(response)
+}
+
+/// What [`write_to_session_store`] moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreWrite {
+    /// Blobs written into the client's store.
+    pub blobs_sent: usize,
+    /// Bytes of the written blobs.
+    pub bytes_sent: u64,
+    /// Blobs the store already had (not sent).
+    pub blobs_present: usize,
+}
+
+/// `oci`/`docker` with `tar=false` (reference §5.11): copies the image's blobs into the
+/// session content store `export` — layers and config first, the manifest last, so a store
+/// holding the manifest holds everything under it. Each blob is first asked for with `Info`
+/// and skipped when present; a write answered `AlreadyExists` counts as present too, so this
+/// behaves like BuildKit's copy (which opens a writer and takes `AlreadyExists` as done)
+/// against any client store.
+pub async fn write_to_session_store(
+    worker: &dyn Worker,
+    image: &CommittedImage,
+    store: &kiln_session::content::SessionContentStore,
+    vertex: &VertexProgress,
+) -> anyhow::Result<StoreWrite> {
+    let content = worker.content();
+    let manifest_bytes = content
+        .read(&image.manifest.digest)
+        .with_context(|| format!("failed to read manifest {}", image.manifest.digest))?;
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+        .with_context(|| format!("invalid manifest {}", image.manifest.digest))?;
+    let mut blobs: Vec<(&str, Digest, u64)> = manifest
+        .layers
+        .iter()
+        .map(|layer| ("layer", layer.digest.clone(), layer.size))
+        .collect();
+    blobs.push((
+        "config",
+        manifest.config.digest.clone(),
+        manifest.config.size,
+    ));
+    blobs.push((
+        "manifest",
+        image.manifest.digest.clone(),
+        image.manifest.size,
+    ));
+
+    let status = "writing image to the client's content store";
+    let total: u64 = blobs.iter().map(|(_, _, size)| size).sum();
+    vertex.status(status, status, 0, Some(total), false);
+    let mut done = StoreWrite::default();
+    let mut progressed = 0;
+    for (kind, digest, size) in &blobs {
+        let text = digest.to_string();
+        let present = store
+            .info(&text)
+            .await
+            .with_context(|| format!("failed to ask the client's content store for {digest}"))?
+            .is_some();
+        if present {
+            done.blobs_present += 1;
+        } else {
+            let file = tokio::fs::File::open(content.path(digest))
+                .await
+                .with_context(|| format!("failed to open {kind} {digest}"))?;
+            let reference = format!("kiln-{kind}-{text}-{}", rand::random::<u32>());
+            match store
+                .write(&reference, &text, *size, file)
+                .await
+                .with_context(|| format!("failed to write {kind} {digest} to the client"))?
+            {
+                kiln_session::content::WriteOutcome::Written(bytes) => {
+                    done.blobs_sent += 1;
+                    done.bytes_sent += bytes;
+                }
+                kiln_session::content::WriteOutcome::AlreadyExists => done.blobs_present += 1,
+            }
+        }
+        progressed += size;
+        vertex.status(status, status, progressed, Some(total), false);
+    }
+    vertex.status(status, status, progressed, Some(total), true);
+    tracing::info!(
+        manifest = %image.manifest.digest,
+        sent = done.blobs_sent,
+        bytes = done.bytes_sent,
+        present = done.blobs_present,
+        "image written to the session content store"
+    );
+    Ok(done)
 }
 
 /// `type=image` with a worker that has an image store (the containerd

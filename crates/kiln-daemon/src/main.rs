@@ -4,6 +4,7 @@
 
 mod config;
 mod control;
+mod debug;
 mod exporter;
 mod frontend;
 mod fsexport;
@@ -13,6 +14,7 @@ mod listen;
 mod locals;
 mod policy;
 mod registry_auth;
+mod secrets;
 mod tuning;
 mod usage;
 
@@ -192,6 +194,27 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
     bail!("no worker found, rebuild the buildkit daemon? (both the OCI and the containerd worker are disabled or unavailable)")
 }
 
+/// The tcp:// listeners' TLS: the server identity and, with a CA, required
+/// client certificates (mutual TLS; tonic sets ALPN `h2`).
+fn server_tls(files: &config::TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |path: &Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("failed to read the TLS {what} {}", path.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&files.cert, "certificate")?,
+        read(&files.key, "key")?,
+    );
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            ca,
+            "CA certificate",
+        )?));
+    }
+    Ok(tls.timeout(std::time::Duration::from_secs(10)))
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let lock = listen::RootLock::acquire(&config.root)?;
     tracing::debug!(lock = %lock.path().display(), "locked the root");
@@ -208,6 +231,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .context("failed to open the solver state")?
             .with_max_parallelism(tuning.max_parallelism.unwrap_or(0)),
     );
+    let worker_id = solver.worker().id().to_string();
     let sessions = SessionManager::new();
     // The configured garbage-collection policies (buildkitd's defaults for the disk holding
     // the root when none is), applied at start and every minute; ListWorkers reports them.
@@ -222,9 +246,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_gc_policy(gc_policy),
     );
 
+    let tls = config.tls.as_ref().map(server_tls).transpose()?;
     let mut listeners = Vec::new();
     for address in &config.addresses {
-        listeners.push(listen::bind(address, config.group)?);
+        listeners.push(listen::bind(address, config.group, tls.is_some())?);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
@@ -243,12 +268,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let router = tonic::transport::Server::builder()
-            .add_service(control)
-            .add_service(bridge);
+        let mut builder = tonic::transport::Server::builder();
+        if let (Listener::Tcp(_), Some(tls)) = (&listener, &tls) {
+            builder = builder
+                .tls_config(tls.clone())
+                .context("failed to set up TLS")?;
+        }
+        let router = builder.add_service(control).add_service(bridge);
         match listener {
             Listener::Unix(l, path) => {
                 socket_paths.push(path);
+                servers.spawn(
+                    router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown),
+                );
+            }
+            Listener::InheritedUnix(l) => {
                 servers.spawn(
                     router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown),
                 );
@@ -260,13 +294,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(address) = &config.debug_address {
+        let info = debug::DebugInfo {
+            root: config.root.clone(),
+            addresses: config.addresses.clone(),
+            worker: worker_id.clone(),
+        };
+        let server = debug::bind(address, info).await?;
+        tokio::spawn(server);
+        tracing::info!(address, "debug handlers listening");
+    }
     tracing::info!(addresses = ?config.addresses, root = %config.root.display(), "running server");
+    if let Err(e) = listen::notify_ready() {
+        tracing::warn!("{e:#}");
+    }
 
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping server"),
         Some(result) = servers.join_next() => {
             result.context("server task failed")?.context("server failed")?;
         }
+    }
+    if let Err(e) = listen::notify_stopping() {
+        tracing::debug!("{e:#}");
     }
     let _ = stop_tx.send(true);
     let drain = async { while servers.join_next().await.is_some() {} };

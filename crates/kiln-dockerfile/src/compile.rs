@@ -299,6 +299,17 @@ enum Base {
     Stage(usize),
 }
 
+/// What a `COPY`/`ADD` source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    /// A path in the build context or the `--from` stage/image.
+    Local,
+    /// An `http(s)://` URL (ADD only).
+    Http,
+    /// A git repository (ADD only).
+    Git,
+}
+
 /// What `COPY --from` names.
 #[derive(Debug, Clone)]
 enum CopySource {
@@ -430,7 +441,7 @@ impl Compiler<'_> {
         // Bases and COPY --from sources of every stage, as BuildKit resolves them up front.
         let mut bases = Vec::new();
         let mut platforms = Vec::new();
-        let mut copy_sources: Vec<Vec<Option<CopySource>>> = Vec::new();
+        let mut copy_sources: Vec<Vec<Vec<(String, CopySource)>>> = Vec::new();
         let mut image_copies = 0;
         for (i, stage) in stages.iter().enumerate() {
             let line = stage.span.start;
@@ -461,11 +472,12 @@ impl Compiler<'_> {
             });
             let mut sources = Vec::new();
             for command in &stage.commands {
-                let source = self.copy_source(command, stages)?;
-                if matches!(source, Some(CopySource::Image(_))) {
-                    image_copies += 1;
-                }
-                sources.push(source);
+                let named = self.command_sources(command, stages)?;
+                image_copies += named
+                    .iter()
+                    .filter(|(_, s)| matches!(s, CopySource::Image(_)))
+                    .count();
+                sources.push(named);
             }
             copy_sources.push(sources);
         }
@@ -480,7 +492,7 @@ impl Compiler<'_> {
             if let Base::Stage(j) = bases[i] {
                 stack.push(j);
             }
-            for source in copy_sources[i].iter().flatten() {
+            for (_, source) in copy_sources[i].iter().flatten() {
                 if let CopySource::Stage(j) = source {
                     stack.push(*j);
                 }
@@ -543,76 +555,77 @@ impl Compiler<'_> {
                 prefix.onbuild = true;
                 for trigger in &triggers {
                     let command = parse_trigger(trigger, stage.span)?;
-                    let source = self.copy_source(&command, stages)?;
-                    let from_state = match source {
-                        None => None,
-                        Some(CopySource::Stage(j)) => match &states[j] {
-                            Some(s) => Some(s.output.clone()),
-                            None => return Err(CompileError::UnsupportedSource {
-                                line: stage.span.start,
-                                what:
-                                    "ONBUILD COPY --from a stage the target does not otherwise need"
-                                        .to_string(),
-                            }),
-                        },
-                        Some(CopySource::Image(name)) => {
-                            let mut no_prefix = Prefix::default();
-                            let (output, _) = self
-                                .resolve_image(
-                                    &name,
-                                    &state.platform.clone(),
-                                    stage.span,
-                                    None,
-                                    &mut no_prefix,
-                                )
-                                .await?;
-                            Some(output)
-                        }
-                    };
-                    self.dispatch(&mut state, &command, from_state, &mut prefix)?;
+                    let mut from_state = Vec::new();
+                    for (from, source) in self.command_sources(&command, stages)? {
+                        let output = match source {
+                            CopySource::Stage(j) => match &states[j] {
+                                Some(s) => s.output.clone(),
+                                None => return Err(CompileError::UnsupportedSource {
+                                    line: stage.span.start,
+                                    what:
+                                        "ONBUILD COPY --from a stage the target does not otherwise need"
+                                            .to_string(),
+                                }),
+                            },
+                            CopySource::Image(name) => {
+                                let mut no_prefix = Prefix::default();
+                                let (output, _) = self
+                                    .resolve_image(
+                                        &name,
+                                        &state.platform.clone(),
+                                        stage.span,
+                                        None,
+                                        &mut no_prefix,
+                                    )
+                                    .await?;
+                                output
+                            }
+                        };
+                        from_state.push((from, output));
+                    }
+                    self.dispatch(&mut state, &command, &from_state, &mut prefix)?;
                 }
                 prefix.onbuild = false;
             }
 
-            for (command, source) in stage.commands.iter().zip(&copy_sources[i]) {
-                let from_state = match source {
-                    None => None,
-                    Some(CopySource::Stage(j)) => match &states[*j] {
-                        Some(s) => Some(s.output.clone()),
-                        None => {
-                            let from = match &command.instruction {
-                                Instruction::Copy(c) => c.from.clone().unwrap_or_default(),
-                                _ => String::new(),
-                            };
-                            return Err(if *j == i {
-                                CompileError::Circular {
-                                    line: command.span.start,
-                                    stage: stage_name.clone(),
-                                }
-                            } else {
-                                CompileError::StageOrder {
-                                    line: command.span.start,
-                                    from,
-                                    stage: stage_name.clone(),
-                                }
-                            });
+            for (command, sources) in stage.commands.iter().zip(&copy_sources[i]) {
+                let mut from_state = Vec::new();
+                for (from, source) in sources {
+                    let output = match source {
+                        CopySource::Stage(j) => match &states[*j] {
+                            Some(s) => s.output.clone(),
+                            None => {
+                                return Err(if *j == i {
+                                    CompileError::Circular {
+                                        line: command.span.start,
+                                        stage: stage_name.clone(),
+                                    }
+                                } else {
+                                    CompileError::StageOrder {
+                                        line: command.span.start,
+                                        from: from.clone(),
+                                        stage: stage_name.clone(),
+                                    }
+                                });
+                            }
+                        },
+                        CopySource::Image(name) => {
+                            let mut no_prefix = Prefix::default();
+                            let (output, _) = self
+                                .resolve_image(
+                                    name,
+                                    &state.platform.clone(),
+                                    command.span,
+                                    None,
+                                    &mut no_prefix,
+                                )
+                                .await?;
+                            output
                         }
-                    },
-                    Some(CopySource::Image(name)) => {
-                        let mut no_prefix = Prefix::default();
-                        let (output, _) = self
-                            .resolve_image(
-                                name,
-                                &state.platform.clone(),
-                                command.span,
-                                None,
-                                &mut no_prefix,
-                            )
-                            .await?;
-                        Some(output)
-                    }
-                };
-                self.dispatch(&mut state, command, from_state, &mut prefix)?;
+                    };
+                    from_state.push((from.clone(), output));
+                }
+                self.dispatch(&mut state, command, &from_state, &mut prefix)?;
             }
             states[i] = Some(state);
         }
@@ -626,35 +639,38 @@ impl Compiler<'_> {
         })
     }
 
-    /// What `COPY --from` of `command` names, if it has one.
-    fn copy_source(
+    /// The stages and images `command` reads besides its own state: `COPY --from` and the
+    /// `from=` of `RUN --mount=type=bind`, each with the name as written.
+    fn command_sources(
         &self,
         command: &crate::parser::Command,
         stages: &[Stage],
-    ) -> Result<Option<CopySource>, CompileError> {
-        let Instruction::Copy(CopyInstruction {
-            from: Some(from), ..
-        }) = &command.instruction
-        else {
-            return Ok(None);
-        };
+    ) -> Result<Vec<(String, CopySource)>, CompileError> {
         let line = command.span.start;
-        if self.expand(from, &[], line)? != *from {
-            return Err(CompileError::FromExpansion { line });
-        }
-        Ok(Some(if let Ok(index) = from.parse::<usize>() {
-            if index >= stages.len() {
-                return Err(CompileError::StageIndex { line, index });
+        match &command.instruction {
+            Instruction::Copy(CopyInstruction {
+                from: Some(from), ..
+            }) => {
+                if self.expand(from, &[], line)? != *from {
+                    return Err(CompileError::FromExpansion { line });
+                }
+                Ok(vec![(from.clone(), named_source(from, stages, line)?)])
             }
-            CopySource::Stage(index)
-        } else if let Some(j) = stages
-            .iter()
-            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
-        {
-            CopySource::Stage(j)
-        } else {
-            CopySource::Image(from.clone())
-        }))
+            Instruction::Run { flags, .. } => {
+                let mut sources = Vec::new();
+                for mount in run_modes(flags, line)?.mounts {
+                    if let RunMount::Bind {
+                        from: Some(from), ..
+                    } = mount
+                    {
+                        let source = named_source(&from, stages, line)?;
+                        sources.push((from, source));
+                    }
+                }
+                Ok(sources)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Global scope: BuildKit's platform args, then `ARG`s before the first `FROM`.
@@ -911,7 +927,7 @@ impl Compiler<'_> {
         &mut self,
         state: &mut State,
         command: &crate::parser::Command,
-        from: Option<Option<OutputRef>>,
+        from: &[(String, Option<OutputRef>)],
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         let line = command.span.start;
@@ -922,17 +938,11 @@ impl Compiler<'_> {
                 heredocs,
             } => {
                 let modes = run_modes(flags, line)?;
-                self.dispatch_run(state, command, cmd, heredocs, modes, prefix)
+                self.dispatch_run(state, command, cmd, heredocs, modes, from, prefix)
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(command.instruction, Instruction::Add(_));
-                if let Some(flag) = copy.unsupported_flags.first() {
-                    return Err(CompileError::UnsupportedFlag {
-                        line,
-                        instruction: command.keyword.clone(),
-                        flag: flag.clone(),
-                    });
-                }
+                let from = from.first().map(|(_, output)| output.clone());
                 self.dispatch_copy(state, command, copy, is_add, from, prefix)
             }
             Instruction::Expose(raw) => {
@@ -1197,6 +1207,7 @@ impl Compiler<'_> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn dispatch_run(
         &mut self,
         state: &mut State,
@@ -1204,6 +1215,7 @@ impl Compiler<'_> {
         cmd: &CommandLine,
         heredocs: &[Heredoc],
         modes: RunModes,
+        from: &[(String, Option<OutputRef>)],
         prefix: &mut Prefix,
     ) -> Result<(), CompileError> {
         // Heredocs (BuildKit's dispatchRun): a command that is only `<<EOF` runs the body with
@@ -1258,6 +1270,9 @@ impl Compiler<'_> {
                 ..Default::default()
             });
         }
+        let mut session_mounts: Vec<pb::Mount> = Vec::new();
+        let mut secret_env: Vec<pb::SecretEnv> = Vec::new();
+        let mut ssh_auth_sock: Option<String> = None;
         for mount in &modes.mounts {
             let absolute = |target: &str| {
                 if target.starts_with('/') {
@@ -1298,6 +1313,58 @@ impl Compiler<'_> {
                         ..Default::default()
                     });
                 }
+                RunMount::Secret(secret) => {
+                    if let Some(name) = &secret.env {
+                        secret_env.push(pb::SecretEnv {
+                            id: secret.id.clone(),
+                            name: name.clone(),
+                            optional: !secret.required,
+                        });
+                    }
+                    if let Some(target) = &secret.target {
+                        session_mounts.push(secret_mount(secret, absolute(target)));
+                    }
+                }
+                RunMount::Ssh(ssh) => {
+                    // llb: the n-th ssh mount of a RUN defaults to /run/buildkit/ssh_agent.<n>.
+                    let n = session_mounts
+                        .iter()
+                        .filter(|m| m.mount_type == pb::MountType::Ssh as i32)
+                        .count();
+                    let target = match &ssh.target {
+                        Some(t) => absolute(t),
+                        None => format!("/run/buildkit/ssh_agent.{n}"),
+                    };
+                    ssh_auth_sock.get_or_insert_with(|| target.clone());
+                    session_mounts.push(ssh_mount(ssh, target));
+                }
+                RunMount::Bind {
+                    target,
+                    from: source_name,
+                    source,
+                    readonly,
+                } => {
+                    let line = command.span.start;
+                    let mount = self.bind_mount(
+                        from,
+                        source_name,
+                        source,
+                        &absolute(target),
+                        *readonly,
+                        line,
+                    )?;
+                    let input = match mount.0 {
+                        Some(output) => match inputs.iter().position(|i| *i == output) {
+                            Some(p) => p as i64,
+                            None => {
+                                inputs.push(output);
+                                (inputs.len() - 1) as i64
+                            }
+                        },
+                        None => -1,
+                    };
+                    mounts.push(pb::Mount { input, ..mount.1 });
+                }
                 RunMount::Tmpfs { target, size } => mounts.push(pb::Mount {
                     input: -1,
                     dest: absolute(target),
@@ -1306,6 +1373,15 @@ impl Compiler<'_> {
                     tmpfs_opt: Some(pb::TmpfsOpt { size: *size }),
                     ..Default::default()
                 }),
+            }
+        }
+        // llb: secrets and ssh sockets come after the other mounts, and the first ssh socket is
+        // SSH_AUTH_SOCK unless the environment sets it.
+        mounts.extend(session_mounts);
+        let mut env = env;
+        if let Some(sock) = ssh_auth_sock {
+            if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                env.push(format!("SSH_AUTH_SOCK={sock}"));
             }
         }
         let exec = pb::ExecOp {
@@ -1333,6 +1409,7 @@ impl Compiler<'_> {
                 modes.network as i32
             },
             security: modes.security as i32,
+            secretenv: secret_env,
             ..Default::default()
         };
         let op = pb::Op {
@@ -1364,6 +1441,114 @@ impl Compiler<'_> {
         words.extend(args);
         self.history(state, format!("RUN {} # buildkit", words.join(" ")), true);
         Ok(())
+    }
+
+    /// The source op of `ADD <git ref>` (BuildKit's `llb.Git`): identifier
+    /// `git://<remote without scheme>[#<ref>[:<subdir>]]`, the full URL in `git.fullurl`,
+    /// `git.keepgitdir`, `git.checksum` and the auth secret names BuildKit always sets.
+    fn git_source(
+        &mut self,
+        src: &str,
+        keep_git_dir: Option<bool>,
+        checksum: &Option<String>,
+        name: &str,
+        line: usize,
+    ) -> Result<OutputRef, CompileError> {
+        let (url, fragment) = match src.split_once('#') {
+            Some((url, fragment)) => (url, fragment),
+            None => (src, ""),
+        };
+        if url.contains('?') {
+            return Err(CompileError::UnsupportedSource {
+                line,
+                what: format!("query parameters in a git reference ({src})"),
+            });
+        }
+        let (full_url, remote) = if let Some(rest) = url.strip_prefix("git@") {
+            // scp-like `git@host:path` → `host/path`, like the http(s) form.
+            (url.to_string(), rest.replacen(':', "/", 1))
+        } else if let Some((_, rest)) = url.split_once("://") {
+            (url.to_string(), rest.to_string())
+        } else {
+            (format!("https://{url}"), url.to_string())
+        };
+        let mut identifier = format!("git://{remote}");
+        if !fragment.is_empty() {
+            identifier.push('#');
+            identifier.push_str(fragment);
+        }
+        let mut attrs = BTreeMap::from([
+            ("git.fullurl".to_string(), full_url),
+            (
+                "git.authheadersecret".to_string(),
+                "GIT_AUTH_HEADER".to_string(),
+            ),
+            (
+                "git.authtokensecret".to_string(),
+                "GIT_AUTH_TOKEN".to_string(),
+            ),
+        ]);
+        if keep_git_dir == Some(true) {
+            attrs.insert("git.keepgitdir".to_string(), "true".to_string());
+        }
+        if let Some(checksum) = checksum {
+            attrs.insert("git.checksum".to_string(), checksum.clone());
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
+            platform: None,
+            ..Default::default()
+        };
+        let metadata = self.metadata(name, None);
+        self.add_op(op, &[], metadata, None)
+    }
+
+    /// A `RUN --mount=type=bind` as BuildKit's `dispatchRunMounts` compiles it: the `from`
+    /// stage or image (or the build context) as input, `source` as selector (none for the
+    /// root), never an output; `rw` mounts are writable but their writes are discarded.
+    /// Returns the input state (`None` = scratch) and the mount with `input` left to the caller.
+    fn bind_mount(
+        &mut self,
+        from: &[(String, Option<OutputRef>)],
+        from_name: &Option<String>,
+        source: &str,
+        target: &str,
+        readonly: bool,
+        line: usize,
+    ) -> Result<(Option<OutputRef>, pb::Mount), CompileError> {
+        if target == "/" {
+            return Err(CompileError::Invalid {
+                line,
+                message: format!("invalid mount target {target:?}"),
+            });
+        }
+        let input = match from_name {
+            Some(name) => from
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, output)| output.clone())
+                .ok_or_else(|| CompileError::Invalid {
+                    line,
+                    message: format!("mount source {name:?} was not resolved"),
+                })?,
+            None => Some(self.context()?),
+        };
+        let selector = clean_path(&format!("/{source}"));
+        Ok((
+            input,
+            pb::Mount {
+                selector: if selector == "/" {
+                    String::new()
+                } else {
+                    selector
+                },
+                dest: target.to_string(),
+                output: -1,
+                readonly,
+                mount_type: pb::MountType::Bind as i32,
+                ..Default::default()
+            },
+        ))
     }
 
     /// A scratch snapshot holding one file `/<name>` (BuildKit's "preparing inline document"
@@ -1462,6 +1647,11 @@ impl Compiler<'_> {
             Some(c) => Some(self.expand(c, &state.env, line)?),
             None => None,
         };
+        let excludes = copy
+            .excludes
+            .iter()
+            .map(|e| self.expand(e, &state.env, line))
+            .collect::<Result<Vec<_>, _>>()?;
         let mode = match &chmod {
             None => -1,
             Some(value) => match u32::from_str_radix(value, 8) {
@@ -1485,17 +1675,7 @@ impl Compiler<'_> {
                         message: "source can't be a git ref for COPY".to_string(),
                     });
                 }
-                if copy.keep_git_dir.is_some() {
-                    return Err(CompileError::UnsupportedFlag {
-                        line,
-                        instruction: keyword.to_string(),
-                        flag: "keep-git-dir".to_string(),
-                    });
-                }
-                return Err(CompileError::UnsupportedSource {
-                    line,
-                    what: format!("ADD of a git repository ({src})"),
-                });
+                SourceKind::Git
             } else if src.starts_with("http://") || src.starts_with("https://") {
                 if !is_add {
                     return Err(CompileError::Invalid {
@@ -1503,35 +1683,52 @@ impl Compiler<'_> {
                         message: "source can't be a URL for COPY".to_string(),
                     });
                 }
-                true
+                SourceKind::Http
             } else {
-                false
+                SourceKind::Local
             };
             kinds.push(kind);
         }
-        if let Some(checksum) = &copy.checksum {
+        if copy.checksum.is_some() {
             if sources.len() != 1 || !copy.heredocs.is_empty() {
                 return Err(CompileError::Invalid {
                     line,
                     message: "checksum can't be specified for multiple sources".to_string(),
                 });
             }
-            if !kinds[0] {
+            if kinds[0] == SourceKind::Local {
                 return Err(CompileError::Invalid {
                     line,
                     message: "checksum requires HTTP(S) or Git sources".to_string(),
                 });
             }
-            tracing::debug!(%checksum, "ADD --checksum requested");
-            return Err(CompileError::UnsupportedFlag {
-                line,
-                instruction: keyword.to_string(),
-                flag: "checksum".to_string(),
-            });
         }
+        // `ADD --checksum=<digest>` of a URL: the daemon verifies the download against it.
+        let checksum = match &copy.checksum {
+            None => None,
+            Some(raw) => {
+                let value = self.expand(raw, &state.env, line)?;
+                let hex = |h: &str| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit());
+                // A URL takes a digest; a git source a (prefix of a) commit hash.
+                let valid = if kinds[0] == SourceKind::Git {
+                    hex(&value)
+                } else {
+                    value
+                        .split_once(':')
+                        .is_some_and(|(algorithm, h)| !algorithm.is_empty() && hex(h))
+                };
+                if !valid {
+                    return Err(CompileError::Invalid {
+                        line,
+                        message: format!("invalid checksum digest format: {value:?}"),
+                    });
+                }
+                Some(value)
+            }
+        };
 
         // The source for local paths: another stage/image, or the main build context.
-        let local_source = if kinds.iter().any(|http| !http) {
+        let local_source = if kinds.contains(&SourceKind::Local) {
             match from {
                 Some(output) => output,
                 None => Some(self.context()?),
@@ -1567,13 +1764,37 @@ impl Compiler<'_> {
 
         // (secondary input, action) per source; inputs are final once all are known.
         let mut copies: Vec<(i64, pb::FileActionCopy)> = Vec::new();
-        for (src, http) in sources.iter().zip(&kinds) {
-            if *http {
+        for (src, kind) in sources.iter().zip(&kinds) {
+            if *kind == SourceKind::Git {
+                let output =
+                    Some(self.git_source(src, copy.keep_git_dir, &checksum, &name, line)?);
+                let secondary = input_of(&mut inputs, &output);
+                copies.push((
+                    secondary,
+                    pb::FileActionCopy {
+                        src: "/".to_string(),
+                        dest: dest.clone(),
+                        owner: owner.clone(),
+                        mode,
+                        create_dest_path: true,
+                        timestamp: -1,
+                        exclude_patterns: excludes.clone(),
+                        ..Default::default()
+                    },
+                ));
+            } else if *kind == SourceKind::Http {
                 let filename = url_filename(src);
                 let op = pb::Op {
                     op: Some(pb::op::Op::Source(pb::SourceOp {
                         identifier: src.clone(),
-                        attrs: BTreeMap::from([("http.filename".to_string(), filename.clone())]),
+                        attrs: {
+                            let mut attrs =
+                                BTreeMap::from([("http.filename".to_string(), filename.clone())]);
+                            if let Some(checksum) = &checksum {
+                                attrs.insert("http.checksum".to_string(), checksum.clone());
+                            }
+                            attrs
+                        },
                     })),
                     // Like BuildKit, only image sources carry a platform.
                     platform: None,
@@ -1593,15 +1814,24 @@ impl Compiler<'_> {
                         attempt_unpack_docker_compatibility: copy.unpack.unwrap_or(false),
                         create_dest_path: true,
                         timestamp: -1,
+                        exclude_patterns: excludes.clone(),
                         ..Default::default()
                     },
                 ));
             } else {
                 let secondary = input_of(&mut inputs, &local_source);
+                let (src, include_patterns, required_paths) = if copy.parents {
+                    parents_copy(src)
+                } else {
+                    (clean_path(&format!("/{src}")), Vec::new(), Vec::new())
+                };
                 copies.push((
                     secondary,
                     pb::FileActionCopy {
-                        src: clean_path(&format!("/{src}")),
+                        src,
+                        include_patterns,
+                        exclude_patterns: excludes.clone(),
+                        required_paths,
                         dest: dest.clone(),
                         owner: owner.clone(),
                         mode,
@@ -1643,6 +1873,7 @@ impl Compiler<'_> {
                     mode,
                     create_dest_path: true,
                     timestamp: -1,
+                    exclude_patterns: excludes.clone(),
                     ..Default::default()
                 },
             ));
@@ -1673,6 +1904,9 @@ impl Compiler<'_> {
         state.output = Some(self.add_op(op, &inputs, metadata, Some(command.span))?);
 
         let mut message = String::from(keyword);
+        if copy.parents {
+            message.push_str(" --parents");
+        }
         if let Some(c) = &chown {
             message.push_str(&format!(" --chown={c}"));
         }
@@ -1754,7 +1988,8 @@ struct RunModes {
     mounts: Vec<RunMount>,
 }
 
-/// One `RUN --mount` the compiler supports (`type=cache` and `type=tmpfs`).
+/// One `RUN --mount` the compiler supports (`type=cache`, `type=tmpfs`, `type=bind`, `type=secret`,
+/// `type=ssh`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RunMount {
     /// `type=cache`: a persistent directory keyed by `id` (empty = the target).
@@ -1769,13 +2004,180 @@ enum RunMount {
     },
     /// `type=tmpfs`, with an optional size in bytes.
     Tmpfs { target: String, size: i64 },
+    /// `type=bind`: `source` (default the root) of the `from` stage or image (default the build
+    /// context) at `target`, read-only unless `rw`.
+    Bind {
+        target: String,
+        from: Option<String>,
+        source: String,
+        readonly: bool,
+    },
+    /// `type=secret`: a file (and/or an environment variable) served by the client.
+    Secret(SecretMount),
+    /// `type=ssh`: an SSH agent socket forwarded from the client.
+    Ssh(SshMount),
+}
+
+/// `RUN --mount=type=secret` (BuildKit's `parseMount` + `dispatchRunMounts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SecretMount {
+    /// The secret id (defaults to the target's base name).
+    id: String,
+    /// Where the file is mounted; `None` with `env` set = only the variable.
+    target: Option<String>,
+    /// `env=`: also (or only) expose the value as this environment variable.
+    env: Option<String>,
+    required: bool,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+/// `RUN --mount=type=ssh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SshMount {
+    /// The agent id (`default` unless given).
+    id: String,
+    /// The socket path; `None` = `/run/buildkit/ssh_agent.<n>` (n counts the RUN's ssh mounts).
+    target: Option<String>,
+    required: bool,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+/// Parses `--mount` values of `type=secret` and `type=ssh`; `None` for other types. The keys
+/// are BuildKit's: `id`, `target|dst|destination`, `source|src` (the id, for secrets),
+/// `required`, `mode` (octal), `uid`, `gid`, `env` (secrets); `ro|readonly` is accepted as
+/// both are always read-only.
+fn parse_session_mount(value: &str, line: usize) -> Result<Option<RunMount>, CompileError> {
+    let invalid = |message: String| CompileError::Invalid { line, message };
+    let fields: Vec<(String, Option<&str>, &str)> = value
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(|field| match field.split_once('=') {
+            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim()), field),
+            None => (field.trim().to_ascii_lowercase(), None, field),
+        })
+        .collect();
+    let kind = fields
+        .iter()
+        .rev()
+        .find(|(k, _, _)| k == "type")
+        .and_then(|(_, v, _)| *v)
+        .map(str::to_ascii_lowercase);
+    let secret = match kind.as_deref() {
+        Some("secret") => true,
+        Some("ssh") => false,
+        _ => return Ok(None),
+    };
+    let (mut id, mut target, mut env) = (None::<String>, None::<String>, None::<String>);
+    let mut required = false;
+    let (mut uid, mut gid, mut mode) = (0u32, 0u32, None::<u32>);
+    for (key, val, field) in &fields {
+        let need = || val.ok_or_else(|| invalid(format!("invalid mount option {field:?}")));
+        match key.as_str() {
+            "type" => {}
+            "id" => id = Some(need()?.to_string()),
+            "source" | "src" if secret => id = Some(need()?.to_string()),
+            "target" | "dst" | "destination" => target = Some(need()?.to_string()),
+            "env" if secret => env = Some(need()?.to_string()),
+            "required" => {
+                required = match val {
+                    None | Some("") => true,
+                    Some(v) => parse_go_bool(v)
+                        .ok_or_else(|| invalid(format!("invalid value for required: {v}")))?,
+                }
+            }
+            "readonly" | "ro" => {}
+            "uid" => {
+                uid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid uid {field:?}")))?
+            }
+            "gid" => {
+                gid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid gid {field:?}")))?
+            }
+            "mode" => {
+                mode = Some(
+                    u32::from_str_radix(need()?, 8)
+                        .map_err(|_| invalid(format!("invalid mode {field:?}")))?,
+                )
+            }
+            other => return Err(invalid(format!("unexpected key '{other}' in '{field}'"))),
+        }
+    }
+    let target = target.filter(|t| !t.is_empty());
+    if secret {
+        let id = match (id.filter(|i| !i.is_empty()), &target) {
+            (Some(id), _) => id,
+            (None, Some(target)) => target
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            (None, None) => {
+                return Err(invalid(
+                    "one of source, target required for a secret mount".to_string(),
+                ))
+            }
+        };
+        if id.is_empty() {
+            return Err(invalid(format!("invalid secret id in {value:?}")));
+        }
+        // Only an explicit target or no `env=` gives a file (BuildKit: `/run/secrets/<id>`).
+        let target = match (target, &env) {
+            (Some(t), _) => Some(t),
+            (None, Some(_)) => None,
+            (None, None) => Some(format!(
+                "/run/secrets/{}",
+                id.rsplit('/').next().unwrap_or(&id)
+            )),
+        };
+        Ok(Some(RunMount::Secret(SecretMount {
+            id,
+            target,
+            env,
+            required,
+            uid,
+            gid,
+            mode: mode.unwrap_or(0o400),
+        })))
+    } else {
+        Ok(Some(RunMount::Ssh(SshMount {
+            id: id
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
+            target,
+            required,
+            uid,
+            gid,
+            mode: mode.unwrap_or(0o600),
+        })))
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
 /// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
-/// `readonly|ro`, `rw`, `uid`, `gid`, `mode` (octal), `size`; `from`, `source` and the other
-/// types (bind, secret, ssh) are not supported yet.
+/// `readonly|ro`, `rw|readwrite`, `uid`, `gid`, `mode` (octal), `size`, `from`, `source|src`;
+/// `type=secret|ssh` go to [`parse_session_mount`]; `from`/`source` of a cache mount are not
+/// supported yet.
 fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
+    if let Some(mount) = parse_session_mount(value, line)? {
+        return Ok(mount);
+    }
     let invalid = |message: String| CompileError::Invalid { line, message };
     let unsupported = |what: String| CompileError::UnsupportedSource { line, what };
     let mut kind = "bind".to_string();
@@ -1785,6 +2187,7 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     let mut readonly = None;
     let (mut uid, mut gid, mut mode) = (0u32, 0u32, 0o755i32);
     let mut size = 0i64;
+    let (mut from, mut source) = (None, None);
     for field in value.split(',').filter(|f| !f.is_empty()) {
         let (key, val) = match field.split_once('=') {
             Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim())),
@@ -1828,9 +2231,8 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
                 size =
                     parse_size(need()?).ok_or_else(|| invalid(format!("invalid size {field:?}")))?
             }
-            "from" | "source" | "src" => {
-                return Err(unsupported(format!("RUN --mount option {key}")))
-            }
+            "from" => from = Some(need()?.to_string()),
+            "source" | "src" => source = Some(need()?.to_string()),
             other => return Err(invalid(format!("unexpected key '{other}' in '{field}'"))),
         }
     }
@@ -1839,6 +2241,9 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
         .ok_or_else(|| invalid("mount destination (target) is required".to_string()))?;
     // A relative target is resolved against the working directory in `dispatch_run`.
     match kind.as_str() {
+        "cache" if from.is_some() || source.is_some() => Err(unsupported(
+            "RUN --mount=type=cache with from or source".to_string(),
+        )),
         "cache" => Ok(RunMount::Cache {
             // Empty = the (absolute) target, filled in by `dispatch_run`.
             id: id.unwrap_or_default(),
@@ -1850,8 +2255,51 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
             mode,
         }),
         "tmpfs" => Ok(RunMount::Tmpfs { target, size }),
-        "bind" | "secret" | "ssh" => Err(unsupported(format!("RUN --mount=type={kind}"))),
+        "bind" => Ok(RunMount::Bind {
+            target,
+            from: from.filter(|f| !f.is_empty()),
+            source: source.unwrap_or_default(),
+            // BuildKit: bind mounts are read-only unless `rw`.
+            readonly: readonly.unwrap_or(true),
+        }),
+        "secret" | "ssh" => Err(unsupported(format!("RUN --mount=type={kind}"))),
         other => Err(invalid(format!("unsupported mount type {other:?}"))),
+    }
+}
+
+/// The LLB mount of a `type=secret` file at `dest` (no input, no output: llb's `AddSecret`).
+fn secret_mount(secret: &SecretMount, dest: String) -> pb::Mount {
+    pb::Mount {
+        input: -1,
+        dest,
+        output: -1,
+        mount_type: pb::MountType::Secret as i32,
+        secret_opt: Some(pb::SecretOpt {
+            id: secret.id.clone(),
+            uid: secret.uid,
+            gid: secret.gid,
+            mode: secret.mode,
+            optional: !secret.required,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The LLB mount of a `type=ssh` socket at `dest` (llb's `AddSSHSocket`).
+fn ssh_mount(ssh: &SshMount, dest: String) -> pb::Mount {
+    pb::Mount {
+        input: -1,
+        dest,
+        output: -1,
+        mount_type: pb::MountType::Ssh as i32,
+        ssh_opt: Some(pb::SshOpt {
+            id: ssh.id.clone(),
+            uid: ssh.uid,
+            gid: ssh.gid,
+            mode: ssh.mode,
+            optional: !ssh.required,
+        }),
+        ..Default::default()
     }
 }
 
@@ -1869,7 +2317,8 @@ fn parse_size(value: &str) -> Option<i64> {
     (n >= 0.0).then_some((n * unit as f64) as i64)
 }
 
-/// Parses `RUN` flags; `--mount` supports `type=cache` and `type=tmpfs`, `--device` nothing yet.
+/// Parses `RUN` flags; `--mount` supports `type=cache|tmpfs|bind|secret|ssh`, `--device` nothing
+/// yet.
 fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
     let mut modes = RunModes {
         network: pb::NetMode::Unset,
@@ -1924,6 +2373,26 @@ fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
         }
     }
     Ok(modes)
+}
+
+/// What a `--from` (COPY) or `from=` (RUN --mount) value names: a stage index, a stage name
+/// (case-insensitive), or else an image.
+fn named_source(from: &str, stages: &[Stage], line: usize) -> Result<CopySource, CompileError> {
+    if let Ok(index) = from.parse::<usize>() {
+        if index >= stages.len() {
+            return Err(CompileError::StageIndex { line, index });
+        }
+        return Ok(CopySource::Stage(index));
+    }
+    Ok(
+        match stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
+        {
+            Some(j) => CopySource::Stage(j),
+            None => CopySource::Image(from.to_string()),
+        },
+    )
 }
 
 /// Parses an `ONBUILD` trigger as a single instruction placed at the `FROM` that runs it.
@@ -2078,6 +2547,30 @@ fn summarize_heredoc(doc: &str) -> String {
     } else {
         first
     }
+}
+
+/// `COPY --parents` of one local source, as dockerfile2llb compiles it: the part before a
+/// `/./` pivot (default the root) is copied with its contents, filtered by an include pattern
+/// made of the rest, so the matched paths keep their parent directories under the destination.
+/// A source without wildcards must exist (`required_paths`). Returns (src, includes, required).
+fn parents_copy(src: &str) -> (String, Vec<String>, Vec<String>) {
+    let (root, pattern) = match src.split_once("/./") {
+        Some((root, pattern)) => (root, pattern),
+        None => ("/", src),
+    };
+    let pattern = clean_path(&format!("/{pattern}"));
+    let root = clean_path(&format!("/{root}"));
+    let wildcards = |p: &str| p.contains(['*', '?', '[']);
+    let required = if wildcards(&root) || wildcards(&pattern) {
+        Vec::new()
+    } else {
+        vec![clean_path(&format!("{root}/{pattern}"))]
+    };
+    (
+        root,
+        vec![pattern.trim_start_matches('/').to_string()],
+        required,
+    )
 }
 
 /// Whether an `ADD` source names a git repository (BuildKit's `dfgitutil.ParseGitRef` forms).
@@ -2315,9 +2808,23 @@ mod tests {
         assert_eq!(parse_size("1gb"), Some(1 << 30));
         assert!(parse_mount("type=cache", 3).is_err(), "target is required");
         assert!(parse_mount("type=cache,target=/c,bogus=1", 3).is_err());
-        assert!(
-            parse_mount("type=bind,target=/c", 3).is_err(),
-            "bind is not supported yet"
+        assert_eq!(
+            parse_mount("type=bind,target=/c", 3).unwrap(),
+            RunMount::Bind {
+                target: "/c".into(),
+                from: None,
+                source: String::new(),
+                readonly: true,
+            }
+        );
+        assert_eq!(
+            parse_mount("type=bind,from=build,src=/out,dst=o,rw", 3).unwrap(),
+            RunMount::Bind {
+                target: "o".into(),
+                from: Some("build".into()),
+                source: "/out".into(),
+                readonly: false,
+            }
         );
         assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_err());
     }
@@ -2332,6 +2839,26 @@ mod tests {
         assert_eq!(dest_path("/app", "file"), "/app/file");
         assert_eq!(dest_path("/app", "/abs/../x"), "/x");
         assert_eq!(dest_path("/app", "/"), "/");
+    }
+
+    #[test]
+    fn parents_sources() {
+        assert_eq!(
+            parents_copy("a/b/c.txt"),
+            (
+                "/".into(),
+                vec!["a/b/c.txt".into()],
+                vec!["/a/b/c.txt".into()]
+            )
+        );
+        assert_eq!(
+            parents_copy("./src/./pkg/*/main.go"),
+            ("/src".into(), vec!["pkg/*/main.go".into()], vec![])
+        );
+        assert_eq!(
+            parents_copy("dir/"),
+            ("/".into(), vec!["dir".into()], vec!["/dir".into()])
+        );
     }
 
     #[test]

@@ -10,18 +10,21 @@
 //! - [`shell`] — word expansion (`$v`, `${v:-d}`, quotes, escapes) as BuildKit's lexer does it.
 //!
 //! Supported: every instruction — `FROM [--platform] image [AS name]`, `RUN [--network]
-//! [--security] [--mount=type=cache|tmpfs]` (shell and exec form, heredocs with and without a shebang), `COPY [--from]
-//! [--chown] [--chmod] [--link]` (heredoc sources included), `ADD [--chown] [--chmod] [--link]
-//! [--unpack]` (local archives extracted by the worker through
-//! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s), `ENV`, `LABEL`,
-//! `WORKDIR`, `USER`, `CMD`, `ENTRYPOINT`, `SHELL`, `ARG`, `EXPOSE`, `VOLUME`, `STOPSIGNAL`,
-//! `HEALTHCHECK`, `ONBUILD` (stored in `OnBuild`; a base's triggers run first in a stage built on
-//! it) and `MAINTAINER`, with image config and history as BuildKit writes them.
+//! [--security] [--mount=type=cache|tmpfs|bind]` (shell and exec form, heredocs with and without
+//! a shebang; bind mounts from a stage, an image or the build context, read-only unless `rw`,
+//! writes discarded), `COPY [--from] [--chown] [--chmod] [--link] [--exclude] [--parents]`
+//! (heredoc sources included), `ADD [--chown] [--chmod] [--link] [--unpack] [--exclude]
+//! [--checksum]` (local archives extracted by the worker through
+//! `attemptUnpackDockerCompatibility`, `http(s)://` URLs as `SourceOp`s with `http.checksum`,
+//! git references as `git://` sources with `--keep-git-dir`),
+//! `ENV`, `LABEL`, `WORKDIR`, `USER` (names kept as names: the worker resolves them), `CMD`,
+//! `ENTRYPOINT`, `SHELL`, `ARG`, `EXPOSE`, `VOLUME`, `STOPSIGNAL`, `HEALTHCHECK`, `ONBUILD`
+//! (stored in `OnBuild`; a base's triggers run first in a stage built on it) and `MAINTAINER`,
+//! with image config and history as BuildKit writes them.
 //!
-//! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount=type=bind`,
-//! `secret`, `ssh` and the `from`/`source` options, `RUN --device`,
-//! `COPY --parents`/`--exclude`, `ADD --exclude`, `ADD --checksum`, git sources of `ADD`
-//! (`--keep-git-dir`), and `ONBUILD COPY --from` a stage the target does not otherwise need.
+//! Not supported yet (reported as `<line>: ... is not supported yet`): `RUN --mount=type=secret`,
+//! `ssh`, `from`/`source` of a cache mount, `RUN --device`, query parameters in git references,
+//! and `ONBUILD COPY --from` a stage the target does not otherwise need.
 //!
 //! `RUN --network=host` and `--security=insecure` are only compiled into the ExecOp; whether the
 //! build may use them (the `network.host` / `security.insecure` entitlements) is for the daemon

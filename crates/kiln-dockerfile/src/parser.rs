@@ -140,8 +140,10 @@ pub struct CopyInstruction {
     pub chmod: Option<String>,
     /// `--link` (accepted; copied like a plain COPY, as BuildKit does without merge-op support).
     pub link: bool,
-    /// Flags BuildKit knows but kiln does not support yet (`--parents`, `--exclude`).
-    pub unsupported_flags: Vec<String>,
+    /// `--exclude` patterns (repeatable), unexpanded.
+    pub excludes: Vec<String>,
+    /// `COPY --parents`: keep the sources' parent directories under the destination.
+    pub parents: bool,
     /// `ADD --keep-git-dir` (only meaningful for git sources).
     pub keep_git_dir: Option<bool>,
     /// `ADD --checksum` (only meaningful for http and git sources).
@@ -906,7 +908,8 @@ fn parse_copy(
         chown: None,
         chmod: None,
         link: false,
-        unsupported_flags: Vec::new(),
+        excludes: Vec::new(),
+        parents: false,
         keep_git_dir: None,
         checksum: None,
         unpack: None,
@@ -924,8 +927,8 @@ fn parse_copy(
             "keep-git-dir" if add => copy.keep_git_dir = Some(bool_flag(value)),
             "checksum" if add => copy.checksum = Some(flag_value(name, value, line)?),
             "unpack" if add => copy.unpack = Some(bool_flag(value)),
-            "exclude" => copy.unsupported_flags.push(name.clone()),
-            "parents" if !add => copy.unsupported_flags.push(name.clone()),
+            "exclude" => copy.excludes.push(flag_value(name, value, line)?),
+            "parents" if !add => copy.parents = bool_flag(value),
             other => return Err(error(line, format!("unknown flag: {other}"))),
         }
     }

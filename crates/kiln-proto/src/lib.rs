@@ -13,6 +13,10 @@
 //! - [`moby::filesync::v1`] — `FileSync`, `FileSend` and `Auth` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
+//! - [`moby::buildkit::secrets::v1`] — the `Secrets` session service;
+//!   [`moby::sshforward::v1`] — the `SSH` agent-forwarding session service
+//! - [`containerd::services::content::v1`] — containerd's `Content` service, served by the
+//!   client as a session content store (`buildkit-attachable-store-id`)
 
 #![allow(clippy::all, missing_docs)]
 
@@ -66,6 +70,35 @@ pub mod moby {
             /// Package `moby.buildkit.v1.frontend`: the gateway API.
             pub mod frontend {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
+            }
+        }
+        /// Secrets session service.
+        pub mod secrets {
+            /// Package `moby.buildkit.secrets.v1`.
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.secrets.v1");
+            }
+        }
+    }
+    /// SSH agent forwarding session service.
+    pub mod sshforward {
+        /// Package `moby.sshforward.v1`.
+        pub mod v1 {
+            tonic::include_proto!("moby.sshforward.v1");
+        }
+    }
+}
+
+/// containerd packages.
+pub mod containerd {
+    /// containerd services.
+    pub mod services {
+        /// containerd's content store.
+        pub mod content {
+            /// Package `containerd.services.content.v1`: the `Content` service a
+            /// session content store (reference §5.6) speaks.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
             }
         }
     }

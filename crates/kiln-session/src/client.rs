@@ -21,9 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use kiln_proto::moby::buildkit::secrets::v1::secrets_server::SecretsServer;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
+use kiln_proto::moby::sshforward::v1::ssh_server::SshServer;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,15 +36,18 @@ use tonic::transport::{Channel, Server};
 use crate::auth::{AuthService, DockerConfig};
 use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
+use crate::secrets::{SecretSource, SecretsService};
+use crate::sshforward::SshService;
 use crate::tunnel::Tunnel;
 use crate::{
     metadata, Error, HEADER_SESSION_ID, HEADER_SESSION_METHOD, HEADER_SESSION_SHARED_KEY,
     MAX_MESSAGE_SIZE,
 };
 
-/// The methods a session built here always serves, as advertised in
-/// `x-docker-expose-session-grpc-method` ([`crate::auth::METHODS`] are added
-/// with [`SessionBuilder::registry_auth`]).
+/// The methods every session built here serves, as advertised in
+/// `x-docker-expose-session-grpc-method`; the Secrets and SSH methods are
+/// added when secrets or agents are configured, [`crate::auth::METHODS`]
+/// with [`SessionBuilder::registry_auth`].
 pub const METHODS: [&str; 4] = [
     "/moby.filesync.v1.FileSync/DiffCopy",
     "/moby.filesync.v1.FileSync/TarStream",
@@ -58,6 +63,44 @@ pub struct SessionBuilder {
     dirs: HashMap<String, PathBuf>,
     file_send: Option<FileSendTarget>,
     registry_auth: Option<DockerConfig>,
+    secrets: HashMap<String, SecretSource>,
+    ssh_agents: HashMap<String, PathBuf>,
+    services: ExtraServices,
+}
+
+/// Session services served besides the built-in ones (e.g. a content store), with the method
+/// names to advertise for them. Cloneable, so it can travel inside solve options.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraServices {
+    routes: tonic::service::RoutesBuilder,
+    methods: Vec<String>,
+}
+
+impl ExtraServices {
+    /// Adds a generated gRPC server (`FooServer::new(..)`) advertising `methods`
+    /// (`/<package>.<Service>/<Method>`).
+    pub fn add<S>(&mut self, service: S, methods: &[&str]) -> &mut Self
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.methods.extend(methods.iter().map(|m| m.to_string()));
+        self
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+    }
 }
 
 impl SessionBuilder {
@@ -74,6 +117,9 @@ impl SessionBuilder {
             dirs: HashMap::new(),
             file_send: None,
             registry_auth: None,
+            secrets: HashMap::new(),
+            ssh_agents: HashMap::new(),
+            services: ExtraServices::default(),
         }
     }
 
@@ -109,6 +155,25 @@ impl SessionBuilder {
         self
     }
 
+    /// Also serves `services` over the session (and advertises their methods).
+    pub fn services(mut self, services: ExtraServices) -> Self {
+        self.services = services;
+        self
+    }
+
+    /// Serves secret `id` from `source` over `moby.buildkit.secrets.v1.Secrets`.
+    pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> Self {
+        self.secrets.insert(id.into(), source);
+        self
+    }
+
+    /// Forwards agent `id` to the unix socket `socket` over
+    /// `moby.sshforward.v1.SSH`.
+    pub fn ssh_agent(mut self, id: impl Into<String>, socket: impl Into<PathBuf>) -> Self {
+        self.ssh_agents.insert(id.into(), socket.into());
+        self
+    }
+
     /// Opens `Control.Session` on `control` and serves the session services
     /// over it until [`SessionHandle::close`] or the daemon ends it.
     pub async fn run(self, mut control: ControlClient<Channel>) -> Result<SessionHandle, Error> {
@@ -125,6 +190,13 @@ impl SessionBuilder {
         if auth.is_some() {
             methods.extend(crate::auth::METHODS.iter().map(|m| m.to_string()));
         }
+        if !self.secrets.is_empty() {
+            methods.push(crate::secrets::METHOD.to_string());
+        }
+        if !self.ssh_agents.is_empty() {
+            methods.extend(crate::sshforward::METHODS.iter().map(|m| m.to_string()));
+        }
+        methods.extend(self.services.methods.iter().cloned());
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
         let inbound = control
@@ -144,8 +216,15 @@ impl SessionBuilder {
             stats: counters.clone(),
         };
         let filesend = FileSendServer::new(self.file_send, counters.clone());
+        let secrets = SecretsService {
+            sources: Arc::new(self.secrets),
+        };
+        let ssh = SshService {
+            agents: Arc::new(self.ssh_agents),
+        };
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
+            .add_routes(self.services.routes.routes())
             .add_service(
                 FileSyncServer::new(filesync)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -153,6 +232,12 @@ impl SessionBuilder {
             )
             .add_service(filesend)
             .add_optional_service(auth.map(AuthService::into_server))
+            .add_service(
+                SecretsServer::new(secrets)
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            )
+            .add_service(SshServer::new(ssh))
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it

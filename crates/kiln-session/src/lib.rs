@@ -15,12 +15,17 @@
 //!   `moby.filesync.v1.FileSend` (exporter output into a file, or the
 //!   `local` exporter's files merged into a directory), optionally
 //!   `moby.filesync.v1.Auth` (registry credentials from the docker config,
-//!   [`auth`]) and `grpc.health.v1.Health` over it.
+//!   [`auth`]) and `grpc.health.v1.Health` over it, plus `moby.buildkit.secrets.v1.Secrets`
+//!   ([`secrets`]) and `moby.sshforward.v1.SSH` ([`sshforward`]) when the
+//!   build was given secrets or SSH agents; the daemon ends of those two are
+//!   [`secrets::get_secret`] and [`sshforward::forward_agent`].
 //! - [`filesync::receive`] is the daemon's DiffCopy receiver that makes a
 //!   destination directory match a client directory, fetching only changed
 //!   files; [`filesend::send`] streams exporter bytes to the client and
 //!   [`filesend::send_dir`] sends a directory to it (the same fsutil sender
-//!   and receiver with the roles swapped).
+//!   and receiver with the roles swapped);
+//!   [`content::SessionContentStore`] writes blobs into a client's content store
+//!   (`oci`/`docker` exporters with `tar=false`).
 //!
 //! Wire details follow `shared/reference/buildkit-and-nerdctl.md` §5.5–§5.7.
 
@@ -29,11 +34,14 @@ use std::time::Duration;
 
 pub mod auth;
 pub mod client;
+pub mod content;
 pub mod filesend;
 pub mod filesync;
 mod manager;
 mod metadata;
 pub mod patterns;
+pub mod secrets;
+pub mod sshforward;
 pub mod stat;
 mod tunnel;
 

@@ -27,6 +27,8 @@
 
 pub mod cache;
 pub mod explain;
+mod git;
+mod http;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -96,6 +98,22 @@ pub enum Error {
     Unsupported {
         /// What was asked for.
         what: String,
+    },
+    /// Downloading an http(s) source failed.
+    #[error("failed to fetch {url}: {reason}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Fetching a git source failed.
+    #[error("failed to fetch git repository {url}: {reason}")]
+    Git {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
     },
     /// A source identifier could not be understood.
     #[error("invalid source {identifier:?}: {reason}")]
@@ -206,6 +224,9 @@ pub struct SolveResult {
 pub struct SolveOptions {
     /// Ignore the cache for every vertex (results are still recorded).
     pub no_cache: bool,
+    /// The client's session for secret and ssh mounts of execs (`None`: no secrets, no
+    /// agents). Secret values never enter cache keys: an exec's key names only the ids.
+    pub session: Option<Arc<dyn kiln_worker::ExecSession>>,
 }
 
 /// The solver of one worker.
@@ -277,6 +298,8 @@ struct Context {
     leases: Leases,
     inflight: InFlight,
     parallelism: Option<Arc<tokio::sync::Semaphore>>,
+    /// The solver's state directory (downloads and http validators live below it).
+    state_dir: PathBuf,
 }
 
 impl Solver {
@@ -470,6 +493,7 @@ impl Solver {
             leases: Leases::default(),
             inflight: self.inflight.clone(),
             parallelism: self.parallelism.clone(),
+            state_dir: self.state_dir.clone(),
         });
         let mut futures: HashMap<String, VertexFuture> = HashMap::new();
         for digest in graph.topological_order().iter().cloned() {
@@ -677,7 +701,15 @@ async fn run_vertex(
             };
             let result = match &op.op {
                 Some(pb::op::Op::Exec(exec)) => {
-                    context.worker.exec(exec, &input_snapshots, &progress).await
+                    let session: Arc<dyn kiln_worker::ExecSession> = match &context.options.session
+                    {
+                        Some(session) => session.clone(),
+                        None => Arc::new(kiln_worker::NoSession),
+                    };
+                    context
+                        .worker
+                        .exec_in_session(exec, &input_snapshots, session, &progress)
+                        .await
                 }
                 Some(pb::op::Op::File(file)) => context.worker.file(file, &input_snapshots).await,
                 _ => Ok(Vec::new()),
@@ -1032,6 +1064,12 @@ async fn run_source(
             cached: false,
             created: now_secs(),
         });
+    }
+    if identifier.starts_with("git://") {
+        return git::run_git_source(context, source, ignore_cache, progress, name).await;
+    }
+    if identifier.starts_with("http://") || identifier.starts_with("https://") {
+        return http::run_http_source(context, source, ignore_cache, progress, name).await;
     }
     let scheme = identifier.split("://").next().unwrap_or(identifier);
     Err(SourceFailure::Other(Arc::new(Error::Unsupported {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use kiln_proto::pb::{self, file_action::Action, user_opt};
 use kiln_worker::{Error, SnapshotId, SnapshotView};
 
+use crate::copyfilter::{copy_dir_filtered, CopyFilter};
 use crate::fsx::{
     copy_tree, glob_match, has_glob, io_err, lchown, mkdir_all, resolve_in_root, set_mtime,
     CopyOptions,
@@ -272,7 +273,11 @@ fn resolve_owner(
                             index: k,
                             action: "chown",
                             path: file.to_string(),
-                            reason: format!("unknown user or group {}", named.name),
+                            reason: format!(
+                                "unknown {} {:?}: no entry in {file} of the destination",
+                                if field == 3 { "user" } else { "group" },
+                                named.name
+                            ),
                             source: None,
                         }),
                     }
@@ -349,10 +354,27 @@ fn copy(
     owner: Option<Owner>,
     tmp: &Path,
 ) -> Result<(), Error> {
-    if !c.include_patterns.is_empty() || !c.exclude_patterns.is_empty() {
-        return Err(Error::Unsupported {
-            what: "copy with include/exclude patterns".into(),
-        });
+    let filter = CopyFilter::new(&c.include_patterns, &c.exclude_patterns).map_err(|reason| {
+        Error::FileAction {
+            index: k,
+            action: "copy",
+            path: c.src.clone(),
+            reason,
+            source: None,
+        }
+    })?;
+    for required in &c.required_paths {
+        let found = resolve_in_root(src_root, required, c.follow_symlink)
+            .and_then(|p| fs::symlink_metadata(p).map(|_| ()));
+        if let Err(e) = found {
+            return Err(Error::FileAction {
+                index: k,
+                action: "copy",
+                path: required.clone(),
+                reason: format!("{required} not found"),
+                source: Some(e),
+            });
+        }
     }
     let srcs = sources(src_root, &c.src, c.allow_wildcard, c.follow_symlink)
         .map_err(action_err(k, "copy", &c.src))?;
@@ -426,11 +448,12 @@ fn copy(
             }
         }
         let src_meta = fs::symlink_metadata(&src).map_err(action_err(k, "copy", &c.src))?;
+        // The root of the source (`ADD <git ref>` copies `/`) has no name to copy "into" the
+        // destination: its contents are copied, as fsutil does.
+        let contents = c.dir_copy_contents || src.as_path() == src_root;
         let dest_meta = fs::metadata(&dest).ok();
         let into = match &dest_meta {
-            Some(d) => {
-                (src_meta.is_dir() && !c.dir_copy_contents) || (!src_meta.is_dir() && d.is_dir())
-            }
+            Some(d) => (src_meta.is_dir() && !contents) || (!src_meta.is_dir() && d.is_dir()),
             None => false,
         };
         let name = src
@@ -444,7 +467,11 @@ fn copy(
                 mkdir_all(parent, 0o755, uid, gid).map_err(action_err(k, "copy", &c.dest))?;
             }
         }
-        if src_meta.is_dir() && c.dir_copy_contents && target.is_dir() {
+        if let (Some(filter), true) = (&filter, src_meta.is_dir()) {
+            // Patterns apply below the source; an existing target keeps its metadata.
+            copy_dir_filtered(&src, &target, filter, &opts)
+                .map_err(action_err(k, "copy", &c.dest))?;
+        } else if src_meta.is_dir() && contents && target.is_dir() {
             // Contents into an existing directory: its own metadata is kept.
             let mut names: Vec<_> = fs::read_dir(&src)
                 .map_err(action_err(k, "copy", &c.src))?

@@ -154,6 +154,18 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> io::Resul
     if keep_existing {
         return Ok(());
     }
+    copy_metadata(src, dst, &meta, opts)
+}
+
+/// Gives `dst` the xattrs, owner, mode and mtime of `src` (whose metadata is `meta`), unless
+/// overridden by `opts`; the tail of [`copy_tree`] for one entry.
+pub(crate) fn copy_metadata(
+    src: &Path,
+    dst: &Path,
+    meta: &fs::Metadata,
+    opts: &CopyOptions,
+) -> io::Result<()> {
+    let ft = meta.file_type();
     copy_xattrs(src, dst);
     lchown(
         dst,
