@@ -24,6 +24,7 @@ mod dockerfile;
 mod metadata;
 mod output;
 mod policy;
+mod secrets;
 mod settings;
 mod setup;
 

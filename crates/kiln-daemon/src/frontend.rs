@@ -152,7 +152,15 @@ impl ImageMetaResolver for WorkerResolver {
                     kiln_worker::LABEL_PREFIX,
                     kiln_worker_oci::BASE_IMAGES_LABEL
                 ));
+                // An authentication failure is about the registry, not about
+                // where images live: no note about image stores then.
+                let unauthorized = matches!(&e, kiln_worker::Error::Resolve { source, .. }
+                    if matches!(**source, kiln_image::Error::Registry(
+                        kiln_image::registry::Error::Unauthorized { .. }
+                        | kiln_image::registry::Error::Auth { .. })));
+                let e = with_causes(&e);
                 let message = match (self.worker.image_store(), base_images) {
+                    _ if unauthorized => format!("{reference}: {e}"),
                     // The documented limitation users hit most: an image
                     // built earlier lives in containerd, out of reach.
                     (None, None) => format!(

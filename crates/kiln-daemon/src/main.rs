@@ -13,6 +13,8 @@ mod jobs;
 mod listen;
 mod locals;
 mod policy;
+mod registry_auth;
+mod secrets;
 mod tuning;
 mod usage;
 
