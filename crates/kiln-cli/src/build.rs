@@ -249,6 +249,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     for warning in &settings.warnings {
         eprintln!("warning: {warning}");
     }
+    crate::secrets::check_sources(&settings.secrets, &settings.ssh_agents)?;
     let context_dir = std::path::absolute(&settings.context)
         .with_context(|| format!("invalid build context {:?}", settings.context))?;
     if !context_dir.is_dir() {
@@ -501,6 +502,8 @@ async fn solve_plan(
         file_send_targets: cache.file_send_targets.clone(),
         source_policy: settings.source_policy.clone(),
         session_services,
+        secrets: settings.secrets.clone(),
+        ssh_agents: settings.ssh_agents.clone(),
     };
 
     let mode = if settings.quiet {

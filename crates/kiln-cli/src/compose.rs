@@ -62,6 +62,8 @@ pub struct ServiceBuild {
     pub additional_contexts: Vec<String>,
     /// `--platform`.
     pub platform: Option<String>,
+    /// `--secret` values from `build.secrets` and the top-level `secrets:`.
+    pub secrets: Vec<String>,
     /// Warnings found while reading the section.
     pub warnings: Vec<String>,
 }
@@ -163,6 +165,7 @@ pub fn parse_services(
                 .get("platform")
                 .map(|p| string_of(p, &format!("service {name:?}: platform")))
                 .transpose()?,
+            secrets: Vec::new(),
             warnings: Vec::new(),
         };
         let context_text = match build {
@@ -176,9 +179,6 @@ pub fn parse_services(
                     .collect();
                 if !ignored.is_empty() {
                     spec.warnings.push(format!("Ignoring: build: {ignored:?}"));
-                }
-                if map.contains_key("secrets") {
-                    bail!("service {name:?}: build.secrets is not supported yet");
                 }
                 if let Some(v) = build.get("additional_contexts") {
                     for entry in map_or_list(v, &what("additional_contexts"))? {
@@ -236,6 +236,9 @@ pub fn parse_services(
             }
             spec.context = project_dir.join(context);
         }
+        if let Some(list) = build.get("secrets") {
+            spec.secrets = build_secrets(list, doc.get("secrets"), &spec.context, &name)?;
+        }
         if let Some(file) = spec.dockerfile.take() {
             if file.is_absolute() {
                 spec.warnings.push(format!(
@@ -248,6 +251,76 @@ pub fn parse_services(
         out.push(spec);
     }
     Ok(out)
+}
+
+/// `build.secrets` of service `service` as `--secret` values (nerdctl's rules): each entry is
+/// a name or `{source, target}`; the secret's id is the target when given, else the source;
+/// the source names a top-level secret with `file:` (relative paths are resolved inside the
+/// build context and cannot leave it) or `environment:` (a variable of kiln's environment).
+fn build_secrets(
+    list: &Value,
+    top_level: Option<&Value>,
+    context: &Path,
+    service: &str,
+) -> anyhow::Result<Vec<String>> {
+    let what = format!("service {service:?}: build.secrets");
+    let Value::Sequence(entries) = list else {
+        bail!("{what}: expected a list, got {list:?}");
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let (source, target) = match entry {
+            Value::String(name) => (name.clone(), None),
+            Value::Mapping(_) => (
+                string_of(
+                    entry
+                        .get("source")
+                        .ok_or_else(|| anyhow!("{what}: an entry has no source"))?,
+                    &what,
+                )?,
+                entry
+                    .get("target")
+                    .map(|t| string_of(t, &what))
+                    .transpose()?,
+            ),
+            other => bail!("{what}: expected a name or a map, got {other:?}"),
+        };
+        let defined = top_level
+            .and_then(|t| t.get(source.as_str()))
+            .ok_or_else(|| {
+                anyhow!("{what}: secret {source:?} is not defined in the top-level secrets")
+            })?;
+        let id = target.unwrap_or_else(|| source.clone());
+        if let Some(file) = defined.get("file") {
+            let file = string_of(file, &format!("secrets.{source}.file"))?;
+            out.push(format!(
+                "id={id},src={}",
+                join_inside(context, &file).display()
+            ));
+        } else if let Some(var) = defined.get("environment") {
+            let var = string_of(var, &format!("secrets.{source}.environment"))?;
+            out.push(format!("id={id},env={var}"));
+        } else {
+            bail!("secrets.{source}: only file: and environment: secrets are supported");
+        }
+    }
+    Ok(out)
+}
+
+/// `path` joined to `base` without leaving it (securejoin's rule, lexically): `..` stops at
+/// `base`, an absolute path is taken relative to `base`.
+fn join_inside(base: &Path, path: &str) -> PathBuf {
+    let mut inside = PathBuf::new();
+    for part in Path::new(path).components() {
+        match part {
+            std::path::Component::Normal(p) => inside.push(p),
+            std::path::Component::ParentDir => {
+                inside.pop();
+            }
+            _ => {}
+        }
+    }
+    base.join(inside)
 }
 
 /// Picks the services to build: the named ones (each must exist and have
@@ -309,6 +382,7 @@ pub fn build_args(
     args.build_context = spec.additional_contexts.clone();
     args.target = spec.target.clone();
     args.label = spec.labels.clone();
+    args.secret = spec.secrets.clone();
     args
 }
 
@@ -470,19 +544,40 @@ services:
     }
 
     #[test]
-    fn unsupported_keys_fail() {
-        let secrets = "services:\n  a:\n    build:\n      context: .\n      secrets: [s]\n";
-        let err = parse_services(secrets, Path::new("/p"), "p").unwrap_err();
+    fn build_secrets_become_secret_flags() {
+        let text = "services:\n  a:\n    build:\n      context: app\n      secrets:\n        - token\n        - source: npm\n          target: npmrc\n        - source: escape\n\
+                    secrets:\n  token:\n    file: ./token.txt\n  npm:\n    environment: NPM_TOKEN\n  escape:\n    file: ../../etc/x\n";
+        let services = parse_services(text, Path::new("/p"), "p").unwrap();
         assert_eq!(
-            err.to_string(),
-            "service \"a\": build.secrets is not supported yet"
+            services[0].secrets,
+            vec![
+                "id=token,src=/p/app/token.txt",
+                "id=npmrc,env=NPM_TOKEN",
+                "id=escape,src=/p/app/etc/x",
+            ]
         );
+        let args = build_args(&services[0], &ComposeBuildArgs::default(), None);
+        assert_eq!(args.secret, services[0].secrets);
+        let undefined = "services:\n  a:\n    build:\n      context: .\n      secrets: [s]\n";
+        let err = parse_services(undefined, Path::new("/p"), "p").unwrap_err();
+        assert!(
+            err.to_string().contains("secret \"s\" is not defined"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn additional_contexts_become_build_contexts() {
         let extra = "services:\n  a:\n    build:\n      additional_contexts:\n        x: ../x\n        y: docker-image://127.0.0.1:5000/y\n";
         let specs = parse_services(extra, Path::new("/p"), "p").unwrap();
         assert_eq!(
             specs[0].additional_contexts,
             vec!["x=/p/../x", "y=docker-image://127.0.0.1:5000/y"]
         );
+    }
+
+    #[test]
+    fn unsupported_keys_fail() {
         let git = "services:\n  a:\n    build: https://example.invalid/r.git\n";
         assert!(parse_services(git, Path::new("/p"), "p").is_err());
     }

@@ -25,6 +25,7 @@ mod dockerfile;
 mod metadata;
 mod output;
 mod policy;
+mod secrets;
 mod settings;
 mod setup;
 

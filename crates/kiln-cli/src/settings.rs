@@ -73,6 +73,10 @@ pub struct BuildSettings {
     pub named_locals: BTreeMap<String, PathBuf>,
     /// Warnings to print on stderr.
     pub warnings: Vec<String>,
+    /// `--secret`, by id.
+    pub secrets: BTreeMap<String, kiln_client::SecretSource>,
+    /// `--ssh`: agent sockets by id.
+    pub ssh_agents: BTreeMap<String, PathBuf>,
 }
 
 /// A cache import or export: `(type, attrs)`.
@@ -123,18 +127,9 @@ fn parse_go_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Flags of `nerdctl build` that are parsed but not implemented yet, with
-/// whether each was given.
 /// A switch-like environment variable: set to anything but empty, `0` or `false`.
 fn env_flag(value: Option<String>) -> bool {
     value.is_some_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
-}
-
-fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
-    vec![
-        ("secret", !args.secret.is_empty()),
-        ("ssh", !args.ssh.is_empty()),
-    ]
 }
 
 /// `--build-context name=value` (§1.7): the frontend attrs `context:<name>` and the local
@@ -495,11 +490,6 @@ pub fn resolve_labels(labels: &[String]) -> BTreeMap<String, String> {
 
 /// Resolves and validates every build flag.
 pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSettings> {
-    for (name, given) in unsupported_flags(args) {
-        if given {
-            bail!("kiln build: flag --{name} is not supported yet");
-        }
-    }
     let mut warnings = Vec::new();
     if args.rm == Some(false) {
         warnings.push("ignoring deprecated flag: '--rm=false'".to_string());
@@ -596,6 +586,8 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         named_locals,
         source_policy: crate::policy::load(args.source_policy_file.as_deref(), &env)?,
         warnings,
+        secrets: crate::secrets::parse_secrets(&dedupe(&args.secret), env)?,
+        ssh_agents: crate::secrets::parse_ssh(&dedupe(&args.ssh), env)?,
     })
 }
 
@@ -801,17 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_flags_fail_by_name() {
-        for (argv, name) in [
-            (&["--secret", "id=a,src=b", "."][..], "secret"),
-            (&["--ssh", "default", "."][..], "ssh"),
-        ] {
-            assert_eq!(
-                err(argv),
-                format!("kiln build: flag --{name} is not supported yet"),
-                "{argv:?}"
-            );
-        }
+    fn network_and_allow_flags() {
         assert!(resolve(&["--network=default", "."], &[]).is_ok());
         let allowed = resolve(
             &[

@@ -118,13 +118,13 @@ fn context_errors() {
 fn unsupported_flag_fails_before_anything_else() {
     let ctx = context_with_dockerfile();
     let out = kiln(
-        &["builder", "build", "--secret", "id=a,src=b", "."],
+        &["builder", "build", "--build-context", "a=b", "."],
         ctx.path(),
     );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "error: kiln build: flag --secret is not supported yet\n"
+        "error: kiln build: flag --build-context is not supported yet\n"
     );
 }
 

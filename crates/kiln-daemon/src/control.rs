@@ -275,6 +275,10 @@ impl ControlService {
         let options = SolveOptions {
             no_cache: attrs.contains_key("no-cache"),
             cache_imports,
+            session: Some(Arc::new(crate::secrets::SessionSecrets::new(
+                self.sessions.clone(),
+                session_id.to_string(),
+            ))),
         };
         let result = self
             .solver
@@ -282,6 +286,14 @@ impl ControlService {
             .await
             .map_err(|e| solve_error(&e))?;
         Ok((result, image_config))
+    }
+
+    /// The registry credentials of the build of `session_id` (see `registry_auth`).
+    pub(crate) fn registry_auth(
+        &self,
+        session_id: &str,
+    ) -> Option<Arc<dyn kiln_image::registry::auth::RegistryAuth>> {
+        crate::registry_auth::for_session(&self.sessions, session_id)
     }
 
     /// The worker records `ListWorkers` and the gateway's `Ping` report.
@@ -524,8 +536,11 @@ impl Control for ControlService {
         drop(_entered);
         let (writer, guard) = self.jobs.start(&build_ref);
         // The solve runs inside this handler: when the client goes away,
-        // tonic drops the future and with it every running step.
-        let result = self.run_solve(request, &writer).await;
+        // tonic drops the future and with it every running step. Registry
+        // requests of the build (pulls, pushes) ask the session for credentials.
+        let auth = self.registry_auth(&request.session);
+        let result =
+            kiln_image::registry::auth::scope(auth, self.run_solve(request, &writer)).await;
         guard.finish(writer).await;
         if let Err(status) = &result {
             tracing::info!(r#ref = %build_ref, error = %status.message(), "solve failed");

@@ -14,6 +14,8 @@ mod jobs;
 mod listen;
 mod locals;
 mod policy;
+mod registry_auth;
+mod secrets;
 mod tuning;
 mod usage;
 

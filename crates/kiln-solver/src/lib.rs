@@ -241,6 +241,9 @@ pub struct SolveOptions {
     /// Caches imported for this solve (`--cache-from`), consulted after the
     /// worker's own records.
     pub cache_imports: CacheImports,
+    /// The client's session for secret and ssh mounts of execs (`None`: no secrets, no
+    /// agents). Secret values never enter cache keys: an exec's key names only the ids.
+    pub session: Option<Arc<dyn kiln_worker::ExecSession>>,
 }
 
 /// The solver of one worker.
@@ -856,7 +859,15 @@ async fn run_vertex(
                     };
                     let result = match &op.op {
                         Some(pb::op::Op::Exec(exec)) => {
-                            context.worker.exec(exec, &input_snapshots, &progress).await
+                            let session: Arc<dyn kiln_worker::ExecSession> =
+                                match &context.options.session {
+                                    Some(session) => session.clone(),
+                                    None => Arc::new(kiln_worker::NoSession),
+                                };
+                            context
+                                .worker
+                                .exec_in_session(exec, &input_snapshots, session, &progress)
+                                .await
                         }
                         Some(pb::op::Op::File(file)) => {
                             context.worker.file(file, &input_snapshots).await
