@@ -98,7 +98,6 @@ impl Lexer {
         env: &Env,
         stops: &[char],
     ) -> Result<String, ExpandError> {
-        let stop = stops.first().copied();
         let mut out = String::new();
         while *pos < chars.len() {
             let c = chars[*pos];
