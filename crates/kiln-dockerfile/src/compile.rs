@@ -1160,7 +1160,22 @@ impl Compiler<'_> {
                     };
                     match &value {
                         Some(v) => {
-                            state.add_env(&def.name, v);
+                            // An ENV (of the stage or its base image) always wins over an ARG
+                            // of the same name.
+                            let set_by_env = state
+                                .image
+                                .config
+                                .as_ref()
+                                .and_then(|c| c.env.as_ref())
+                                .is_some_and(|env| {
+                                    env.iter().any(|e| {
+                                        e.split_once('=').map_or(e.as_str(), |(k, _)| k)
+                                            == def.name
+                                    })
+                                });
+                            if !set_by_env {
+                                state.add_env(&def.name, v);
+                            }
                             parts.push(format!("{}={v}", def.name));
                         }
                         None => parts.push(def.name.clone()),
