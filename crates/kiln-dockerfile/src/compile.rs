@@ -1169,8 +1169,7 @@ impl Compiler<'_> {
                                 .and_then(|c| c.env.as_ref())
                                 .is_some_and(|env| {
                                     env.iter().any(|e| {
-                                        e.split_once('=').map_or(e.as_str(), |(k, _)| k)
-                                            == def.name
+                                        e.split_once('=').map_or(e.as_str(), |(k, _)| k) == def.name
                                     })
                                 });
                             if !set_by_env {
