@@ -64,6 +64,9 @@ pub struct ServiceBuild {
     pub platform: Option<String>,
     /// `--secret` values from `build.secrets` and the top-level `secrets:`.
     pub secrets: Vec<String>,
+    /// Services this one waits for (`depends_on`, list or map form): built first when they are
+    /// selected too, so their images exist for this build's `FROM`.
+    pub depends_on: Vec<String>,
     /// Warnings found while reading the section.
     pub warnings: Vec<String>,
 }
@@ -166,6 +169,15 @@ pub fn parse_services(
                 .map(|p| string_of(p, &format!("service {name:?}: platform")))
                 .transpose()?,
             secrets: Vec::new(),
+            depends_on: match service.get("depends_on") {
+                // The map form's values (`condition`, `restart`) matter to `up`, not to builds.
+                Some(Value::Mapping(map)) => map
+                    .keys()
+                    .map(|k| string_of(k, &format!("service {name:?}: depends_on")))
+                    .collect::<anyhow::Result<_>>()?,
+                Some(value) => map_or_list(value, &format!("service {name:?}: depends_on"))?,
+                None => Vec::new(),
+            },
             warnings: Vec::new(),
         };
         let context_text = match build {
@@ -323,6 +335,29 @@ fn join_inside(base: &Path, path: &str) -> PathBuf {
     base.join(inside)
 }
 
+/// `selected` with every service after the selected services it depends on (`depends_on`);
+/// dependencies that are not selected are not waited for. A cycle is an error.
+fn build_order<'a>(selected: &[&'a ServiceBuild]) -> anyhow::Result<Vec<&'a ServiceBuild>> {
+    let mut order: Vec<&ServiceBuild> = Vec::new();
+    let mut remaining: Vec<&ServiceBuild> = selected.to_vec();
+    while !remaining.is_empty() {
+        let ready = remaining.iter().position(|spec| {
+            spec.depends_on.iter().all(|dep| {
+                order.iter().any(|s| &s.service == dep)
+                    || !selected.iter().any(|s| &s.service == dep)
+            })
+        });
+        match ready {
+            Some(index) => order.push(remaining.remove(index)),
+            None => {
+                let names: Vec<&str> = remaining.iter().map(|s| s.service.as_str()).collect();
+                bail!("dependency cycle between services {names:?}");
+            }
+        }
+    }
+    Ok(order)
+}
+
 /// Picks the services to build: the named ones (each must exist and have
 /// `build:`... those without are skipped, as nerdctl), else all.
 pub fn select<'a>(
@@ -436,8 +471,12 @@ pub async fn build(
         .prefix("kiln-compose-")
         .tempdir()
         .context("failed to create a temporary directory")?;
+    // Each build waits for the selected services it depends on; the others run at once.
+    let order = build_order(&selected)?;
+    let mut done: std::collections::HashMap<String, tokio::sync::watch::Receiver<Option<bool>>> =
+        std::collections::HashMap::new();
     let mut tasks = Vec::new();
-    for spec in selected {
+    for spec in order {
         for warning in &spec.warnings {
             eprintln!("warning: service {}: {warning}", spec.service);
         }
@@ -459,9 +498,30 @@ pub async fn build(
             Err(err) => bail!("error while building image {image}: {err:#}"),
         };
         let globals = globals.clone();
+        let waits: Vec<(String, tokio::sync::watch::Receiver<Option<bool>>)> = spec
+            .depends_on
+            .iter()
+            .filter_map(|dep| done.get(dep).map(|rx| (dep.clone(), rx.clone())))
+            .collect();
+        let (finished, receiver) = tokio::sync::watch::channel(None);
+        done.insert(spec.service.clone(), receiver);
         tasks.push((
             image,
-            tokio::spawn(async move { build::run(&globals, settings).await }),
+            tokio::spawn(async move {
+                for (dep, mut rx) in waits {
+                    let ok = match rx.wait_for(Option::is_some).await {
+                        Ok(state) => *state == Some(true),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        let _ = finished.send(Some(false));
+                        bail!("service {dep:?}, which it depends on, failed to build");
+                    }
+                }
+                let result = build::run(&globals, settings).await;
+                let _ = finished.send(Some(result.is_ok()));
+                result
+            }),
         ));
     }
     let mut failures = Vec::new();
@@ -574,6 +634,28 @@ services:
             specs[0].additional_contexts,
             vec!["x=/p/../x", "y=docker-image://127.0.0.1:5000/y"]
         );
+    }
+
+    #[test]
+    fn dependencies_come_first_and_cycles_fail() {
+        let text = "services:\n  c:\n    build: ./c\n    depends_on: [a]\n  a:\n    build: ./a\n  b:\n    build: ./b\n    depends_on:\n      c:\n        condition: service_started\n";
+        let all = parse_services(text, Path::new("/p"), "p").unwrap();
+        let selected: Vec<&ServiceBuild> = all.iter().collect();
+        let order: Vec<&str> = build_order(&selected)
+            .unwrap()
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect();
+        let position = |name: &str| order.iter().position(|s| *s == name).unwrap();
+        assert!(position("a") < position("c"), "{order:?}");
+        assert!(position("c") < position("b"), "{order:?}");
+        let cycle = "services:\n  a:\n    build: ./a\n    depends_on: [b]\n  b:\n    build: ./b\n    depends_on: [a]\n";
+        let all = parse_services(cycle, Path::new("/p"), "p").unwrap();
+        let selected: Vec<&ServiceBuild> = all.iter().collect();
+        assert!(build_order(&selected)
+            .unwrap_err()
+            .to_string()
+            .contains("dependency cycle"));
     }
 
     #[test]
