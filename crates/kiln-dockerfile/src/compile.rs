@@ -661,6 +661,9 @@ impl Compiler<'_> {
                 for mount in run_modes(flags, line)?.mounts {
                     if let RunMount::Bind {
                         from: Some(from), ..
+                    }
+                    | RunMount::Cache {
+                        from: Some(from), ..
                     } = mount
                     {
                         let source = named_source(&from, stages, line)?;
@@ -1305,14 +1308,38 @@ impl Compiler<'_> {
                     uid,
                     gid,
                     mode,
+                    from: from_name,
+                    source,
                 } => {
-                    // dockerfile2llb: a new cache dir starts as a scratch mkdir carrying the
-                    // requested owner and mode.
-                    let dir = self.cache_dir_state(state, *uid, *gid, *mode)?;
-                    inputs.push(dir);
+                    // dockerfile2llb: a new cache dir starts as `source` of `from`, or as a
+                    // scratch mkdir carrying the requested owner and mode.
+                    let (dir, selector) = match from_name {
+                        Some(_) => {
+                            let (output, bind) = self.bind_mount(
+                                from,
+                                from_name,
+                                source,
+                                &absolute(target),
+                                *readonly,
+                                command.span.start,
+                            )?;
+                            (output, bind.selector)
+                        }
+                        None => (
+                            Some(self.cache_dir_state(state, *uid, *gid, *mode)?),
+                            "/cache".to_string(),
+                        ),
+                    };
+                    let input = match dir {
+                        Some(output) => {
+                            inputs.push(output);
+                            (inputs.len() - 1) as i64
+                        }
+                        None => -1,
+                    };
                     mounts.push(pb::Mount {
-                        input: (inputs.len() - 1) as i64,
-                        selector: "/cache".to_string(),
+                        input,
+                        selector,
                         dest: absolute(target),
                         output: -1,
                         readonly: *readonly,
@@ -2016,6 +2043,10 @@ enum RunMount {
         uid: u32,
         gid: u32,
         mode: i32,
+        /// `from`: a new cache dir starts as `source` of this stage or image (else an empty
+        /// dir owned by uid/gid with `mode`).
+        from: Option<String>,
+        source: String,
     },
     /// `type=tmpfs`, with an optional size in bytes.
     Tmpfs { target: String, size: i64 },
@@ -2187,8 +2218,7 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 /// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
 /// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
 /// `readonly|ro`, `rw|readwrite`, `uid`, `gid`, `mode` (octal), `size`, `from`, `source|src`;
-/// `type=secret|ssh` go to [`parse_session_mount`]; `from`/`source` of a cache mount are not
-/// supported yet.
+/// `type=secret|ssh` go to [`parse_session_mount`].
 fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     if let Some(mount) = parse_session_mount(value, line)? {
         return Ok(mount);
@@ -2256,10 +2286,13 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
         .ok_or_else(|| invalid("mount destination (target) is required".to_string()))?;
     // A relative target is resolved against the working directory in `dispatch_run`.
     match kind.as_str() {
-        "cache" if from.is_some() || source.is_some() => Err(unsupported(
-            "RUN --mount=type=cache with from or source".to_string(),
+        "cache" if from.as_deref().is_none_or(str::is_empty) && source.is_some() => Err(invalid(
+            "RUN --mount=type=cache: source needs from (the stage or image it is read from)"
+                .to_string(),
         )),
         "cache" => Ok(RunMount::Cache {
+            from: from.filter(|f| !f.is_empty()),
+            source: source.unwrap_or_default(),
             // Empty = the (absolute) target, filled in by `dispatch_run`.
             id: id.unwrap_or_default(),
             target,
@@ -2795,6 +2828,8 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 mode: 0o755,
+                from: None,
+                source: String::new(),
             }
         );
         assert_eq!(
@@ -2811,8 +2846,18 @@ mod tests {
                 uid: 1,
                 gid: 2,
                 mode: 0o700,
+                from: None,
+                source: String::new(),
             }
         );
+        assert!(matches!(
+            parse_mount("type=cache,target=/c,from=build,source=/out", 1).unwrap(),
+            RunMount::Cache { from: Some(f), source, .. } if f == "build" && source == "/out"
+        ));
+        assert!(parse_mount("type=cache,target=/c,source=/out", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("source needs from"));
         assert!(matches!(
             parse_mount("type=cache,destination=/c,readonly=true,rw", 1).unwrap(),
             RunMount::Cache {
@@ -2850,7 +2895,7 @@ mod tests {
                 readonly: false,
             }
         );
-        assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_err());
+        assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_ok());
     }
 
     use super::*;
