@@ -6,12 +6,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pb/ops.proto",
         "proto/fsutil/types/wire.proto",
         "proto/moby/filesync/v1/filesync.proto",
+        "proto/moby/filesync/v1/auth.proto",
         "proto/moby/buildkit/v1/types/worker.proto",
         "proto/moby/buildkit/v1/sourcepolicy/policy.proto",
         "proto/moby/buildkit/v1/control.proto",
         "proto/google/rpc/status.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",
         "proto/moby/buildkit/v1/frontend/gateway.proto",
+        "proto/moby/buildkit/secrets/v1/secrets.proto",
+        "proto/moby/sshforward/v1/ssh.proto",
         "proto/containerd/services/content/v1/content.proto",
     ];
     // The whole directory too: a proto file added later must rerun this

@@ -249,6 +249,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     for warning in &settings.warnings {
         eprintln!("warning: {warning}");
     }
+    crate::secrets::check_sources(&settings.secrets, &settings.ssh_agents)?;
     let context_dir = std::path::absolute(&settings.context)
         .with_context(|| format!("invalid build context {:?}", settings.context))?;
     if !context_dir.is_dir() {
@@ -474,7 +475,16 @@ async fn solve_plan(
     let mut frontend_attrs = BTreeMap::new();
     frontend_attrs.insert("filename".to_string(), dockerfile.filename.clone());
     frontend_attrs.extend(settings.frontend_attrs.clone());
-    let mut locals = BTreeMap::new();
+    let cache_tmp = tempfile::Builder::new()
+        .prefix("kiln-cache-")
+        .tempdir()
+        .context("failed to create a temporary directory for the cache")?;
+    let cache = crate::cache::plan(
+        &settings.cache_imports,
+        &settings.cache_exports,
+        cache_tmp.path(),
+    )?;
+    let mut locals = cache.locals.clone();
     locals.insert("context".to_string(), context_dir.to_path_buf());
     locals.insert("dockerfile".to_string(), dockerfile.dir.clone());
     locals.extend(settings.named_locals.clone());
@@ -487,10 +497,13 @@ async fn solve_plan(
         output_dir: receive_dir,
         shared_key: context_dir.display().to_string(),
         entitlements: settings.entitlements.clone(),
-        cache_imports: settings.cache_imports.clone(),
-        cache_exports: Vec::new(),
+        cache_imports: cache.imports.clone(),
+        cache_exports: cache.exports.clone(),
+        file_send_targets: cache.file_send_targets.clone(),
         source_policy: settings.source_policy.clone(),
         session_services,
+        secrets: settings.secrets.clone(),
+        ssh_agents: settings.ssh_agents.clone(),
     };
 
     let mode = if settings.quiet {
@@ -508,6 +521,7 @@ async fn solve_plan(
     }
     let outcome = solved?;
     tracing::debug!(response = ?outcome.exporter_response, stats = ?outcome.session_stats, "solve done");
+    cache.land()?;
     Ok((outcome, output_file))
 }
 

@@ -256,7 +256,7 @@ pub struct BuildArgs {
     /// Always (`--pull`) or never (`--pull=false`) pull base images.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub pull: Option<bool>,
-    /// Secret to expose to the build (not supported yet).
+    /// Secret to expose to the build: `id=<id>,src=<file>`, `id=<id>,env=<VAR>` (buildctl syntax).
     #[arg(long)]
     pub secret: Vec<String>,
     /// Extra privileged entitlement (not supported yet).
@@ -265,7 +265,7 @@ pub struct BuildArgs {
     /// Attestation parameters `type=X[,...]` (refused unless `disabled=true`).
     #[arg(long)]
     pub attest: Vec<String>,
-    /// SSH agent socket or keys to expose (not supported yet).
+    /// SSH agent to forward: `default` (`$SSH_AUTH_SOCK`) or `<id>=<socket>`; key files are not supported yet.
     #[arg(long)]
     pub ssh: Vec<String>,
     /// SBOM attestation shorthand (refused: attestations are not supported yet).
@@ -274,7 +274,8 @@ pub struct BuildArgs {
     /// External cache sources (`ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_from: Vec<String>,
-    /// Cache export destinations (refused: cache export is not supported yet).
+    /// Cache export destinations (`type=registry,ref=…` or `type=local,dest=…`, `mode=min|max`;
+    /// `ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_to: Vec<String>,
     /// Networking mode for RUN: default, none or host.

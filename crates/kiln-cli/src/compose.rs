@@ -62,6 +62,11 @@ pub struct ServiceBuild {
     pub additional_contexts: Vec<String>,
     /// `--platform`.
     pub platform: Option<String>,
+    /// `--secret` values from `build.secrets` and the top-level `secrets:`.
+    pub secrets: Vec<String>,
+    /// Services this one waits for (`depends_on`, list or map form): built first when they are
+    /// selected too, so their images exist for this build's `FROM`.
+    pub depends_on: Vec<String>,
     /// Warnings found while reading the section.
     pub warnings: Vec<String>,
 }
@@ -163,6 +168,16 @@ pub fn parse_services(
                 .get("platform")
                 .map(|p| string_of(p, &format!("service {name:?}: platform")))
                 .transpose()?,
+            secrets: Vec::new(),
+            depends_on: match service.get("depends_on") {
+                // The map form's values (`condition`, `restart`) matter to `up`, not to builds.
+                Some(Value::Mapping(map)) => map
+                    .keys()
+                    .map(|k| string_of(k, &format!("service {name:?}: depends_on")))
+                    .collect::<anyhow::Result<_>>()?,
+                Some(value) => map_or_list(value, &format!("service {name:?}: depends_on"))?,
+                None => Vec::new(),
+            },
             warnings: Vec::new(),
         };
         let context_text = match build {
@@ -176,9 +191,6 @@ pub fn parse_services(
                     .collect();
                 if !ignored.is_empty() {
                     spec.warnings.push(format!("Ignoring: build: {ignored:?}"));
-                }
-                if map.contains_key("secrets") {
-                    bail!("service {name:?}: build.secrets is not supported yet");
                 }
                 if let Some(v) = build.get("additional_contexts") {
                     for entry in map_or_list(v, &what("additional_contexts"))? {
@@ -236,6 +248,9 @@ pub fn parse_services(
             }
             spec.context = project_dir.join(context);
         }
+        if let Some(list) = build.get("secrets") {
+            spec.secrets = build_secrets(list, doc.get("secrets"), &spec.context, &name)?;
+        }
         if let Some(file) = spec.dockerfile.take() {
             if file.is_absolute() {
                 spec.warnings.push(format!(
@@ -248,6 +263,99 @@ pub fn parse_services(
         out.push(spec);
     }
     Ok(out)
+}
+
+/// `build.secrets` of service `service` as `--secret` values (nerdctl's rules): each entry is
+/// a name or `{source, target}`; the secret's id is the target when given, else the source;
+/// the source names a top-level secret with `file:` (relative paths are resolved inside the
+/// build context and cannot leave it) or `environment:` (a variable of kiln's environment).
+fn build_secrets(
+    list: &Value,
+    top_level: Option<&Value>,
+    context: &Path,
+    service: &str,
+) -> anyhow::Result<Vec<String>> {
+    let what = format!("service {service:?}: build.secrets");
+    let Value::Sequence(entries) = list else {
+        bail!("{what}: expected a list, got {list:?}");
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let (source, target) = match entry {
+            Value::String(name) => (name.clone(), None),
+            Value::Mapping(_) => (
+                string_of(
+                    entry
+                        .get("source")
+                        .ok_or_else(|| anyhow!("{what}: an entry has no source"))?,
+                    &what,
+                )?,
+                entry
+                    .get("target")
+                    .map(|t| string_of(t, &what))
+                    .transpose()?,
+            ),
+            other => bail!("{what}: expected a name or a map, got {other:?}"),
+        };
+        let defined = top_level
+            .and_then(|t| t.get(source.as_str()))
+            .ok_or_else(|| {
+                anyhow!("{what}: secret {source:?} is not defined in the top-level secrets")
+            })?;
+        let id = target.unwrap_or_else(|| source.clone());
+        if let Some(file) = defined.get("file") {
+            let file = string_of(file, &format!("secrets.{source}.file"))?;
+            out.push(format!(
+                "id={id},src={}",
+                join_inside(context, &file).display()
+            ));
+        } else if let Some(var) = defined.get("environment") {
+            let var = string_of(var, &format!("secrets.{source}.environment"))?;
+            out.push(format!("id={id},env={var}"));
+        } else {
+            bail!("secrets.{source}: only file: and environment: secrets are supported");
+        }
+    }
+    Ok(out)
+}
+
+/// `path` joined to `base` without leaving it (securejoin's rule, lexically): `..` stops at
+/// `base`, an absolute path is taken relative to `base`.
+fn join_inside(base: &Path, path: &str) -> PathBuf {
+    let mut inside = PathBuf::new();
+    for part in Path::new(path).components() {
+        match part {
+            std::path::Component::Normal(p) => inside.push(p),
+            std::path::Component::ParentDir => {
+                inside.pop();
+            }
+            _ => {}
+        }
+    }
+    base.join(inside)
+}
+
+/// `selected` with every service after the selected services it depends on (`depends_on`);
+/// dependencies that are not selected are not waited for. A cycle is an error.
+fn build_order<'a>(selected: &[&'a ServiceBuild]) -> anyhow::Result<Vec<&'a ServiceBuild>> {
+    let mut order: Vec<&ServiceBuild> = Vec::new();
+    let mut remaining: Vec<&ServiceBuild> = selected.to_vec();
+    while !remaining.is_empty() {
+        let ready = remaining.iter().position(|spec| {
+            spec.depends_on.iter().all(|dep| {
+                order.iter().any(|s| &s.service == dep)
+                    || !selected.iter().any(|s| &s.service == dep)
+            })
+        });
+        match ready {
+            Some(index) => order.push(remaining.remove(index)),
+            None => {
+                let names: Vec<&str> = remaining.iter().map(|s| s.service.as_str()).collect();
+                bail!("dependency cycle between services {names:?}");
+            }
+        }
+    }
+    Ok(order)
 }
 
 /// Picks the services to build: the named ones (each must exist and have
@@ -309,6 +417,7 @@ pub fn build_args(
     args.build_context = spec.additional_contexts.clone();
     args.target = spec.target.clone();
     args.label = spec.labels.clone();
+    args.secret = spec.secrets.clone();
     args
 }
 
@@ -362,8 +471,12 @@ pub async fn build(
         .prefix("kiln-compose-")
         .tempdir()
         .context("failed to create a temporary directory")?;
+    // Each build waits for the selected services it depends on; the others run at once.
+    let order = build_order(&selected)?;
+    let mut done: std::collections::HashMap<String, tokio::sync::watch::Receiver<Option<bool>>> =
+        std::collections::HashMap::new();
     let mut tasks = Vec::new();
-    for spec in selected {
+    for spec in order {
         for warning in &spec.warnings {
             eprintln!("warning: service {}: {warning}", spec.service);
         }
@@ -385,9 +498,30 @@ pub async fn build(
             Err(err) => bail!("error while building image {image}: {err:#}"),
         };
         let globals = globals.clone();
+        let waits: Vec<(String, tokio::sync::watch::Receiver<Option<bool>>)> = spec
+            .depends_on
+            .iter()
+            .filter_map(|dep| done.get(dep).map(|rx| (dep.clone(), rx.clone())))
+            .collect();
+        let (finished, receiver) = tokio::sync::watch::channel(None);
+        done.insert(spec.service.clone(), receiver);
         tasks.push((
             image,
-            tokio::spawn(async move { build::run(&globals, settings).await }),
+            tokio::spawn(async move {
+                for (dep, mut rx) in waits {
+                    let ok = match rx.wait_for(Option::is_some).await {
+                        Ok(state) => *state == Some(true),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        let _ = finished.send(Some(false));
+                        bail!("service {dep:?}, which it depends on, failed to build");
+                    }
+                }
+                let result = build::run(&globals, settings).await;
+                let _ = finished.send(Some(result.is_ok()));
+                result
+            }),
         ));
     }
     let mut failures = Vec::new();
@@ -470,19 +604,62 @@ services:
     }
 
     #[test]
-    fn unsupported_keys_fail() {
-        let secrets = "services:\n  a:\n    build:\n      context: .\n      secrets: [s]\n";
-        let err = parse_services(secrets, Path::new("/p"), "p").unwrap_err();
+    fn build_secrets_become_secret_flags() {
+        let text = "services:\n  a:\n    build:\n      context: app\n      secrets:\n        - token\n        - source: npm\n          target: npmrc\n        - source: escape\n\
+                    secrets:\n  token:\n    file: ./token.txt\n  npm:\n    environment: NPM_TOKEN\n  escape:\n    file: ../../etc/x\n";
+        let services = parse_services(text, Path::new("/p"), "p").unwrap();
         assert_eq!(
-            err.to_string(),
-            "service \"a\": build.secrets is not supported yet"
+            services[0].secrets,
+            vec![
+                "id=token,src=/p/app/token.txt",
+                "id=npmrc,env=NPM_TOKEN",
+                "id=escape,src=/p/app/etc/x",
+            ]
         );
+        let args = build_args(&services[0], &ComposeBuildArgs::default(), None);
+        assert_eq!(args.secret, services[0].secrets);
+        let undefined = "services:\n  a:\n    build:\n      context: .\n      secrets: [s]\n";
+        let err = parse_services(undefined, Path::new("/p"), "p").unwrap_err();
+        assert!(
+            err.to_string().contains("secret \"s\" is not defined"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn additional_contexts_become_build_contexts() {
         let extra = "services:\n  a:\n    build:\n      additional_contexts:\n        x: ../x\n        y: docker-image://127.0.0.1:5000/y\n";
         let specs = parse_services(extra, Path::new("/p"), "p").unwrap();
         assert_eq!(
             specs[0].additional_contexts,
             vec!["x=/p/../x", "y=docker-image://127.0.0.1:5000/y"]
         );
+    }
+
+    #[test]
+    fn dependencies_come_first_and_cycles_fail() {
+        let text = "services:\n  c:\n    build: ./c\n    depends_on: [a]\n  a:\n    build: ./a\n  b:\n    build: ./b\n    depends_on:\n      c:\n        condition: service_started\n";
+        let all = parse_services(text, Path::new("/p"), "p").unwrap();
+        let selected: Vec<&ServiceBuild> = all.iter().collect();
+        let order: Vec<&str> = build_order(&selected)
+            .unwrap()
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect();
+        let position = |name: &str| order.iter().position(|s| *s == name).unwrap();
+        assert!(position("a") < position("c"), "{order:?}");
+        assert!(position("c") < position("b"), "{order:?}");
+        let cycle = "services:\n  a:\n    build: ./a\n    depends_on: [b]\n  b:\n    build: ./b\n    depends_on: [a]\n";
+        let all = parse_services(cycle, Path::new("/p"), "p").unwrap();
+        let selected: Vec<&ServiceBuild> = all.iter().collect();
+        assert!(build_order(&selected)
+            .unwrap_err()
+            .to_string()
+            .contains("dependency cycle"));
+    }
+
+    #[test]
+    fn unsupported_keys_fail() {
         let git = "services:\n  a:\n    build: https://example.invalid/r.git\n";
         assert!(parse_services(git, Path::new("/p"), "p").is_err());
     }

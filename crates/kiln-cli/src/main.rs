@@ -17,6 +17,7 @@
 mod autostart;
 mod build;
 mod builder;
+mod cache;
 mod cli;
 mod compose;
 mod discovery;
@@ -24,6 +25,7 @@ mod dockerfile;
 mod metadata;
 mod output;
 mod policy;
+mod secrets;
 mod settings;
 mod setup;
 

@@ -61,6 +61,8 @@ pub struct BuildSettings {
     pub entitlements: Vec<String>,
     /// `--cache-from`, normalized to `(type, attrs)`.
     pub cache_imports: Vec<CacheEntry>,
+    /// `--cache-to`, normalized to `(type, attrs)` (`mode=min` made explicit).
+    pub cache_exports: Vec<CacheEntry>,
     /// `--iidfile`.
     pub iidfile: Option<PathBuf>,
     /// `--metadata-file`.
@@ -71,6 +73,10 @@ pub struct BuildSettings {
     pub named_locals: BTreeMap<String, PathBuf>,
     /// Warnings to print on stderr.
     pub warnings: Vec<String>,
+    /// `--secret`, by id.
+    pub secrets: BTreeMap<String, kiln_client::SecretSource>,
+    /// `--ssh`: agent sockets by id.
+    pub ssh_agents: BTreeMap<String, PathBuf>,
 }
 
 /// A cache import or export: `(type, attrs)`.
@@ -121,18 +127,9 @@ fn parse_go_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Flags of `nerdctl build` that are parsed but not implemented yet, with
-/// whether each was given.
 /// A switch-like environment variable: set to anything but empty, `0` or `false`.
 fn env_flag(value: Option<String>) -> bool {
     value.is_some_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
-}
-
-fn unsupported_flags(args: &BuildArgs) -> Vec<(&'static str, bool)> {
-    vec![
-        ("secret", !args.secret.is_empty()),
-        ("ssh", !args.ssh.is_empty()),
-    ]
 }
 
 /// `--build-context name=value` (§1.7): the frontend attrs `context:<name>` and the local
@@ -404,6 +401,32 @@ pub fn normalize_cache(value: &str) -> anyhow::Result<CacheEntry> {
     Ok((kind, attrs))
 }
 
+/// Refuses cache backends kiln does not implement (rather than letting a
+/// build pass without the cache the user asked for) and `local` without its
+/// directory attr (`src` for imports, `dest` for exports).
+fn check_cache_entry(
+    kind: &str,
+    attrs: &BTreeMap<String, String>,
+    dir_attr: &str,
+    flag: &str,
+) -> anyhow::Result<()> {
+    match kind {
+        "registry" => {
+            if attrs.get("ref").is_none_or(|r| r.is_empty()) {
+                bail!("kiln build: {flag} type=registry needs ref=<image reference>");
+            }
+            Ok(())
+        }
+        "local" => {
+            if attrs.get(dir_attr).is_none_or(|d| d.is_empty()) {
+                bail!("kiln build: {flag} type=local needs {dir_attr}=<directory>");
+            }
+            Ok(())
+        }
+        other => bail!("kiln build: cache type {other} ({flag}) is not supported yet"),
+    }
+}
+
 /// `--attest`, `--sbom`, `--provenance` (§1.2) → `attest:<type>=<attrs>`
 /// frontend attributes. `disabled=true` drops the entry.
 pub fn resolve_attestations(
@@ -467,11 +490,6 @@ pub fn resolve_labels(labels: &[String]) -> BTreeMap<String, String> {
 
 /// Resolves and validates every build flag.
 pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSettings> {
-    for (name, given) in unsupported_flags(args) {
-        if given {
-            bail!("kiln build: flag --{name} is not supported yet");
-        }
-    }
     let mut warnings = Vec::new();
     if args.rm == Some(false) {
         warnings.push("ignoring deprecated flag: '--rm=false'".to_string());
@@ -531,11 +549,21 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         .iter()
         .map(|v| normalize_cache(v))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // Cache exports are checked for syntax, then refused: the daemon would not
-    // export them and the user would believe the cache was written.
-    if let Some(value) = dedupe(&args.cache_to).first() {
-        let (kind, _) = normalize_cache(value)?;
-        bail!("kiln build: cache export (--cache-to type={kind}) is not supported yet");
+    for (kind, attrs) in &cache_imports {
+        check_cache_entry(kind, attrs, "src", "--cache-from")?;
+    }
+    let mut cache_exports: Vec<CacheEntry> = Vec::new();
+    for value in dedupe(&args.cache_to) {
+        let (kind, mut attrs) = normalize_cache(&value)?;
+        check_cache_entry(&kind, &attrs, "dest", "--cache-to")?;
+        // As buildctl: one export per type.
+        if cache_exports.iter().any(|(k, _)| *k == kind) {
+            bail!("duplicate cache exports");
+        }
+        attrs
+            .entry("mode".to_string())
+            .or_insert_with(|| "min".to_string());
+        cache_exports.push((kind, attrs));
     }
     let output = args.output.as_deref().map(parse_output).transpose()?;
     let progress = resolve_progress(&args.progress, env)?;
@@ -552,11 +580,14 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         platform,
         entitlements,
         cache_imports,
+        cache_exports,
         iidfile: args.iidfile.as_ref().map(PathBuf::from),
         metadata_file: args.metadata_file.as_ref().map(PathBuf::from),
         named_locals,
         source_policy: crate::policy::load(args.source_policy_file.as_deref(), &env)?,
         warnings,
+        secrets: crate::secrets::parse_secrets(&dedupe(&args.secret), env)?,
+        ssh_agents: crate::secrets::parse_ssh(&dedupe(&args.ssh), env)?,
     })
 }
 
@@ -762,17 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_flags_fail_by_name() {
-        for (argv, name) in [
-            (&["--secret", "id=a,src=b", "."][..], "secret"),
-            (&["--ssh", "default", "."][..], "ssh"),
-        ] {
-            assert_eq!(
-                err(argv),
-                format!("kiln build: flag --{name} is not supported yet"),
-                "{argv:?}"
-            );
-        }
+    fn network_and_allow_flags() {
         assert!(resolve(&["--network=default", "."], &[]).is_ok());
         let allowed = resolve(
             &[
@@ -889,13 +910,41 @@ mod tests {
         assert_eq!((kind.as_str(), attrs["src"].as_str()), ("local", "/c"));
         let s = resolve(&["--cache-from", "r/x", "--cache-from=r/x", "."], &[]).unwrap();
         assert_eq!(s.cache_imports.len(), 1);
+        let s = resolve(
+            &[
+                "--cache-to",
+                "r/x",
+                "--cache-to=type=local,dest=/d,mode=max",
+                ".",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.cache_exports.len(), 2);
+        assert_eq!(s.cache_exports[0].0, "registry");
+        assert_eq!(s.cache_exports[0].1["mode"], "min");
+        assert_eq!(s.cache_exports[1].1["mode"], "max");
         assert_eq!(
-            err(&["--cache-to", "r/x", "."]),
-            "kiln build: cache export (--cache-to type=registry) is not supported yet"
+            err(&[
+                "--cache-to",
+                "r/x",
+                "--cache-to",
+                "type=registry,ref=r/y",
+                "."
+            ]),
+            "duplicate cache exports"
         );
         assert_eq!(
             err(&["--cache-to", "type=inline", "."]),
-            "kiln build: cache export (--cache-to type=inline) is not supported yet"
+            "kiln build: cache type inline (--cache-to) is not supported yet"
+        );
+        assert_eq!(
+            err(&["--cache-to", "type=local", "."]),
+            "kiln build: --cache-to type=local needs dest=<directory>"
+        );
+        assert_eq!(
+            err(&["--cache-from", "type=gha", "."]),
+            "kiln build: cache type gha (--cache-from) is not supported yet"
         );
     }
 

@@ -115,17 +115,30 @@ fn context_errors() {
 }
 
 #[test]
-fn unsupported_flag_fails_before_anything_else() {
+fn unsupported_and_invalid_flags_fail_before_anything_else() {
     let ctx = context_with_dockerfile();
     let out = kiln(
-        &["builder", "build", "--secret", "id=a,src=b", "."],
+        &[
+            "builder",
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            ".",
+        ],
         ctx.path(),
     );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "error: kiln build: flag --secret is not supported yet\n"
+        "error: kiln build: building for several platforms (linux/amd64,linux/arm64) is not supported yet\n"
     );
+    let out = kiln(
+        &["build", "--build-context", "a=./nowhere", "."],
+        ctx.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nowhere is not a directory"), "{stderr}");
 }
 
 #[test]

@@ -29,6 +29,7 @@ pub use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 pub use kiln_proto::moby::buildkit::v1::types::WorkerRecord;
 pub use kiln_proto::moby::buildkit::v1::StatusResponse;
 pub use kiln_proto::moby::buildkit::v1::UsageRecord;
+pub use kiln_session::secrets::{SecretSource, MAX_SECRET_SIZE};
 pub use solve::{new_ref, solve, SolveOptions, SolveOutcome};
 pub use tonic::Code;
 pub use usage::{disk_usage, prune};

@@ -43,6 +43,14 @@ pub struct SolveOptions {
     pub cache_imports: Vec<(String, BTreeMap<String, String>)>,
     /// Cache exporters as `(type, attrs)` (`--cache-to`).
     pub cache_exports: Vec<(String, BTreeMap<String, String>)>,
+    /// Files receiving FileSend output by exporter id (kilnd sends a `local`
+    /// cache export as exporter `cache-<n>`); other output goes to
+    /// `output_file`.
+    pub file_send_targets: BTreeMap<String, PathBuf>,
+    /// Secrets served over the session by id (`--secret`).
+    pub secrets: BTreeMap<String, kiln_session::secrets::SecretSource>,
+    /// SSH agent sockets forwarded over the session by id (`--ssh`).
+    pub ssh_agents: BTreeMap<String, PathBuf>,
     /// Source policy (`--source-policy-file`), sent as `SolveRequest.SourcePolicy`.
     pub source_policy: Option<kiln_proto::moby::buildkit::v1::sourcepolicy::Policy>,
     /// More session services to serve (e.g. the `export` content store of `tar=false`).
@@ -80,8 +88,9 @@ pub fn new_ref() -> String {
 
 /// Runs one build on the daemon behind `client`.
 ///
-/// Opens the session (serving `options.locals` and, when set, receiving the
-/// exporter output into `options.output_file`), then runs `Control.Status`
+/// Opens the session (serving `options.locals`, registry credentials from
+/// the docker config (`$DOCKER_CONFIG`, `~/.docker/config.json`) and, when
+/// set, receiving the exporter output into `options.output_file`), then runs `Control.Status`
 /// and `Control.Solve` concurrently. Every status message is forwarded to
 /// `progress`; the channel is dropped once the status stream ends (or stays
 /// silent for 5 s after the solve). The session is closed after the solve. A
@@ -91,12 +100,23 @@ pub async fn solve(
     options: SolveOptions,
     progress: mpsc::Sender<StatusResponse>,
 ) -> Result<SolveOutcome, Error> {
-    let mut builder = SessionBuilder::new(options.shared_key.clone());
+    // Registry credentials from the docker config, as buildctl always attaches them.
+    let mut builder = SessionBuilder::new(options.shared_key.clone())
+        .registry_auth(kiln_session::auth::DockerConfig::from_env());
     for (name, path) in &options.locals {
         builder = builder.local_dir(name.clone(), path.clone());
     }
     if let Some(path) = &options.output_file {
         builder = builder.file_send_path(path.clone());
+    }
+    for (id, path) in &options.file_send_targets {
+        builder = builder.file_send_target(id.clone(), path.clone());
+    }
+    for (id, source) in &options.secrets {
+        builder = builder.secret(id.clone(), source.clone());
+    }
+    for (id, socket) in &options.ssh_agents {
+        builder = builder.ssh_agent(id.clone(), socket.clone());
     }
     if let Some(dir) = &options.output_dir {
         builder = builder.file_send_dir(dir.clone());

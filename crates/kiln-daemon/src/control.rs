@@ -30,6 +30,9 @@ pub struct ControlService {
     root: PathBuf,
     entitlements: Vec<String>,
     gc_policy: Vec<GcPolicy>,
+    /// Caches imported for a build (`--cache-from`), by build ref, for the
+    /// solve that build runs (directly or through the gateway).
+    cache_imports: std::sync::Mutex<std::collections::HashMap<String, kiln_solver::CacheImports>>,
 }
 
 /// Checks that every privileged step of `definition` is allowed both by the
@@ -83,6 +86,7 @@ impl ControlService {
             root,
             entitlements: Vec::new(),
             gc_policy: Vec::new(),
+            cache_imports: Default::default(),
         }
     }
 
@@ -263,8 +267,18 @@ impl ControlService {
             session_id.to_string(),
             &self.root.join("locals"),
         ));
+        let cache_imports = self
+            .cache_imports
+            .lock()
+            .map(|m| m.get(build_ref).cloned().unwrap_or_default())
+            .unwrap_or_default();
         let options = SolveOptions {
             no_cache: attrs.contains_key("no-cache"),
+            cache_imports,
+            session: Some(Arc::new(crate::secrets::SessionSecrets::new(
+                self.sessions.clone(),
+                session_id.to_string(),
+            ))),
         };
         let result = self
             .solver
@@ -272,6 +286,14 @@ impl ControlService {
             .await
             .map_err(|e| solve_error(&e))?;
         Ok((result, image_config))
+    }
+
+    /// The registry credentials of the build of `session_id` (see `registry_auth`).
+    pub(crate) fn registry_auth(
+        &self,
+        session_id: &str,
+    ) -> Option<Arc<dyn kiln_image::registry::auth::RegistryAuth>> {
+        crate::registry_auth::for_session(&self.sessions, session_id)
     }
 
     /// The worker records `ListWorkers` and the gateway's `Ping` report.
@@ -325,6 +347,37 @@ impl ControlService {
         let tmp_root = self.root.join("tmp");
         let request_ref = request.r#ref.clone();
         let worker = self.solver.worker().clone();
+        let cache = request.cache.clone().unwrap_or_default();
+        let cache_exports = crate::cache::parse_exports(&cache.exports)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let _imports = if cache.imports.is_empty() {
+            None
+        } else {
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, "importing cache"]),
+                "importing cache manifest",
+                Vec::new(),
+            );
+            let source = crate::cache::ImportSource {
+                worker: worker.as_ref(),
+                session: session.as_deref(),
+                tmp_dir: &tmp_root,
+                hosts: exporter::registry_hosts(),
+            };
+            let imports = match crate::cache::import(&source, &cache.imports, &vertex).await {
+                Ok(imports) => {
+                    vertex.done();
+                    imports
+                }
+                Err(e) => {
+                    vertex.failed(&format!("{e:#}"));
+                    return Err(Status::invalid_argument(format!(
+                        "failed to import cache: {e:#}"
+                    )));
+                }
+            };
+            Some(CacheImportsGuard::new(self, &request_ref, imports))
+        };
         let policy = match &request.source_policy {
             Some(policy) => SourcePolicy::compile(policy)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?
@@ -391,9 +444,60 @@ impl ControlService {
                 }
             }
         }
+        let target = crate::cache::ExportTarget {
+            worker: worker.as_ref(),
+            session: session.as_deref(),
+            tmp_dir: &tmp_root,
+            hosts: exporter::registry_hosts(),
+        };
+        for (n, export) in cache_exports.iter().enumerate() {
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, "exporting cache", &n.to_string()]),
+                "exporting cache",
+                Vec::new(),
+            );
+            match crate::cache::export(&target, &result, export, n, &vertex).await {
+                Ok(()) => vertex.done(),
+                Err(e) => {
+                    vertex.failed(&format!("{e:#}"));
+                    return Err(Status::unknown(format!("failed to export cache: {e:#}")));
+                }
+            }
+        }
         Ok(api::SolveResponse {
             exporter_response: response,
         })
+    }
+}
+
+/// Registers a build's imported caches for its solve and forgets them when
+/// the build ends.
+struct CacheImportsGuard<'a> {
+    service: &'a ControlService,
+    build_ref: String,
+}
+
+impl<'a> CacheImportsGuard<'a> {
+    fn new(
+        service: &'a ControlService,
+        build_ref: &str,
+        imports: kiln_solver::CacheImports,
+    ) -> Self {
+        if let Ok(mut map) = service.cache_imports.lock() {
+            map.insert(build_ref.to_string(), imports);
+        }
+        Self {
+            service,
+            build_ref: build_ref.to_string(),
+        }
+    }
+}
+
+impl Drop for CacheImportsGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.service.cache_imports.lock() {
+            map.remove(&self.build_ref);
+        }
     }
 }
 
@@ -432,8 +536,11 @@ impl Control for ControlService {
         drop(_entered);
         let (writer, guard) = self.jobs.start(&build_ref);
         // The solve runs inside this handler: when the client goes away,
-        // tonic drops the future and with it every running step.
-        let result = self.run_solve(request, &writer).await;
+        // tonic drops the future and with it every running step. Registry
+        // requests of the build (pulls, pushes) ask the session for credentials.
+        let auth = self.registry_auth(&request.session);
+        let result =
+            kiln_image::registry::auth::scope(auth, self.run_solve(request, &writer)).await;
         guard.finish(writer).await;
         if let Err(status) = &result {
             tracing::info!(r#ref = %build_ref, error = %status.message(), "solve failed");

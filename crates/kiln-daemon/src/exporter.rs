@@ -47,6 +47,11 @@ pub fn set_registry_hosts(hosts: RegistryHosts) {
     }
 }
 
+/// The registry settings set with [`set_registry_hosts`] (defaults without).
+pub fn registry_hosts() -> RegistryHosts {
+    REGISTRY_HOSTS.get().cloned().unwrap_or_default()
+}
+
 /// The settings every exporter reads from its attrs.
 #[derive(Clone, Debug, Default)]
 pub struct ExportOptions {

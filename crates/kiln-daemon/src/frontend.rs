@@ -152,7 +152,15 @@ impl ImageMetaResolver for WorkerResolver {
                     kiln_worker::LABEL_PREFIX,
                     kiln_worker_oci::BASE_IMAGES_LABEL
                 ));
+                // An authentication failure is about the registry, not about
+                // where images live: no note about image stores then.
+                let unauthorized = matches!(&e, kiln_worker::Error::Resolve { source, .. }
+                    if matches!(**source, kiln_image::Error::Registry(
+                        kiln_image::registry::Error::Unauthorized { .. }
+                        | kiln_image::registry::Error::Auth { .. })));
+                let e = with_causes(&e);
                 let message = match (self.worker.image_store(), base_images) {
+                    _ if unauthorized => format!("{reference}: {e}"),
                     // The documented limitation users hit most: an image
                     // built earlier lives in containerd, out of reach.
                     (None, None) => format!(
@@ -486,8 +494,17 @@ pub async fn dockerfile(
     };
     let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
         .await
-        .map_err(|e| UserError {
-            message: format!("{filename}: {}", with_causes(&e)),
+        .map_err(|e| {
+            // Compile errors start with `<line>: `; name the place `Dockerfile:<line>` as BuildKit does.
+            let text = with_causes(&e);
+            let separator = if text.starts_with(|c: char| c.is_ascii_digit()) {
+                ":"
+            } else {
+                ": "
+            };
+            UserError {
+                message: format!("{filename}{separator}{text}"),
+            }
         })?;
     Ok(FrontendResult {
         definition: compiled.definition,

@@ -194,19 +194,18 @@ impl LlbBridge for GatewayService {
             ));
         }
         let attrs: BTreeMap<String, String> = request.frontend_opt.clone();
-        let (result, config) = self
-            .control
-            .build(
-                &request.frontend,
-                request.definition.clone(),
-                &attrs,
-                &job.session,
-                &job.entitlements,
-                &job.progress,
-                &job.build_ref,
-                job.policy.clone(),
-            )
-            .await?;
+        let auth = self.control.registry_auth(&job.session);
+        let build = self.control.build(
+            &request.frontend,
+            request.definition.clone(),
+            &attrs,
+            &job.session,
+            &job.entitlements,
+            &job.progress,
+            &job.build_ref,
+            job.policy.clone(),
+        );
+        let (result, config) = kiln_image::registry::auth::scope(auth, build).await?;
         let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
         let config_json =
             serde_json::to_vec(&config).map_err(|e| Status::internal(e.to_string()))?;

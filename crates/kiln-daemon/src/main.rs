@@ -2,6 +2,7 @@
 //! `buildkitd.toml`, serves BuildKit's `Control` API on the same sockets and
 //! runs builds on the OCI worker.
 
+mod cache;
 mod config;
 mod control;
 mod debug;
@@ -13,6 +14,8 @@ mod jobs;
 mod listen;
 mod locals;
 mod policy;
+mod registry_auth;
+mod secrets;
 mod tuning;
 mod usage;
 

@@ -529,7 +529,7 @@ impl Compiler<'_> {
             let mut state = match &bases[i] {
                 Base::Stage(j) => states[*j].clone().ok_or_else(|| CompileError::Circular {
                     line: stage.span.start,
-                    stage: stage_name.clone(),
+                    stage: dependency_name(stage, i),
                 })?,
                 Base::Scratch => self.init_state(None, empty_image(&platform), platform),
                 Base::Image(name) => {
@@ -598,7 +598,7 @@ impl Compiler<'_> {
                                 return Err(if *j == i {
                                     CompileError::Circular {
                                         line: command.span.start,
-                                        stage: stage_name.clone(),
+                                        stage: dependency_name(stage, i),
                                     }
                                 } else {
                                     CompileError::StageOrder {
@@ -660,6 +660,9 @@ impl Compiler<'_> {
                 let mut sources = Vec::new();
                 for mount in run_modes(flags, line)?.mounts {
                     if let RunMount::Bind {
+                        from: Some(from), ..
+                    }
+                    | RunMount::Cache {
                         from: Some(from), ..
                     } = mount
                     {
@@ -1133,7 +1136,8 @@ impl Compiler<'_> {
                 let args = self.with_shell(state, cmd);
                 let keep_cmd = state.cmd_set;
                 let runtime = state.runtime();
-                runtime.entrypoint = Some(args.clone());
+                // `ENTRYPOINT []` clears the entrypoint (BuildKit stores nil, not an empty list).
+                runtime.entrypoint = (!args.is_empty()).then(|| args.clone());
                 if !keep_cmd {
                     runtime.cmd = None;
                 }
@@ -1159,7 +1163,21 @@ impl Compiler<'_> {
                     };
                     match &value {
                         Some(v) => {
-                            state.add_env(&def.name, v);
+                            // An ENV (of the stage or its base image) always wins over an ARG
+                            // of the same name.
+                            let set_by_env = state
+                                .image
+                                .config
+                                .as_ref()
+                                .and_then(|c| c.env.as_ref())
+                                .is_some_and(|env| {
+                                    env.iter().any(|e| {
+                                        e.split_once('=').map_or(e.as_str(), |(k, _)| k) == def.name
+                                    })
+                                });
+                            if !set_by_env {
+                                state.add_env(&def.name, v);
+                            }
                             parts.push(format!("{}={v}", def.name));
                         }
                         None => parts.push(def.name.clone()),
@@ -1270,6 +1288,9 @@ impl Compiler<'_> {
                 ..Default::default()
             });
         }
+        let mut session_mounts: Vec<pb::Mount> = Vec::new();
+        let mut secret_env: Vec<pb::SecretEnv> = Vec::new();
+        let mut ssh_auth_sock: Option<String> = None;
         for mount in &modes.mounts {
             let absolute = |target: &str| {
                 if target.starts_with('/') {
@@ -1287,14 +1308,38 @@ impl Compiler<'_> {
                     uid,
                     gid,
                     mode,
+                    from: from_name,
+                    source,
                 } => {
-                    // dockerfile2llb: a new cache dir starts as a scratch mkdir carrying the
-                    // requested owner and mode.
-                    let dir = self.cache_dir_state(state, *uid, *gid, *mode)?;
-                    inputs.push(dir);
+                    // dockerfile2llb: a new cache dir starts as `source` of `from`, or as a
+                    // scratch mkdir carrying the requested owner and mode.
+                    let (dir, selector) = match from_name {
+                        Some(_) => {
+                            let (output, bind) = self.bind_mount(
+                                from,
+                                from_name,
+                                source,
+                                &absolute(target),
+                                *readonly,
+                                command.span.start,
+                            )?;
+                            (output, bind.selector)
+                        }
+                        None => (
+                            Some(self.cache_dir_state(state, *uid, *gid, *mode)?),
+                            "/cache".to_string(),
+                        ),
+                    };
+                    let input = match dir {
+                        Some(output) => {
+                            inputs.push(output);
+                            (inputs.len() - 1) as i64
+                        }
+                        None => -1,
+                    };
                     mounts.push(pb::Mount {
-                        input: (inputs.len() - 1) as i64,
-                        selector: "/cache".to_string(),
+                        input,
+                        selector,
                         dest: absolute(target),
                         output: -1,
                         readonly: *readonly,
@@ -1309,6 +1354,31 @@ impl Compiler<'_> {
                         }),
                         ..Default::default()
                     });
+                }
+                RunMount::Secret(secret) => {
+                    if let Some(name) = &secret.env {
+                        secret_env.push(pb::SecretEnv {
+                            id: secret.id.clone(),
+                            name: name.clone(),
+                            optional: !secret.required,
+                        });
+                    }
+                    if let Some(target) = &secret.target {
+                        session_mounts.push(secret_mount(secret, absolute(target)));
+                    }
+                }
+                RunMount::Ssh(ssh) => {
+                    // llb: the n-th ssh mount of a RUN defaults to /run/buildkit/ssh_agent.<n>.
+                    let n = session_mounts
+                        .iter()
+                        .filter(|m| m.mount_type == pb::MountType::Ssh as i32)
+                        .count();
+                    let target = match &ssh.target {
+                        Some(t) => absolute(t),
+                        None => format!("/run/buildkit/ssh_agent.{n}"),
+                    };
+                    ssh_auth_sock.get_or_insert_with(|| target.clone());
+                    session_mounts.push(ssh_mount(ssh, target));
                 }
                 RunMount::Bind {
                     target,
@@ -1347,6 +1417,15 @@ impl Compiler<'_> {
                 }),
             }
         }
+        // llb: secrets and ssh sockets come after the other mounts, and the first ssh socket is
+        // SSH_AUTH_SOCK unless the environment sets it.
+        mounts.extend(session_mounts);
+        let mut env = env;
+        if let Some(sock) = ssh_auth_sock {
+            if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                env.push(format!("SSH_AUTH_SOCK={sock}"));
+            }
+        }
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
                 args: args.clone(),
@@ -1372,6 +1451,7 @@ impl Compiler<'_> {
                 modes.network as i32
             },
             security: modes.security as i32,
+            secretenv: secret_env,
             ..Default::default()
         };
         let op = pb::Op {
@@ -1950,7 +2030,8 @@ struct RunModes {
     mounts: Vec<RunMount>,
 }
 
-/// One `RUN --mount` the compiler supports (`type=cache`, `type=tmpfs` and `type=bind`).
+/// One `RUN --mount` the compiler supports (`type=cache`, `type=tmpfs`, `type=bind`, `type=secret`,
+/// `type=ssh`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RunMount {
     /// `type=cache`: a persistent directory keyed by `id` (empty = the target).
@@ -1962,6 +2043,10 @@ enum RunMount {
         uid: u32,
         gid: u32,
         mode: i32,
+        /// `from`: a new cache dir starts as `source` of this stage or image (else an empty
+        /// dir owned by uid/gid with `mode`).
+        from: Option<String>,
+        source: String,
     },
     /// `type=tmpfs`, with an optional size in bytes.
     Tmpfs { target: String, size: i64 },
@@ -1973,13 +2058,171 @@ enum RunMount {
         source: String,
         readonly: bool,
     },
+    /// `type=secret`: a file (and/or an environment variable) served by the client.
+    Secret(SecretMount),
+    /// `type=ssh`: an SSH agent socket forwarded from the client.
+    Ssh(SshMount),
+}
+
+/// `RUN --mount=type=secret` (BuildKit's `parseMount` + `dispatchRunMounts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SecretMount {
+    /// The secret id (defaults to the target's base name).
+    id: String,
+    /// Where the file is mounted; `None` with `env` set = only the variable.
+    target: Option<String>,
+    /// `env=`: also (or only) expose the value as this environment variable.
+    env: Option<String>,
+    required: bool,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+/// `RUN --mount=type=ssh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SshMount {
+    /// The agent id (`default` unless given).
+    id: String,
+    /// The socket path; `None` = `/run/buildkit/ssh_agent.<n>` (n counts the RUN's ssh mounts).
+    target: Option<String>,
+    required: bool,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+/// Parses `--mount` values of `type=secret` and `type=ssh`; `None` for other types. The keys
+/// are BuildKit's: `id`, `target|dst|destination`, `source|src` (the id, for secrets),
+/// `required`, `mode` (octal), `uid`, `gid`, `env` (secrets); `ro|readonly` is accepted as
+/// both are always read-only.
+fn parse_session_mount(value: &str, line: usize) -> Result<Option<RunMount>, CompileError> {
+    let invalid = |message: String| CompileError::Invalid { line, message };
+    let fields: Vec<(String, Option<&str>, &str)> = value
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(|field| match field.split_once('=') {
+            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim()), field),
+            None => (field.trim().to_ascii_lowercase(), None, field),
+        })
+        .collect();
+    let kind = fields
+        .iter()
+        .rev()
+        .find(|(k, _, _)| k == "type")
+        .and_then(|(_, v, _)| *v)
+        .map(str::to_ascii_lowercase);
+    let secret = match kind.as_deref() {
+        Some("secret") => true,
+        Some("ssh") => false,
+        _ => return Ok(None),
+    };
+    let (mut id, mut target, mut env) = (None::<String>, None::<String>, None::<String>);
+    let mut required = false;
+    let (mut uid, mut gid, mut mode) = (0u32, 0u32, None::<u32>);
+    for (key, val, field) in &fields {
+        let need = || val.ok_or_else(|| invalid(format!("invalid mount option {field:?}")));
+        match key.as_str() {
+            "type" => {}
+            "id" => id = Some(need()?.to_string()),
+            "source" | "src" if secret => id = Some(need()?.to_string()),
+            "target" | "dst" | "destination" => target = Some(need()?.to_string()),
+            "env" if secret => env = Some(need()?.to_string()),
+            "required" => {
+                required = match val {
+                    None | Some("") => true,
+                    Some(v) => parse_go_bool(v)
+                        .ok_or_else(|| invalid(format!("invalid value for required: {v}")))?,
+                }
+            }
+            "readonly" | "ro" => {}
+            "uid" => {
+                uid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid uid {field:?}")))?
+            }
+            "gid" => {
+                gid = need()?
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid gid {field:?}")))?
+            }
+            "mode" => {
+                mode = Some(
+                    u32::from_str_radix(need()?, 8)
+                        .map_err(|_| invalid(format!("invalid mode {field:?}")))?,
+                )
+            }
+            other => return Err(invalid(format!("unexpected key '{other}' in '{field}'"))),
+        }
+    }
+    let target = target.filter(|t| !t.is_empty());
+    if secret {
+        let id = match (id.filter(|i| !i.is_empty()), &target) {
+            (Some(id), _) => id,
+            (None, Some(target)) => target
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            (None, None) => {
+                return Err(invalid(
+                    "one of source, target required for a secret mount".to_string(),
+                ))
+            }
+        };
+        if id.is_empty() {
+            return Err(invalid(format!("invalid secret id in {value:?}")));
+        }
+        // Only an explicit target or no `env=` gives a file (BuildKit: `/run/secrets/<id>`).
+        let target = match (target, &env) {
+            (Some(t), _) => Some(t),
+            (None, Some(_)) => None,
+            (None, None) => Some(format!(
+                "/run/secrets/{}",
+                id.rsplit('/').next().unwrap_or(&id)
+            )),
+        };
+        Ok(Some(RunMount::Secret(SecretMount {
+            id,
+            target,
+            env,
+            required,
+            uid,
+            gid,
+            mode: mode.unwrap_or(0o400),
+        })))
+    } else {
+        Ok(Some(RunMount::Ssh(SshMount {
+            id: id
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
+            target,
+            required,
+            uid,
+            gid,
+            mode: mode.unwrap_or(0o600),
+        })))
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses the value of `--mount` (`type=cache,target=/root/.cache,sharing=locked`), as
 /// BuildKit's `instructions.parseMount`: `target|dst|destination`, `id`, `sharing`,
 /// `readonly|ro`, `rw|readwrite`, `uid`, `gid`, `mode` (octal), `size`, `from`, `source|src`;
-/// `from`/`source` of a cache mount and the secret and ssh types are not supported yet.
+/// `type=secret|ssh` go to [`parse_session_mount`].
 fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
+    if let Some(mount) = parse_session_mount(value, line)? {
+        return Ok(mount);
+    }
     let invalid = |message: String| CompileError::Invalid { line, message };
     let unsupported = |what: String| CompileError::UnsupportedSource { line, what };
     let mut kind = "bind".to_string();
@@ -2043,10 +2286,13 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
         .ok_or_else(|| invalid("mount destination (target) is required".to_string()))?;
     // A relative target is resolved against the working directory in `dispatch_run`.
     match kind.as_str() {
-        "cache" if from.is_some() || source.is_some() => Err(unsupported(
-            "RUN --mount=type=cache with from or source".to_string(),
+        "cache" if from.as_deref().is_none_or(str::is_empty) && source.is_some() => Err(invalid(
+            "RUN --mount=type=cache: source needs from (the stage or image it is read from)"
+                .to_string(),
         )),
         "cache" => Ok(RunMount::Cache {
+            from: from.filter(|f| !f.is_empty()),
+            source: source.unwrap_or_default(),
             // Empty = the (absolute) target, filled in by `dispatch_run`.
             id: id.unwrap_or_default(),
             target,
@@ -2069,6 +2315,42 @@ fn parse_mount(value: &str, line: usize) -> Result<RunMount, CompileError> {
     }
 }
 
+/// The LLB mount of a `type=secret` file at `dest` (no input, no output: llb's `AddSecret`).
+fn secret_mount(secret: &SecretMount, dest: String) -> pb::Mount {
+    pb::Mount {
+        input: -1,
+        dest,
+        output: -1,
+        mount_type: pb::MountType::Secret as i32,
+        secret_opt: Some(pb::SecretOpt {
+            id: secret.id.clone(),
+            uid: secret.uid,
+            gid: secret.gid,
+            mode: secret.mode,
+            optional: !secret.required,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The LLB mount of a `type=ssh` socket at `dest` (llb's `AddSSHSocket`).
+fn ssh_mount(ssh: &SshMount, dest: String) -> pb::Mount {
+    pb::Mount {
+        input: -1,
+        dest,
+        output: -1,
+        mount_type: pb::MountType::Ssh as i32,
+        ssh_opt: Some(pb::SshOpt {
+            id: ssh.id.clone(),
+            uid: ssh.uid,
+            gid: ssh.gid,
+            mode: ssh.mode,
+            optional: !ssh.required,
+        }),
+        ..Default::default()
+    }
+}
+
 /// `size=` of a tmpfs mount: bytes, or with a `k`/`m`/`g` suffix (docker's `RAMInBytes`).
 fn parse_size(value: &str) -> Option<i64> {
     let lower = value.to_ascii_lowercase();
@@ -2083,8 +2365,8 @@ fn parse_size(value: &str) -> Option<i64> {
     (n >= 0.0).then_some((n * unit as f64) as i64)
 }
 
-/// Parses `RUN` flags; `--mount` supports `type=cache`, `type=tmpfs` and `type=bind`, `--device`
-/// nothing yet.
+/// Parses `RUN` flags; `--mount` supports `type=cache|tmpfs|bind|secret|ssh`, `--device` nothing
+/// yet.
 fn run_modes(flags: &[String], line: usize) -> Result<RunModes, CompileError> {
     let mut modes = RunModes {
         network: pb::NetMode::Unset,
@@ -2521,6 +2803,15 @@ fn go_quote(s: &str) -> String {
     out
 }
 
+/// The name BuildKit gives a stage in dependency errors: its `AS` name or `stage-<index>`
+/// (even in a single-stage Dockerfile, whose progress prefix is empty).
+fn dependency_name(stage: &Stage, index: usize) -> String {
+    stage
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("stage-{index}"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -2537,6 +2828,8 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 mode: 0o755,
+                from: None,
+                source: String::new(),
             }
         );
         assert_eq!(
@@ -2553,8 +2846,18 @@ mod tests {
                 uid: 1,
                 gid: 2,
                 mode: 0o700,
+                from: None,
+                source: String::new(),
             }
         );
+        assert!(matches!(
+            parse_mount("type=cache,target=/c,from=build,source=/out", 1).unwrap(),
+            RunMount::Cache { from: Some(f), source, .. } if f == "build" && source == "/out"
+        ));
+        assert!(parse_mount("type=cache,target=/c,source=/out", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("source needs from"));
         assert!(matches!(
             parse_mount("type=cache,destination=/c,readonly=true,rw", 1).unwrap(),
             RunMount::Cache {
@@ -2592,7 +2895,7 @@ mod tests {
                 readonly: false,
             }
         );
-        assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_err());
+        assert!(parse_mount("type=cache,target=/c,from=builder", 3).is_ok());
     }
 
     use super::*;

@@ -939,7 +939,9 @@ fn parse_copy(
     if words.len() < 2 {
         return Err(error(
             line,
-            format!("{keyword} requires at least two arguments"),
+            format!(
+                "{keyword} requires at least two arguments, but only one was provided. Destination could not be determined"
+            ),
         ));
     }
     copy.dest = words.pop().unwrap_or_default();

@@ -1,5 +1,7 @@
 //! Shell-like word processing as BuildKit's `shell.Lex` does it: quotes, escapes and variable
-//! expansion (`$v`, `${v}`, `${v:-d}`, `${v-d}`, `${v:+a}`, `${v+a}`, `${v:?m}`, `${v?m}`).
+//! expansion (`$v`, `${v}`, `${v:-d}`, `${v-d}`, `${v:+a}`, `${v+a}`, `${v:?m}`, `${v?m}`, and the
+//! pattern forms `${v#p}`, `${v##p}`, `${v%p}`, `${v%%p}`, `${v/p/r}`, `${v//p/r}` with shell
+//! globs `*`, `?`, `[...]`).
 
 /// Why a word could not be expanded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,10 +83,25 @@ impl Lexer {
         env: &Env,
         stop: Option<char>,
     ) -> Result<String, ExpandError> {
+        match stop {
+            Some(stop) => self.process_until_any(chars, pos, env, &[stop]),
+            None => self.process_until_any(chars, pos, env, &[]),
+        }
+    }
+
+    /// Processes until one of `stops` (not consumed) or the end; with stops, quotes are
+    /// ordinary characters (as inside `${…}`).
+    fn process_until_any(
+        &self,
+        chars: &[char],
+        pos: &mut usize,
+        env: &Env,
+        stops: &[char],
+    ) -> Result<String, ExpandError> {
         let mut out = String::new();
         while *pos < chars.len() {
             let c = chars[*pos];
-            if Some(c) == stop {
+            if stops.contains(&c) {
                 return Ok(out);
             }
             *pos += 1;
@@ -98,7 +115,7 @@ impl Lexer {
                 } else if self.raw_quotes {
                     out.push(c);
                 }
-            } else if c == '\'' && stop.is_none() && !self.skip_quotes {
+            } else if c == '\'' && stops.is_empty() && !self.skip_quotes {
                 if self.raw_quotes {
                     out.push(c);
                 }
@@ -117,7 +134,7 @@ impl Lexer {
                 if self.raw_quotes {
                     out.push('\'');
                 }
-            } else if c == '"' && stop.is_none() && !self.skip_quotes {
+            } else if c == '"' && stops.is_empty() && !self.skip_quotes {
                 if self.raw_quotes {
                     out.push(c);
                 }
@@ -196,6 +213,9 @@ impl Lexer {
                     });
                 }
                 *pos += 1;
+                if matches!(next, '#' | '%' | '/') {
+                    return self.pattern_substitution(chars, pos, env, name, next, value);
+                }
                 let colon = next == ':';
                 let modifier = if colon {
                     let Some(&m) = chars.get(*pos) else {
@@ -264,6 +284,134 @@ impl Lexer {
             }
             _ => Ok("$".to_string()),
         }
+    }
+}
+
+impl Lexer {
+    /// `${v#p}`, `${v##p}`, `${v%p}`, `${v%%p}`, `${v/p/r}`, `${v//p/r}`: `kind` (`#`, `%` or
+    /// `/`) is consumed; the pattern keeps its escapes so `\*` stays a literal star.
+    fn pattern_substitution(
+        &self,
+        chars: &[char],
+        pos: &mut usize,
+        env: &Env,
+        name: String,
+        kind: char,
+        value: Option<String>,
+    ) -> Result<String, ExpandError> {
+        let doubled = chars.get(*pos) == Some(&kind);
+        if doubled {
+            *pos += 1;
+        }
+        let pattern_lexer = Lexer {
+            raw_quotes: true,
+            ..*self
+        };
+        let stops: &[char] = if kind == '/' { &['/', '}'] } else { &['}'] };
+        let pattern: Vec<char> = pattern_lexer
+            .process_until_any(chars, pos, env, stops)?
+            .chars()
+            .collect();
+        let replacement = if kind == '/' && chars.get(*pos) == Some(&'/') {
+            *pos += 1;
+            self.process_until(chars, pos, env, Some('}'))?
+        } else {
+            String::new()
+        };
+        if chars.get(*pos) != Some(&'}') {
+            return Err(ExpandError::UnterminatedBrace { name });
+        }
+        *pos += 1;
+        let value: Vec<char> = match value {
+            Some(value) => value.chars().collect(),
+            None if self.skip_unset => {
+                return Ok(String::new());
+            }
+            None => Vec::new(),
+        };
+        let text = |range: &[char]| range.iter().collect::<String>();
+        let n = value.len();
+        Ok(match (kind, doubled) {
+            // Shortest, then longest, matching prefix removed.
+            ('#', false) => (0..=n)
+                .find(|&i| glob(&pattern, &value[..i]))
+                .map_or_else(|| text(&value), |i| text(&value[i..])),
+            ('#', true) => (0..=n)
+                .rev()
+                .find(|&i| glob(&pattern, &value[..i]))
+                .map_or_else(|| text(&value), |i| text(&value[i..])),
+            // Shortest, then longest, matching suffix removed.
+            ('%', false) => (0..=n)
+                .rev()
+                .find(|&i| glob(&pattern, &value[i..]))
+                .map_or_else(|| text(&value), |i| text(&value[..i])),
+            ('%', true) => (0..=n)
+                .find(|&i| glob(&pattern, &value[i..]))
+                .map_or_else(|| text(&value), |i| text(&value[..i])),
+            // The longest match at the leftmost position, once or everywhere.
+            (_, all) => {
+                let mut out = String::new();
+                let mut start = 0;
+                while start <= n {
+                    let found = (start..=n).find_map(|s| {
+                        (s + 1..=n)
+                            .rev()
+                            .find(|&e| glob(&pattern, &value[s..e]))
+                            .map(|e| (s, e))
+                    });
+                    let Some((s, e)) = found else { break };
+                    out.push_str(&text(&value[start..s]));
+                    out.push_str(&replacement);
+                    start = e;
+                    if !all {
+                        break;
+                    }
+                }
+                out.push_str(&text(&value[start.min(n)..]));
+                out
+            }
+        })
+    }
+}
+
+/// Whether the shell glob `pattern` (`*`, `?`, `[abc]`, `[a-z]`, `[!x]`, `\x`) matches all of
+/// `text`.
+fn glob(pattern: &[char], text: &[char]) -> bool {
+    match pattern.first() {
+        None => text.is_empty(),
+        Some('*') => (0..=text.len()).any(|k| glob(&pattern[1..], &text[k..])),
+        Some('?') => !text.is_empty() && glob(&pattern[1..], &text[1..]),
+        Some('\\') if pattern.len() > 1 => {
+            text.first() == Some(&pattern[1]) && glob(&pattern[2..], &text[1..])
+        }
+        Some('[') => {
+            let Some(&c) = text.first() else {
+                return false;
+            };
+            let mut i = 1;
+            let negate = matches!(pattern.get(1), Some('!') | Some('^'));
+            if negate {
+                i += 1;
+            }
+            let mut matched = false;
+            let mut first = true;
+            while i < pattern.len() {
+                if pattern[i] == ']' && !first {
+                    return matched != negate && glob(&pattern[i + 1..], &text[1..]);
+                }
+                first = false;
+                if i + 2 < pattern.len() && pattern[i + 1] == '-' && pattern[i + 2] != ']' {
+                    matched |= pattern[i] <= c && c <= pattern[i + 2];
+                    i += 3;
+                } else {
+                    matched |= pattern[i] == c;
+                    i += 1;
+                }
+            }
+            // No closing bracket: a literal `[`.
+            c == '[' && glob(&pattern[1..], &text[1..])
+        }
+        Some(&p) => text.first() == Some(&p) && glob(&pattern[1..], &text[1..]),
     }
 }
 
@@ -357,6 +505,42 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(expand(input).unwrap(), want, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn pattern_forms() {
+        let env = vec![
+            ("V".to_string(), "a.b.c".to_string()),
+            ("H".to_string(), "hello".to_string()),
+            ("P".to_string(), "/usr/local/bin".to_string()),
+            ("S".to_string(), "a*b".to_string()),
+        ];
+        let cases = [
+            ("${V#*.}", "b.c"),
+            ("${V##*.}", "c"),
+            ("${V%.*}", "a.b"),
+            ("${V%%.*}", "a"),
+            ("${V#x}", "a.b.c"),
+            ("${H/l/L}", "heLlo"),
+            ("${H//l/L}", "heLLo"),
+            ("${H//l}", "heo"),
+            ("${H/l*/X}", "heX"),
+            ("${H/[aeiou]/_}", "h_llo"),
+            ("${H//[!l]/.}", "..ll."),
+            ("${P##*/}", "bin"),
+            ("${P%/*}", "/usr/local"),
+            ("${S/\\*/-}", "a-b"),
+            ("${U#x}", ""),
+            ("${H/$V/x}", "hello"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                Lexer::new('\\').process_word(input, &env).unwrap(),
+                want,
+                "input {input:?}"
+            );
+        }
+        assert!(Lexer::new('\\').process_word("${H/l", &env).is_err());
     }
 
     #[test]

@@ -180,7 +180,16 @@ fn llb_summary(definition: &pb::Definition) -> String {
                     if m.readonly || !m.selector.is_empty() {
                         write!(out, " readonly={} selector={}", m.readonly, m.selector).unwrap();
                     }
+                    if let Some(secret) = &m.secret_opt {
+                        write!(out, " {secret:?}").unwrap();
+                    }
+                    if let Some(ssh) = &m.ssh_opt {
+                        write!(out, " {ssh:?}").unwrap();
+                    }
                     writeln!(out).unwrap();
+                }
+                if !e.secretenv.is_empty() {
+                    writeln!(out, "  secretenv={:?}", e.secretenv).unwrap();
                 }
                 writeln!(out, "  network={} security={}", e.network, e.security).unwrap();
             }

@@ -1,5 +1,6 @@
 //! Pulling images from an OCI distribution registry: manifests (with platform selection in
-//! indexes), configs and blobs, with anonymous bearer-token authentication.
+//! indexes), configs and blobs, and pushing them. Authentication: anonymous bearer tokens, and
+//! within an [`auth::scope`] basic credentials and tokens from the build's [`auth::RegistryAuth`].
 //!
 //! Hosts are reached over https unless [`RegistryHosts`] says otherwise; `localhost`, `127.0.0.1`
 //! and `[::1]` without configuration try https first and fall back to plain http, like BuildKit.
@@ -16,6 +17,8 @@ use crate::content::{self, ContentStore};
 use crate::oci::{media_types, Descriptor, ImageConfig, ImageIndex, ImageManifest, Platform};
 use crate::reference::{Reference, DEFAULT_DOMAIN};
 use crate::Digest;
+
+pub mod auth;
 
 /// Manifests and configs above this size are refused (they are read into memory).
 const MAX_DOCUMENT_SIZE: usize = 16 << 20;
@@ -56,8 +59,8 @@ pub enum Error {
         /// The HTTP status.
         status: StatusCode,
     },
-    /// The registry wants credentials other than an anonymous bearer token.
-    #[error("failed to fetch {url} for {reference}: {status} (only anonymous bearer tokens are supported)")]
+    /// The registry refused the request for lack of (valid) credentials.
+    #[error("failed to fetch {url} for {reference}: {status}: unauthorized to registry {host} (check its credentials in the client's docker config.json)")]
     Unauthorized {
         /// The image (full normalized reference).
         reference: String,
@@ -65,9 +68,11 @@ pub enum Error {
         url: String,
         /// The HTTP status (401 or 403).
         status: StatusCode,
+        /// The registry host.
+        host: String,
     },
     /// The token endpoint could not be reached or refused.
-    #[error("failed to get anonymous token from {realm} for {reference}")]
+    #[error("failed to get token from {realm} for {reference}")]
     TokenRequest {
         /// The image (full normalized reference).
         reference: String,
@@ -78,7 +83,7 @@ pub enum Error {
         source: reqwest::Error,
     },
     /// The token endpoint answered with an error status or without a token.
-    #[error("failed to get anonymous token from {realm} for {reference}: {detail}")]
+    #[error("failed to get token from {realm} for {reference}: {detail}")]
     Token {
         /// The image (full normalized reference).
         reference: String,
@@ -86,6 +91,15 @@ pub enum Error {
         realm: String,
         /// The status or missing field.
         detail: String,
+    },
+    /// The build's credential provider failed.
+    #[error("registry auth for {reference} failed")]
+    Auth {
+        /// The image (full normalized reference).
+        reference: String,
+        /// The cause.
+        #[source]
+        source: auth::AuthError,
     },
     /// A manifest of a media type we cannot handle.
     #[error("manifest {digest} of {reference} has unsupported media type {media_type:?}")]
@@ -589,6 +603,22 @@ impl Resolver {
             config,
             config_bytes,
         })
+    }
+
+    /// The manifest or index `reference` names (its digest, else its tag, else `latest`), as
+    /// bytes with the media type the registry gave, without interpreting it (cache manifests
+    /// are not images). A digest in the reference is verified.
+    pub async fn fetch_manifest_bytes(&self, reference: &Reference) -> Result<(Vec<u8>, String)> {
+        let target = match (reference.digest(), reference.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_owned(),
+            (None, None) => crate::reference::DEFAULT_TAG.to_owned(),
+        };
+        let (bytes, media_type) = self.fetch_manifest(reference, &target).await?;
+        if let Some(expected) = reference.digest() {
+            check_digest(reference, "manifest", expected, &Digest::of(&bytes))?;
+        }
+        Ok((bytes, media_type))
     }
 
     /// Streams the blob `descriptor` of `reference` into `store`, verifying digest and size.
@@ -1128,9 +1158,15 @@ impl Resolver {
         })
     }
 
-    /// Sends the request `build` makes, with a cached bearer token for `scopes` if there is one;
-    /// on a 401 with a Bearer challenge fetches an anonymous token (for the challenge's scope and
-    /// `scopes`) and sends a new request once. The status is not checked.
+    /// Sends the request `build` makes, with the cached authorization for `scopes` if there is
+    /// one; on a 401 answers the challenge once and sends a new request:
+    /// - `Bearer`: a token from the build's [`auth::RegistryAuth`] when the task runs in an
+    ///   [`auth::scope`] and the provider gives one, else an anonymous token (for the
+    ///   challenge's scope and `scopes`);
+    /// - `Basic`: the provider's credentials for the host (no scope or no credentials: the 401
+    ///   is returned).
+    ///
+    /// The status is not checked.
     async fn send_authorized(
         &self,
         reference: &Reference,
@@ -1143,28 +1179,72 @@ impl Resolver {
         } else {
             &self.inner.client
         };
+        let scope = auth::current();
+        let host = endpoint_host(&endpoint.base);
         let key = (endpoint.base.clone(), scopes.join(" "));
-        let send = |token: Option<String>| async move {
+        let send = |authorization: Option<Authorization>| async move {
             let mut request = build(client).map_err(SendError::Other)?;
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
+            match authorization {
+                Some(Authorization::Bearer(token)) => request = request.bearer_auth(token),
+                Some(Authorization::Basic(c)) => {
+                    request = request.basic_auth(c.username, Some(c.secret))
+                }
+                None => {}
             }
             request.send().await.map_err(SendError::Request)
         };
-        let cached = self.lock_tokens().get(&key).cloned();
+        let cached = match &scope {
+            Some(scope) => {
+                let token = scope.lock_tokens().get(&key).cloned();
+                match token {
+                    Some(token) => Some(Authorization::Bearer(token)),
+                    None => scope
+                        .lock_basic()
+                        .get(host)
+                        .cloned()
+                        .flatten()
+                        .map(Authorization::Basic),
+                }
+            }
+            None => self
+                .lock_tokens()
+                .get(&key)
+                .cloned()
+                .map(Authorization::Bearer),
+        };
+        let sent_basic = matches!(cached, Some(Authorization::Basic(_)));
         let response = send(cached).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
-        let challenge = response
+        let challenges: Vec<Challenge> = response
             .headers()
             .get_all(WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v: &HeaderValue| v.to_str().ok())
             .filter_map(parse_challenge)
-            .find(|c| c.scheme == "bearer");
-        let Some(challenge) = challenge else {
-            return Ok(response);
+            .collect();
+        let bearer = challenges.iter().find(|c| c.scheme == "bearer");
+        let Some(challenge) = bearer else {
+            if sent_basic || !challenges.iter().any(|c| c.scheme == "basic") {
+                return Ok(response);
+            }
+            let Some(scope) = &scope else {
+                return Ok(response);
+            };
+            let credentials = scope
+                .credentials(host)
+                .await
+                .map_err(|source| Error::Auth {
+                    reference: reference.to_string(),
+                    source,
+                })?;
+            let Some(credentials) = credentials else {
+                tracing::debug!(%reference, host, "no credentials for basic challenge");
+                return Ok(response);
+            };
+            tracing::debug!(%reference, host, "answering basic challenge with the build's credentials");
+            return send(Some(Authorization::Basic(credentials))).await;
         };
         let Some(realm) = challenge.params.get("realm").cloned() else {
             return Ok(response);
@@ -1178,52 +1258,105 @@ impl Resolver {
                 wanted.push(scope.clone());
             }
         }
+        let service = challenge.params.get("service").cloned().unwrap_or_default();
+        let mut token = None;
+        if let Some(scope) = &scope {
+            let request = auth::TokenRequest {
+                host: host.to_owned(),
+                realm: realm.clone(),
+                service: service.clone(),
+                scopes: wanted.clone(),
+            };
+            tracing::debug!(%reference, %realm, scopes = ?wanted, "fetching bearer token through the build's registry auth");
+            token = scope
+                .provider
+                .fetch_token(&request)
+                .await
+                .map_err(|source| Error::Auth {
+                    reference: reference.to_string(),
+                    source,
+                })?
+                .filter(|t| !t.is_empty());
+        }
+        let token = match token {
+            Some(token) => token,
+            None => {
+                self.anonymous_token(reference, client, &realm, &service, &wanted)
+                    .await?
+            }
+        };
+        match &scope {
+            Some(scope) => scope.lock_tokens().insert(key, token.clone()),
+            None => self.lock_tokens().insert(key, token.clone()),
+        };
+        send(Some(Authorization::Bearer(token))).await
+    }
+
+    /// GET `realm?service=&scope=…` without credentials.
+    async fn anonymous_token(
+        &self,
+        reference: &Reference,
+        client: &reqwest::Client,
+        realm: &str,
+        service: &str,
+        scopes: &[String],
+    ) -> Result<String> {
         let mut query: Vec<(&str, &str)> = Vec::new();
-        if let Some(service) = challenge.params.get("service") {
+        if !service.is_empty() {
             query.push(("service", service));
         }
-        for scope in &wanted {
+        for scope in scopes {
             query.push(("scope", scope));
         }
-        tracing::debug!(%reference, %realm, scopes = ?wanted, "fetching anonymous bearer token");
+        tracing::debug!(%reference, %realm, ?scopes, "fetching anonymous bearer token");
         let token_response = client
-            .get(&realm)
+            .get(realm)
             .query(&query)
             .send()
             .await
             .map_err(|source| Error::TokenRequest {
                 reference: reference.to_string(),
-                realm: realm.clone(),
+                realm: realm.to_owned(),
                 source,
             })?;
         let status = token_response.status();
         if !status.is_success() {
-            return Err(SendError::Other(Error::Token {
+            return Err(Error::Token {
                 reference: reference.to_string(),
-                realm,
+                realm: realm.to_owned(),
                 detail: status.to_string(),
-            }));
+            });
         }
         let body = token_response
             .bytes()
             .await
             .map_err(|source| Error::TokenRequest {
                 reference: reference.to_string(),
-                realm: realm.clone(),
+                realm: realm.to_owned(),
                 source,
             })?;
-        let token = serde_json::from_slice::<TokenResponse>(&body)
+        serde_json::from_slice::<TokenResponse>(&body)
             .ok()
             .and_then(|t| t.token.or(t.access_token))
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::Token {
                 reference: reference.to_string(),
-                realm: realm.clone(),
+                realm: realm.to_owned(),
                 detail: "response has no token".to_owned(),
-            })?;
-        self.lock_tokens().insert(key, token.clone());
-        send(Some(token)).await
+            })
     }
+}
+
+/// What a request carries in its `Authorization` header.
+enum Authorization {
+    Bearer(String),
+    Basic(auth::BasicCredentials),
+}
+
+/// `host[:port]` of an endpoint base URL (`http://127.0.0.1:5000` → `127.0.0.1:5000`): the
+/// name credentials are asked for, as BuildKit does.
+fn endpoint_host(base: &str) -> &str {
+    base.split_once("://").map_or(base, |(_, rest)| rest)
 }
 
 /// Why [`Resolver::send_authorized`] failed: the request itself (the caller adds context) or
@@ -1251,6 +1384,7 @@ fn check_status(
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Err(Error::Unauthorized {
             reference: reference.to_string(),
+            host: reference.domain().to_owned(),
             url,
             status,
         });

@@ -10,9 +10,11 @@
 //! Module paths mirror the proto packages:
 //! - [`pb`] — LLB (`Definition`, `Op`, `ExecOp`, `SourceOp`, `FileOp`, …)
 //! - [`fsutil::types`] — DiffCopy `Packet` and `Stat`
-//! - [`moby::filesync::v1`] — `FileSync` and `FileSend` session services
+//! - [`moby::filesync::v1`] — `FileSync`, `FileSend` and `Auth` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
 //!   [`moby::buildkit::v1::frontend`] — the gateway `LLBBridge` (Ping, Solve, Return)
+//! - [`moby::buildkit::secrets::v1`] — the `Secrets` session service;
+//!   [`moby::sshforward::v1`] — the `SSH` agent-forwarding session service
 //! - [`containerd::services::content::v1`] — containerd's `Content` service, served by the
 //!   client as a session content store (`buildkit-attachable-store-id`)
 
@@ -69,6 +71,20 @@ pub mod moby {
             pub mod frontend {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
             }
+        }
+        /// Secrets session service.
+        pub mod secrets {
+            /// Package `moby.buildkit.secrets.v1`.
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.secrets.v1");
+            }
+        }
+    }
+    /// SSH agent forwarding session service.
+    pub mod sshforward {
+        /// Package `moby.sshforward.v1`.
+        pub mod v1 {
+            tonic::include_proto!("moby.sshforward.v1");
         }
     }
 }

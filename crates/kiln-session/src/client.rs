@@ -21,9 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use kiln_proto::moby::buildkit::secrets::v1::secrets_server::SecretsServer;
 use kiln_proto::moby::buildkit::v1::control_client::ControlClient;
 use kiln_proto::moby::buildkit::v1::BytesMessage;
 use kiln_proto::moby::filesync::v1::file_sync_server::FileSyncServer;
+use kiln_proto::moby::sshforward::v1::ssh_server::SshServer;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -31,16 +33,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 
+use crate::auth::{AuthService, DockerConfig};
 use crate::filesend::{FileSendServer, FileSendTarget, ReceiveStats};
 use crate::filesync::{FileSyncService, SendStats};
+use crate::secrets::{SecretSource, SecretsService};
+use crate::sshforward::SshService;
 use crate::tunnel::Tunnel;
 use crate::{
     metadata, Error, HEADER_SESSION_ID, HEADER_SESSION_METHOD, HEADER_SESSION_SHARED_KEY,
     MAX_MESSAGE_SIZE,
 };
 
-/// The methods a session built here serves, as advertised in
-/// `x-docker-expose-session-grpc-method`.
+/// The methods every session built here serves, as advertised in
+/// `x-docker-expose-session-grpc-method`; the Secrets and SSH methods are
+/// added when secrets or agents are configured, [`crate::auth::METHODS`]
+/// with [`SessionBuilder::registry_auth`].
 pub const METHODS: [&str; 4] = [
     "/moby.filesync.v1.FileSync/DiffCopy",
     "/moby.filesync.v1.FileSync/TarStream",
@@ -55,6 +62,10 @@ pub struct SessionBuilder {
     shared_key: String,
     dirs: HashMap<String, PathBuf>,
     file_send: Option<FileSendTarget>,
+    file_send_targets: HashMap<String, FileSendTarget>,
+    registry_auth: Option<DockerConfig>,
+    secrets: HashMap<String, SecretSource>,
+    ssh_agents: HashMap<String, PathBuf>,
     services: ExtraServices,
 }
 
@@ -106,6 +117,10 @@ impl SessionBuilder {
             shared_key: shared_key.into(),
             dirs: HashMap::new(),
             file_send: None,
+            file_send_targets: HashMap::new(),
+            registry_auth: None,
+            secrets: HashMap::new(),
+            ssh_agents: HashMap::new(),
             services: ExtraServices::default(),
         }
     }
@@ -135,9 +150,42 @@ impl SessionBuilder {
         self
     }
 
+    /// Writes bytes received over FileSend for exporter id `exporter_id`
+    /// (the `buildkit-attachable-exporter-id` metadata) into `path` instead
+    /// of the default target.
+    pub fn file_send_target(
+        mut self,
+        exporter_id: impl Into<String>,
+        path: impl Into<PathBuf>,
+    ) -> Self {
+        self.file_send_targets
+            .insert(exporter_id.into(), FileSendTarget::File(path.into()));
+        self
+    }
+
+    /// Serves `moby.filesync.v1.Auth` from `config`: the daemon asks it for registry
+    /// credentials and tokens (as buildctl, which always attaches it).
+    pub fn registry_auth(mut self, config: DockerConfig) -> Self {
+        self.registry_auth = Some(config);
+        self
+    }
+
     /// Also serves `services` over the session (and advertises their methods).
     pub fn services(mut self, services: ExtraServices) -> Self {
         self.services = services;
+        self
+    }
+
+    /// Serves secret `id` from `source` over `moby.buildkit.secrets.v1.Secrets`.
+    pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> Self {
+        self.secrets.insert(id.into(), source);
+        self
+    }
+
+    /// Forwards agent `id` to the unix socket `socket` over
+    /// `moby.sshforward.v1.SSH`.
+    pub fn ssh_agent(mut self, id: impl Into<String>, socket: impl Into<PathBuf>) -> Self {
+        self.ssh_agents.insert(id.into(), socket.into());
         self
     }
 
@@ -152,7 +200,17 @@ impl SessionBuilder {
         let md = request.metadata_mut();
         metadata::insert_value(md, HEADER_SESSION_ID, &self.id)?;
         metadata::insert_value(md, HEADER_SESSION_SHARED_KEY, &self.shared_key)?;
+        let auth = self.registry_auth.map(AuthService::new).transpose()?;
         let mut methods: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        if auth.is_some() {
+            methods.extend(crate::auth::METHODS.iter().map(|m| m.to_string()));
+        }
+        if !self.secrets.is_empty() {
+            methods.push(crate::secrets::METHOD.to_string());
+        }
+        if !self.ssh_agents.is_empty() {
+            methods.extend(crate::sshforward::METHODS.iter().map(|m| m.to_string()));
+        }
         methods.extend(self.services.methods.iter().cloned());
         metadata::append_values(md, HEADER_SESSION_METHOD, &methods)?;
 
@@ -172,7 +230,14 @@ impl SessionBuilder {
             dirs: Arc::new(self.dirs),
             stats: counters.clone(),
         };
-        let filesend = FileSendServer::new(self.file_send, counters.clone());
+        let filesend =
+            FileSendServer::new(self.file_send, self.file_send_targets, counters.clone());
+        let secrets = SecretsService {
+            sources: Arc::new(self.secrets),
+        };
+        let ssh = SshService {
+            agents: Arc::new(self.ssh_agents),
+        };
         let (_reporter, health) = tonic_health::server::health_reporter();
         let server = Server::builder()
             .add_routes(self.services.routes.routes())
@@ -182,6 +247,13 @@ impl SessionBuilder {
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
             .add_service(filesend)
+            .add_optional_service(auth.map(AuthService::into_server))
+            .add_service(
+                SecretsServer::new(secrets)
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            )
+            .add_service(SshServer::new(ssh))
             .add_service(health)
             .serve_with_incoming(tokio_stream::once(Ok::<_, io::Error>(tunnel)));
         // With a stream of one connection the server future returns once it

@@ -41,18 +41,17 @@ pub const CHUNK_SIZE: usize = 3 << 20;
 
 const METHOD: &str = "/moby.filesync.v1.FileSend/DiffCopy";
 
+/// The metadata key naming the exporter a FileSend call carries output of.
+const EXPORTER_ID: &str = "buildkit-attachable-exporter-id";
+
 fn exporter_request<T>(
     message: T,
-    exporter_index: usize,
+    exporter_id: &str,
     metadata: &BTreeMap<String, String>,
 ) -> Result<tonic::Request<T>, Error> {
     let mut request = tonic::Request::new(message);
     let md = request.metadata_mut();
-    metadata::insert_value(
-        md,
-        "buildkit-attachable-exporter-id",
-        &exporter_index.to_string(),
-    )?;
+    metadata::insert_value(md, EXPORTER_ID, exporter_id)?;
     for (key, value) in metadata {
         metadata::insert_value(md, &format!("exporter-md-{key}"), value)?;
     }
@@ -66,10 +65,22 @@ pub async fn send(
     channel: Channel,
     exporter_index: usize,
     metadata: &BTreeMap<String, String>,
+    reader: impl AsyncRead + Unpin + Send,
+) -> Result<u64, Error> {
+    send_to(channel, &exporter_index.to_string(), metadata, reader).await
+}
+
+/// [`send`] with any exporter id: kiln sends cache exports as `cache-<n>`
+/// so the client can route them to their own target
+/// ([`SessionBuilder::file_send_target`](crate::client::SessionBuilder::file_send_target)).
+pub async fn send_to(
+    channel: Channel,
+    exporter_id: &str,
+    metadata: &BTreeMap<String, String>,
     mut reader: impl AsyncRead + Unpin + Send,
 ) -> Result<u64, Error> {
     let (tx, rx) = mpsc::channel::<BytesMessage>(2);
-    let request = exporter_request(ReceiverStream::new(rx), exporter_index, metadata)?;
+    let request = exporter_request(ReceiverStream::new(rx), exporter_id, metadata)?;
 
     let producer = async move {
         let mut total = 0u64;
@@ -179,7 +190,7 @@ pub async fn send_dir(
     // The sender half writes `Result`s (as a server would); a client
     // request stream carries plain packets.
     let outbound = ReceiverStream::new(rx).filter_map(|p| futures::future::ready(p.ok()));
-    let request = exporter_request(outbound, exporter_index, metadata)?;
+    let request = exporter_request(outbound, &exporter_index.to_string(), metadata)?;
     let mut grpc = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -236,15 +247,26 @@ pub enum FileSendTarget {
 /// The client end of FileSend: a hand-written server, because the message
 /// type of `DiffCopy` depends on the target (`BytesMessage` into a file,
 /// fsutil `Packet` into a directory).
+///
+/// A call whose exporter id is in `targets` goes there, others to `target`.
 #[derive(Clone)]
 pub(crate) struct FileSendServer {
     target: Option<FileSendTarget>,
+    targets: Arc<std::collections::HashMap<String, FileSendTarget>>,
     stats: Arc<dyn ReceiveStats>,
 }
 
 impl FileSendServer {
-    pub(crate) fn new(target: Option<FileSendTarget>, stats: Arc<dyn ReceiveStats>) -> Self {
-        FileSendServer { target, stats }
+    pub(crate) fn new(
+        target: Option<FileSendTarget>,
+        targets: std::collections::HashMap<String, FileSendTarget>,
+        stats: Arc<dyn ReceiveStats>,
+    ) -> Self {
+        FileSendServer {
+            target,
+            targets: Arc::new(targets),
+            stats,
+        }
     }
 }
 
@@ -273,7 +295,13 @@ where
                 Ok(tonic::Status::unimplemented("unknown FileSend method").into_http())
             });
         }
-        let target = self.target.clone();
+        let routed = request
+            .headers()
+            .get(EXPORTER_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| self.targets.get(id))
+            .cloned();
+        let target = routed.or_else(|| self.target.clone());
         let stats = self.stats.clone();
         Box::pin(async move {
             let response = match target {

@@ -13,8 +13,12 @@
 //! - Client end: [`client::SessionBuilder`] opens `Control.Session` and serves
 //!   `moby.filesync.v1.FileSync` (fsutil DiffCopy sender of local dirs),
 //!   `moby.filesync.v1.FileSend` (exporter output into a file, or the
-//!   `local` exporter's files merged into a directory) and
-//!   `grpc.health.v1.Health` over it.
+//!   `local` exporter's files merged into a directory), optionally
+//!   `moby.filesync.v1.Auth` (registry credentials from the docker config,
+//!   [`auth`]) and `grpc.health.v1.Health` over it, plus `moby.buildkit.secrets.v1.Secrets`
+//!   ([`secrets`]) and `moby.sshforward.v1.SSH` ([`sshforward`]) when the
+//!   build was given secrets or SSH agents; the daemon ends of those two are
+//!   [`secrets::get_secret`] and [`sshforward::forward_agent`].
 //! - [`filesync::receive`] is the daemon's DiffCopy receiver that makes a
 //!   destination directory match a client directory, fetching only changed
 //!   files; [`filesend::send`] streams exporter bytes to the client and
@@ -28,6 +32,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod auth;
 pub mod client;
 pub mod content;
 pub mod filesend;
@@ -35,6 +40,8 @@ pub mod filesync;
 mod manager;
 mod metadata;
 pub mod patterns;
+pub mod secrets;
+pub mod sshforward;
 pub mod stat;
 mod tunnel;
 
@@ -78,6 +85,13 @@ pub enum Error {
     /// Building the gRPC channel over the tunnel failed.
     #[error("failed to connect over the session tunnel")]
     Connect(#[source] tonic::transport::Error),
+    /// The HTTP client for token requests could not be built.
+    #[error("failed to create http client")]
+    HttpClient {
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
     /// A gRPC call failed.
     #[error("{method} failed")]
     Rpc {

@@ -438,6 +438,87 @@ async fn a_client_that_fails_health_checks_is_dropped() {
 }
 
 #[tokio::test]
+async fn secrets_and_ssh_agents_through_the_tunnel() {
+    use kiln_session::secrets::{self, SecretSource};
+    use kiln_session::sshforward;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let temp = tempfile::tempdir().unwrap();
+    let secret_file = temp.path().join("token");
+    fs::write(&secret_file, b"s3cr3t").unwrap();
+    // A stand-in agent: answers every request with "re:" + the request.
+    let agent_path = temp.path().join("agent.sock");
+    let agent = UnixListener::bind(&agent_path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = agent.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut reply = b"re:".to_vec();
+                    reply.extend_from_slice(&buf[..n]);
+                    if conn.write_all(&reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    let manager = SessionManager::new();
+    let control = start_daemon(temp.path(), manager.clone()).await;
+    let builder = SessionBuilder::new("")
+        .secret("token", SecretSource::File(secret_file))
+        .ssh_agent("default", &agent_path);
+    let id = builder.id().to_string();
+    let handle = builder.run(control).await.unwrap();
+    let session = manager.get(&id, Duration::from_secs(5)).await.unwrap();
+    assert!(session.supports(secrets::METHOD));
+    assert!(session.supports(sshforward::METHODS[1]));
+
+    assert_eq!(
+        secrets::get_secret(session.channel(), "token")
+            .await
+            .unwrap(),
+        Some(b"s3cr3t".to_vec())
+    );
+    assert_eq!(
+        secrets::get_secret(session.channel(), "other")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(sshforward::check_agent(session.channel(), "default")
+        .await
+        .unwrap());
+    assert!(!sshforward::check_agent(session.channel(), "deploy")
+        .await
+        .unwrap());
+
+    // One forwarded connection: what the container writes reaches the agent, its answer
+    // comes back, and closing the container side ends the stream.
+    let (mut container, daemon_side) = UnixStream::pair().unwrap();
+    let forward = tokio::spawn(sshforward::forward_agent(
+        session.channel(),
+        "default",
+        daemon_side,
+    ));
+    container.write_all(b"hello").await.unwrap();
+    let mut reply = [0u8; 8];
+    container.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"re:hello");
+    drop(container);
+    tokio::time::timeout(Duration::from_secs(5), forward)
+        .await
+        .expect("forwarding ends when the container closes its side")
+        .unwrap()
+        .unwrap();
+    handle.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn local_export_is_merged_into_the_client_dir() {
     let temp = tempfile::tempdir().unwrap();
     let result = temp.path().join("result");

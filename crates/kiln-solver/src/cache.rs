@@ -47,6 +47,16 @@ impl CacheKey {
         Self(hex::encode(hasher.finalize()))
     }
 
+    /// A key from its hex form (as [`as_str`](Self::as_str) gives it);
+    /// `None` unless it is 64 lowercase hex digits.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let valid = hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        valid.then(|| Self(hex.to_string()))
+    }
+
     /// The hex form.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -95,20 +105,33 @@ impl CacheRecords {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Stores a record atomically.
+    /// Stores a record atomically, made now.
     pub fn put(
         &self,
         key: &CacheKey,
         outputs: &[Option<String>],
         description: &str,
     ) -> Result<(), Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.put_created(key, outputs, description, now)
+    }
+
+    /// Stores a record atomically with its creation time `created`
+    /// (seconds since the epoch; an imported result keeps its own).
+    pub fn put_created(
+        &self,
+        key: &CacheKey,
+        outputs: &[Option<String>],
+        description: &str,
+        created: u64,
+    ) -> Result<(), Error> {
         let record = CacheRecord {
             outputs: outputs.to_vec(),
             description: description.to_string(),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created,
         };
         let path = self.path(key);
         let tmp = self
@@ -168,6 +191,9 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, CacheKey::from_parts([("a", b"bc".as_slice())]));
+        assert_eq!(CacheKey::from_hex(a.as_str()), Some(a.clone()));
+        assert_eq!(CacheKey::from_hex("abc"), None);
+        assert_eq!(CacheKey::from_hex(&a.as_str().to_uppercase()), None);
     }
 
     #[test]

@@ -141,12 +141,7 @@ pub(crate) async fn run_git_source(
     let outputs = vec![Some(snapshot)];
     hold(context, &outputs);
     record(context, &key, &outputs, name)?;
-    Ok(Resolved {
-        key,
-        outputs,
-        cached: false,
-        created: now_secs(),
-    })
+    Ok(Resolved::ready(key, false, outputs, now_secs()))
 }
 
 async fn clone_and_snapshot(

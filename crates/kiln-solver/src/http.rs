@@ -284,20 +284,22 @@ pub(crate) async fn run_http_source(
             };
             let resolved = match cached {
                 // Same content as an earlier download: keep that snapshot.
-                Some(resolved) => Ok(Resolved {
-                    cached: false,
-                    ..resolved
-                }),
+                Some(resolved) => {
+                    // The download ran: not reported as cached.
+                    resolved
+                        .ran
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(Resolved {
+                        cached: false,
+                        ..resolved
+                    })
+                }
                 None => match context.worker.snapshot_from_dir(&dir).await {
                     Ok(snapshot) => {
                         let outputs = vec![Some(snapshot)];
                         hold(context, &outputs);
-                        record(context, &key, &outputs, name).map(|()| Resolved {
-                            key: key.clone(),
-                            outputs,
-                            cached: false,
-                            created: now_secs(),
-                        })
+                        record(context, &key, &outputs, name)
+                            .map(|()| Resolved::ready(key.clone(), false, outputs, now_secs()))
                     }
                     Err(e) => Err(SourceFailure::Worker(e)),
                 },

@@ -29,6 +29,7 @@ pub mod cache;
 pub mod explain;
 mod git;
 mod http;
+pub mod import;
 pub mod progress;
 pub mod selector;
 pub mod usage;
@@ -48,6 +49,7 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 pub use cache::{CacheKey, CacheRecord, CacheRecords};
+pub use import::{CacheImport, CacheImports, CacheVertex, ImportedResult};
 pub use progress::{ProgressWriter, VertexProgress};
 pub use usage::{default_gc_policy, DiskStat, Filter, FilterError, GcLimits, PruneOptions};
 
@@ -138,6 +140,15 @@ pub enum Error {
     /// A disk-usage or prune filter is invalid.
     #[error("invalid usage filter")]
     Filter(#[source] FilterError),
+    /// A result of an imported cache could not be applied.
+    #[error("failed to import cache result {key}")]
+    Import {
+        /// The cache key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// The worker failed to report or remove snapshots.
     #[error("failed to {op} snapshots")]
     Worker {
@@ -217,6 +228,9 @@ pub struct SolveResult {
     /// Keeps the snapshots of this solve from being pruned while the result
     /// is exported; drop the result to release them.
     pub leases: Leases,
+    /// Every vertex that resolved, inputs before the vertices using them
+    /// (what a cache exporter writes).
+    pub vertices: Vec<CacheVertex>,
 }
 
 /// Per-solve options.
@@ -224,6 +238,12 @@ pub struct SolveResult {
 pub struct SolveOptions {
     /// Ignore the cache for every vertex (results are still recorded).
     pub no_cache: bool,
+    /// Caches imported for this solve (`--cache-from`), consulted after the
+    /// worker's own records.
+    pub cache_imports: CacheImports,
+    /// The client's session for secret and ssh mounts of execs (`None`: no secrets, no
+    /// agents). Secret values never enter cache keys: an exec's key names only the ids.
+    pub session: Option<Arc<dyn kiln_worker::ExecSession>>,
 }
 
 /// The solver of one worker.
@@ -273,14 +293,47 @@ impl fmt::Debug for Solver {
     }
 }
 
+/// What a vertex produced, once it exists on the worker.
 #[derive(Debug)]
-struct Resolved {
-    key: CacheKey,
+struct Materialized {
     outputs: Vec<Option<SnapshotId>>,
-    cached: bool,
     /// When the result was first made (seconds since the epoch): now for
     /// a vertex that ran, the record's time for a cache hit.
     created: u64,
+}
+
+/// Makes a vertex's result exist on the worker: already done for a local
+/// cache hit, applying layers for an imported result, running the op for a
+/// miss. Lazy: a result nothing needs (everything after it came from the
+/// cache) is never made.
+type MaterializeFuture = Shared<BoxFuture<'static, Result<Arc<Materialized>, Arc<Error>>>>;
+
+/// A vertex with its cache key known.
+struct Resolved {
+    key: CacheKey,
+    /// A cache hit (local or imported).
+    cached: bool,
+    /// Whether the vertex ran (for a miss: whether its result was needed).
+    ran: Arc<std::sync::atomic::AtomicBool>,
+    materialize: MaterializeFuture,
+}
+
+impl Resolved {
+    /// A result that exists already.
+    fn ready(key: CacheKey, cached: bool, outputs: Vec<Option<SnapshotId>>, created: u64) -> Self {
+        Self {
+            key,
+            cached,
+            ran: Arc::new(std::sync::atomic::AtomicBool::new(!cached)),
+            materialize: futures::future::ready(Ok(Arc::new(Materialized { outputs, created })))
+                .boxed()
+                .shared(),
+        }
+    }
+
+    fn ran(&self) -> bool {
+        self.ran.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Resolved>, Arc<Error>>>>;
@@ -478,6 +531,7 @@ impl Solver {
                 stats: SolveStats::default(),
                 created: None,
                 leases: Leases::default(),
+                vertices: Vec::new(),
             });
         };
         let context = Arc::new(Context {
@@ -520,27 +574,73 @@ impl Solver {
                 what: format!("result vertex {}", result.digest),
             }));
         };
-        // Drive every vertex, not only the result's chain: all of them are
-        // reachable from the result, so this only matters for error order.
+        // Keys first (every vertex is reachable from the result), then the
+        // result itself, which makes exactly the inputs it needs.
         let resolved = top.await?;
+        let materialized = resolved.materialize.clone().await?;
         let mut stats = SolveStats::default();
-        for future in futures.values() {
-            if let Some(Ok(r)) = future.peek() {
-                if r.cached {
-                    stats.cached += 1;
-                } else {
-                    stats.executed += 1;
+        for digest in graph.topological_order() {
+            let Some(Ok(r)) = futures.get(digest).and_then(|f| f.peek()) else {
+                continue;
+            };
+            if r.ran() {
+                stats.executed += 1;
+            } else {
+                stats.cached += 1;
+                // A miss whose result nothing needed: its key matched up to
+                // a later cache hit, so it counts (and shows) as cached.
+                if !r.cached {
+                    if let Some(op) = graph.op(digest) {
+                        let inputs = op.inputs.iter().map(|i| i.digest.clone()).collect();
+                        context
+                            .progress
+                            .start_vertex(digest, &vertex_name(&graph, digest, op), inputs)
+                            .cached();
+                    }
                 }
             }
         }
         let index = usize::try_from(result.index).unwrap_or(usize::MAX);
-        let snapshot = resolved.outputs.get(index).cloned().flatten();
+        let snapshot = materialized.outputs.get(index).cloned().flatten();
+        let mut vertices = Vec::new();
+        for digest in graph.topological_order() {
+            let Some(Ok(vertex)) = futures.get(digest).and_then(|f| f.peek()) else {
+                continue;
+            };
+            let inputs = graph
+                .op(digest)
+                .map(|op| {
+                    op.inputs
+                        .iter()
+                        .filter_map(|input| {
+                            let Some(Ok(r)) = futures.get(&input.digest).and_then(|f| f.peek())
+                            else {
+                                return None;
+                            };
+                            Some((r.key.clone(), usize::try_from(input.index).ok()?))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (outputs, created) = match vertex.materialize.peek() {
+                Some(Ok(m)) => (m.outputs.clone(), m.created),
+                _ => (Vec::new(), 0),
+            };
+            vertices.push(CacheVertex {
+                key: vertex.key.clone(),
+                inputs,
+                outputs,
+                created,
+                is_result: *digest == result.digest,
+            });
+        }
         Ok(SolveResult {
             snapshot,
             cache_key: Some(resolved.key.clone()),
             stats,
-            created: Some(resolved.created),
+            created: Some(materialized.created),
             leases: context.leases.clone(),
+            vertices,
         })
     }
 }
@@ -587,26 +687,30 @@ async fn run_vertex(
             what: format!("vertex {digest}"),
         })
     })?;
-    // Inputs first, concurrently.
+    // Input keys first, concurrently (their results are made only if this
+    // vertex has to run).
     let mut input_keys = Vec::with_capacity(inputs.len());
-    let mut input_snapshots = Vec::with_capacity(inputs.len());
+    let mut input_resolved = Vec::with_capacity(inputs.len());
     let results = futures::future::join_all(inputs.iter().map(|(f, _)| f.clone())).await;
     for (result, (_, index)) in results.into_iter().zip(inputs.iter()) {
         let resolved = result.map_err(|e| Arc::new(Error::Input(e)))?;
         input_keys.push(format!("{}:{}", resolved.key, index));
-        input_snapshots.push(resolved.outputs.get(*index).cloned().flatten());
+        input_resolved.push((resolved, *index));
     }
 
     let name = vertex_name(&graph, &digest, &op);
     let ignore_cache =
         context.options.no_cache || graph.metadata(&digest).is_some_and(|m| m.ignore_cache);
     let input_digests: Vec<String> = op.inputs.iter().map(|i| i.digest.clone()).collect();
-    let vertex_error = |source: kiln_worker::Error| {
-        Arc::new(Error::Vertex {
-            name: name.clone(),
-            location: location(&graph, &digest).map(Box::new),
-            source: Box::new(source),
-        })
+    let vertex_error = {
+        let (name, graph, digest) = (name.clone(), graph.clone(), digest.clone());
+        move |source: kiln_worker::Error| {
+            Arc::new(Error::Vertex {
+                name: name.clone(),
+                location: location(&graph, &digest).map(Box::new),
+                source: Box::new(source),
+            })
+        }
     };
 
     match &op.op {
@@ -629,7 +733,26 @@ async fn run_vertex(
             let op_bytes = stripped.encode_to_vec();
             let content_keys = match &op.op {
                 Some(pb::op::Op::File(file)) => {
-                    copy_source_keys(&context, &graph, &op, file, &input_snapshots).await
+                    // Only local-source inputs are read here; they exist
+                    // already (a local source is always transferred).
+                    let mut snapshots = Vec::with_capacity(input_resolved.len());
+                    for (input, (resolved, index)) in op.inputs.iter().zip(&input_resolved) {
+                        let is_local = matches!(
+                            graph.op(&input.digest).and_then(|o| o.op.as_ref()),
+                            Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://")
+                        );
+                        if !is_local {
+                            snapshots.push(None);
+                            continue;
+                        }
+                        let made = resolved
+                            .materialize
+                            .clone()
+                            .await
+                            .map_err(|e| Arc::new(Error::Input(e)))?;
+                        snapshots.push(made.outputs.get(*index).cloned().flatten());
+                    }
+                    copy_source_keys(&context, &graph, &op, file, &snapshots).await
                 }
                 _ => vec![(None, BTreeMap::new()); input_keys.len()],
             };
@@ -662,17 +785,23 @@ async fn run_vertex(
                 explained.files.push(files.clone());
             }
             let key = CacheKey::from_parts(parts);
-            let progress = context.progress.start_vertex(&digest, &name, input_digests);
-            // Another build computing the same key: wait for it, then take its record.
-            let _computing = match ignore_cache {
-                false => Some(context.inflight.acquire(key.as_str()).await),
-                true => None,
-            };
             if !ignore_cache {
                 if let Some(resolved) = lookup(&context, &key) {
+                    context
+                        .progress
+                        .start_vertex(&digest, &name, input_digests)
+                        .cached();
+                    return Ok(Arc::new(resolved));
+                }
+                let progress = context
+                    .progress
+                    .start_vertex(&digest, &name, input_digests.clone());
+                if let Some(resolved) = import_lookup(&context, &key, &name, &progress) {
                     progress.cached();
                     return Ok(Arc::new(resolved));
                 }
+                // Not cached: the vertex shows when (and if) it runs.
+                drop(progress);
             }
             let reason = if ignore_cache {
                 "cache disabled".to_string()
@@ -689,37 +818,98 @@ async fn run_vertex(
                     .collect();
                 context.explain.explain(&name, &explained, &input_names)
             };
-            progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
-            let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
-            context.worker.record_use(&used);
-            let _permit = match &context.parallelism {
-                Some(limit) => limit.clone().acquire_owned().await.ok(),
-                None => None,
-            };
-            let result = match &op.op {
-                Some(pb::op::Op::Exec(exec)) => {
-                    context.worker.exec(exec, &input_snapshots, &progress).await
+            let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let run = {
+                let ran = ran.clone();
+                let key = key.clone();
+                async move {
+                    ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let made = futures::future::join_all(
+                        input_resolved.iter().map(|(r, _)| r.materialize.clone()),
+                    )
+                    .await;
+                    let mut input_snapshots = Vec::with_capacity(made.len());
+                    for (made, (_, index)) in made.into_iter().zip(&input_resolved) {
+                        let made = made.map_err(|e| Arc::new(Error::Input(e)))?;
+                        input_snapshots.push(made.outputs.get(*index).cloned().flatten());
+                    }
+                    // Another build computing the same key: wait for it, then
+                    // take its record.
+                    let _computing = match ignore_cache {
+                        false => Some(context.inflight.acquire(key.as_str()).await),
+                        true => None,
+                    };
+                    if !ignore_cache {
+                        if let Some(resolved) = lookup(&context, &key) {
+                            ran.store(false, std::sync::atomic::Ordering::SeqCst);
+                            context
+                                .progress
+                                .start_vertex(&digest, &name, input_digests)
+                                .cached();
+                            return resolved.materialize.clone().await;
+                        }
+                    }
+                    let progress = context.progress.start_vertex(&digest, &name, input_digests);
+                    progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
+                    let used: Vec<SnapshotId> = input_snapshots.iter().flatten().cloned().collect();
+                    context.worker.record_use(&used);
+                    let _permit = match &context.parallelism {
+                        Some(limit) => limit.clone().acquire_owned().await.ok(),
+                        None => None,
+                    };
+                    let result = match &op.op {
+                        Some(pb::op::Op::Exec(exec)) => {
+                            let session: Arc<dyn kiln_worker::ExecSession> =
+                                match &context.options.session {
+                                    Some(session) => session.clone(),
+                                    None => Arc::new(kiln_worker::NoSession),
+                                };
+                            context
+                                .worker
+                                .exec_in_session(exec, &input_snapshots, session, &progress)
+                                .await
+                        }
+                        Some(pb::op::Op::File(file)) => {
+                            context.worker.file(file, &input_snapshots).await
+                        }
+                        _ => Ok(Vec::new()),
+                    };
+                    let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
+                        hold(&context, &outputs);
+                        record(&context, &key, &outputs, &name)?;
+                        remember(
+                            &context,
+                            &explain::exact_identity(&name, &explained.op),
+                            &explained,
+                        );
+                        remember(&context, &explain::step_identity(&name), &explained);
+                        Ok(Materialized {
+                            outputs,
+                            created: now_secs(),
+                        })
+                    });
+                    match result {
+                        Ok(made) => {
+                            progress.done();
+                            Ok(Arc::new(made))
+                        }
+                        Err(failure) => {
+                            let error = match failure {
+                                SourceFailure::Worker(e) => vertex_error(e),
+                                SourceFailure::Other(e) => e,
+                            };
+                            progress.failed(&error.to_string());
+                            Err(error)
+                        }
+                    }
                 }
-                Some(pb::op::Op::File(file)) => context.worker.file(file, &input_snapshots).await,
-                _ => Ok(Vec::new()),
             };
-            let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
-                hold(&context, &outputs);
-                record(&context, &key, &outputs, &name)?;
-                remember(
-                    &context,
-                    &explain::exact_identity(&name, &explained.op),
-                    &explained,
-                );
-                remember(&context, &explain::step_identity(&name), &explained);
-                Ok(Resolved {
-                    key: key.clone(),
-                    outputs,
-                    cached: false,
-                    created: now_secs(),
-                })
-            });
-            finish(&progress, result, vertex_error)
+            Ok(Arc::new(Resolved {
+                key,
+                cached: false,
+                ran,
+                materialize: run.boxed().shared(),
+            }))
         }
         Some(pb::op::Op::Merge(_)) => Err(Arc::new(Error::Unsupported {
             what: "merge op".to_string(),
@@ -864,11 +1054,73 @@ fn lookup(context: &Context, key: &CacheKey) -> Option<Resolved> {
     }
     context.leases.push(lease);
     context.worker.record_use(&ids);
+    Some(Resolved::ready(
+        key.clone(),
+        true,
+        record.outputs,
+        record.created,
+    ))
+}
+
+/// A result of an imported cache for `key`: applied on the worker (and
+/// recorded locally, with the imported creation time so a fully cached
+/// build gives the same image as the one that made the cache) only when
+/// something needs it.
+fn import_lookup(
+    context: &Arc<Context>,
+    key: &CacheKey,
+    name: &str,
+    progress: &VertexProgress,
+) -> Option<Resolved> {
+    let (import, imported) = context
+        .options
+        .cache_imports
+        .iter()
+        .find_map(|import| Some((import.clone(), import.lookup(key)?)))?;
+    let apply = {
+        let (context, key, name, progress) = (
+            context.clone(),
+            key.clone(),
+            name.to_string(),
+            progress.clone(),
+        );
+        async move {
+            let failed = |source| {
+                Arc::new(Error::Import {
+                    key: key.to_string(),
+                    source,
+                })
+            };
+            let snapshot = import::materialize(
+                context.worker.as_ref(),
+                import.as_ref(),
+                &imported,
+                &progress,
+            )
+            .await
+            .map_err(failed)?;
+            let outputs = vec![snapshot];
+            hold(&context, &outputs);
+            let plain: Vec<Option<String>> = outputs
+                .iter()
+                .map(|o| o.as_ref().map(|s| s.to_string()))
+                .collect();
+            context
+                .records
+                .put_created(&key, &plain, &name, imported.created)
+                .map_err(Arc::new)?;
+            tracing::debug!(%key, name, "result taken from an imported cache");
+            Ok(Arc::new(Materialized {
+                outputs,
+                created: imported.created,
+            }))
+        }
+    };
     Some(Resolved {
         key: key.clone(),
-        outputs: record.outputs,
         cached: true,
-        created: record.created,
+        ran: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        materialize: apply.boxed().shared(),
     })
 }
 
@@ -922,7 +1174,7 @@ fn to_platform(platform: Option<&pb::Platform>) -> Platform {
 }
 
 async fn run_source(
-    context: &Context,
+    context: &Arc<Context>,
     source: &pb::SourceOp,
     platform: Option<&pb::Platform>,
     ignore_cache: bool,
@@ -977,6 +1229,9 @@ async fn run_source(
             if let Some(resolved) = lookup(context, &key) {
                 return Ok(resolved);
             }
+            if let Some(resolved) = import_lookup(context, &key, name, progress) {
+                return Ok(resolved);
+            }
         }
         let source_digest = reference
             .digest()
@@ -1005,12 +1260,7 @@ async fn run_source(
                 ..Default::default()
             },
         );
-        return Ok(Resolved {
-            key,
-            outputs,
-            cached: false,
-            created: now_secs(),
-        });
+        return Ok(Resolved::ready(key, false, outputs, now_secs()));
     }
     if let Some(local_name) = identifier.strip_prefix("local://") {
         let dir = context
@@ -1034,6 +1284,9 @@ async fn run_source(
             // The content is what an earlier build snapshotted: reuse it.
             // The vertex itself ran (the transfer happened), so it is not
             // reported as cached.
+            resolved
+                .ran
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             return Ok(Resolved {
                 cached: false,
                 ..resolved
@@ -1047,12 +1300,7 @@ async fn run_source(
         let outputs = vec![Some(snapshot)];
         hold(context, &outputs);
         record(context, &key, &outputs, name)?;
-        return Ok(Resolved {
-            key,
-            outputs,
-            cached: false,
-            created: now_secs(),
-        });
+        return Ok(Resolved::ready(key, false, outputs, now_secs()));
     }
     if identifier.starts_with("git://") {
         return git::run_git_source(context, source, ignore_cache, progress, name).await;

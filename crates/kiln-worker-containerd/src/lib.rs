@@ -525,8 +525,26 @@ impl Worker for ContainerdWorker {
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        self.exec_in_session(
+            op,
+            inputs,
+            std::sync::Arc::new(kiln_worker::NoSession),
+            progress,
+        )
+        .await
+    }
+
+    async fn exec_in_session(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        session: std::sync::Arc<dyn kiln_worker::ExecSession>,
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
         self.check_inputs(inputs).await?;
-        self.executor.run(&self.trees, op, inputs, progress).await
+        self.executor
+            .run_in_session(&self.trees, op, inputs, session, progress)
+            .await
     }
 
     async fn file(

@@ -15,11 +15,12 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use kiln_proto::pb;
-use kiln_worker::{Error, ProgressSink, SnapshotId, SnapshotView};
+use kiln_worker::{Error, ExecSession, NoSession, ProgressSink, SnapshotId, SnapshotView};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::cachemount::{CacheMountGuard, CacheMounts};
 use crate::fsx::{io_err, mkdir_all, resolve_in_root};
+use crate::sessionmounts::SessionMounts;
 use crate::snapshot::random_id;
 use crate::spec::{self, SpecInput};
 use crate::trees::{ActiveTree, Trees};
@@ -50,6 +51,8 @@ struct ExecGuard {
     pending: Vec<Option<Box<dyn ActiveTree>>>,
     /// Cache directories in use, released after the container is gone.
     caches: Vec<CacheMountGuard>,
+    /// Secret files and agent sockets, removed after the container is gone.
+    session_mounts: Option<SessionMounts>,
 }
 
 impl ExecGuard {
@@ -90,6 +93,8 @@ impl Drop for ExecGuard {
         self.release_views();
         // Uncommitted trees are discarded (and unmounted) before their mount points go.
         self.pending.clear();
+        // The secrets tmpfs is under the bundle: unmount it before removing the bundle.
+        self.session_mounts.take();
         if let Err(e) = fs::remove_dir_all(&self.bundle) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(bundle = %self.bundle.display(), error = %e, "failed to remove bundle");
@@ -134,11 +139,26 @@ impl Executor {
     }
 
     /// Runs `op` on trees of `trees`; see `Worker::exec`. `inputs` must exist in `trees`.
+    /// Without a session, required secret and ssh mounts fail and optional ones are skipped.
     pub async fn run(
         &self,
         trees: &dyn Trees,
         op: &pb::ExecOp,
         inputs: &[Option<SnapshotId>],
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        self.run_in_session(trees, op, inputs, Arc::new(NoSession), progress)
+            .await
+    }
+
+    /// [`run`](Self::run) with the build's session, which serves the secrets and SSH agents
+    /// of `type=secret` and `type=ssh` mounts; see `Worker::exec_in_session`.
+    pub async fn run_in_session(
+        &self,
+        trees: &dyn Trees,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        session: Arc<dyn ExecSession>,
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
         let meta = op.meta.as_ref().ok_or_else(|| invalid("missing meta"))?;
@@ -154,6 +174,7 @@ impl Executor {
             views: Vec::new(),
             pending: Vec::new(),
             caches: Vec::new(),
+            session_mounts: None,
         };
 
         // Prepare every mount; the root first so the others can be checked against it.
@@ -260,17 +281,20 @@ impl Executor {
                     });
                     guard.caches.push(cache);
                 }
-                pb::MountType::Secret | pb::MountType::Ssh => {
-                    let optional = m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false)
-                        || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
-                    if !optional {
-                        return Err(Error::Unsupported {
-                            what: format!(
-                                "{} mount at {}",
-                                kind.as_str_name().to_lowercase(),
-                                m.dest
-                            ),
-                        });
+                pb::MountType::Secret => {
+                    let mounts = guard
+                        .session_mounts
+                        .get_or_insert_with(|| SessionMounts::new(&bundle));
+                    if let Some(mount) = mounts.secret(i, m, session.as_ref()).await? {
+                        extra_mounts.push(mount);
+                    }
+                }
+                pb::MountType::Ssh => {
+                    let mounts = guard
+                        .session_mounts
+                        .get_or_insert_with(|| SessionMounts::new(&bundle));
+                    if let Some(mount) = mounts.ssh(i, m, session.clone()).await? {
+                        extra_mounts.push(mount);
                     }
                 }
             }
@@ -345,6 +369,20 @@ impl Executor {
         }
 
         let mut env = meta.env.clone();
+        // Secrets as environment variables: the spec holding them is written into the secrets
+        // tmpfs instead of the bundle, so their values never touch a disk.
+        let mut spec_dir = bundle.clone();
+        if !op.secretenv.is_empty() {
+            let mounts = guard
+                .session_mounts
+                .get_or_insert_with(|| SessionMounts::new(&bundle));
+            if let Some(dir) = mounts
+                .secret_env(&op.secretenv, session.as_ref(), &mut env)
+                .await?
+            {
+                spec_dir = dir;
+            }
+        }
         if let Some(proxy) = &meta.proxy_env {
             for (names, value) in [
                 (["HTTP_PROXY", "http_proxy"], &proxy.http_proxy),
@@ -379,7 +417,7 @@ impl Executor {
             nofile: self.nofile,
             rootless: self.rootless,
         });
-        let config = bundle.join("config.json");
+        let config = spec_dir.join("config.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Io {
             op: "encode",
             path: config.clone(),
@@ -400,7 +438,7 @@ impl Executor {
             .arg(&self.runc_state)
             .arg("run")
             .arg("--bundle")
-            .arg(&bundle)
+            .arg(&spec_dir)
             .arg(&container_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -27,6 +27,7 @@ mod fileop;
 mod fsx;
 mod mount;
 mod native;
+mod sessionmounts;
 mod snapshot;
 mod spec;
 mod trees;
@@ -637,13 +638,24 @@ impl Worker for OciWorker {
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        self.exec_in_session(op, inputs, Arc::new(kiln_worker::NoSession), progress)
+            .await
+    }
+
+    async fn exec_in_session(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        session: Arc<dyn kiln_worker::ExecSession>,
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
         let _hold = self
             .snapshots
             .hold(&inputs.iter().flatten().cloned().collect::<Vec<_>>());
         self.check_inputs(inputs)?;
         let outputs = self
             .executor
-            .run(&self.snapshots, op, inputs, progress)
+            .run_in_session(&self.snapshots, op, inputs, session, progress)
             .await?;
         self.describe_exec_outputs(op, inputs, &outputs);
         Ok(outputs)

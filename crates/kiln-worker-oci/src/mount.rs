@@ -173,6 +173,27 @@ pub(crate) fn bind(source: &Path, target: &Path, readonly: bool) -> Result<Mount
     Ok(mounted)
 }
 
+/// Mounts a fresh tmpfs at `target` with `options` (`mode=0700,size=…`), never executable,
+/// no devices, no setuid: memory only, so what is written there never reaches a disk.
+pub(crate) fn tmpfs(target: &Path, options: &str) -> Result<Mounted, Error> {
+    mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(options),
+    )
+    .map_err(|e| Error::Io {
+        op: "mount tmpfs on",
+        path: target.to_path_buf(),
+        source: io::Error::from(e),
+    })?;
+    Ok(Mounted {
+        target: target.to_path_buf(),
+        active: true,
+    })
+}
+
 /// Mount points at or under `dir` according to `/proc/self/mountinfo`, deepest first.
 pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {

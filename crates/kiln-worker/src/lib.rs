@@ -6,7 +6,10 @@
 //! Progress of long operations (pulls, process output) goes to a [`ProgressSink`] supplied by
 //! the caller; the worker never renders anything itself.
 //!
-//! Main types: [`Worker`], [`ImageStore`], [`SnapshotId`], [`Layer`], [`SnapshotView`], [`ProgressSink`],
+//! Secrets and SSH agents of `RUN --mount=type=secret|ssh` come from the client through an
+//! [`ExecSession`] the solver passes to [`Worker::exec_in_session`].
+//!
+//! Main types: [`Worker`], [`ExecSession`], [`ImageStore`], [`SnapshotId`], [`Layer`], [`SnapshotView`], [`ProgressSink`],
 //! [`SnapshotUsage`], [`Lease`], [`Error`]. The OCI backend lives in `kiln-worker-oci`.
 
 use std::collections::BTreeMap;
@@ -169,6 +172,51 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+/// A failure of the session behind an [`ExecSession`].
+pub type SessionError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What an exec can ask of the client that started the build (its session): the values of
+/// secrets and connections to SSH agents. The daemon implements it over the build's session.
+#[async_trait]
+pub trait ExecSession: Send + Sync + std::fmt::Debug {
+    /// The value of secret `id`, `None` when the client does not have it.
+    async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, SessionError>;
+
+    /// Whether the client forwards an SSH agent named `id`.
+    async fn has_ssh_agent(&self, id: &str) -> Result<bool, SessionError>;
+
+    /// Forwards one connection made to the agent socket inside the container to the client's
+    /// agent `id`, until either side closes it.
+    async fn forward_ssh(
+        &self,
+        id: &str,
+        conn: std::os::unix::net::UnixStream,
+    ) -> Result<(), SessionError>;
+}
+
+/// An [`ExecSession`] without a client: no secret, no agent (builds without a session, tests).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoSession;
+
+#[async_trait]
+impl ExecSession for NoSession {
+    async fn secret(&self, _id: &str) -> Result<Option<Vec<u8>>, SessionError> {
+        Ok(None)
+    }
+
+    async fn has_ssh_agent(&self, _id: &str) -> Result<bool, SessionError> {
+        Ok(false)
+    }
+
+    async fn forward_ssh(
+        &self,
+        id: &str,
+        _conn: std::os::unix::net::UnixStream,
+    ) -> Result<(), SessionError> {
+        Err(format!("no session to forward ssh agent {id} over").into())
+    }
+}
+
 /// A worker failure. `kiln_image` causes are boxed to keep `Result<_, Error>` small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -269,6 +317,27 @@ pub enum Error {
         #[source]
         source: Option<io::Error>,
     },
+    /// A required `RUN --mount=type=secret` names a secret the client does not have.
+    #[error("secret {id} not found (give it to the build with --secret id={id},src=<file> or --secret id={id},env=<variable>)")]
+    SecretNotFound {
+        /// The secret id.
+        id: String,
+    },
+    /// A required `RUN --mount=type=ssh` names an agent the client does not forward.
+    #[error("no ssh agent {id:?} forwarded from the client (give it to the build with --ssh {id}[=<socket>])")]
+    SshNotForwarded {
+        /// The agent id.
+        id: String,
+    },
+    /// Asking the client's session for a secret or an agent failed.
+    #[error("failed to {what} over the session")]
+    Session {
+        /// What was being done, e.g. `get secret mysecret`.
+        what: String,
+        /// The cause.
+        #[source]
+        source: SessionError,
+    },
     /// The container runtime could not run the process.
     #[error("failed to run container {id}: {reason}")]
     Runtime {
@@ -348,6 +417,20 @@ pub trait Worker: Send + Sync {
         inputs: &[Option<SnapshotId>],
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Option<SnapshotId>>, Error>;
+
+    /// [`exec`](Self::exec) with the build's session, which serves the secrets and SSH agents of
+    /// `type=secret` and `type=ssh` mounts. The default ignores the session (a worker that
+    /// cannot mount secrets fails on such mounts in `exec`).
+    async fn exec_in_session(
+        &self,
+        op: &pb::ExecOp,
+        inputs: &[Option<SnapshotId>],
+        session: std::sync::Arc<dyn ExecSession>,
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Option<SnapshotId>>, Error> {
+        let _ = session;
+        self.exec(op, inputs, progress).await
+    }
 
     /// Runs a `FileOp`. Returns one entry per action output index, ordered by it.
     async fn file(
