@@ -54,6 +54,7 @@ impl ProgressWriter {
         VertexProgress {
             writer: self.clone(),
             vertex: Arc::new(Mutex::new(vertex)),
+            logged: Arc::new(Mutex::new(LogBudget::default())),
         }
     }
 }
@@ -63,6 +64,44 @@ impl ProgressWriter {
 pub struct VertexProgress {
     writer: ProgressWriter,
     vertex: Arc<Mutex<Vertex>>,
+    logged: Arc<Mutex<LogBudget>>,
+}
+
+/// BuildKit's default cap on the log output of one step (`BUILDKIT_STEP_LOG_MAX_SIZE`).
+const DEFAULT_MAX_LOG_SIZE: i64 = 2 << 20;
+
+/// The cap on one step's log bytes: `BUILDKIT_STEP_LOG_MAX_SIZE` of kilnd's environment (bytes;
+/// negative = unlimited), else 2 MiB, as buildkitd.
+fn max_log_size() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let limit = std::env::var("BUILDKIT_STEP_LOG_MAX_SIZE")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(DEFAULT_MAX_LOG_SIZE);
+        u64::try_from(limit).ok()
+    })
+}
+
+/// `2MiB`, `512KiB`, `100B`: Go's `units.BytesSize` for whole values, as BuildKit prints the cap.
+fn binary_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.4}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}{}", units[unit])
+}
+
+/// How much of a step's log went out, and whether it was clipped.
+#[derive(Debug, Default)]
+struct LogBudget {
+    sent: u64,
+    clipped: bool,
 }
 
 impl VertexProgress {
@@ -110,8 +149,48 @@ impl VertexProgress {
         self.finish(false, Some(error.to_string()));
     }
 
-    /// Sends a log chunk (stream 1 = stdout, 2 = stderr).
+    /// Sends a log chunk (stream 1 = stdout, 2 = stderr). Past the step's cap (2 MiB unless
+    /// `BUILDKIT_STEP_LOG_MAX_SIZE` says otherwise) the output is dropped after BuildKit's
+    /// `[output clipped, log limit 2MiB reached]` line.
     pub fn log(&self, stream: i64, data: &[u8]) {
+        self.log_limited(stream, data, max_log_size());
+    }
+
+    fn log_limited(&self, stream: i64, data: &[u8], limit: Option<u64>) {
+        let (keep, clip) = {
+            let mut budget = match self.logged.lock() {
+                Ok(b) => b,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if budget.clipped {
+                return;
+            }
+            match limit {
+                Some(limit) if budget.sent + data.len() as u64 > limit => {
+                    let keep = limit.saturating_sub(budget.sent) as usize;
+                    budget.sent = limit;
+                    budget.clipped = true;
+                    (keep, Some(limit))
+                }
+                _ => {
+                    budget.sent += data.len() as u64;
+                    (data.len(), None)
+                }
+            }
+        };
+        if keep > 0 {
+            self.send_log(stream, &data[..keep]);
+        }
+        if let Some(limit) = clip {
+            let note = format!(
+                "\n[output clipped, log limit {} reached]\n",
+                binary_size(limit)
+            );
+            self.send_log(stream, note.as_bytes());
+        }
+    }
+
+    fn send_log(&self, stream: i64, data: &[u8]) {
         self.writer.send(StatusResponse {
             logs: vec![VertexLog {
                 vertex: self.digest(),
@@ -149,5 +228,43 @@ impl kiln_worker::ProgressSink for VertexProgress {
 
     fn status(&self, id: &str, name: &str, current: u64, total: Option<u64>, done: bool) {
         VertexProgress::status(self, id, name, current, total, done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_logs_are_clipped_once_past_the_cap() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let writer = ProgressWriter::new(tx);
+        let vertex = writer.start_vertex("sha256:v", "[1/1] RUN x", Vec::new());
+        vertex.log_limited(1, b"hello ", Some(10));
+        vertex.log_limited(1, b"world and more", Some(10));
+        vertex.log_limited(2, b"dropped", Some(10));
+        let mut logs = Vec::new();
+        while let Ok(message) = rx.try_recv() {
+            for log in message.logs {
+                logs.push(String::from_utf8(log.msg).unwrap());
+            }
+        }
+        assert_eq!(
+            logs,
+            vec![
+                "hello ",
+                "worl",
+                "\n[output clipped, log limit 10B reached]\n"
+            ]
+        );
+        let unlimited = writer.start_vertex("sha256:w", "[1/1] RUN y", Vec::new());
+        unlimited.log_limited(1, &[b'x'; 64], None);
+        let sent: usize = std::iter::from_fn(|| rx.try_recv().ok())
+            .flat_map(|m| m.logs)
+            .map(|l| l.msg.len())
+            .sum();
+        assert_eq!(sent, 64);
+        assert_eq!(binary_size(2 << 20), "2MiB");
+        assert_eq!(binary_size(1536), "1.5KiB");
     }
 }
