@@ -1007,11 +1007,16 @@ async fn copy_source_keys(
             move || -> Option<(Option<String>, BTreeMap<String, String>)> {
                 let mut hasher = Sha256::new();
                 let mut files = BTreeMap::new();
-                let mut budget = EXPLAIN_FILES_BUDGET;
+                // Down to each file, in the same walk, so a miss can name the file that changed.
+                let mut sums = selector::FileSums::new(&root, EXPLAIN_FILES_BUDGET);
                 for copy in &copies {
-                    let checksum =
-                        selector::checksum_selector(&root, &copy.src, copy.allow_wildcard)
-                            .ok()??;
+                    let checksum = selector::checksum_selector_with(
+                        &root,
+                        &copy.src,
+                        copy.allow_wildcard,
+                        &mut Some(&mut sums),
+                    )
+                    .ok()??;
                     hasher.update(copy.src.as_bytes());
                     hasher.update([0]);
                     hasher.update(checksum.as_bytes());
@@ -1019,13 +1024,8 @@ async fn copy_source_keys(
                     let path = copy.src.trim_start_matches("./").trim_start_matches('/');
                     let path = if path.is_empty() { "." } else { path };
                     files.insert(path.to_string(), checksum);
-                    // Down to each file, so a miss can name the file that changed.
-                    if let Some(detail) =
-                        selector::file_checksums(&root, &copy.src, copy.allow_wildcard, &mut budget)
-                    {
-                        files.extend(detail);
-                    }
                 }
+                files.extend(sums.into_files().unwrap_or_default());
                 Some((Some(hex::encode(hasher.finalize())), files))
             },
         )
@@ -1318,12 +1318,25 @@ async fn run_source(
 /// symlink targets and file contents — not timestamps or owners, so touching
 /// a file keeps the cache.
 pub fn checksum_dir(root: &Path) -> std::io::Result<String> {
+    checksum_dir_with(root, &mut None)
+}
+
+/// [`checksum_dir`], also recording each file and symlink into `sums`.
+pub(crate) fn checksum_dir_with(
+    root: &Path,
+    sums: &mut Option<&mut selector::FileSums>,
+) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    checksum_into(root, root, &mut hasher)?;
+    checksum_into(root, root, &mut hasher, sums)?;
     Ok(hex::encode(hasher.finalize()))
 }
 
-fn checksum_into(root: &Path, dir: &Path, hasher: &mut Sha256) -> std::io::Result<()> {
+fn checksum_into(
+    root: &Path,
+    dir: &Path,
+    hasher: &mut Sha256,
+    sums: &mut Option<&mut selector::FileSums>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
@@ -1337,17 +1350,26 @@ fn checksum_into(root: &Path, dir: &Path, hasher: &mut Sha256) -> std::io::Resul
         hasher.update(metadata.permissions().mode().to_le_bytes());
         if kind.is_symlink() {
             hasher.update(b"l");
-            hasher.update(std::fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+            let target = std::fs::read_link(&path)?;
+            hasher.update(target.as_os_str().as_encoded_bytes());
+            if let Some(sums) = sums {
+                sums.record(&path, format!("link:{}", target.display()));
+            }
         } else if kind.is_dir() {
             hasher.update(b"d");
-            checksum_into(root, &path, hasher)?;
+            checksum_into(root, &path, hasher, sums)?;
             hasher.update(b"/d");
         } else if kind.is_file() {
             hasher.update(b"f");
             let mut file_hasher = Sha256::new();
             let mut file = std::fs::File::open(&path)?;
             std::io::copy(&mut file, &mut file_hasher)?;
-            hasher.update(file_hasher.finalize());
+            let sum = file_hasher.finalize();
+            hasher.update(sum);
+            if let Some(sums) = sums {
+                let mode = metadata.permissions().mode();
+                sums.record(&path, format!("{mode:o}:{}", &hex::encode(sum)[..16]));
+            }
         } else {
             hasher.update(b"o");
         }

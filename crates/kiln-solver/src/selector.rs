@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::checksum_dir;
+use crate::checksum_dir_with;
 
 /// Whether `pattern` has glob metacharacters.
 fn has_wildcard(pattern: &str) -> bool {
@@ -97,12 +97,23 @@ pub fn checksum_selector(
     src: &str,
     allow_wildcard: bool,
 ) -> std::io::Result<Option<String>> {
+    checksum_selector_with(root, src, allow_wildcard, &mut None)
+}
+
+/// [`checksum_selector`], also recording each file it reads into `sums` (in the same walk), so
+/// a miss can be explained down to the file.
+pub fn checksum_selector_with(
+    root: &Path,
+    src: &str,
+    allow_wildcard: bool,
+    sums: &mut Option<&mut FileSums>,
+) -> std::io::Result<Option<String>> {
     let Some(relative) = relative(src) else {
         return Ok(None);
     };
     let (parent, last) = match (relative.parent(), relative.file_name()) {
         (Some(parent), Some(last)) => (parent.to_path_buf(), last.to_string_lossy().to_string()),
-        _ => return checksum_entry(root, root).map(Some),
+        _ => return checksum_entry(root, sums).map(Some),
     };
     // No symlinks among the parents: a copy resolving through one could
     // read anywhere in the input.
@@ -145,7 +156,7 @@ pub fn checksum_selector(
             Ok(_) => {
                 hasher.update(name.as_bytes());
                 hasher.update([0]);
-                hasher.update(checksum_entry(root, &path)?.as_bytes());
+                hasher.update(checksum_entry(&path, sums)?.as_bytes());
                 hasher.update([0]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -157,57 +168,47 @@ pub fn checksum_selector(
     Ok(Some(hex::encode(hasher.finalize())))
 }
 
-/// Per-file checksums (path relative to `root` → checksum of mode and content) of what `src`
-/// selects, for explaining a miss down to the file. Directories are walked; at most `budget`
-/// entries are listed in all (the budget is shared by a step's copies) — `None` when the
-/// budget runs out, the selection cannot be listed, or it is not a plain path or wildcard.
-/// Never part of a cache key: [`checksum_selector`] is.
-pub fn file_checksums(
-    root: &Path,
-    src: &str,
-    allow_wildcard: bool,
-    budget: &mut usize,
-) -> Option<std::collections::BTreeMap<String, String>> {
-    let relative = relative(src)?;
-    let (parent, last) = (
-        relative.parent()?.to_path_buf(),
-        relative.file_name()?.to_string_lossy().to_string(),
-    );
-    let dir = root.join(&parent);
-    let names: Vec<String> = if allow_wildcard && has_wildcard(&last) {
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|name| glob_match(&last, name))
-            .collect();
-        names.sort();
-        names
-    } else {
-        vec![last]
-    };
-    let mut out = std::collections::BTreeMap::new();
-    let mut pending: Vec<PathBuf> = names.iter().map(|n| parent.join(n)).collect();
-    while let Some(path) = pending.pop() {
-        *budget = budget.checked_sub(1)?;
-        let full = root.join(&path);
-        let metadata = std::fs::symlink_metadata(&full).ok()?;
-        let key = path.to_string_lossy().to_string();
-        if metadata.is_dir() {
-            for entry in std::fs::read_dir(&full).ok()? {
-                pending.push(path.join(entry.ok()?.file_name()));
-            }
-        } else if metadata.file_type().is_symlink() {
-            let target = std::fs::read_link(&full).ok()?;
-            out.insert(key, format!("link:{}", target.display()));
-        } else {
-            // Shortened: it only tells runs apart, it keys nothing.
-            let mut sum = checksum_entry(root, &full).ok()?;
-            sum.truncate(21);
-            out.insert(key, sum);
+/// Per-file checksums (path relative to the context root → mode and a shortened content hash,
+/// or a symlink's target) gathered while selectors are hashed, for explaining a miss down to the
+/// file. Never part of a cache key. At most `budget` entries: beyond it nothing is kept, and the
+/// explanation names the changed directory instead.
+#[derive(Debug)]
+pub struct FileSums {
+    root: PathBuf,
+    files: std::collections::BTreeMap<String, String>,
+    budget: usize,
+    overflowed: bool,
+}
+
+impl FileSums {
+    /// An empty record for paths under `root`, keeping at most `budget` entries.
+    pub fn new(root: &Path, budget: usize) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            files: std::collections::BTreeMap::new(),
+            budget,
+            overflowed: false,
         }
     }
-    Some(out)
+
+    /// Records `sum` for the entry at `path` (absolute, under the root).
+    pub(crate) fn record(&mut self, path: &Path, sum: String) {
+        if self.overflowed {
+            return;
+        }
+        if self.files.len() >= self.budget {
+            self.overflowed = true;
+            self.files.clear();
+            return;
+        }
+        let key = path.strip_prefix(&self.root).unwrap_or(path);
+        self.files.insert(key.to_string_lossy().into_owned(), sum);
+    }
+
+    /// The recorded entries, `None` when the budget ran out.
+    pub fn into_files(self) -> Option<std::collections::BTreeMap<String, String>> {
+        (!self.overflowed).then_some(self.files)
+    }
 }
 
 fn missing(what: &str) -> String {
@@ -215,24 +216,25 @@ fn missing(what: &str) -> String {
 }
 
 /// Checksum of one entry: a directory's tree (without its own name), or a
-/// file's mode and content.
-fn checksum_entry(_root: &Path, path: &Path) -> std::io::Result<String> {
+/// file's mode and content; the files read are recorded into `sums`.
+fn checksum_entry(path: &Path, sums: &mut Option<&mut FileSums>) -> std::io::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let metadata = std::fs::symlink_metadata(path)?;
+    let mode = metadata.permissions().mode();
     if metadata.is_dir() {
-        return Ok(format!(
-            "dir:{:o}:{}",
-            metadata.permissions().mode(),
-            checksum_dir(path)?
-        ));
+        return Ok(format!("dir:{mode:o}:{}", checksum_dir_with(path, sums)?));
     }
     let mut hasher = Sha256::new();
-    hasher.update(metadata.permissions().mode().to_le_bytes());
+    hasher.update(mode.to_le_bytes());
     if metadata.is_file() {
         let mut file = std::fs::File::open(path)?;
         std::io::copy(&mut file, &mut hasher)?;
     }
-    Ok(format!("file:{}", hex::encode(hasher.finalize())))
+    let sum = hex::encode(hasher.finalize());
+    if let Some(sums) = sums {
+        sums.record(path, format!("{mode:o}:{}", &sum[..16]));
+    }
+    Ok(format!("file:{sum}"))
 }
 
 #[cfg(test)]
@@ -240,28 +242,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_checksums_name_each_file_within_budget() {
+    fn file_sums_name_each_file_within_budget() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         std::fs::create_dir_all(root.join("app/sub")).unwrap();
         std::fs::write(root.join("app/a.txt"), b"a").unwrap();
         std::fs::write(root.join("app/sub/b.txt"), b"b").unwrap();
         std::fs::write(root.join("other.txt"), b"o").unwrap();
-        let mut budget = 100;
-        let files = file_checksums(root, "app", false, &mut budget).unwrap();
+        let sums_of = |src: &str, wildcard: bool, budget: usize| {
+            let mut sums = FileSums::new(root, budget);
+            let plain = checksum_selector(root, src, wildcard).unwrap();
+            let detailed =
+                checksum_selector_with(root, src, wildcard, &mut Some(&mut sums)).unwrap();
+            assert_eq!(plain, detailed, "recording does not change the key");
+            sums.into_files()
+        };
+        let files = sums_of("app", false, 100).unwrap();
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
             vec!["app/a.txt", "app/sub/b.txt"]
         );
-        let before = files["app/a.txt"].clone();
         std::fs::write(root.join("app/a.txt"), b"changed").unwrap();
-        let after = file_checksums(root, "app", false, &mut 100).unwrap();
-        assert_ne!(after["app/a.txt"], before);
+        let after = sums_of("app", false, 100).unwrap();
+        assert_ne!(after["app/a.txt"], files["app/a.txt"]);
         assert_eq!(after["app/sub/b.txt"], files["app/sub/b.txt"]);
-        let globbed = file_checksums(root, "*.txt", true, &mut 100).unwrap();
+        let globbed = sums_of("*.txt", true, 100).unwrap();
         assert_eq!(globbed.keys().collect::<Vec<_>>(), vec!["other.txt"]);
-        // app, a.txt, sub, b.txt: four entries do not fit in three.
-        assert!(file_checksums(root, "app", false, &mut 3).is_none());
+        // Two files do not fit in one.
+        assert!(sums_of("app", false, 1).is_none());
     }
 
     #[test]
