@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
+use kiln_testkit::{cargo_bin, run, Kilnd, Namespace, Output, BUSYBOX};
 
 fn kiln(host: &str, args: &[&str], cwd: &Path, epoch: Option<&str>) -> Output {
     let mut command = Command::new(cargo_bin("kiln"));
@@ -302,23 +302,6 @@ fn source_date_epoch_gives_reproducible_digests() {
     .success();
     let f = std::fs::metadata(cwd.join("files/app/f")).unwrap();
     assert_eq!(f.mtime(), 1_700_000_000);
-}
-
-/// A containerd namespace removed (leases, images, namespace) on drop;
-/// declared before the daemon so the daemon stops first.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
-        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
-        }
-        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["images", "rm", "--sync", image]);
-        }
-        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
-    }
 }
 
 #[test]

@@ -35,6 +35,27 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     path
 }
 
+/// `ctr -n <namespace> <args…>`.
+pub fn ctr(namespace: &str, args: &[&str]) -> Output {
+    run(Command::new("ctr").arg("-n").arg(namespace).args(args))
+}
+
+/// A containerd namespace owned by one test: its leases, images and the namespace itself are
+/// removed when the guard drops (also when the test fails).
+pub struct Namespace(pub String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        for lease in ctr(&self.0, &["leases", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&self.0, &["leases", "rm", "--sync", lease.trim()]);
+        }
+        for image in ctr(&self.0, &["images", "ls", "-q"]).stdout.lines() {
+            let _ = ctr(&self.0, &["images", "rm", "--sync", image.trim()]);
+        }
+        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
+    }
+}
+
 /// Captured output of a finished command.
 #[derive(Debug)]
 pub struct Output {

@@ -5,25 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
-
-fn ctr(namespace: &str, args: &[&str]) -> Output {
-    run(Command::new("ctr").arg("-n").arg(namespace).args(args))
-}
-
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        for lease in ctr(&self.0, &["leases", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&self.0, &["leases", "rm", "--sync", lease.trim()]);
-        }
-        for image in ctr(&self.0, &["images", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&self.0, &["images", "rm", "--sync", image]);
-        }
-        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
-    }
-}
+use kiln_testkit::{cargo_bin, ctr, run, Kilnd, Namespace, BUSYBOX};
 
 fn write(dir: &Path, dockerfile: &str) {
     std::fs::create_dir_all(dir).unwrap();

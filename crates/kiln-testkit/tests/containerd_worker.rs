@@ -7,28 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
-
-fn ctr(namespace: &str, args: &[&str]) -> Output {
-    run(Command::new("ctr").arg("-n").arg(namespace).args(args))
-}
-
-/// Removes the test namespace's leases (a containerd worker's lease outlives its daemon),
-/// images and the namespace itself. Declare it before the daemon, so the daemon stops first.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        for lease in ctr(&self.0, &["leases", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&self.0, &["leases", "rm", "--sync", lease.trim()]);
-        }
-        let images = ctr(&self.0, &["images", "ls", "-q"]);
-        for image in images.stdout.lines() {
-            let _ = ctr(&self.0, &["images", "rm", "--sync", image]);
-        }
-        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
-    }
-}
+use kiln_testkit::{cargo_bin, ctr, run, Kilnd, Namespace, Output, BUSYBOX};
 
 /// Fails the test with the client's stderr and the daemon's log unless the
 /// build succeeded.

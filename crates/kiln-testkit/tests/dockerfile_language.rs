@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
+use kiln_testkit::{cargo_bin, run, Kilnd, Namespace, Output, BUSYBOX};
 
 /// A build directory with its own daemon (fields drop in order: the daemon stops before its
 /// containerd namespace is removed).
@@ -15,22 +15,6 @@ struct Bench {
     namespace: Option<Namespace>,
     work: tempfile::TempDir,
     socket: String,
-}
-
-/// A containerd namespace removed on drop (leases, images, then the namespace).
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
-        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
-        }
-        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["images", "rm", "--sync", image.trim()]);
-        }
-        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
-    }
 }
 
 impl Bench {

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
+use kiln_testkit::{cargo_bin, run, Kilnd, Namespace, Output, BUSYBOX};
 
 fn random_value(prefix: &str) -> String {
     let mut bytes = [0u8; 12];
@@ -408,23 +408,6 @@ fn ssh_agent_is_forwarded_into_run() {
         "{}",
         built.stderr
     );
-}
-
-/// Removes a containerd namespace's leases, images and the namespace itself (declare it before
-/// the daemon so the daemon stops first).
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let ctr = |args: &[&str]| run(Command::new("ctr").arg("-n").arg(&self.0).args(args));
-        for lease in ctr(&["leases", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["leases", "rm", "--sync", lease.trim()]);
-        }
-        for image in ctr(&["images", "ls", "-q"]).stdout.lines() {
-            let _ = ctr(&["images", "rm", "--sync", image]);
-        }
-        let _ = run(Command::new("ctr").args(["namespaces", "rm", &self.0]));
-    }
 }
 
 /// The containerd worker shares the OCI worker's executor: the same mounts work there.
