@@ -134,9 +134,13 @@ impl CacheRecords {
             created,
         };
         let path = self.path(key);
+        // Unique per write: concurrent builds may store the same key at once
+        // (the last rename wins; both records describe the same result).
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
             .dir
-            .join(format!("{}.{}.tmp", key.as_str(), std::process::id()));
+            .join(format!("{}.{}.{n}.tmp", key.as_str(), std::process::id()));
         let io = |source| Error::Io {
             path: path.clone(),
             source,
@@ -214,5 +218,36 @@ mod tests {
         reopened.remove(key.as_str()).unwrap();
         reopened.remove(key.as_str()).unwrap();
         assert!(reopened.get(&key).is_none());
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_key_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = CacheRecords::open(dir.path()).unwrap();
+        let key = CacheKey::from_parts([("image", b"sha256:x".as_slice())]);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (records, key) = (records.clone(), key.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        records
+                            .put(&key, &[Some(format!("snap{i}"))], "FROM x")
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(records.get(&key).is_some());
+        let leftovers = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 }

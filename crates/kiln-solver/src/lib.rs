@@ -1233,6 +1233,17 @@ async fn run_source(
                 return Ok(resolved);
             }
         }
+        // Another build pulling the same image: wait for it, then take its
+        // record, so the pull and unpack happen once.
+        let _pulling = match ignore_cache {
+            false => Some(context.inflight.acquire(key.as_str()).await),
+            true => None,
+        };
+        if !ignore_cache {
+            if let Some(resolved) = lookup(context, &key) {
+                return Ok(resolved);
+            }
+        }
         let source_digest = reference
             .digest()
             .unwrap_or(&resolved.manifest_digest)

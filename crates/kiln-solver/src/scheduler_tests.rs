@@ -25,6 +25,7 @@ struct FakeWorker {
     running: AtomicUsize,
     peak: AtomicUsize,
     execs: Mutex<Vec<String>>,
+    pulls: AtomicUsize,
     snapshots: Mutex<HashSet<SnapshotId>>,
 }
 
@@ -36,6 +37,7 @@ impl FakeWorker {
             running: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             execs: Mutex::new(Vec::new()),
+            pulls: AtomicUsize::new(0),
             snapshots: Mutex::new(HashSet::new()),
         }
     }
@@ -67,17 +69,41 @@ impl Worker for FakeWorker {
     }
     async fn resolve_image(
         &self,
-        _: &Reference,
+        reference: &Reference,
         _: &Platform,
     ) -> Result<ResolvedImage, WorkerError> {
-        Err(unsupported("images"))
+        // Every image has one empty layer-less manifest, named by the reference.
+        let config_bytes = b"{}".to_vec();
+        let manifest = kiln_image::oci::ImageManifest {
+            schema_version: 2,
+            media_type: None,
+            config: kiln_image::oci::Descriptor::new(
+                "application/vnd.oci.image.config.v1+json".to_string(),
+                kiln_image::Digest::of(&config_bytes),
+                config_bytes.len() as u64,
+            ),
+            layers: Vec::new(),
+            annotations: None,
+        };
+        Ok(ResolvedImage {
+            reference: reference.clone(),
+            manifest_digest: kiln_image::Digest::of(reference.to_string().as_bytes()),
+            manifest,
+            manifest_bytes: Vec::new(),
+            config: Default::default(),
+            config_bytes,
+        })
     }
     async fn pull(
         &self,
-        _: &ResolvedImage,
+        image: &ResolvedImage,
         _: &dyn ProgressSink,
     ) -> Result<Option<SnapshotId>, WorkerError> {
-        Err(unsupported("images"))
+        self.pulls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        let id = format!("pulled {}", image.manifest_digest);
+        self.snapshots.lock().unwrap().insert(id.clone());
+        Ok(Some(id))
     }
     async fn snapshot_from_dir(&self, _: &Path) -> Result<SnapshotId, WorkerError> {
         Err(unsupported("local sources"))
@@ -151,6 +177,21 @@ fn exec(builder: &mut DefinitionBuilder, args: &str, inputs: &[OutputRef]) -> Ou
         ..Default::default()
     };
     OutputRef::new(builder.add(op, inputs).unwrap(), 0)
+}
+
+/// An image and one step on it.
+fn from_image() -> pb::Definition {
+    let mut builder = DefinitionBuilder::new();
+    let source = pb::Op {
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: "docker-image://127.0.0.1:5000/busybox:latest".into(),
+            attrs: BTreeMap::new(),
+        })),
+        ..Default::default()
+    };
+    let base = OutputRef::new(builder.add(source, &[]).unwrap(), 0);
+    let step = exec(&mut builder, "step", &[base]);
+    builder.build(Some(step))
 }
 
 /// Four independent steps joined by a fifth.
@@ -229,4 +270,14 @@ async fn concurrent_builds_run_identical_steps_once() {
     // A later build takes everything from the cache.
     let again = solve(&solver, &definition).await;
     assert_eq!((again.executed, again.cached), (0, 5));
+}
+
+#[tokio::test]
+async fn concurrent_builds_pull_a_shared_base_image_once() {
+    let (_dir, worker, solver) = solver_with(0);
+    let definition = from_image();
+    let (a, b) = tokio::join!(solve(&solver, &definition), solve(&solver, &definition));
+    assert_eq!(worker.pulls.load(Ordering::SeqCst), 1);
+    assert_eq!(worker.execs(), vec!["step"]);
+    assert_eq!(a.executed + b.executed, 2, "{a:?} {b:?}");
 }
