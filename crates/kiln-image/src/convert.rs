@@ -181,10 +181,13 @@ pub fn convert_layer(
 fn write_index(path: &std::path::Path, entry: &IndexEntry) -> io::Result<()> {
     let dir = path.parent().unwrap_or(path);
     fs::create_dir_all(dir)?;
+    // Unique per write: two conversions of one layer may finish together.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let temp = dir.join(format!(
-        ".{}.{}",
+        ".{}.{}.{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-        std::process::id()
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     fs::write(&temp, serde_json::to_vec(entry).map_err(io::Error::other)?)?;
     fs::rename(&temp, path)

@@ -69,6 +69,22 @@ impl std::fmt::Display for CacheKey {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file unique to this write, synced and then
+/// renamed: readers see the old content or the new, and concurrent writers of one path
+/// (two builds storing the same key) cannot collide; the last rename wins.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", crate::http::unique_suffix()));
+    let written = fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    let result = written.and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The on-disk record store.
 #[derive(Clone, Debug)]
 pub struct CacheRecords {
@@ -134,23 +150,10 @@ impl CacheRecords {
             created,
         };
         let path = self.path(key);
-        // Unique per write: concurrent builds may store the same key at once
-        // (the last rename wins; both records describe the same result).
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!("{}.{}.{n}.tmp", key.as_str(), std::process::id()));
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
-        let bytes = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
-        let mut file = fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
-        Ok(())
+        let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other);
+        bytes
+            .and_then(|bytes| write_atomically(&path, &bytes))
+            .map_err(|source| Error::Io { path, source })
     }
 
     /// Removes the record with hex key `key` (absent is fine).

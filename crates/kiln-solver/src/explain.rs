@@ -16,7 +16,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -88,12 +87,8 @@ impl ExplainIndex {
 
     /// Records `parts` under `identity` (atomically: write then rename).
     pub fn put(&self, identity: &str, parts: &KeyParts) -> std::io::Result<()> {
-        let path = self.path(identity);
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         let bytes = serde_json::to_vec(parts).map_err(std::io::Error::other)?;
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        fs::rename(&tmp, &path)
+        crate::cache::write_atomically(&self.path(identity), &bytes)
     }
 
     /// Why a vertex with `current` parts missed the cache, given its
