@@ -16,7 +16,7 @@ use kiln_solver::{ProgressWriter, SolveOptions, Solver};
 use tonic::{Request, Response, Status};
 
 use crate::exporter::{self, ExporterKind};
-use crate::frontend::{self, UserError};
+use crate::frontend::{self, DockerfileError, UserError};
 use crate::jobs::{Jobs, StatusStream};
 use crate::locals::{SessionLocals, SESSION_WAIT};
 use crate::policy::SourcePolicy;
@@ -137,24 +137,12 @@ fn to_pb_platform(p: &Platform) -> pb::Platform {
 /// Renders a failing step's place as BuildKit's client does: file and line,
 /// then the lines with the failing range marked.
 fn excerpt(location: &kiln_solver::SourceRange) -> String {
-    let text = String::from_utf8_lossy(&location.data);
-    let lines: Vec<&str> = text.lines().collect();
-    let start = location.start_line.max(1) as usize;
-    let end = (location.end_line as usize).max(start);
-    let from = start.saturating_sub(3).max(1);
-    let to = (end + 2).min(lines.len());
-    let mut out = format!("{}:{}\n--------------------\n", location.filename, start);
-    for n in from..=to {
-        let line = lines.get(n - 1).copied().unwrap_or_default();
-        let marker = if (start..=end).contains(&n) {
-            ">>>"
-        } else {
-            "   "
-        };
-        out.push_str(&format!("{n:>4} | {marker} {line}\n"));
-    }
-    out.push_str("--------------------\n");
-    out
+    let lines = kiln_dockerfile::Location {
+        start_line: location.start_line as usize,
+        end_line: location.end_line as usize,
+        column: None,
+    };
+    kiln_dockerfile::excerpt(&location.filename, &location.data, &lines)
 }
 
 fn solve_error(e: &kiln_solver::Error) -> Status {
@@ -184,6 +172,12 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn anyhow_status(e: anyhow::Error) -> Status {
+    if let Some(rejected) = e.downcast_ref::<DockerfileError>() {
+        return Status::invalid_argument(format!(
+            "{}failed to solve: {}",
+            rejected.excerpt, rejected.message
+        ));
+    }
     let message = format!("failed to solve: {e:#}");
     if e.downcast_ref::<UserError>().is_some() {
         Status::invalid_argument(message)

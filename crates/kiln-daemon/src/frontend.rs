@@ -36,6 +36,17 @@ pub struct UserError {
     pub message: String,
 }
 
+/// A Dockerfile the frontend rejected, with the excerpt that shows where (BuildKit's client
+/// prints the same from the error's source info).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DockerfileError {
+    /// `Dockerfile:<line>` and the offending lines marked (see [`kiln_dockerfile::excerpt`]).
+    pub excerpt: String,
+    /// What is wrong.
+    pub message: String,
+}
+
 /// A stable vertex digest for daemon-side steps that are not LLB ops.
 pub fn synthetic_digest(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
@@ -447,11 +458,9 @@ pub async fn dockerfile(
     let text = String::from_utf8(source.clone()).map_err(|_| UserError {
         message: format!("{filename}: not valid UTF-8"),
     })?;
-    let parsed = kiln_dockerfile::parse(&text).map_err(|e| UserError {
-        message: format!(
-            "{filename}:{}: dockerfile parse error on line {}: {}",
-            e.line, e.line, e.message
-        ),
+    let parsed = kiln_dockerfile::parse(&text).map_err(|e| DockerfileError {
+        excerpt: kiln_dockerfile::excerpt(&filename, text.as_bytes(), &e.location()),
+        message: e.to_string(),
     })?;
     let syntax = attrs
         .get("build-arg:BUILDKIT_SYNTAX")
@@ -495,15 +504,14 @@ pub async fn dockerfile(
     let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
         .await
         .map_err(|e| {
-            // Compile errors start with `<line>: `; name the place `Dockerfile:<line>` as BuildKit does.
-            let text = with_causes(&e);
-            let separator = if text.starts_with(|c: char| c.is_ascii_digit()) {
-                ":"
-            } else {
-                ": "
-            };
-            UserError {
-                message: format!("{filename}{separator}{text}"),
+            let message = with_causes(&e);
+            match e.location(&parsed, &text) {
+                Some(location) => DockerfileError {
+                    excerpt: kiln_dockerfile::excerpt(&filename, text.as_bytes(), &location),
+                    message,
+                }
+                .into(),
+                None => anyhow::Error::from(UserError { message }),
             }
         })?;
     Ok(FrontendResult {

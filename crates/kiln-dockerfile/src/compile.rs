@@ -7,6 +7,7 @@ use kiln_image::reference::Reference;
 use kiln_image::Digest;
 use kiln_llb::{pb, DefinitionBuilder, OutputRef};
 
+use crate::diagnostic::Location;
 use crate::parser::{
     parse_heredoc_word, CommandLine, CopyInstruction, Dockerfile, Heredoc, Instruction, KeyValue,
     Span, Stage,
@@ -114,7 +115,8 @@ pub struct Compiled {
     pub image_config: ImageConfig,
 }
 
-/// Why a Dockerfile could not be compiled. Messages start with the 1-based line.
+/// Why a Dockerfile could not be compiled. The place is [`CompileError::line`] (rendered with
+/// [`CompileError::location`]), not part of the message.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
     /// The file has no `FROM`.
@@ -127,7 +129,7 @@ pub enum CompileError {
         target: String,
     },
     /// A known instruction kiln does not compile yet.
-    #[error("{line}: instruction {instruction} is not supported yet")]
+    #[error("instruction {instruction} is not supported yet")]
     Unsupported {
         /// Line of the instruction.
         line: usize,
@@ -135,7 +137,7 @@ pub enum CompileError {
         instruction: String,
     },
     /// A flag kiln does not support yet.
-    #[error("{line}: {instruction} --{flag} is not supported yet")]
+    #[error("{instruction} --{flag} is not supported yet")]
     UnsupportedFlag {
         /// Line of the instruction.
         line: usize,
@@ -145,7 +147,7 @@ pub enum CompileError {
         flag: String,
     },
     /// A variable expansion failed.
-    #[error("{line}: failed to expand {word:?}")]
+    #[error("failed to expand {word:?}")]
     Expand {
         /// Line of the instruction.
         line: usize,
@@ -156,7 +158,7 @@ pub enum CompileError {
         source: ExpandError,
     },
     /// `FROM` expands to nothing.
-    #[error("{line}: base name ({base}) should not be blank")]
+    #[error("base name ({base}) should not be blank")]
     BlankBase {
         /// Line of the `FROM`.
         line: usize,
@@ -164,7 +166,7 @@ pub enum CompileError {
         base: String,
     },
     /// An image reference does not parse.
-    #[error("{line}: failed to parse image reference {reference:?}")]
+    #[error("failed to parse image reference {reference:?}")]
     Reference {
         /// Line of the instruction.
         line: usize,
@@ -175,7 +177,7 @@ pub enum CompileError {
         source: kiln_image::reference::ParseError,
     },
     /// `--platform` does not parse.
-    #[error("{line}: failed to parse platform {platform:?}")]
+    #[error("failed to parse platform {platform:?}")]
     Platform {
         /// Line of the `FROM`.
         line: usize,
@@ -183,7 +185,7 @@ pub enum CompileError {
         platform: String,
     },
     /// The resolver failed.
-    #[error("{line}: failed to resolve {reference}")]
+    #[error("failed to resolve {reference}")]
     Resolve {
         /// Line of the instruction.
         line: usize,
@@ -194,7 +196,7 @@ pub enum CompileError {
         source: ResolveError,
     },
     /// The image config the resolver returned is not valid JSON.
-    #[error("{line}: failed to parse image config of {reference}")]
+    #[error("failed to parse image config of {reference}")]
     ImageConfig {
         /// Line of the instruction.
         line: usize,
@@ -205,13 +207,13 @@ pub enum CompileError {
         source: serde_json::Error,
     },
     /// `COPY --from` with a variable.
-    #[error("{line}: variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround")]
+    #[error("variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround")]
     FromExpansion {
         /// Line of the `COPY`.
         line: usize,
     },
     /// `COPY --from=<n>` out of range.
-    #[error("{line}: invalid stage index {index}")]
+    #[error("invalid stage index {index}")]
     StageIndex {
         /// Line of the `COPY`.
         line: usize,
@@ -219,7 +221,9 @@ pub enum CompileError {
         index: usize,
     },
     /// `COPY --from` names a later stage.
-    #[error("{line}: cannot copy from stage {from:?}, it needs to be defined before current stage {stage:?}")]
+    #[error(
+        "cannot copy from stage {from:?}, it needs to be defined before current stage {stage:?}"
+    )]
     StageOrder {
         /// Line of the `COPY`.
         line: usize,
@@ -229,7 +233,7 @@ pub enum CompileError {
         stage: String,
     },
     /// `COPY --from=<own stage>` or a stage built on itself.
-    #[error("{line}: circular dependency detected on stage: {stage}")]
+    #[error("circular dependency detected on stage: {stage}")]
     Circular {
         /// Line of the instruction.
         line: usize,
@@ -237,7 +241,9 @@ pub enum CompileError {
         stage: String,
     },
     /// `--chmod` is not octal.
-    #[error("{line}: invalid chmod parameter: '{value}'. it should be octal string and between 0 and 07777")]
+    #[error(
+        "invalid chmod parameter: '{value}'. it should be octal string and between 0 and 07777"
+    )]
     Chmod {
         /// Line of the `COPY`.
         line: usize,
@@ -245,7 +251,7 @@ pub enum CompileError {
         value: String,
     },
     /// `--chown` is malformed.
-    #[error("{line}: invalid chown parameter: {value:?}")]
+    #[error("invalid chown parameter: {value:?}")]
     Chown {
         /// Line of the `COPY`.
         line: usize,
@@ -253,14 +259,14 @@ pub enum CompileError {
         value: String,
     },
     /// `WORKDIR` expands to nothing.
-    #[error("{line}: cannot normalize nothing")]
+    #[error("cannot normalize nothing")]
     EmptyWorkdir {
         /// Line of the `WORKDIR`.
         line: usize,
     },
     /// An argument BuildKit rejects (bad port, signal, network mode, ...); the message is
     /// BuildKit's.
-    #[error("{line}: {message}")]
+    #[error("{message}")]
     Invalid {
         /// Line of the instruction.
         line: usize,
@@ -268,7 +274,7 @@ pub enum CompileError {
         message: String,
     },
     /// A source kind kiln cannot build from yet (a git repository).
-    #[error("{line}: {what} is not supported yet")]
+    #[error("{what} is not supported yet")]
     UnsupportedSource {
         /// Line of the instruction.
         line: usize,
@@ -276,7 +282,7 @@ pub enum CompileError {
         what: String,
     },
     /// An `ONBUILD` trigger of the base does not parse.
-    #[error("{line}: failed to parse onbuild trigger {trigger:?}")]
+    #[error("failed to parse onbuild trigger {trigger:?}")]
     Trigger {
         /// Line of the `FROM` whose base carries the trigger.
         line: usize,
@@ -289,6 +295,75 @@ pub enum CompileError {
     /// Building the LLB failed (a bug in the compiler).
     #[error("failed to build llb")]
     Llb(#[from] kiln_llb::Error),
+}
+
+impl CompileError {
+    /// The 1-based line of the instruction at fault, when one is.
+    pub fn line(&self) -> Option<usize> {
+        use CompileError::*;
+        match self {
+            NoStages | TargetNotFound { .. } | Llb(_) => None,
+            Unsupported { line, .. }
+            | UnsupportedFlag { line, .. }
+            | Expand { line, .. }
+            | BlankBase { line, .. }
+            | Reference { line, .. }
+            | Platform { line, .. }
+            | Resolve { line, .. }
+            | ImageConfig { line, .. }
+            | FromExpansion { line }
+            | StageIndex { line, .. }
+            | StageOrder { line, .. }
+            | Circular { line, .. }
+            | Chmod { line, .. }
+            | Chown { line, .. }
+            | EmptyWorkdir { line }
+            | Invalid { line, .. }
+            | UnsupportedSource { line, .. }
+            | Trigger { line, .. } => Some(*line),
+        }
+    }
+
+    /// The word of the instruction the error is about, as written in the source.
+    fn token(&self) -> Option<String> {
+        use CompileError::*;
+        match self {
+            UnsupportedFlag { flag, .. } => Some(format!("--{flag}")),
+            Expand { word, .. } => Some(word.clone()),
+            BlankBase { base, .. } => Some(base.clone()),
+            Reference { reference, .. } | Resolve { reference, .. } => Some(reference.clone()),
+            FromExpansion { .. } => Some("--from".to_string()),
+            StageOrder { from, .. } => Some(from.clone()),
+            Chmod { value, .. } | Chown { value, .. } => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    /// Where the error points in `source` (the text `dockerfile` was parsed from): the lines of
+    /// the instruction at fault and, when the error names a word found there, its column.
+    pub fn location(&self, dockerfile: &Dockerfile, source: &str) -> Option<Location> {
+        let line = self.line()?;
+        let span = dockerfile
+            .stages
+            .iter()
+            .flat_map(|stage| {
+                std::iter::once(stage.span).chain(stage.commands.iter().map(|c| c.span))
+            })
+            .chain(dockerfile.meta_args.iter().map(|c| c.span))
+            .find(|span| span.start == line)
+            .unwrap_or(Span {
+                start: line,
+                end: line,
+            });
+        let column = self
+            .token()
+            .and_then(|token| crate::diagnostic::locate(source, span, &token));
+        Some(Location {
+            start_line: span.start,
+            end_line: span.end,
+            column,
+        })
+    }
 }
 
 /// What a stage starts from.
@@ -2458,10 +2533,10 @@ fn parse_trigger(trigger: &str, span: Span) -> Result<crate::parser::Command, Co
         .map(|s| s.commands)
         .unwrap_or_default();
     if commands.len() != 1 {
-        return Err(fail(crate::parser::ParseError {
-            line: 1,
-            message: "onbuild trigger should be a single expression".to_string(),
-        }));
+        return Err(fail(crate::parser::ParseError::new(
+            1,
+            "onbuild trigger should be a single expression",
+        )));
     }
     let mut command = commands.remove(0);
     command.span = span;

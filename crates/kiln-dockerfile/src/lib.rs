@@ -31,6 +31,7 @@
 //! to check.
 
 mod compile;
+mod diagnostic;
 mod parser;
 pub mod shell;
 
@@ -38,6 +39,7 @@ pub use compile::{
     compile, CompileError, CompileOptions, Compiled, ImageMetaResolver, NamedContext, ResolveError,
     DEFAULT_PATH,
 };
+pub use diagnostic::{excerpt, Column, Location};
 pub use parser::{
     parse, ArgDef, Command, CommandLine, CopyInstruction, Dockerfile, HealthcheckInstruction,
     Heredoc, Instruction, KeyValue, ParseError, Span, Stage,

@@ -2,23 +2,70 @@
 
 use std::collections::BTreeMap;
 
+use crate::diagnostic::{locate, suggest, with_hint, Column, Location};
 use crate::shell::split_words;
 
-/// A parse failure, with the 1-based line it was found on.
+/// A parse failure: the lines of the offending instruction, the offending word when the error
+/// names one, and what is wrong (BuildKit's wording).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{line}: {message}")]
+#[error("dockerfile parse error on line {line}: {message}")]
 pub struct ParseError {
-    /// 1-based line number.
+    /// First line of the instruction, 1-based.
     pub line: usize,
+    /// Last line of the instruction, 1-based.
+    pub end_line: usize,
+    /// The offending word, when the error names one.
+    pub column: Option<Column>,
     /// What is wrong.
     pub message: String,
+    /// The word to look for in the instruction's lines once they are known.
+    token: Option<String>,
+}
+
+impl ParseError {
+    pub(crate) fn new(line: usize, message: impl Into<String>) -> Self {
+        ParseError {
+            line,
+            end_line: line,
+            column: None,
+            message: message.into(),
+            token: None,
+        }
+    }
+
+    /// Names the word the error is about (found in the source by [`ParseError::placed`]).
+    fn at(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Widens the error to the lines of its instruction and locates its word in them.
+    fn placed(mut self, source: &str, span: Span) -> Self {
+        if self.line == span.start {
+            self.end_line = self.end_line.max(span.end);
+        }
+        if let Some(token) = &self.token {
+            let lines = Span {
+                start: self.line,
+                end: self.end_line,
+            };
+            self.column = locate(source, lines, token);
+        }
+        self
+    }
+
+    /// Where the error points, for [`excerpt`](crate::excerpt).
+    pub fn location(&self) -> Location {
+        Location {
+            start_line: self.line,
+            end_line: self.end_line.max(self.line),
+            column: self.column,
+        }
+    }
 }
 
 fn error(line: usize, message: impl Into<String>) -> ParseError {
-    ParseError {
-        line,
-        message: message.into(),
-    }
+    ParseError::new(line, message)
 }
 
 /// Lines `start..=end` (1-based) of the Dockerfile.
@@ -337,49 +384,97 @@ pub fn parse(source: &str) -> Result<Dockerfile, ParseError> {
         stages: Vec::new(),
     };
     for line in logical {
-        let original = line.text.trim().to_string();
-        let (word, rest) = split_first_word(&original);
-        let keyword = word.to_ascii_uppercase();
-        if !KNOWN.contains(&keyword.as_str()) {
-            return Err(error(
-                line.span.start,
-                format!("unknown instruction: {word}"),
-            ));
-        }
-        let (flags, rest) = extract_flags(rest);
-        if keyword == "FROM" {
-            dockerfile
-                .stages
-                .push(parse_from(&flags, rest, line.span, &original)?);
-            continue;
-        }
-        let instruction = parse_instruction(
-            &keyword,
-            flags,
-            rest,
-            &original,
-            line.heredocs,
-            line.span.start,
-            escape,
-        )?;
-        let command = Command {
-            span: line.span,
-            keyword: keyword.clone(),
-            original,
-            instruction,
-        };
-        match dockerfile.stages.last_mut() {
-            Some(stage) => stage.commands.push(command),
-            None if keyword == "ARG" => dockerfile.meta_args.push(command),
-            None => {
-                return Err(error(
-                    line.span.start,
-                    format!("no build stage in current context: {keyword} before FROM"),
-                ))
-            }
-        }
+        let span = line.span;
+        add_instruction(&mut dockerfile, line).map_err(|e| e.placed(source, span))?;
     }
     Ok(dockerfile)
+}
+
+/// Parses one logical line and adds it to the file: a new stage or a command of the current one.
+fn add_instruction(dockerfile: &mut Dockerfile, line: Logical) -> Result<(), ParseError> {
+    let original = line.text.trim().to_string();
+    let (word, rest) = split_first_word(&original);
+    let keyword = word.to_ascii_uppercase();
+    if !KNOWN.contains(&keyword.as_str()) {
+        let message = format!("unknown instruction: {word}");
+        return Err(error(
+            line.span.start,
+            with_hint(message, suggest(word, KNOWN, false)),
+        )
+        .at(word));
+    }
+    let (flags, rest) = extract_flags(rest);
+    if keyword == "FROM" {
+        let stage = parse_from(&flags, rest, line.span, &original)?;
+        dockerfile.stages.push(stage);
+        return Ok(());
+    }
+    let instruction = parse_instruction(
+        &keyword,
+        flags,
+        rest,
+        &original,
+        line.heredocs,
+        line.span.start,
+        dockerfile.escape,
+    )?;
+    let command = Command {
+        span: line.span,
+        keyword: keyword.clone(),
+        original,
+        instruction,
+    };
+    match dockerfile.stages.last_mut() {
+        Some(stage) => stage.commands.push(command),
+        None if keyword == "ARG" => dockerfile.meta_args.push(command),
+        None => {
+            return Err(error(
+                line.span.start,
+                format!("no build stage in current context: {keyword} before FROM"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// BuildKit's flag checks: every flag known to the instruction (names are case-sensitive; a
+/// near miss gets a hint), and only `repeatable` ones given more than once.
+fn check_flags(
+    flags: &[(String, Option<String>)],
+    known: &[&str],
+    repeatable: &[&str],
+    line: usize,
+) -> Result<(), ParseError> {
+    for (index, (name, _)) in flags.iter().enumerate() {
+        let flag = format!("--{name}");
+        if !known.contains(&name.as_str()) {
+            let message = with_hint(format!("unknown flag: {flag}"), suggest(name, known, true));
+            return Err(error(line, message).at(flag));
+        }
+        if !repeatable.contains(&name.as_str()) && flags[..index].iter().any(|(n, _)| n == name) {
+            return Err(error(line, format!("duplicate flag specified: {flag}")).at(flag));
+        }
+    }
+    Ok(())
+}
+
+/// A boolean flag: `--link`, `--link=true` or `--link=false` (any case).
+fn bool_flag(name: &str, value: &Option<String>, line: usize) -> Result<bool, ParseError> {
+    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some("") => {
+            Err(error(line, format!("missing a value on flag: --{name}")).at(format!("--{name}")))
+        }
+        Some(_) => Err(error(
+            line,
+            format!(
+                "expecting boolean value for flag {name}, not: {}",
+                value.as_deref().unwrap_or_default()
+            ),
+        )
+        .at(format!("--{name}"))),
+    }
 }
 
 /// Whether the logical line is an instruction whose following lines may hold heredoc bodies:
@@ -505,8 +600,8 @@ fn extract_flags(mut rest: &str) -> (Vec<(String, Option<String>)>, &str) {
             break;
         }
         match flag.split_once('=') {
-            Some((name, value)) => flags.push((name.to_ascii_lowercase(), Some(value.to_string()))),
-            None => flags.push((flag.to_ascii_lowercase(), None)),
+            Some((name, value)) => flags.push((name.to_string(), Some(value.to_string()))),
+            None => flags.push((flag.to_string(), None)),
         }
         rest = after;
     }
@@ -519,12 +614,10 @@ fn parse_from(
     span: Span,
     original: &str,
 ) -> Result<Stage, ParseError> {
+    check_flags(flags, &["platform"], &[], span.start)?;
     let mut platform = None;
     for (name, value) in flags {
-        match name.as_str() {
-            "platform" => platform = Some(flag_value("platform", value, span.start)?),
-            other => return Err(error(span.start, format!("unknown flag: {other}"))),
-        }
+        platform = Some(flag_value(name, value, span.start)?);
     }
     let words: Vec<&str> = rest.split_whitespace().collect();
     let name = match words.as_slice() {
@@ -539,7 +632,8 @@ fn parse_from(
                 return Err(error(
                     span.start,
                     format!("invalid name for build stage: {name:?}, name can't start with a number or contain symbols"),
-                ));
+                )
+                .at(words[2]));
             }
             Some(name)
         }
@@ -567,9 +661,9 @@ fn parse_from(
 }
 
 fn flag_value(name: &str, value: &Option<String>, line: usize) -> Result<String, ParseError> {
-    value
-        .clone()
-        .ok_or_else(|| error(line, format!("missing a value on flag: {name}")))
+    value.clone().ok_or_else(|| {
+        error(line, format!("missing a value on flag: --{name}")).at(format!("--{name}"))
+    })
 }
 
 fn parse_instruction(
@@ -581,17 +675,15 @@ fn parse_instruction(
     line: usize,
     escape: char,
 ) -> Result<Instruction, ParseError> {
-    let no_flags = |flags: &[(String, Option<String>)]| match flags.first() {
-        Some((name, _)) => Err(error(line, format!("unknown flag: {name}"))),
-        None => Ok(()),
-    };
+    let no_flags = |flags: &[(String, Option<String>)]| check_flags(flags, &[], &[], line);
     Ok(match keyword {
         "RUN" => {
-            for (name, _) in &flags {
-                if !["mount", "network", "security", "device"].contains(&name.as_str()) {
-                    return Err(error(line, format!("unknown flag: {name}")));
-                }
-            }
+            check_flags(
+                &flags,
+                &["mount", "network", "security", "device"],
+                &["mount", "device"],
+                line,
+            )?;
             if rest.is_empty() {
                 return Err(error(line, "RUN requires at least one argument"));
             }
@@ -778,6 +870,18 @@ fn parse_healthcheck(
         check.test = vec![kind];
         return Ok(check);
     }
+    check_flags(
+        flags,
+        &[
+            "interval",
+            "timeout",
+            "start-period",
+            "start-interval",
+            "retries",
+        ],
+        &[],
+        line,
+    )?;
     for (name, value) in flags {
         let slot = match name.as_str() {
             "interval" => &mut check.interval,
@@ -804,7 +908,7 @@ fn parse_healthcheck(
                 check.retries = i64::from(retries);
                 continue;
             }
-            other => return Err(error(line, format!("unknown flag: {other}"))),
+            _ => continue,
         };
         let value = flag_value(name, value, line)?;
         if value.is_empty() {
@@ -824,7 +928,8 @@ fn parse_healthcheck(
         return Err(error(
             line,
             format!("Unknown type {kind:?} in HEALTHCHECK (try CMD)"),
-        ));
+        )
+        .at(kind));
     }
     let test = match command_line(args) {
         CommandLine::Exec(words) if !words.is_empty() => {
@@ -917,19 +1022,32 @@ fn parse_copy(
         heredocs: Vec::new(),
         dest: String::new(),
     };
-    let bool_flag = |value: &Option<String>| value.as_deref().is_none_or(|v| v != "false");
+    let known: &[&str] = if add {
+        &[
+            "chown",
+            "chmod",
+            "link",
+            "keep-git-dir",
+            "checksum",
+            "unpack",
+            "exclude",
+        ]
+    } else {
+        &["from", "chown", "chmod", "link", "parents", "exclude"]
+    };
+    check_flags(&flags, known, &["exclude"], line)?;
     for (name, value) in &flags {
         match name.as_str() {
-            "from" if !add => copy.from = Some(flag_value(name, value, line)?),
+            "from" => copy.from = Some(flag_value(name, value, line)?),
             "chown" => copy.chown = Some(flag_value(name, value, line)?),
             "chmod" => copy.chmod = Some(flag_value(name, value, line)?),
-            "link" => copy.link = bool_flag(value),
-            "keep-git-dir" if add => copy.keep_git_dir = Some(bool_flag(value)),
-            "checksum" if add => copy.checksum = Some(flag_value(name, value, line)?),
-            "unpack" if add => copy.unpack = Some(bool_flag(value)),
+            "link" => copy.link = bool_flag(name, value, line)?,
+            "keep-git-dir" => copy.keep_git_dir = Some(bool_flag(name, value, line)?),
+            "checksum" => copy.checksum = Some(flag_value(name, value, line)?),
+            "unpack" => copy.unpack = Some(bool_flag(name, value, line)?),
             "exclude" => copy.excludes.push(flag_value(name, value, line)?),
-            "parents" if !add => copy.parents = bool_flag(value),
-            other => return Err(error(line, format!("unknown flag: {other}"))),
+            "parents" => copy.parents = bool_flag(name, value, line)?,
+            _ => {}
         }
     }
     let mut words = match command_line(rest) {
@@ -1114,7 +1232,7 @@ mod tests {
         assert_eq!(df.stages[0].commands[1].keyword, "CMD");
         assert_eq!(
             parse("FROM x\nRUN <<EOF\necho\n").unwrap_err().to_string(),
-            "2: unterminated heredoc"
+            "dockerfile parse error on line 2: unterminated heredoc"
         );
         // JSON form never reads heredocs.
         let df = parse("FROM x\nRUN [\"<<EOF\"]\nCMD x\n").unwrap();
@@ -1171,13 +1289,35 @@ mod tests {
     fn errors_carry_lines() {
         assert_eq!(
             parse("FROM x\nFOO bar\n").unwrap_err().to_string(),
-            "2: unknown instruction: FOO"
+            "dockerfile parse error on line 2: unknown instruction: FOO (did you mean FROM?)"
         );
         assert_eq!(
             parse("RUN x\n").unwrap_err().to_string(),
-            "1: no build stage in current context: RUN before FROM"
+            "dockerfile parse error on line 1: no build stage in current context: RUN before FROM"
         );
         assert_eq!(parse("FROM x\nCOPY --bogus=1 a b\n").unwrap_err().line, 2);
         assert_eq!(parse("FROM a b\n").unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn errors_carry_span_and_column() {
+        let e = parse("FROM x\nRUN --network=none \\\n  --mnt=x \\\n  true\nCMD y\n").unwrap_err();
+        assert_eq!((e.line, e.end_line), (2, 4));
+        assert_eq!(
+            e.column,
+            Some(Column {
+                line: 3,
+                start: 3,
+                width: 5
+            })
+        );
+        assert_eq!(e.message, "unknown flag: --mnt (did you mean mount?)");
+        let e = parse("FROM x\n\tcopy --FROM=a b c\n").unwrap_err();
+        assert_eq!(e.message, "unknown flag: --FROM");
+        assert_eq!(e.column.map(|c| (c.line, c.start)), Some((2, 7)));
+        let e = parse("FROM x\nWORKDIR --link /a\n").unwrap_err();
+        assert_eq!(e.message, "unknown flag: --link");
+        let e = parse("FROM x\nCOPY --from a b\n").unwrap_err();
+        assert_eq!(e.message, "missing a value on flag: --from");
     }
 }

@@ -1,6 +1,7 @@
 //! Golden tests: `tests/testdata/<case>/Dockerfile` (+ optional `options.json`) against
 //! `ast.txt` (parser output), `llb.txt` (LLB summary) and `image.json` (image config);
-//! `tests/testdata/invalid/<case>/Dockerfile` against `error.txt`.
+//! `tests/testdata/invalid/<case>/Dockerfile` against `error.txt` (the excerpt with the offending
+//! lines and word marked, then the message).
 //!
 //! Base images come from an in-process fake resolver. Set `KILN_UPDATE_GOLDEN=1` to rewrite the
 //! expected files after an intended change (and review the diff).
@@ -10,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use kiln_dockerfile::{compile, parse, CompileOptions, ImageMetaResolver, ResolveError};
+use kiln_dockerfile::{compile, excerpt, parse, CompileOptions, ImageMetaResolver, ResolveError};
 use kiln_image::oci::Platform;
 use kiln_image::reference::Reference;
 use kiln_image::Digest;
@@ -274,8 +275,9 @@ async fn invalid_cases() {
     );
     for dir in cases {
         let source = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
-        let message = match parse(&source) {
-            Err(e) => error_chain(&e),
+        // The message, then the excerpt the daemon shows with it.
+        let (message, location) = match parse(&source) {
+            Err(e) => (error_chain(&e), Some(e.location())),
             Ok(dockerfile) => {
                 match compile(
                     &dockerfile,
@@ -284,12 +286,19 @@ async fn invalid_cases() {
                 )
                 .await
                 {
-                    Err(e) => error_chain(&e),
-                    Ok(_) => format!("{}: compiled without error", dir.display()),
+                    Err(e) => (error_chain(&e), e.location(&dockerfile, &source)),
+                    Ok(_) => (format!("{}: compiled without error", dir.display()), None),
                 }
             }
         };
-        failures.extend(check(&dir.join("error.txt"), &format!("{message}\n")));
+        let rendered = match location {
+            Some(location) => excerpt("Dockerfile", source.as_bytes(), &location),
+            None => String::new(),
+        };
+        failures.extend(check(
+            &dir.join("error.txt"),
+            &format!("{rendered}{message}\n"),
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

@@ -1,0 +1,191 @@
+//! Where an error points in a Dockerfile, and how it is shown: the excerpt BuildKit's client
+//! prints (`Dockerfile:3`, the lines around it, `>>>` on the offending ones), with a `^^^` marker
+//! under the offending word when the error names one, and "did you mean" hints.
+
+use crate::parser::Span;
+
+/// The place of an error: the lines of the instruction and, when one word is at fault, its
+/// column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// First line, 1-based.
+    pub start_line: usize,
+    /// Last line, 1-based (`>= start_line`).
+    pub end_line: usize,
+    /// The offending word, when the error names one that appears in the source.
+    pub column: Option<Column>,
+}
+
+/// A word inside one source line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    /// The line, 1-based.
+    pub line: usize,
+    /// First character of the word, 1-based (characters, not bytes).
+    pub start: usize,
+    /// Length of the word in characters (at least 1).
+    pub width: usize,
+}
+
+/// Finds `token` in the lines of `span` (the first occurrence), as a [`Column`].
+pub(crate) fn locate(source: &str, span: Span, token: &str) -> Option<Column> {
+    if token.is_empty() {
+        return None;
+    }
+    source
+        .lines()
+        .enumerate()
+        .skip(span.start.saturating_sub(1))
+        .take(span.end.saturating_sub(span.start) + 1)
+        .find_map(|(index, line)| {
+            let at = line.find(token)?;
+            Some(Column {
+                line: index + 1,
+                start: line[..at].chars().count() + 1,
+                width: token.chars().count().max(1),
+            })
+        })
+}
+
+/// Renders `location` in `source` the way BuildKit's client prints a failing step: the file
+/// and first line, then up to three lines before and two after with the offending lines
+/// marked `>>>`, framed by dashes. A [`Column`] adds a `^^^` line under its word.
+pub fn excerpt(filename: &str, source: &[u8], location: &Location) -> String {
+    let text = String::from_utf8_lossy(source);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = location.start_line.max(1);
+    let end = location.end_line.max(start);
+    let from = start.saturating_sub(3).max(1);
+    let to = (end + 2).min(lines.len());
+    let mut out = format!("{filename}:{start}\n--------------------\n");
+    for n in from..=to {
+        let line = lines.get(n - 1).copied().unwrap_or_default();
+        let marker = if (start..=end).contains(&n) {
+            ">>>"
+        } else {
+            "   "
+        };
+        out.push_str(&format!("{n:>4} | {marker} {line}\n"));
+        if let Some(column) = location.column.filter(|c| c.line == n) {
+            // Tabs before the word stay tabs so the marker lines up with the source.
+            let pad: String = line
+                .chars()
+                .take(column.start - 1)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            out.push_str(&format!("     |     {pad}{}\n", "^".repeat(column.width)));
+        }
+    }
+    out.push_str("--------------------\n");
+    out
+}
+
+/// The option closest to `value` within an edit distance of 2, for a "did you mean" hint
+/// (BuildKit's `suggest.WrapError`): none when `value` is one of the options. Without
+/// `case_sensitive` the comparison ignores case and the hint takes the case of `value` when
+/// that is all upper case (lower case otherwise).
+pub(crate) fn suggest(value: &str, options: &[&str], case_sensitive: bool) -> Option<String> {
+    let fold = |s: &str| {
+        if case_sensitive {
+            s.to_string()
+        } else {
+            s.to_ascii_lowercase()
+        }
+    };
+    let wanted = fold(value);
+    let mut best: Option<(usize, String)> = None;
+    for option in options {
+        let candidate = fold(option);
+        if candidate == wanted {
+            return None;
+        }
+        let distance = edit_distance(&wanted, &candidate);
+        if distance < 3 && best.as_ref().is_none_or(|(d, _)| distance < *d) {
+            best = Some((distance, candidate));
+        }
+    }
+    let (_, hint) = best?;
+    if case_sensitive {
+        return Some(hint);
+    }
+    Some(if value == value.to_ascii_uppercase() {
+        hint.to_ascii_uppercase()
+    } else {
+        hint
+    })
+}
+
+/// `message (did you mean <hint>?)` when there is a hint.
+pub(crate) fn with_hint(message: String, hint: Option<String>) -> String {
+    match hint {
+        Some(hint) => format!("{message} (did you mean {hint}?)"),
+        None => message,
+    }
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances() {
+        assert_eq!(edit_distance("runn", "run"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn hints_follow_buildkit() {
+        let instructions = ["from", "run", "copy", "workdir"];
+        assert_eq!(
+            suggest("RUNN", &instructions, false).as_deref(),
+            Some("RUN")
+        );
+        assert_eq!(
+            suggest("cpy", &instructions, false).as_deref(),
+            Some("copy")
+        );
+        assert_eq!(
+            suggest("Workdri", &instructions, false).as_deref(),
+            Some("workdir")
+        );
+        assert_eq!(suggest("BOGUS", &instructions, false), None);
+        assert_eq!(suggest("RUN", &instructions, false), None);
+        let flags = ["chown", "chmod", "from"];
+        assert_eq!(suggest("chwon", &flags, true).as_deref(), Some("chown"));
+        assert_eq!(suggest("FROM", &flags, true), None);
+    }
+
+    #[test]
+    fn excerpt_marks_lines_and_word() {
+        let source = b"FROM a\nRUN true\nCOPY --foo=1 a b\nCMD x\n";
+        let location = Location {
+            start_line: 3,
+            end_line: 3,
+            column: locate(
+                std::str::from_utf8(source).unwrap(),
+                Span { start: 3, end: 3 },
+                "--foo",
+            ),
+        };
+        assert_eq!(
+            excerpt("Dockerfile", source, &location),
+            "Dockerfile:3\n--------------------\n   1 |     FROM a\n   2 |     RUN true\n   3 | >>> COPY --foo=1 a b\n     |          ^^^^^\n   4 |     CMD x\n--------------------\n"
+        );
+    }
+}
