@@ -39,6 +39,7 @@
 //! [error]                              # the build must fail
 //! contains = "unknown instruction: FOO"
 //! line = 3                             # reported as `Dockerfile:3`
+//! excerpt = "   3 | >>> FOO x\n     |     ^^^"  # part of the rendered source excerpt
 //! ```
 
 use std::collections::BTreeMap;
@@ -104,6 +105,7 @@ struct FileExpect {
 struct ErrorExpect {
     contains: String,
     line: Option<usize>,
+    excerpt: Option<String>,
 }
 
 /// One case: its name, directory and expectations.
@@ -202,6 +204,14 @@ fn run_case(case: &Case, socket: &str, work: &Path) -> Outcome {
                 error.contains,
                 tail(stderr, 12)
             ));
+        }
+        if let Some(excerpt) = &error.excerpt {
+            if !stderr.contains(excerpt.as_str()) {
+                problems.push(format!(
+                    "error excerpt: expected to contain\n{excerpt}\nstderr tail:\n{}",
+                    tail(stderr, 12)
+                ));
+            }
         }
         if let Some(line) = error.line {
             if !mentions_line(stderr, line) {

@@ -324,7 +324,7 @@ COPY --parents a/b/c.txt ./pkg/./*/main.go /parents/
     let (out, _) = bench.build(&missing, &[]);
     assert_ne!(out.code, 0);
     assert!(
-        out.stderr.contains("/nope/file not found"),
+        out.stderr.contains("\"/nope/file\": not found"),
         "{}",
         out.stderr
     );

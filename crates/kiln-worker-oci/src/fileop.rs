@@ -367,28 +367,37 @@ fn copy(
         let found = resolve_in_root(src_root, required, c.follow_symlink)
             .and_then(|p| fs::symlink_metadata(p).map(|_| ()));
         if let Err(e) = found {
+            let (reason, source) = if e.kind() == io::ErrorKind::NotFound {
+                (format!("{required:?}: not found"), None)
+            } else {
+                (format!("{required:?}: cannot be read"), Some(e))
+            };
             return Err(Error::FileAction {
                 index: k,
                 action: "copy",
                 path: required.clone(),
-                reason: format!("{required} not found"),
-                source: Some(e),
+                reason,
+                source,
             });
         }
     }
-    let srcs = sources(src_root, &c.src, c.allow_wildcard, c.follow_symlink)
-        .map_err(action_err(k, "copy", &c.src))?;
+    // A missing source is worded as BuildKit words it (`"/nope.txt": not found`).
+    let not_found = || Error::FileAction {
+        index: k,
+        action: "copy",
+        path: c.src.clone(),
+        reason: format!("{:?}: not found", c.src),
+        source: None,
+    };
+    let srcs = match sources(src_root, &c.src, c.allow_wildcard, c.follow_symlink) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+        result => result.map_err(action_err(k, "copy", &c.src))?,
+    };
     if srcs.is_empty() {
         if c.allow_empty_wildcard {
             return Ok(());
         }
-        return Err(Error::FileAction {
-            index: k,
-            action: "copy",
-            path: c.src.clone(),
-            reason: format!("{} not found", c.src),
-            source: None,
-        });
+        return Err(not_found());
     }
     let (uid, gid) = owner.map(|o| (o.uid, o.gid)).unwrap_or((None, None));
     let mode = if c.mode >= 0 {
