@@ -290,7 +290,7 @@ pub enum CompileError {
         trigger: String,
         /// Parser error (its line is relative to the trigger).
         #[source]
-        source: crate::parser::ParseError,
+        source: Box<crate::parser::ParseError>,
     },
     /// Building the LLB failed (a bug in the compiler).
     #[error("failed to build llb")]
@@ -2520,10 +2520,10 @@ fn named_source(from: &str, stages: &[Stage], line: usize) -> Result<CopySource,
 
 /// Parses an `ONBUILD` trigger as a single instruction placed at the `FROM` that runs it.
 fn parse_trigger(trigger: &str, span: Span) -> Result<crate::parser::Command, CompileError> {
-    let fail = |source| CompileError::Trigger {
+    let fail = |source: crate::parser::ParseError| CompileError::Trigger {
         line: span.start,
         trigger: trigger.to_string(),
-        source,
+        source: Box::new(source),
     };
     let parsed = crate::parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(fail)?;
     let mut commands = parsed

@@ -3,10 +3,13 @@
 //! resolved through the [`ImageMetaResolver`] the caller passes in.
 //!
 //! - [`parse`] → [`Dockerfile`] (directives, global `ARG`s, [`Stage`]s of [`Command`]s), or a
-//!   [`ParseError`] with its line.
+//!   [`ParseError`] with the instruction's lines and the offending word's [`Column`].
 //! - [`compile`] → [`Compiled`] (`pb::Definition` of the target stage with progress names and
 //!   source locations, and the [`ImageConfig`](kiln_image::oci::ImageConfig) with history), or a
-//!   [`CompileError`] whose message starts with the line.
+//!   [`CompileError`] whose [`CompileError::location`] gives its place.
+//! - [`excerpt`] renders a [`Location`] as BuildKit's client shows a failing instruction
+//!   (`Dockerfile:3`, the lines marked `>>>`, a `^^^` under the offending word); unknown
+//!   instructions and flags carry a "did you mean" hint.
 //! - [`shell`] — word expansion (`$v`, `${v:-d}`, quotes, escapes) as BuildKit's lexer does it.
 //!
 //! Supported: every instruction — `FROM [--platform] image [AS name]`, `RUN [--network]

@@ -26,7 +26,10 @@ fn dockerfile_specific_ignore_file_wins_over_the_context_one() {
     // A Dockerfile outside the context, with its own ignore file beside it.
     let elsewhere = work.path().join("elsewhere");
     write(&elsewhere.join("other.Dockerfile"), &dockerfile);
-    write(&elsewhere.join("other.Dockerfile.dockerignore"), "a.txt\nb.txt\n");
+    write(
+        &elsewhere.join("other.Dockerfile.dockerignore"),
+        "a.txt\nb.txt\n",
+    );
 
     let socket = format!("unix://{}/kilnd.sock", work.path().display());
     let daemon = Kilnd::start(&socket, &[]);
