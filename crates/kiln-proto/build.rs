@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/moby/buildkit/v1/sourcepolicy/policy.proto",
         "proto/moby/buildkit/v1/control.proto",
         "proto/google/rpc/status.proto",
+        "proto/errdefs/errdefs.proto",
         "proto/moby/buildkit/v1/apicaps/caps.proto",
         "proto/moby/buildkit/v1/frontend/gateway.proto",
         "proto/moby/buildkit/secrets/v1/secrets.proto",

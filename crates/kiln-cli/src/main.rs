@@ -112,6 +112,15 @@ fn main() -> ExitCode {
             {
                 eprintln!("error: {hint}");
             }
+            // The lines a rejected Dockerfile or a failing step points at come first, as
+            // buildctl prints them.
+            for excerpt in err
+                .chain()
+                .filter_map(|e| e.downcast_ref::<kiln_client::Error>())
+                .flat_map(kiln_client::Error::source_excerpts)
+            {
+                eprint!("{}", excerpt.render());
+            }
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }

@@ -130,6 +130,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The source lines the daemon's error points at (BuildKit's `errdefs.Source` details),
+    /// to print above the error as buildctl does.
+    pub fn source_excerpts(&self) -> Vec<kiln_llb::errdefs::Excerpt> {
+        self.status()
+            .map(|status| kiln_llb::errdefs::excerpts_in_status_details(status.details()))
+            .unwrap_or_default()
+    }
+
     /// The daemon's gRPC status, when the error came from an RPC.
     pub fn status(&self) -> Option<&tonic::Status> {
         match self {

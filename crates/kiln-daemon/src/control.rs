@@ -134,27 +134,44 @@ fn to_pb_platform(p: &Platform) -> pb::Platform {
     }
 }
 
-/// Renders a failing step's place as BuildKit's client does: file and line,
-/// then the lines with the failing range marked.
-fn excerpt(location: &kiln_solver::SourceRange) -> String {
-    let lines = kiln_dockerfile::Location {
+/// A failing step's place, as the `errdefs.Source` detail BuildKit attaches: the
+/// instruction's lines.
+fn step_excerpt(location: &kiln_solver::SourceRange) -> kiln_llb::errdefs::Excerpt {
+    kiln_llb::errdefs::Excerpt {
+        filename: location.filename.clone(),
+        data: location.data.clone(),
         start_line: location.start_line as usize,
         end_line: location.end_line as usize,
         column: None,
-    };
-    kiln_dockerfile::excerpt(&location.filename, &location.data, &lines)
+    }
+}
+
+/// A status with BuildKit's typed details: the message is the cause alone, as buildkitd
+/// sends it (clients add `failed to solve:`), and the excerpt travels as `errdefs.Source`.
+fn status_with_excerpt(
+    code: tonic::Code,
+    message: String,
+    excerpt: Option<kiln_llb::errdefs::Excerpt>,
+) -> Status {
+    match excerpt {
+        None => Status::new(code, message),
+        Some(excerpt) => {
+            let details =
+                kiln_llb::errdefs::status_details(code as i32, &message, vec![excerpt.to_detail()]);
+            Status::with_details(code, message, details.into())
+        }
+    }
 }
 
 fn solve_error(e: &kiln_solver::Error) -> Status {
-    let place = e.location().map(excerpt).unwrap_or_default();
-    let message = format!("{place}failed to solve: {}", error_chain(e));
-    match e.root() {
+    let code = match e.root() {
         kiln_solver::Error::Definition(_) | kiln_solver::Error::InvalidSource { .. } => {
-            Status::invalid_argument(message)
+            tonic::Code::InvalidArgument
         }
-        kiln_solver::Error::Unsupported { .. } => Status::unimplemented(message),
-        _ => Status::unknown(message),
-    }
+        kiln_solver::Error::Unsupported { .. } => tonic::Code::Unimplemented,
+        _ => tonic::Code::Unknown,
+    };
+    status_with_excerpt(code, error_chain(e), e.location().map(step_excerpt))
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -173,12 +190,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn anyhow_status(e: anyhow::Error) -> Status {
     if let Some(rejected) = e.downcast_ref::<DockerfileError>() {
-        return Status::invalid_argument(format!(
-            "{}failed to solve: {}",
-            rejected.excerpt, rejected.message
-        ));
+        return status_with_excerpt(
+            tonic::Code::InvalidArgument,
+            rejected.message.clone(),
+            Some(rejected.excerpt.clone()),
+        );
     }
-    let message = format!("failed to solve: {e:#}");
+    let message = format!("{e:#}");
     if e.downcast_ref::<UserError>().is_some() {
         Status::invalid_argument(message)
     } else {
@@ -623,16 +641,26 @@ mod tests {
     }
 
     #[test]
-    fn excerpt_marks_the_failing_line() {
+    fn failing_steps_carry_their_lines_as_a_status_detail() {
         let location = kiln_solver::SourceRange {
             filename: "Dockerfile".into(),
             start_line: 2,
             end_line: 2,
             data: b"FROM a\nRUN false\nCMD x\n".to_vec(),
         };
-        let text = excerpt(&location);
+        let status = status_with_excerpt(
+            tonic::Code::Unknown,
+            "exit code: 1".into(),
+            Some(step_excerpt(&location)),
+        );
+        assert_eq!(status.message(), "exit code: 1");
+        let excerpts = kiln_llb::errdefs::excerpts_in_status_details(status.details());
+        assert_eq!(excerpts.len(), 1);
+        let text = excerpts[0].render();
         assert!(text.starts_with("Dockerfile:2\n"), "{text}");
         assert!(text.contains("   2 | >>> RUN false\n"), "{text}");
         assert!(text.contains("   1 |     FROM a\n"), "{text}");
+        let plain = status_with_excerpt(tonic::Code::Unknown, "x".into(), None);
+        assert!(kiln_llb::errdefs::excerpts_in_status_details(plain.details()).is_empty());
     }
 }

@@ -36,13 +36,13 @@ pub struct UserError {
     pub message: String,
 }
 
-/// A Dockerfile the frontend rejected, with the excerpt that shows where (BuildKit's client
-/// prints the same from the error's source info).
+/// A Dockerfile the frontend rejected, with the place it points at (sent to the client as
+/// BuildKit's `errdefs.Source` detail, which clients render above the error).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct DockerfileError {
-    /// `Dockerfile:<line>` and the offending lines marked (see [`kiln_dockerfile::excerpt`]).
-    pub excerpt: String,
+    /// The offending lines (and word) of the Dockerfile.
+    pub excerpt: kiln_llb::errdefs::Excerpt,
     /// What is wrong.
     pub message: String,
 }
@@ -459,7 +459,7 @@ pub async fn dockerfile(
         message: format!("{filename}: not valid UTF-8"),
     })?;
     let parsed = kiln_dockerfile::parse(&text).map_err(|e| DockerfileError {
-        excerpt: kiln_dockerfile::excerpt(&filename, text.as_bytes(), &e.location()),
+        excerpt: e.location().excerpt(&filename, text.as_bytes()),
         message: e.to_string(),
     })?;
     let syntax = attrs
@@ -507,7 +507,7 @@ pub async fn dockerfile(
             let message = with_causes(&e);
             match e.location(&parsed, &text) {
                 Some(location) => DockerfileError {
-                    excerpt: kiln_dockerfile::excerpt(&filename, text.as_bytes(), &location),
+                    excerpt: location.excerpt(&filename, text.as_bytes()),
                     message,
                 }
                 .into(),

@@ -16,16 +16,7 @@ pub struct Location {
     pub column: Option<Column>,
 }
 
-/// A word inside one source line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Column {
-    /// The line, 1-based.
-    pub line: usize,
-    /// First character of the word, 1-based (characters, not bytes).
-    pub start: usize,
-    /// Length of the word in characters (at least 1).
-    pub width: usize,
-}
+pub use kiln_llb::errdefs::Column;
 
 /// Finds `token` in the lines of `span` (the first occurrence), as a [`Column`].
 pub(crate) fn locate(source: &str, span: Span, token: &str) -> Option<Column> {
@@ -47,37 +38,23 @@ pub(crate) fn locate(source: &str, span: Span, token: &str) -> Option<Column> {
         })
 }
 
-/// Renders `location` in `source` the way BuildKit's client prints a failing step: the file
-/// and first line, then up to three lines before and two after with the offending lines
-/// marked `>>>`, framed by dashes. A [`Column`] adds a `^^^` line under its word.
+/// Renders `location` in `source` the way BuildKit's client prints a failing step (see
+/// [`kiln_llb::errdefs::Excerpt::render`]).
 pub fn excerpt(filename: &str, source: &[u8], location: &Location) -> String {
-    let text = String::from_utf8_lossy(source);
-    let lines: Vec<&str> = text.lines().collect();
-    let start = location.start_line.max(1);
-    let end = location.end_line.max(start);
-    let from = start.saturating_sub(3).max(1);
-    let to = (end + 2).min(lines.len());
-    let mut out = format!("{filename}:{start}\n--------------------\n");
-    for n in from..=to {
-        let line = lines.get(n - 1).copied().unwrap_or_default();
-        let marker = if (start..=end).contains(&n) {
-            ">>>"
-        } else {
-            "   "
-        };
-        out.push_str(&format!("{n:>4} | {marker} {line}\n"));
-        if let Some(column) = location.column.filter(|c| c.line == n) {
-            // Tabs before the word stay tabs so the marker lines up with the source.
-            let pad: String = line
-                .chars()
-                .take(column.start - 1)
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
-            out.push_str(&format!("     |     {pad}{}\n", "^".repeat(column.width)));
+    location.excerpt(filename, source).render()
+}
+
+impl Location {
+    /// The location with its file, as an error carries it to the client.
+    pub fn excerpt(&self, filename: &str, source: &[u8]) -> kiln_llb::errdefs::Excerpt {
+        kiln_llb::errdefs::Excerpt {
+            filename: filename.to_string(),
+            data: source.to_vec(),
+            start_line: self.start_line,
+            end_line: self.end_line,
+            column: self.column,
         }
     }
-    out.push_str("--------------------\n");
-    out
 }
 
 /// The option closest to `value` within an edit distance of 2, for a "did you mean" hint

@@ -12,10 +12,14 @@
 //!   (digests, unknown inputs, output indexes, cycles) and answers questions about it
 //!   (topological order, inputs, metadata, source locations for error messages).
 //!
+//! - [`errdefs`] — the source excerpt an error carries (BuildKit's `errdefs.Source` status
+//!   detail): encoded by the daemon, rendered by the client.
+//!
 //! Ops are marshaled with prost; proto maps are `BTreeMap`s, so the bytes (and thus digests) are
 //! deterministic.
 
 mod builder;
+pub mod errdefs;
 mod graph;
 
 pub use builder::DefinitionBuilder;

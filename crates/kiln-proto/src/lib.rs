@@ -9,6 +9,7 @@
 //!
 //! Module paths mirror the proto packages:
 //! - [`pb`] — LLB (`Definition`, `Op`, `ExecOp`, `SourceOp`, `FileOp`, …)
+//! - [`errdefs`] — typed gRPC error details (`Source`: the lines a failing step came from)
 //! - [`fsutil::types`] — DiffCopy `Packet` and `Stat`
 //! - [`moby::filesync::v1`] — `FileSync`, `FileSend` and `Auth` session services
 //! - [`moby::buildkit::v1`] — the `Control` service; [`moby::buildkit::v1::types`] — worker records;
@@ -31,6 +32,11 @@ pub mod fsutil {
     pub mod types {
         tonic::include_proto!("fsutil.types");
     }
+}
+
+/// BuildKit's typed error details, package `errdefs`.
+pub mod errdefs {
+    tonic::include_proto!("errdefs");
 }
 
 /// Google packages.
