@@ -79,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compose::build(&globals, compose_args, build_args, &env).await
             }
         },
-        Command::Setup(args) => setup::run(args),
+        Command::Setup(args) => setup::run(args).await,
         Command::Completion { shell } => {
             let mut out = std::io::stdout().lock();
             out.write_all(&cli::completion_script(*shell))?;
