@@ -57,7 +57,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let globals = build::Globals {
         namespace: cli.namespace.clone(),
-        address: cli.address.clone(),
+        address: cli.address.clone().unwrap_or_else(|| {
+            let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from);
+            cli::default_containerd_address(nix::unistd::geteuid().as_raw(), runtime_dir.as_deref())
+        }),
         snapshotter: cli.snapshotter.clone(),
     };
     if let Some(args) = cli.build_args() {
