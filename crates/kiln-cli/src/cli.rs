@@ -16,14 +16,11 @@ pub struct Cli {
         default_value = "default"
     )]
     pub namespace: String,
-    /// containerd address (socket path, optionally `unix://`).
-    #[arg(
-        long,
-        global = true,
-        env = "CONTAINERD_ADDRESS",
-        default_value = "/run/containerd/containerd.sock"
-    )]
-    pub address: String,
+    /// containerd address (socket path, optionally `unix://`) [default:
+    /// /run/containerd/containerd.sock; for a non-root user whose rootless
+    /// containerd runs, $XDG_RUNTIME_DIR/containerd/containerd.sock]
+    #[arg(long, global = true, env = "CONTAINERD_ADDRESS")]
+    pub address: Option<String>,
     /// containerd snapshotter.
     #[arg(
         long,
@@ -88,7 +85,7 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// Install or remove kilnd as a systemd service (rootless or rootful).
+    /// Install or remove kilnd as a systemd service (rootless or rootful), and rootless containerd.
     Setup(crate::setup::SetupArgs),
     /// Print the shell completion script for bash, zsh or fish.
     ///
@@ -336,6 +333,21 @@ impl Cli {
     }
 }
 
+/// The containerd socket when neither `--address` nor `CONTAINERD_ADDRESS` names one: a
+/// non-root user's rootless containerd (`$XDG_RUNTIME_DIR/containerd/containerd.sock`, where
+/// `kiln setup install-containerd-rootless` and containerd-rootless.sh put it) when its socket
+/// exists, as nerdctl reaches it; else the system one.
+pub fn default_containerd_address(euid: u32, runtime_dir: Option<&std::path::Path>) -> String {
+    if euid != 0 {
+        if let Some(socket) = runtime_dir.map(|dir| dir.join("containerd/containerd.sock")) {
+            if socket.exists() {
+                return socket.display().to_string();
+            }
+        }
+    }
+    "/run/containerd/containerd.sock".to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,5 +442,21 @@ mod tests {
         assert_eq!(cli.build_args().unwrap().context, vec!["."]);
         let cli = parse(&["build", "--platform", "linux/amd64,linux/arm64", "."]);
         assert_eq!(cli.build_args().unwrap().platform.len(), 2);
+    }
+
+    #[test]
+    fn rootless_users_default_to_their_containerd() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = "/run/containerd/containerd.sock";
+        assert_eq!(default_containerd_address(1000, Some(dir.path())), system);
+        std::fs::create_dir(dir.path().join("containerd")).unwrap();
+        std::fs::write(dir.path().join("containerd/containerd.sock"), b"").unwrap();
+        let user = dir.path().join("containerd/containerd.sock");
+        assert_eq!(
+            default_containerd_address(1000, Some(dir.path())),
+            user.display().to_string()
+        );
+        assert_eq!(default_containerd_address(0, Some(dir.path())), system);
+        assert_eq!(default_containerd_address(1000, None), system);
     }
 }

@@ -57,7 +57,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let globals = build::Globals {
         namespace: cli.namespace.clone(),
-        address: cli.address.clone(),
+        address: cli.address.clone().unwrap_or_else(|| {
+            let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from);
+            cli::default_containerd_address(nix::unistd::geteuid().as_raw(), runtime_dir.as_deref())
+        }),
         snapshotter: cli.snapshotter.clone(),
     };
     if let Some(args) = cli.build_args() {
@@ -79,7 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compose::build(&globals, compose_args, build_args, &env).await
             }
         },
-        Command::Setup(args) => setup::run(args),
+        Command::Setup(args) => setup::run(args).await,
         Command::Completion { shell } => {
             let mut out = std::io::stdout().lock();
             out.write_all(&cli::completion_script(*shell))?;

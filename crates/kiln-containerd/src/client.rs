@@ -90,6 +90,31 @@ impl Containerd {
         Ok(response.into_inner().uuid)
     }
 
+    /// The snapshotter plugins containerd registered, each with the error that kept it from
+    /// loading (`None` = usable): containerd's overlayfs plugin, for one, tries an overlay
+    /// mount under its root at start-up and is skipped where that fails.
+    pub async fn snapshotters(&self) -> Result<Vec<(String, Option<String>)>> {
+        let response = self
+            .client
+            .introspection()
+            .plugins(Request::new(
+                containerd_client::services::v1::PluginsRequest {
+                    filters: vec!["type==io.containerd.snapshotter.v1".to_string()],
+                },
+            ))
+            .await
+            .map_err(rpc("introspection.Plugins", self.address.clone()))?;
+        Ok(response
+            .into_inner()
+            .plugins
+            .into_iter()
+            .map(|plugin| {
+                let error = plugin.init_err.map(|status| status.message);
+                (plugin.id, error)
+            })
+            .collect())
+    }
+
     /// The daemon's version string (version `Version`).
     pub async fn version(&self) -> Result<String> {
         let response = self

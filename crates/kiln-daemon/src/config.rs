@@ -71,6 +71,10 @@ pub struct Flags {
     /// containerd snapshotter of the containerd worker (default overlayfs).
     #[arg(long = "containerd-worker-snapshotter")]
     pub containerd_worker_snapshotter: Option<String>,
+    /// Run the containerd worker's containers rootless (default: true in a user namespace,
+    /// i.e. kilnd inside rootless containerd's namespaces).
+    #[arg(long = "containerd-worker-rootless", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub containerd_worker_rootless: Option<bool>,
     /// Extra containerd worker labels (key=value), repeatable.
     #[arg(long = "containerd-worker-labels")]
     pub containerd_worker_labels: Vec<String>,
@@ -154,6 +158,8 @@ pub struct ContainerdWorkerConfig {
     pub namespace: Option<String>,
     /// containerd snapshotter.
     pub snapshotter: Option<String>,
+    /// Rootless containers (unset = true in a user namespace).
+    pub rootless: Option<bool>,
     /// Extra labels.
     pub labels: BTreeMap<String, String>,
     /// Platforms (`linux/amd64`).
@@ -452,6 +458,15 @@ impl Config {
         if snapshotter.contains('/') || snapshotter.is_empty() {
             bail!("bad snapshotter name {snapshotter:?}");
         }
+        if let Some(rootless) = flags.containerd_worker_rootless {
+            containerd.rootless = Some(rootless);
+        }
+        if containerd.rootless == Some(true) && !defaults.in_user_namespace {
+            bail!("the rootless containerd worker requires to be executed as the mapped root in a user namespace (rootless containerd's, see `kiln setup nsenter`)");
+        }
+        containerd
+            .rootless
+            .get_or_insert(defaults.in_user_namespace);
         let mut oci = file.worker.oci.clone();
         if let Some(v) = &flags.oci_worker {
             oci.enabled = parse_tristate("oci-worker", v)?;
@@ -876,6 +891,7 @@ labels = { a = "b" }
             Some(PathBuf::from("/run/user/1000/buildkit"))
         );
         assert_eq!(config.oci.rootless, Some(true));
+        assert_eq!(config.containerd.rootless, Some(true));
         // The default file is read when present.
         std::fs::write(
             &defaults.config,
@@ -912,6 +928,19 @@ labels = { a = "b" }
         .unwrap_err()
         .to_string();
         assert!(err.contains("user namespace"), "{err}");
+        let err = Config::load_with(
+            &Flags::parse_from(["kilnd", "--containerd-worker-rootless"]),
+            &Defaults::rootful(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("user namespace"), "{err}");
+        let config = Config::load_with(
+            &Flags::parse_from(["kilnd", "--containerd-worker-rootless=false"]),
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(config.containerd.rootless, Some(false));
     }
 
     #[test]

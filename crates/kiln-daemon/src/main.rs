@@ -188,6 +188,7 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
                 .clone()
                 .unwrap_or_else(|| config::DEFAULT_CONTAINERD_SNAPSHOTTER.to_string()),
             runc_binary: runc,
+            rootless: config.containerd.rootless.unwrap_or(false),
             registry_hosts: registry_hosts(config),
             labels: config.containerd.labels.clone(),
             platforms: parse_platforms(&config.containerd.platforms)?,

@@ -7,8 +7,14 @@
 //! kilnd picks itself (overlayfs in the user namespace, or `native` where
 //! overlay cannot be mounted) and once with `native` forced.
 //!
+//! The second test does the same with the containerd worker: `kiln setup
+//! install-containerd-rootless --start` runs containerd under RootlessKit as
+//! the user, `install-buildkit-containerd` runs kilnd inside its namespaces,
+//! and the image lands in that containerd.
+//!
 //! Needs root (to create the user), `rootlesskit` and `newuidmap`/`newgidmap`
-//! (Debian's `rootlesskit` and `uidmap`), and the registry at 127.0.0.1:5000.
+//! (Debian's `rootlesskit` and `uidmap`), `containerd` for the second test,
+//! and the registry at 127.0.0.1:5000.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -33,8 +39,9 @@ struct TestUser {
 }
 
 impl TestUser {
-    fn create() -> Self {
-        let name = format!("kilntest-{:08x}", rand_u32());
+    /// A new user `<prefix>-<random>` (tests running at once use distinct prefixes).
+    fn create(prefix: &str) -> Self {
+        let name = format!("{prefix}-{:08x}", rand_u32());
         let dir = std::env::temp_dir().join(&name);
         let user = Self {
             name: name.clone(),
@@ -330,7 +337,7 @@ fn rootless_kilnd_builds_as_an_unprivileged_user() {
     let kernel = run(Command::new("uname").arg("-r")).stdout;
     eprintln!("kernel {}", kernel.trim());
 
-    let mut user = TestUser::create();
+    let mut user = TestUser::create("kilntest");
     std::fs::write(
         user.dir.join("ctx/Dockerfile"),
         format!(
@@ -397,4 +404,158 @@ fn rootless_kilnd_builds_as_an_unprivileged_user() {
     assert!(unit.contains("rootlesskit --net=host"), "{unit}");
     check_build(&user, "setup");
     // The detached daemon is no child of ours: stopped with the user's other processes on drop.
+}
+
+/// The pids of the user's processes whose command line contains `needle`.
+fn user_processes(user: &TestUser, needle: &str) -> Vec<String> {
+    run(Command::new("pgrep").args(["-a", "-u", &user.name]))
+        .stdout
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn rootless_containerd_worker_builds_into_the_users_containerd() {
+    for tool in ["rootlesskit", "newuidmap", "newgidmap", "containerd"] {
+        if !in_path(tool) {
+            eprintln!("skipped: {tool} is not installed (Debian packages rootlesskit, uidmap, containerd)");
+            return;
+        }
+    }
+    let user = TestUser::create("kilntest-ctrd");
+    let kiln = user.dir.join("kiln").display().to_string();
+    std::fs::write(
+        user.dir.join("ctx/Dockerfile"),
+        format!("FROM {BUSYBOX}\nRUN id -u > /uid\n"),
+    )
+    .unwrap();
+    run(Command::new("chown")
+        .arg(&user.name)
+        .arg(user.dir.join("ctx/Dockerfile")))
+    .success();
+
+    // 1. Rootless containerd, started without systemd.
+    let setup = run(&mut user.command(&[&kiln, "setup", "install-containerd-rootless", "--start"]));
+    eprintln!("install-containerd-rootless:\n{}", setup.stderr);
+    let setup = setup.success();
+    let containerd_socket = user.runtime_dir().join("containerd/containerd.sock");
+    assert!(
+        setup.stderr.contains("Started containerd"),
+        "{}",
+        setup.stderr
+    );
+    assert!(containerd_socket.exists());
+    let config = format!("{}/.config/containerd/config.toml", user.home());
+    let config = std::fs::read_to_string(config).unwrap();
+    assert!(config.contains("io.containerd.grpc.v1.cri"), "{config}");
+    let unit = format!("{}/.config/systemd/user/containerd.service", user.home());
+    let unit = std::fs::read_to_string(unit).unwrap();
+    assert!(unit.contains("containerd-rootless-child"), "{unit}");
+    // containerd runs as the user, as root of a user namespace.
+    let pid =
+        std::fs::read_to_string(user.runtime_dir().join("containerd-rootless/child_pid")).unwrap();
+    let uid_map = std::fs::read_to_string(format!("/proc/{}/uid_map", pid.trim())).unwrap();
+    let uid = run(Command::new("id").args(["-u", &user.name])).stdout;
+    assert!(
+        uid_map
+            .lines()
+            .next()
+            .is_some_and(|l| l.split_whitespace().collect::<Vec<_>>() == ["0", uid.trim(), "1"]),
+        "uid 0 of containerd's namespace is the user:\n{uid_map}"
+    );
+
+    // 2. kilnd with the containerd worker in containerd's namespaces, namespace `test`.
+    let setup = run(&mut user.command(&[
+        "CONTAINERD_NAMESPACE=test",
+        &kiln,
+        "setup",
+        "install-buildkit-containerd",
+        "--start",
+    ]));
+    eprintln!("install-buildkit-containerd:\n{}", setup.stderr);
+    let setup = setup.success();
+    let kilnd_socket = user.runtime_dir().join("buildkit-test/buildkitd.sock");
+    assert!(
+        setup.stderr.contains(&kilnd_socket.display().to_string()),
+        "{}",
+        setup.stderr
+    );
+    let snapshotter = if setup.stderr.contains("containerd's overlayfs snapshotter") {
+        "overlayfs"
+    } else {
+        assert!(
+            setup.stderr.contains("containerd's native snapshotter"),
+            "{}",
+            setup.stderr
+        );
+        "native"
+    };
+    eprintln!("snapshotter: {snapshotter}");
+
+    // 3. A build as the user, discovery only; the image lands in the user's containerd.
+    let image = format!("127.0.0.1:5000/kiln-rootless-ctrd:{:08x}", rand_u32());
+    let context = user.dir.join("ctx").display().to_string();
+    let built = run(&mut user.command(&[
+        "CONTAINERD_NAMESPACE=test",
+        &kiln,
+        "build",
+        "--progress=plain",
+        "-t",
+        &image,
+        &context,
+    ]));
+    eprintln!("kiln build:\n{}", built.stderr);
+    built.success();
+    let socket = containerd_socket.display().to_string();
+    let images =
+        run(&mut user.command(&["ctr", "-a", &socket, "-n", "test", "images", "ls", "-q"]))
+            .success()
+            .stdout;
+    assert!(
+        images.lines().any(|l| l == image),
+        "{image} in namespace test:\n{images}"
+    );
+    let elsewhere =
+        run(&mut user.command(&["ctr", "-a", &socket, "-n", "default", "images", "ls", "-q"]))
+            .success()
+            .stdout;
+    assert!(!elsewhere.contains(&image), "not in namespace default");
+
+    // /uid of the image, read through the user's containerd (mounted in its namespaces).
+    let dest = user.dir.join("ctx/out");
+    let exported = run(&mut user.command(&[
+        "CONTAINERD_NAMESPACE=test",
+        &kiln,
+        "build",
+        "--progress=plain",
+        "-o",
+        &format!("type=local,dest={}", dest.display()),
+        &context,
+    ]));
+    exported.success();
+    assert_eq!(
+        std::fs::read_to_string(dest.join("uid")).unwrap(),
+        "0\n",
+        "RUN sees uid 0 inside the user namespace"
+    );
+
+    // 4. Uninstall stops both daemons.
+    for (what, env) in [
+        ("uninstall-buildkit-containerd", "CONTAINERD_NAMESPACE=test"),
+        ("uninstall-containerd-rootless", "CONTAINERD_NAMESPACE=test"),
+    ] {
+        let out = run(&mut user.command(&[env, &kiln, "setup", what])).success();
+        eprintln!("{what}:\n{}", out.stderr);
+        assert!(out.stderr.contains("Stopped"), "{what}: {}", out.stderr);
+    }
+    for needle in ["rootlesskit", "containerd", "kilnd"] {
+        let left = user_processes(&user, needle);
+        assert!(left.is_empty(), "{needle} still running: {left:?}");
+    }
+    assert!(
+        !containerd_socket.exists()
+            || std::os::unix::net::UnixStream::connect(&containerd_socket).is_err()
+    );
 }

@@ -77,6 +77,9 @@ pub struct ContainerdWorkerConfig {
     pub snapshotter: String,
     /// The runc binary.
     pub runc_binary: PathBuf,
+    /// Rootless containers: kilnd runs as the mapped root of rootless containerd's user
+    /// namespace, so runc gets `--rootless true` and specs carry no cgroup settings.
+    pub rootless: bool,
     /// Per-registry settings (plain HTTP, skip TLS verification).
     pub registry_hosts: RegistryHosts,
     /// Extra worker labels, merged over the built-in ones.
@@ -207,7 +210,10 @@ impl ContainerdWorker {
                 api,
                 handle: tokio::runtime::Handle::current(),
             },
-            executor: Executor::new(config.runc_binary, runc_state, bundles, cache_mounts),
+            executor: Executor {
+                rootless: config.rootless,
+                ..Executor::new(config.runc_binary, runc_state, bundles, cache_mounts)
+            },
             resolver: Resolver::new(config.registry_hosts).map_err(|e| Error::RegistryClient {
                 source: Box::new(e.into()),
             })?,

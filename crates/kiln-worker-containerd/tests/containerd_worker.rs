@@ -80,6 +80,7 @@ fn config(root: &std::path::Path, namespace: &str) -> ContainerdWorkerConfig {
         namespace: namespace.into(),
         snapshotter: "overlayfs".into(),
         runc_binary: "runc".into(),
+        rootless: false,
         registry_hosts: RegistryHosts::new().with(
             "127.0.0.1:5000",
             HostConfig {

@@ -1,5 +1,6 @@
 //! Filesystem helpers: path resolution confined to a root, tree copies that keep metadata.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -104,10 +105,51 @@ pub(crate) struct CopyOptions {
     pub mtime: Option<(i64, i64)>,
 }
 
+/// The copies made so far of regular files with more than one name, by the source's (device,
+/// inode): a later name of the same file becomes a hard link to the first copy instead of a
+/// second, independent file (as BuildKit's copy and overlayfs' lower layers keep them).
+#[derive(Debug, Default)]
+pub(crate) struct HardLinks {
+    copied: HashMap<(u64, u64), PathBuf>,
+}
+
+impl HardLinks {
+    /// Links `dst` to the earlier copy of the file `meta` describes, if there is one; `false`
+    /// when `dst` must be copied (first name, or the earlier copy is gone).
+    fn link_earlier(&self, meta: &fs::Metadata, dst: &Path) -> bool {
+        if meta.nlink() < 2 {
+            return false;
+        }
+        match self.copied.get(&(meta.dev(), meta.ino())) {
+            Some(first) => fs::hard_link(first, dst).is_ok(),
+            None => false,
+        }
+    }
+
+    fn remember(&mut self, meta: &fs::Metadata, dst: &Path) {
+        if meta.nlink() > 1 {
+            self.copied
+                .entry((meta.dev(), meta.ino()))
+                .or_insert_with(|| dst.to_path_buf());
+        }
+    }
+}
+
 /// Copies `src` (file, dir, symlink, device, fifo; never following a symlink at `src`) to `dst`,
-/// keeping mode, owner, mtime and xattrs unless overridden. An existing non-directory at `dst` is
-/// replaced; an existing directory is merged into.
+/// keeping mode, owner, mtime and xattrs unless overridden, and hard links inside `src` as hard
+/// links. An existing non-directory at `dst` is replaced; an existing directory is merged into.
 pub(crate) fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> io::Result<()> {
+    copy_tree_linking(src, dst, opts, &mut HardLinks::default())
+}
+
+/// [`copy_tree`] with the hard-link memory shared across several calls (the entries of one
+/// layer copied one by one).
+pub(crate) fn copy_tree_linking(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    links: &mut HardLinks,
+) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     let ft = meta.file_type();
     let mut keep_existing = false;
@@ -127,7 +169,7 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> io::Resul
             .collect::<io::Result<_>>()?;
         names.sort();
         for name in names {
-            copy_tree(&src.join(&name), &dst.join(&name), opts)?;
+            copy_tree_linking(&src.join(&name), &dst.join(&name), opts, links)?;
         }
     } else {
         match fs::symlink_metadata(dst) {
@@ -139,6 +181,10 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> io::Resul
         if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
         } else if ft.is_file() {
+            if links.link_earlier(&meta, dst) {
+                // Same inode as the earlier copy: its metadata is already set.
+                return Ok(());
+            }
             fs::copy(src, dst)?;
         } else {
             let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
@@ -154,7 +200,11 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> io::Resul
     if keep_existing {
         return Ok(());
     }
-    copy_metadata(src, dst, &meta, opts)
+    copy_metadata(src, dst, &meta, opts)?;
+    if ft.is_file() {
+        links.remember(&meta, dst);
+    }
+    Ok(())
 }
 
 /// Gives `dst` the xattrs, owner, mode and mtime of `src` (whose metadata is `meta`), unless

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 #[cfg(doc)]
 use kiln_image::layer::OverlayXattrs;
 
-use crate::fsx::{copy_metadata, copy_tree, CopyOptions};
+use crate::fsx::{copy_metadata, copy_tree_linking, CopyOptions, HardLinks};
 
 /// Identity of an entry of a materialized tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,14 +80,15 @@ fn remove_any(path: &Path) -> io::Result<()> {
 /// `dest`, applying whiteouts and opaque directories, and records what it made.
 pub(crate) fn materialize(lowers: &[PathBuf], dest: &Path) -> io::Result<Recorded> {
     for layer in lowers.iter().rev() {
-        merge_layer(layer, dest)?;
+        // Hard links live inside one layer (one `fs` dir): one memory per layer.
+        merge_layer(layer, dest, &mut HardLinks::default())?;
     }
     let mut recorded = Recorded::default();
     record(dest, PathBuf::new(), &mut recorded)?;
     Ok(recorded)
 }
 
-fn merge_layer(src: &Path, dst: &Path) -> io::Result<()> {
+fn merge_layer(src: &Path, dst: &Path, links: &mut HardLinks) -> io::Result<()> {
     let names = sorted_names(src)?;
     if names.iter().any(|n| n == OPAQUE) {
         for child in sorted_names(dst)? {
@@ -106,7 +107,7 @@ fn merge_layer(src: &Path, dst: &Path) -> io::Result<()> {
         let to = dst.join(&name);
         let meta = fs::symlink_metadata(&from)?;
         if !meta.is_dir() {
-            copy_tree(&from, &to, &CopyOptions::default())?;
+            copy_tree_linking(&from, &to, &CopyOptions::default(), links)?;
             continue;
         }
         match fs::symlink_metadata(&to) {
@@ -118,7 +119,7 @@ fn merge_layer(src: &Path, dst: &Path) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&to)?,
             Err(e) => return Err(e),
         }
-        merge_layer(&from, &to)?;
+        merge_layer(&from, &to, links)?;
         // After the children, which changed the directory's mtime.
         copy_metadata(&from, &to, &meta, &CopyOptions::default())?;
     }
@@ -144,7 +145,15 @@ fn record(dir: &Path, rel: PathBuf, recorded: &mut Recorded) -> io::Result<()> {
 /// empty upper dir `upper`, as overlayfs would have.
 pub(crate) fn diff_into(tree: &Path, recorded: &Recorded, upper: &Path) -> io::Result<()> {
     let mut made_dirs = Vec::new();
-    diff_dir(tree, Path::new(""), recorded, upper, &mut made_dirs)?;
+    let mut links = HardLinks::default();
+    diff_dir(
+        tree,
+        Path::new(""),
+        recorded,
+        upper,
+        &mut made_dirs,
+        &mut links,
+    )?;
     // Directories made in the upper get the tree's metadata, deepest first (children done).
     for rel in made_dirs.iter().rev() {
         let source = tree.join(rel);
@@ -174,6 +183,7 @@ fn diff_dir(
     recorded: &Recorded,
     upper: &Path,
     made: &mut Vec<PathBuf>,
+    links: &mut HardLinks,
 ) -> io::Result<()> {
     let empty = BTreeMap::new();
     let before = recorded.dirs.get(rel).unwrap_or(&empty);
@@ -189,7 +199,7 @@ fn diff_dir(
             if old != Some(&now) {
                 ensure_upper_dir(upper, &child, made)?;
             }
-            diff_dir(tree, &child, recorded, upper, made)?;
+            diff_dir(tree, &child, recorded, upper, made, links)?;
             continue;
         }
         if old == Some(&now) {
@@ -197,7 +207,7 @@ fn diff_dir(
         }
         ensure_upper_dir(upper, rel, made)?;
         let target = upper.join(&child);
-        copy_tree(&path, &target, &CopyOptions::default())?;
+        copy_tree_linking(&path, &target, &CopyOptions::default(), links)?;
         if now.dir && old.is_some_and(|o| o.dir) {
             // A directory removed and made again: nothing of the old one shows through.
             fs::write(target.join(OPAQUE), b"")?;
@@ -277,5 +287,48 @@ mod tests {
         assert_eq!(fs::read_to_string(again.join("d/new")).unwrap(), "n");
         assert_eq!(fs::read_to_string(again.join("edit")).unwrap(), "2");
         assert_eq!(fs::read_to_string(again.join("e/x")).unwrap(), "x");
+    }
+
+    #[test]
+    fn hard_links_stay_hard_links_in_trees_and_diffs() {
+        let same = |a: &Path, b: &Path| {
+            let (a, b) = (fs::metadata(a).unwrap(), fs::metadata(b).unwrap());
+            (a.dev(), a.ino()) == (b.dev(), b.ino())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        write(&base.join("bin/busybox"), "bb");
+        fs::hard_link(base.join("bin/busybox"), base.join("bin/sh")).unwrap();
+        write(&base.join("usr/bin/env"), "unrelated");
+        fs::hard_link(base.join("bin/busybox"), base.join("usr/bin/id")).unwrap();
+
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        let recorded = materialize(std::slice::from_ref(&base), &tree).unwrap();
+        assert!(same(&tree.join("bin/busybox"), &tree.join("bin/sh")));
+        assert!(same(&tree.join("bin/busybox"), &tree.join("usr/bin/id")));
+        assert!(!same(&tree.join("bin/busybox"), &base.join("bin/busybox")));
+        assert!(!same(&tree.join("bin/busybox"), &tree.join("usr/bin/env")));
+        assert_eq!(fs::metadata(tree.join("bin/sh")).unwrap().nlink(), 3);
+
+        // Links made by a step reach the upper dir as links too.
+        write(&tree.join("new/a"), "n");
+        fs::hard_link(tree.join("new/a"), tree.join("new/b")).unwrap();
+        let upper = dir.path().join("upper");
+        fs::create_dir(&upper).unwrap();
+        diff_into(&tree, &recorded, &upper).unwrap();
+        assert!(same(&upper.join("new/a"), &upper.join("new/b")));
+        assert!(
+            !upper.join("bin").exists(),
+            "untouched links are not copied"
+        );
+
+        // And a chain of both keeps each layer's links.
+        let again = dir.path().join("again");
+        fs::create_dir(&again).unwrap();
+        materialize(&[upper.clone(), base], &again).unwrap();
+        assert!(same(&again.join("bin/sh"), &again.join("usr/bin/id")));
+        assert!(same(&again.join("new/a"), &again.join("new/b")));
+        assert!(!same(&again.join("new/a"), &again.join("bin/sh")));
     }
 }

@@ -18,7 +18,15 @@
 //!   `--root-prefix DIR` writes the files under DIR instead of `/` (contents
 //!   keep the final paths), for packaging and tests.
 //! - `uninstall-*`: stop, disable, remove the units (and the rootful TOML);
-//!   data is never removed, the command to do it is printed.
+//!   data is never removed, the command to do it is printed. Without
+//!   systemd, a daemon `--start` started (its pid file next to its data)
+//!   is stopped.
+//! - `install-containerd-rootless` (module [`containerd`]): rootless
+//!   containerd under RootlessKit, for systems without nerdctl's
+//!   `containerd-rootless-setuptool.sh`; `install-buildkit-containerd` then
+//!   runs kilnd inside its namespaces and picks the snapshotter containerd
+//!   could load there (overlayfs, else native) unless
+//!   `CONTAINERD_SNAPSHOTTER` names one.
 //!
 //! Unlike the upstream tool, re-running an install rewrites what changed
 //! (and says so) instead of skipping existing files. Without systemd,
@@ -31,6 +39,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
+
+pub mod containerd;
+
+use containerd::ContainerdRootlessOptions;
 
 /// `kiln setup ...`
 #[derive(Debug, Clone, Args)]
@@ -68,10 +80,26 @@ pub enum SetupCommand {
     UninstallBuildkit(SetupOptions),
     /// Remove what install-buildkit-containerd installed (data is kept).
     UninstallBuildkitContainerd(SetupOptions),
+    /// Install rootless containerd: containerd under RootlessKit as this
+    /// user (unit containerd.service, socket
+    /// $XDG_RUNTIME_DIR/containerd/containerd.sock, data
+    /// $XDG_DATA_HOME/containerd, config $XDG_CONFIG_HOME/containerd/config.toml).
+    InstallContainerdRootless(ContainerdRootlessOptions),
+    /// Remove what install-containerd-rootless installed (data is kept).
+    UninstallContainerdRootless(ContainerdRootlessOptions),
     /// Run a command inside rootless containerd's namespaces (what the
     /// rootless containerd-worker unit's ExecStart runs, reference §3.5).
     Nsenter {
         /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// RootlessKit's child in the rootless containerd unit: bind-mounts the
+    /// user's containerd directories on the conventional paths, then runs
+    /// the command (containerd).
+    #[command(hide = true)]
+    ContainerdRootlessChild {
+        /// containerd and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
@@ -111,6 +139,10 @@ pub struct SetupEnv {
     pub kiln: PathBuf,
     /// The rootlesskit binary, if in PATH.
     pub rootlesskit: Option<PathBuf>,
+    /// The containerd binary, if in PATH.
+    pub containerd: Option<PathBuf>,
+    /// The slirp4netns binary, if in PATH.
+    pub slirp4netns: Option<PathBuf>,
 }
 
 impl SetupEnv {
@@ -146,6 +178,8 @@ impl SetupEnv {
             kilnd,
             kiln,
             rootlesskit: find_in_path("rootlesskit"),
+            containerd: find_in_path("containerd"),
+            slirp4netns: find_in_path("slirp4netns"),
         })
     }
 }
@@ -169,6 +203,8 @@ pub struct PlannedFile {
 /// What an install or uninstall does, computed without side effects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// What runs (`kilnd`, `containerd`), for messages.
+    pub daemon: &'static str,
     /// System-wide (`systemctl`) or user (`systemctl --user`).
     pub rootful: bool,
     /// The unit to start/enable (`kilnd.socket` when socket-activated).
@@ -237,6 +273,7 @@ pub fn rootless_plan(worker: Worker, env: &SetupEnv) -> anyhow::Result<Plan> {
                 kilnd,
                 "--oci-worker=false".to_string(),
                 "--containerd-worker=true".to_string(),
+                "--containerd-worker-rootless=true".to_string(),
             ];
             let (unit, address, root, namespace) = match &env.namespace {
                 Some(ns) => (
@@ -326,6 +363,7 @@ pub fn rootless_plan(worker: Worker, env: &SetupEnv) -> anyhow::Result<Plan> {
         exec = command_line(&argv),
     );
     Ok(Plan {
+        daemon: "kilnd",
         rootful: false,
         start_unit: unit.clone(),
         units: vec![unit.clone()],
@@ -453,6 +491,7 @@ pub fn rootful_plan(worker: Worker, env: &SetupEnv) -> Plan {
     let mut manual = argv;
     manual[2] = format!("unix://{socket_path}");
     Plan {
+        daemon: "kilnd",
         rootful: true,
         start_unit: socket.clone(),
         units: vec![service, socket],
@@ -599,13 +638,60 @@ pub fn install(plan: &Plan, options: &SetupOptions) -> anyhow::Result<()> {
     let user = if plan.rootful { "" } else { "--user " };
     eprintln!("[INFO] Installed \"{unit}\" successfully.");
     eprintln!("[INFO] To control \"{unit}\", run: systemctl {user}(start|stop|restart) {unit}");
-    eprintln!("[INFO] kilnd listens on {}", plan.address);
+    eprintln!("[INFO] {} listens on {}", plan.daemon, plan.address);
     Ok(())
 }
 
+/// The pid file of a daemon `--start`ed without systemd: `<data dir>.pid`,
+/// holding `<pid> <start time>` (field 22 of `/proc/<pid>/stat`), so that
+/// uninstall stops that process and never one that reused its pid.
+fn pid_file(plan: &Plan) -> PathBuf {
+    plan.data_dir.with_extension("pid")
+}
+
+/// The start time of process `pid` in clock ticks since boot.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Without systemd: stops the daemon `--start` started, if it still runs
+/// (SIGTERM, then SIGKILL after 20 s), and removes its pid file.
+fn stop_detached(plan: &Plan) -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let path = pid_file(plan);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    if let (Some(Ok(pid)), Some(Ok(started))) = (fields.next(), fields.next()) {
+        let pid = u32::try_from(pid).context("bad pid file")?;
+        if process_start_time(pid) == Some(started) {
+            let target = Pid::from_raw(pid as i32);
+            kill(target, Signal::SIGTERM)
+                .with_context(|| format!("failed to stop {} (pid {pid})", plan.daemon))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while process_start_time(pid) == Some(started) {
+                if std::time::Instant::now() > deadline {
+                    let _ = kill(target, Signal::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            eprintln!("[INFO] Stopped {} (pid {pid})", plan.daemon);
+        }
+    }
+    std::fs::remove_file(&path).with_context(|| format!("failed to remove {}", path.display()))
+}
+
 /// Without systemd: runs the daemon command in the background, its log in
-/// `<data dir>.log`, and waits for its socket.
+/// `<data dir>.log`, its pid in `<data dir>.pid`, and waits for its socket.
 fn start_detached(plan: &Plan) -> anyhow::Result<()> {
+    // A daemon this command started before is replaced (its command may have changed).
+    stop_detached(plan)?;
     let log_path = plan.data_dir.with_extension("log");
     if let Some(parent) = log_path.parent() {
         std::fs::create_dir_all(parent)
@@ -630,11 +716,16 @@ fn start_detached(plan: &Plan) -> anyhow::Result<()> {
     let mut child = command
         .spawn()
         .with_context(|| format!("failed to run {}", plan.manual_command[0]))?;
+    let started = process_start_time(child.id()).unwrap_or_default();
+    let pid_path = pid_file(plan);
+    std::fs::write(&pid_path, format!("{} {started}\n", child.id()))
+        .with_context(|| format!("failed to write {}", pid_path.display()))?;
     let socket = plan.address.trim_start_matches("unix://");
     for _ in 0..300 {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             eprintln!(
-                "[INFO] Started kilnd (pid {}) on {}, log {}",
+                "[INFO] Started {} (pid {}) on {}, log {}",
+                plan.daemon,
                 child.id(),
                 plan.address,
                 log_path.display()
@@ -642,15 +733,18 @@ fn start_detached(plan: &Plan) -> anyhow::Result<()> {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
+            let _ = std::fs::remove_file(&pid_path);
             bail!(
-                "kilnd exited ({status}); see its log {}",
+                "{} exited ({status}); see its log {}",
+                plan.daemon,
                 log_path.display()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     bail!(
-        "kilnd did not listen on {} within 30s; see its log {}",
+        "{} did not listen on {} within 30s; see its log {}",
+        plan.daemon,
         plan.address,
         log_path.display()
     )
@@ -688,6 +782,9 @@ pub fn uninstall(plan: &Plan, options: &SetupOptions) -> anyhow::Result<()> {
     if systemd && removed {
         let _ = systemctl(plan.rootful, &["daemon-reload"]);
     }
+    if prefix.is_none() {
+        stop_detached(plan)?;
+    }
     let rm = if plan.rootful {
         format!("rm -rf {}", plan.data_dir.display())
     } else {
@@ -707,7 +804,7 @@ fn nsenter(command: &[String]) -> anyhow::Result<()> {
     let state = Path::new(&runtime_dir).join("containerd-rootless");
     let pid_file = state.join("child_pid");
     let pid = std::fs::read_to_string(&pid_file)
-        .with_context(|| format!("failed to read {} (is rootless containerd running? install it with containerd-rootless-setuptool.sh install)", pid_file.display()))?;
+        .with_context(|| format!("failed to read {} (is rootless containerd running? install it with `kiln setup install-containerd-rootless`)", pid_file.display()))?;
     let pid = pid.trim().to_string();
     let environ = std::fs::read(format!("/proc/{pid}/environ"))
         .with_context(|| format!("failed to read the environment of process {pid}"))?;
@@ -729,7 +826,12 @@ fn nsenter(command: &[String]) -> anyhow::Result<()> {
         .arg(format!("--wd={}", wd.display()))
         .arg("--preserve-credentials")
         .arg("-m");
-    if !state.join("netns").exists() {
+    // A detached netns (RootlessKit 2) is not containerd's; with `--net=host`
+    // the namespace is the host's, which setns refuses to an unprivileged
+    // user and which we are in already.
+    let same_netns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+        == std::fs::read_link("/proc/self/ns/net").ok();
+    if !state.join("netns").exists() && !same_netns {
         nsenter.arg("-n");
     }
     nsenter.args(["-U", "-t", &pid, "--"]).args(command);
@@ -737,16 +839,74 @@ fn nsenter(command: &[String]) -> anyhow::Result<()> {
     Err(err).context("failed to run nsenter")
 }
 
+/// The snapshotter the rootless containerd at `socket` could load:
+/// `overlayfs` when its plugin initialised (containerd tries an overlay
+/// mount in the user namespace at start-up), else `native`.
+async fn probe_snapshotter(socket: &Path) -> anyhow::Result<String> {
+    let address = socket.display().to_string();
+    let containerd = kiln_containerd::Containerd::connect(&address)
+        .await
+        .with_context(|| format!("rootless containerd is not running at {address}: install it first with `kiln setup install-containerd-rootless` (or set CONTAINERD_SNAPSHOTTER)"))?;
+    let plugins = containerd
+        .snapshotters()
+        .await
+        .context("failed to list containerd's snapshotters")?;
+    let status = |name: &str| {
+        plugins
+            .iter()
+            .find(|(id, _)| id == name)
+            .map(|(_, error)| error.clone())
+    };
+    match (status("overlayfs"), status("native")) {
+        (Some(None), _) => Ok("overlayfs".to_string()),
+        (overlay, Some(None)) => {
+            let why = overlay.flatten().unwrap_or_else(|| "not built in".to_string());
+            eprintln!("[INFO] containerd's overlayfs snapshotter is unavailable ({why}): using native");
+            Ok("native".to_string())
+        }
+        _ => bail!("rootless containerd at {address} has neither the overlayfs nor the native snapshotter loaded; set CONTAINERD_SNAPSHOTTER"),
+    }
+}
+
 /// Runs `kiln setup ...`.
-pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
+pub async fn run(args: &SetupArgs) -> anyhow::Result<()> {
     let (worker, options, install_it) = match &args.command {
         SetupCommand::Nsenter { command } => return nsenter(command),
+        SetupCommand::ContainerdRootlessChild { command } => {
+            return containerd::child(&SetupEnv::from_process()?, command)
+        }
+        SetupCommand::InstallContainerdRootless(o)
+        | SetupCommand::UninstallContainerdRootless(o) => {
+            let env = SetupEnv::from_process()?;
+            let plan = containerd::plan(&env, o.net)?;
+            let options = o.setup_options();
+            if matches!(args.command, SetupCommand::UninstallContainerdRootless(_)) {
+                return uninstall(&plan, &options);
+            }
+            containerd::check_config_is_ours(&plan)?;
+            install(&plan, &options)?;
+            if let Some(runtime_dir) = &env.runtime_dir {
+                let socket = containerd::socket(runtime_dir);
+                if socket.exists() {
+                    let chosen = probe_snapshotter(&socket).await?;
+                    eprintln!("[INFO] Snapshotter: {chosen} (install-buildkit-containerd uses it unless CONTAINERD_SNAPSHOTTER is set)");
+                }
+            }
+            return Ok(());
+        }
         SetupCommand::InstallBuildkit(o) => (Worker::Oci, o, true),
         SetupCommand::InstallBuildkitContainerd(o) => (Worker::Containerd, o, true),
         SetupCommand::UninstallBuildkit(o) => (Worker::Oci, o, false),
         SetupCommand::UninstallBuildkitContainerd(o) => (Worker::Containerd, o, false),
     };
-    let env = SetupEnv::from_process()?;
+    let mut env = SetupEnv::from_process()?;
+    if install_it && worker == Worker::Containerd && !options.rootful && env.snapshotter.is_none() {
+        check_user(options, &env)?;
+        let runtime_dir = require(&env.runtime_dir, "XDG_RUNTIME_DIR")?;
+        let chosen = probe_snapshotter(&containerd::socket(runtime_dir)).await?;
+        eprintln!("[INFO] Using containerd's {chosen} snapshotter");
+        env.snapshotter = Some(chosen);
+    }
     let plan = plan_for(worker, options, &env)?;
     if install_it {
         install(&plan, options)
@@ -756,10 +916,10 @@ pub fn run(args: &SetupArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn env(namespace: Option<&str>) -> SetupEnv {
+    pub(crate) fn env(namespace: Option<&str>) -> SetupEnv {
         SetupEnv {
             euid: 1000,
             home: Some("/home/u".into()),
@@ -772,6 +932,8 @@ mod tests {
             kilnd: "/opt/kiln/bin/kilnd".into(),
             kiln: "/opt/kiln/bin/kiln".into(),
             rootlesskit: Some("/usr/bin/rootlesskit".into()),
+            containerd: None,
+            slirp4netns: None,
         }
     }
 
@@ -829,7 +991,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             exec,
-            "/opt/kiln/bin/kiln setup nsenter -- /opt/kiln/bin/kilnd --oci-worker=false --containerd-worker=true --containerd-worker-namespace=test --containerd-worker-snapshotter=native --addr=unix:///run/user/1000/buildkit-test/buildkitd.sock --root=/home/u/.local/share/buildkit-test"
+            "/opt/kiln/bin/kiln setup nsenter -- /opt/kiln/bin/kilnd --oci-worker=false --containerd-worker=true --containerd-worker-rootless=true --containerd-worker-namespace=test --containerd-worker-snapshotter=native --addr=unix:///run/user/1000/buildkit-test/buildkitd.sock --root=/home/u/.local/share/buildkit-test"
         );
         assert!(plan.warnings.is_empty());
 
