@@ -75,6 +75,10 @@ pub struct CompileOptions {
     /// `--build-context` overrides (frontend attrs `context:<name>`), by the name a `FROM` or
     /// `COPY --from` uses.
     pub named_contexts: BTreeMap<String, NamedContext>,
+    /// Stages whose steps ignore the cache (frontend attr `no-cache=<stage>,…`, what
+    /// `--no-cache-filter` sends), by name; `no-cache=""` (every stage) is the solver's
+    /// `no_cache` instead.
+    pub no_cache_stages: Vec<String>,
 }
 
 /// What a `--build-context name=…` replaces `name` with (frontend attr `context:<name>`).
@@ -101,6 +105,7 @@ impl Default for CompileOptions {
             network: pb::NetMode::Unset,
             extra_hosts: Vec::new(),
             named_contexts: BTreeMap::new(),
+            no_cache_stages: Vec::new(),
         }
     }
 }
@@ -391,6 +396,8 @@ struct Compiler<'a> {
     source_index: i32,
     global_args: Vec<(String, String)>,
     context: Option<OutputRef>,
+    /// Whether the steps of the stage being compiled ignore the cache.
+    ignore_cache: bool,
 }
 
 /// Compiles `dockerfile` for `options.target` (default: the last stage).
@@ -420,6 +427,7 @@ pub async fn compile(
         source_index,
         global_args: Vec::new(),
         context: None,
+        ignore_cache: false,
     };
     compiler.run().await
 }
@@ -506,6 +514,12 @@ impl Compiler<'_> {
                 continue;
             }
             let stage = &stages[i];
+            self.ignore_cache = stage.name.as_ref().is_some_and(|name| {
+                self.options
+                    .no_cache_stages
+                    .iter()
+                    .any(|wanted| wanted.eq_ignore_ascii_case(name))
+            });
             let stage_name = if single {
                 String::new()
             } else {
@@ -753,6 +767,7 @@ impl Compiler<'_> {
         }
         pb::OpMetadata {
             description,
+            ignore_cache: self.ignore_cache,
             ..Default::default()
         }
     }
@@ -1992,7 +2007,12 @@ impl Compiler<'_> {
             platform: None,
             ..Default::default()
         };
-        let metadata = self.metadata("[internal] load build context", None);
+        // The context is shared by every stage; a stage ignoring the cache still reads it
+        // incrementally.
+        let metadata = pb::OpMetadata {
+            ignore_cache: false,
+            ..self.metadata("[internal] load build context", None)
+        };
         let output = self.add_op(op, &[], metadata, None)?;
         self.context = Some(output.clone());
         Ok(output)
