@@ -887,7 +887,12 @@ mod tests {
         let s = resolve(&["--no-cache=false", "--pull=false", "."], &[]).unwrap();
         assert!(!s.frontend_attrs.contains_key("no-cache"));
         assert_eq!(s.frontend_attrs["image-resolve-mode"], "local");
-        let filter = ["--no-cache-filter", "build,test", "--no-cache-filter=lint", "."];
+        let filter = [
+            "--no-cache-filter",
+            "build,test",
+            "--no-cache-filter=lint",
+            ".",
+        ];
         let s = resolve(&filter, &[]).unwrap();
         assert_eq!(s.frontend_attrs["no-cache"], "build,test,lint");
         let s = resolve(&["--no-cache", "--no-cache-filter=build", "."], &[]).unwrap();
