@@ -240,6 +240,10 @@ pub struct BuildArgs {
     /// Do not use cache when building the image.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub no_cache: Option<bool>,
+    /// Do not cache the named stages (repeatable or comma-separated; as buildx's
+    /// `--no-cache-filter`, not a nerdctl flag). `--no-cache` (every stage) wins.
+    #[arg(long, value_name = "STAGE")]
+    pub no_cache_filter: Vec<String>,
     /// Output destination: `type=image|docker|oci|tar[,dest=<file>|-]`,
     /// `type=local,dest=<dir>`, or a bare path (= `type=local,dest=<path>`).
     /// `type=docker|oci` without `dest` is loaded into containerd; `tar`

@@ -508,8 +508,19 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
     frontend_attrs.extend(context_attrs);
     frontend_attrs.extend(resolve_build_args(&args.build_arg, env)?);
     frontend_attrs.extend(resolve_labels(&args.label));
+    let no_cache_stages: Vec<&str> = args
+        .no_cache_filter
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|stage| !stage.is_empty())
+        .collect();
     if args.no_cache == Some(true) {
         frontend_attrs.insert("no-cache".to_string(), String::new());
+    } else if !no_cache_stages.is_empty() {
+        // BuildKit's Dockerfile frontend: `no-cache=<stage>,…` ignores the cache for those
+        // stages only.
+        frontend_attrs.insert("no-cache".to_string(), no_cache_stages.join(","));
     }
     match args.pull {
         Some(true) => frontend_attrs.insert("image-resolve-mode".into(), "pull".into()),
@@ -876,6 +887,16 @@ mod tests {
         let s = resolve(&["--no-cache=false", "--pull=false", "."], &[]).unwrap();
         assert!(!s.frontend_attrs.contains_key("no-cache"));
         assert_eq!(s.frontend_attrs["image-resolve-mode"], "local");
+        let filter = [
+            "--no-cache-filter",
+            "build,test",
+            "--no-cache-filter=lint",
+            ".",
+        ];
+        let s = resolve(&filter, &[]).unwrap();
+        assert_eq!(s.frontend_attrs["no-cache"], "build,test,lint");
+        let s = resolve(&["--no-cache", "--no-cache-filter=build", "."], &[]).unwrap();
+        assert_eq!(s.frontend_attrs["no-cache"], "");
         let s = resolve(&["."], &[]).unwrap();
         assert!(!s.frontend_attrs.contains_key("image-resolve-mode"));
 

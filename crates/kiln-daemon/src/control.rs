@@ -285,7 +285,7 @@ impl ControlService {
             .map(|m| m.get(build_ref).cloned().unwrap_or_default())
             .unwrap_or_default();
         let options = SolveOptions {
-            no_cache: attrs.contains_key("no-cache"),
+            no_cache: crate::frontend::no_cache_all(attrs),
             cache_imports,
             session: Some(Arc::new(crate::secrets::SessionSecrets::new(
                 self.sessions.clone(),

@@ -355,6 +355,28 @@ pub fn extra_hosts(value: Option<&str>) -> anyhow::Result<Vec<(String, String)>>
     Ok(hosts)
 }
 
+/// The stages named by the frontend attr `no-cache=<stage>,…` (`--no-cache-filter`); empty when
+/// the attr is absent or empty (`no-cache=""` is every stage: the solver's `no_cache`, see
+/// [`no_cache_all`]).
+pub fn no_cache_stages(attrs: &BTreeMap<String, String>) -> Vec<String> {
+    attrs
+        .get("no-cache")
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_ascii_lowercase)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the frontend attrs ask to ignore the cache for every step: `no-cache` present with no
+/// stage named, as in BuildKit's Dockerfile frontend.
+pub fn no_cache_all(attrs: &BTreeMap<String, String>) -> bool {
+    attrs.contains_key("no-cache") && no_cache_stages(attrs).is_empty()
+}
+
 /// Parses `.dockerignore` text into patterns (comments and blanks dropped).
 pub fn dockerignore_patterns(text: &str) -> Vec<String> {
     text.lines()
@@ -493,6 +515,7 @@ pub async fn dockerfile(
         network: network_mode(attrs.get("force-network-mode").map(String::as_str))?,
         extra_hosts: extra_hosts(attrs.get("add-hosts").map(String::as_str))?,
         named_contexts,
+        no_cache_stages: no_cache_stages(attrs),
     };
     let resolver = WorkerResolver {
         worker,
@@ -523,6 +546,25 @@ pub async fn dockerfile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_cache_for_all_or_named_stages() {
+        let attrs = |value: Option<&str>| -> BTreeMap<String, String> {
+            value
+                .map(|v| BTreeMap::from([("no-cache".to_string(), v.to_string())]))
+                .unwrap_or_default()
+        };
+        let table: [(Option<&str>, bool, &[&str]); 4] = [
+            (None, false, &[]),
+            (Some(""), true, &[]),
+            (Some("build"), false, &["build"]),
+            (Some(" Build , test ,"), false, &["build", "test"]),
+        ];
+        for (value, all, stages) in table {
+            assert_eq!(no_cache_all(&attrs(value)), all, "{value:?}");
+            assert_eq!(no_cache_stages(&attrs(value)), stages, "{value:?}");
+        }
+    }
 
     #[test]
     fn dockerignore_lines() {

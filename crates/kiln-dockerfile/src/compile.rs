@@ -76,6 +76,10 @@ pub struct CompileOptions {
     /// `--build-context` overrides (frontend attrs `context:<name>`), by the name a `FROM` or
     /// `COPY --from` uses.
     pub named_contexts: BTreeMap<String, NamedContext>,
+    /// Stages whose steps ignore the cache (frontend attr `no-cache=<stage>,…`, what
+    /// `--no-cache-filter` sends), by name; `no-cache=""` (every stage) is the solver's
+    /// `no_cache` instead.
+    pub no_cache_stages: Vec<String>,
 }
 
 /// What a `--build-context name=…` replaces `name` with (frontend attr `context:<name>`).
@@ -102,6 +106,7 @@ impl Default for CompileOptions {
             network: pb::NetMode::Unset,
             extra_hosts: Vec::new(),
             named_contexts: BTreeMap::new(),
+            no_cache_stages: Vec::new(),
         }
     }
 }
@@ -466,6 +471,8 @@ struct Compiler<'a> {
     source_index: i32,
     global_args: Vec<(String, String)>,
     context: Option<OutputRef>,
+    /// Whether the steps of the stage being compiled ignore the cache.
+    ignore_cache: bool,
 }
 
 /// Compiles `dockerfile` for `options.target` (default: the last stage).
@@ -495,6 +502,7 @@ pub async fn compile(
         source_index,
         global_args: Vec::new(),
         context: None,
+        ignore_cache: false,
     };
     compiler.run().await
 }
@@ -581,6 +589,12 @@ impl Compiler<'_> {
                 continue;
             }
             let stage = &stages[i];
+            self.ignore_cache = stage.name.as_ref().is_some_and(|name| {
+                self.options
+                    .no_cache_stages
+                    .iter()
+                    .any(|wanted| wanted.eq_ignore_ascii_case(name))
+            });
             let stage_name = if single {
                 String::new()
             } else {
@@ -828,6 +842,7 @@ impl Compiler<'_> {
         }
         pb::OpMetadata {
             description,
+            ignore_cache: self.ignore_cache,
             ..Default::default()
         }
     }
@@ -2067,7 +2082,12 @@ impl Compiler<'_> {
             platform: None,
             ..Default::default()
         };
-        let metadata = self.metadata("[internal] load build context", None);
+        // The context is shared by every stage; a stage ignoring the cache still reads it
+        // incrementally.
+        let metadata = pb::OpMetadata {
+            ignore_cache: false,
+            ..self.metadata("[internal] load build context", None)
+        };
         let output = self.add_op(op, &[], metadata, None)?;
         self.context = Some(output.clone());
         Ok(output)

@@ -338,3 +338,45 @@ async fn definition_is_deterministic() {
         "image, local, exec, file, terminal"
     );
 }
+
+/// `no-cache=<stage>` marks every step of the named stages (and only those) as ignoring the
+/// cache; the shared context source never does.
+#[tokio::test]
+async fn no_cache_stages_mark_only_their_steps() {
+    let source = "FROM 127.0.0.1:5000/busybox:latest AS Build\nRUN echo build\nCOPY . /src/\n\
+                  FROM 127.0.0.1:5000/empty:latest\nRUN echo final\nCOPY --from=build /src /out\n";
+    let dockerfile = parse(source).unwrap();
+    let options = CompileOptions {
+        source: source.as_bytes().to_vec(),
+        platform: Platform::parse("linux/amd64").unwrap(),
+        no_cache_stages: vec!["build".to_string()],
+        ..Default::default()
+    };
+    let compiled = compile(&dockerfile, &options, &FakeResolver::default())
+        .await
+        .unwrap();
+    let mut ignoring: Vec<String> = compiled
+        .definition
+        .metadata
+        .values()
+        .filter(|m| m.ignore_cache)
+        .map(|m| {
+            let name = m.description.get("llb.customname").cloned();
+            // The FROM step's name ends with the resolved digest.
+            name.unwrap_or_default()
+                .split('@')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ignoring.sort();
+    assert_eq!(
+        ignoring,
+        vec![
+            "[build 1/3] FROM 127.0.0.1:5000/busybox:latest".to_string(),
+            "[build 2/3] RUN echo build".to_string(),
+            "[build 3/3] COPY . /src/".to_string(),
+        ]
+    );
+}

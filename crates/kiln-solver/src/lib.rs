@@ -904,11 +904,18 @@ async fn run_vertex(
                     }
                 }
             };
+            let materialize = run.boxed().shared();
+            if ignore_cache {
+                // As in BuildKit, a step that ignores the cache runs whenever the solve reaches
+                // it, even when every step after it would be a cache hit: a dependent's key
+                // waits for its result (`--no-cache-filter` of a stage only copied from).
+                materialize.clone().await?;
+            }
             Ok(Arc::new(Resolved {
                 key,
                 cached: false,
                 ran,
-                materialize: run.boxed().shared(),
+                materialize,
             }))
         }
         Some(pb::op::Op::Merge(_)) => Err(Arc::new(Error::Unsupported {

@@ -115,6 +115,11 @@ impl Kilnd {
     /// registry marked plain-http; `extra` flags are appended. Waits until
     /// the socket accepts connections.
     pub fn start(address: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(address, extra, &[])
+    }
+
+    /// [`Kilnd::start`] with `env` added to the daemon's environment.
+    pub fn start_with_env(address: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("kilnd-root-")
             .tempdir_in(std::env::temp_dir())
@@ -123,13 +128,23 @@ impl Kilnd {
         let config = tmp.path().join("buildkitd.toml");
         std::fs::write(&config, "[registry.\"127.0.0.1:5000\"]\nhttp = true\n")
             .expect("write config");
-        let mut daemon = Self::start_in(&root, &config, address, extra);
+        let mut daemon = Self::spawn(&root, &config, address, extra, env);
         daemon._tmp = Some(tmp);
         daemon
     }
 
     /// Starts kilnd with the given root and config.
     pub fn start_in(root: &Path, config: &Path, address: &str, extra: &[&str]) -> Self {
+        Self::spawn(root, config, address, extra, &[])
+    }
+
+    fn spawn(
+        root: &Path,
+        config: &Path,
+        address: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = root.with_extension("log");
         let log_file = std::fs::File::create(&log).expect("kilnd log file");
         let mut command = Command::new(cargo_bin("kilnd"));
@@ -141,6 +156,7 @@ impl Kilnd {
             .arg("--addr")
             .arg(address)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));

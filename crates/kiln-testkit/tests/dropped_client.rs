@@ -1,5 +1,6 @@
 //! A client that goes away mid-build cancels its build: the running step's
-//! container is killed, kilnd stays up and the next build works.
+//! container is killed (no `runc` left for it, no mount left under the daemon's root, no
+//! half-written cache record), kilnd stays up and the next build works.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,33 @@ fn sleeping(marker: &str) -> bool {
             })
             .unwrap_or(false)
     })
+}
+
+/// Whether a `runc` process working for the daemon rooted at `root` runs (its command line
+/// names a path under that root).
+fn runc_for(root: &std::path::Path) -> bool {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        args.first().is_some_and(|a| a.ends_with("runc")) && args.iter().any(|a| a.contains(&root))
+    })
+}
+
+/// The mounts under `root`.
+fn mounts_under(root: &std::path::Path) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .map(String::from)
+        .collect()
 }
 
 fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
@@ -54,13 +82,39 @@ fn killed_client_cancels_its_build_and_the_daemon_stays_up() {
         .spawn()
         .unwrap();
     wait_for("the RUN step to start", || sleeping(&marker));
+    assert!(
+        runc_for(&daemon.root),
+        "no runc process seen for the running step"
+    );
     client.kill().unwrap();
     client.wait().unwrap();
 
     wait_for("the cancelled step's process to be killed", || {
         !sleeping(&marker)
     });
+    wait_for("the step's runc to exit", || !runc_for(&daemon.root));
+    wait_for("the step's mounts to go", || {
+        mounts_under(&daemon.root).is_empty()
+    });
     assert!(daemon.is_running(), "kilnd died:\n{}", daemon.log_text());
+    // No record of the cancelled step, whole or half-written: only the base image's.
+    let records: Vec<String> = std::fs::read_dir(daemon.root.join("cache"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        records.iter().all(|r| !r.ends_with(".tmp")),
+        "half-written records: {records:?}"
+    );
+    assert!(
+        records.len() <= 1,
+        "records of the cancelled step: {records:?}"
+    );
 
     let quick = work.path().join("quick");
     std::fs::create_dir(&quick).unwrap();
@@ -81,9 +135,5 @@ fn killed_client_cancels_its_build_and_the_daemon_stays_up() {
         built.stderr,
         daemon.log_text()
     );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(daemon.root.to_str().unwrap()),
-        "mounts left under the daemon root:\n{mounts}"
-    );
+    assert_eq!(mounts_under(&daemon.root), Vec::<String>::new());
 }

@@ -1,7 +1,9 @@
 //! Incremental context and persistent cache, end to end (issue 4): a 20 000-file context built
-//! twice moves no file content the second time; touching files (mtime only) keeps every step
-//! cached; changing one copied file re-runs exactly the steps after its `COPY`, and the miss
-//! explanation names the file; a restarted kilnd still has the cache.
+//! twice moves no file content the second time; touching files (mtime only), or changing a file
+//! no step reads, keeps every step cached; changing one copied file re-runs exactly the steps
+//! after its `COPY`, and the miss explanation names the file; a restarted kilnd still has the
+//! cache. A cache mount keeps its files across builds and restarts; `--no-cache-filter` re-runs
+//! the named stage only.
 
 use std::path::Path;
 use std::process::Command;
@@ -170,6 +172,18 @@ fn incremental_context_and_cache_that_survives_a_restart() {
         "only the touched files may be re-read:\n{touched}"
     );
 
+    // A file no step reads changes: every step is still cached, and only that file moves.
+    std::fs::write(context.join("unrelated.txt"), "changed, still not copied\n").unwrap();
+    let unrelated = build(&daemon);
+    assert!(
+        steps(&unrelated).iter().all(|(_, cached, _)| *cached),
+        "{unrelated}"
+    );
+    assert!(
+        context_bytes(&unrelated) <= 64,
+        "only the changed file may cross:\n{unrelated}"
+    );
+
     // One copied file changes: the steps from its COPY on run, and the reason names it.
     std::fs::write(context.join("app/main.txt"), "two\n").unwrap();
     let changed = build(&daemon);
@@ -195,4 +209,129 @@ fn incremental_context_and_cache_that_survives_a_restart() {
         "{restarted}"
     );
     assert_eq!(context_bytes(&restarted), 0, "{restarted}");
+}
+
+/// Builds `context` on `socket` with plain progress and `extra` flags, exporting the
+/// filesystem as a tar to `dest`; returns the progress output.
+fn build_to_tar(
+    socket: &str,
+    context: &Path,
+    dest: &Path,
+    extra: &[&str],
+    daemon: &Kilnd,
+) -> String {
+    let built = run(Command::new(cargo_bin("kiln"))
+        .args(["build", "--progress=plain", "--buildkit-host", socket])
+        .args(extra)
+        .arg("-o")
+        .arg(format!("type=tar,dest={}", dest.display()))
+        .arg(context));
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+    built.stderr
+}
+
+/// The content of `path` in the filesystem tar `tar`, if it holds it.
+fn file_in_tar(tar: &Path, path: &str) -> Option<String> {
+    let mut archive = tar::Archive::new(std::fs::File::open(tar).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        if name.trim_start_matches("./").trim_start_matches('/') == path.trim_start_matches('/') {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            return Some(text);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_cache_mount_persists_between_builds_and_restarts() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let config = work.path().join("buildkitd.toml");
+    std::fs::write(&config, "[registry.\"127.0.0.1:5000\"]\nhttp = true\n").unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let mut daemon = Kilnd::start_in(&root, &config, &socket, &[]);
+    let dest = work.path().join("fs.tar");
+    // Each build appends its name to the cache mount's log and copies the log into the image;
+    // the steps differ, so none is a cache hit.
+    let build = |daemon: &Kilnd, name: &str| {
+        let context = work.path().join(name);
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(
+            context.join("Dockerfile"),
+            format!(
+                "FROM {BUSYBOX}\n\
+                 RUN --mount=type=cache,id=kiln-test-persist,target=/var/cache/t \
+                     echo {name} >> /var/cache/t/log && cp /var/cache/t/log /log\n"
+            ),
+        )
+        .unwrap();
+        build_to_tar(&socket, &context, &dest, &[], daemon);
+        file_in_tar(&dest, "log").expect("/log in the image")
+    };
+    assert_eq!(build(&daemon, "first"), "first\n");
+    assert_eq!(build(&daemon, "second"), "first\nsecond\n");
+    assert_eq!(
+        file_in_tar(&dest, "var/cache/t/log"),
+        None,
+        "cache mount in a layer"
+    );
+    daemon.stop();
+    let daemon = Kilnd::start_in(&root, &config, &socket, &[]);
+    assert_eq!(build(&daemon, "third"), "first\nsecond\nthird\n");
+}
+
+#[test]
+fn no_cache_filter_reruns_the_named_stage_only() {
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("ctx");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX} AS gen\n\
+             RUN cat /proc/sys/kernel/random/uuid > /id\n\
+             FROM {BUSYBOX}\n\
+             RUN echo final > /final\n\
+             COPY --from=gen /id /id\n"
+        ),
+    )
+    .unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(&socket, &[]);
+    let dest = work.path().join("fs.tar");
+    build_to_tar(&socket, &context, &dest, &[], &daemon);
+    let again = build_to_tar(&socket, &context, &dest, &[], &daemon);
+    assert!(
+        steps(&again).iter().all(|(_, cached, _)| *cached),
+        "{again}"
+    );
+
+    let filtered = build_to_tar(
+        &socket,
+        &context,
+        &dest,
+        &["--no-cache-filter", "gen"],
+        &daemon,
+    );
+    let result = steps(&filtered);
+    let gen_run = result
+        .iter()
+        .find(|(title, _, _)| title.starts_with("[gen 2/2] RUN"))
+        .unwrap_or_else(|| panic!("no gen RUN step in:\n{filtered}"));
+    assert!(!gen_run.1, "the named stage's RUN was cached:\n{filtered}");
+    assert_eq!(gen_run.2.as_deref(), Some("cache disabled"), "{filtered}");
+    let final_run = result
+        .iter()
+        .find(|(title, _, _)| title.contains("RUN echo final"))
+        .unwrap_or_else(|| panic!("no final RUN step in:\n{filtered}"));
+    assert!(final_run.1, "a step of another stage re-ran:\n{filtered}");
 }
