@@ -21,7 +21,7 @@ use kiln_image::oci::{media_types, Descriptor, History, ImageConfig, ImageManife
 use kiln_image::reference::Reference;
 use kiln_image::registry::{BlobPush, RegistryHosts, Resolver};
 use kiln_image::Digest;
-use kiln_solver::VertexProgress;
+use kiln_solver::{SolveResult, VertexProgress};
 use kiln_worker::{SnapshotId, Worker};
 
 /// An image written to the content store.
@@ -206,12 +206,16 @@ fn oci_media_type(docker: &str) -> String {
 
 /// Writes the image config and manifest for `snapshot` (its layers bottom to
 /// top, converted as `options` asks) into the worker's content store.
+/// With `inline_cache`, the records of that solve whose results are part of
+/// the image go into the config under `moby.buildkit.cache.v0` (see
+/// [`crate::cache`]).
 pub async fn commit_image(
     worker: &dyn Worker,
     snapshot: Option<&SnapshotId>,
     mut config: ImageConfig,
     created: Option<u64>,
     options: &ExportOptions,
+    inline_cache: Option<&SolveResult>,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
     let oci_mediatypes = options.oci_media_types;
@@ -275,7 +279,24 @@ pub async fn commit_image(
             empty_layer: false,
         });
     }
-    let config_bytes = serde_json::to_vec(&config).context("failed to encode image config")?;
+    let cache = match inline_cache {
+        Some(result) => {
+            let value = crate::cache::inline_cache(worker, result, &layers)
+                .await
+                .context("failed to write the inline cache")?;
+            if value.is_none() {
+                let text = "WARNING: inline cache: no build step's result is part of the image\n";
+                progress.log(2, text.as_bytes());
+            }
+            value
+        }
+        None => None,
+    };
+    let config_bytes = serde_json::to_vec(&ConfigWithCache {
+        config: &config,
+        cache,
+    })
+    .context("failed to encode image config")?;
     let content = worker.content();
     let config_digest = content
         .write_blob(&config_bytes)
@@ -320,6 +341,19 @@ pub async fn commit_image(
         config: config_digest,
         created,
     })
+}
+
+/// An image config with BuildKit's inline cache key next to its fields
+/// (serialized exactly as the bare config when there is no cache).
+#[derive(serde::Serialize)]
+struct ConfigWithCache<'a> {
+    #[serde(flatten)]
+    config: &'a ImageConfig,
+    #[serde(
+        rename = "moby.buildkit.cache.v0",
+        skip_serializing_if = "Option::is_none"
+    )]
+    cache: Option<String>,
 }
 
 /// Converts the layers `options` asks to convert. Layers pulled from a
@@ -378,6 +412,9 @@ pub struct ExportInput<'a> {
     pub session: Option<&'a kiln_session::Session>,
     /// Where temporary files go.
     pub tmp_dir: &'a Path,
+    /// The solve whose cache goes inline into image configs (`--cache-to
+    /// type=inline`), if asked.
+    pub inline_cache: Option<&'a SolveResult>,
 }
 
 /// Runs exporter number `index` of kind `kind` with `attrs`, returning its
@@ -399,6 +436,7 @@ pub async fn export(
         input.image_config.clone(),
         input.created,
         &options,
+        input.inline_cache,
         vertex,
     )
     .await?;
@@ -863,6 +901,7 @@ mod tests {
             created: Some(1_600_000_000),
             session: None,
             tmp_dir: tmp.path(),
+            inline_cache: None,
         };
         let a = attrs(&[
             ("name", &format!("{repo}:one,{repo}:two")),
@@ -888,6 +927,7 @@ mod tests {
             resolved.config.clone(),
             Some(1_600_000_000),
             &options,
+            None,
             &vertex(),
         )
         .await
@@ -932,6 +972,7 @@ mod tests {
                     config,
                     Some(created),
                     &options,
+                    None,
                     &vertex(),
                 )
                 .await

@@ -321,13 +321,19 @@ struct Resolved {
 impl Resolved {
     /// A result that exists already.
     fn ready(key: CacheKey, cached: bool, outputs: Vec<Option<SnapshotId>>, created: u64) -> Self {
+        let materialize: MaterializeFuture =
+            futures::future::ready(Ok(Arc::new(Materialized { outputs, created })))
+                .boxed()
+                .shared();
+        // Polled once here so `peek` sees the result even when nothing awaits
+        // it (a local hit below a later hit): the solve's `vertices` report
+        // its outputs, and cache exports can carry it.
+        let _ = materialize.clone().now_or_never();
         Self {
             key,
             cached,
             ran: Arc::new(std::sync::atomic::AtomicBool::new(!cached)),
-            materialize: futures::future::ready(Ok(Arc::new(Materialized { outputs, created })))
-                .boxed()
-                .shared(),
+            materialize,
         }
     }
 
