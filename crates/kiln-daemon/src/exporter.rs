@@ -75,6 +75,35 @@ pub struct ExportOptions {
     pub rewrite_timestamp: bool,
     /// `source-date-epoch` (seconds).
     pub source_date_epoch: Option<u64>,
+    /// `annotation.KEY=VALUE` and `annotation-manifest.KEY=VALUE`: the manifest's annotations.
+    pub manifest_annotations: BTreeMap<String, String>,
+}
+
+/// The manifest annotations of the attrs (`annotation.KEY` and `annotation-manifest.KEY`, as
+/// BuildKit). Annotations of an index or of descriptors, and platform-qualified ones
+/// (`annotation[linux/amd64].KEY`), are refused: kiln exports one manifest here.
+fn manifest_annotations(
+    attrs: &BTreeMap<String, String>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in attrs {
+        if !key.starts_with("annotation") {
+            continue;
+        }
+        let name = key
+            .strip_prefix("annotation.")
+            .or_else(|| key.strip_prefix("annotation-manifest."));
+        match name {
+            Some(name) if !name.is_empty() => {
+                out.insert(name.to_string(), value.clone());
+            }
+            _ => bail!(
+                "exporter attribute {key}: only annotation.KEY and annotation-manifest.KEY \
+                 (manifest annotations) are supported"
+            ),
+        }
+    }
+    Ok(out)
 }
 
 impl ExportOptions {
@@ -116,6 +145,7 @@ impl ExportOptions {
             force_compression: bool_attr(attrs, "force-compression", false)?,
             rewrite_timestamp: bool_attr(attrs, "rewrite-timestamp", false)?,
             source_date_epoch,
+            manifest_annotations: manifest_annotations(attrs)?,
         })
     }
 }
@@ -326,7 +356,8 @@ pub async fn commit_image(
                 Descriptor::new(media_type, l.descriptor.digest.clone(), l.descriptor.size)
             })
             .collect(),
-        annotations: None,
+        annotations: (!options.manifest_annotations.is_empty())
+            .then(|| options.manifest_annotations.clone()),
     };
     let manifest_bytes = serde_json::to_vec(&manifest).context("failed to encode manifest")?;
     let manifest_digest = content
@@ -871,6 +902,25 @@ mod tests {
             ExportOptions::parse(ExporterKind::Image, &attrs(&[("compression-level", "x")]))
                 .is_err()
         );
+        let o = ExportOptions::parse(
+            ExporterKind::Image,
+            &attrs(&[("annotation.a", "1"), ("annotation-manifest.b", "2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            o.manifest_annotations,
+            BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())])
+        );
+        for refused in [
+            "annotation-index.a",
+            "annotation[linux/amd64].a",
+            "annotation.",
+        ] {
+            let error = ExportOptions::parse(ExporterKind::Image, &attrs(&[(refused, "1")]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("only annotation.KEY"), "{refused}: {error}");
+        }
         // push is an image exporter attr only.
         let o = ExportOptions::parse(ExporterKind::Oci, &attrs(&[("push", "true")])).unwrap();
         assert!(!o.push && o.oci_media_types);
