@@ -16,10 +16,9 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use kiln_testkit::{cargo_bin, run, Kilnd, Registry, BUSYBOX};

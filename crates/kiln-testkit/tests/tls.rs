@@ -2,7 +2,7 @@
 //! certificates required (`--tlscacert`): certificates are made by the
 //! `openssl` CLI in the test.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use kiln_testkit::{cargo_bin, free_port, make_ca, run, Kilnd, Output, BUSYBOX};
