@@ -882,17 +882,15 @@ async fn run_vertex(
                     };
                     let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
                         hold(&context, &outputs);
-                        record(&context, &key, &outputs, &name)?;
+                        let created = now_secs();
+                        record(&context, &key, &outputs, &name, created)?;
                         remember(
                             &context,
                             &explain::exact_identity(&name, &explained.op),
                             &explained,
                         );
                         remember(&context, &explain::step_identity(&name), &explained);
-                        Ok(Materialized {
-                            outputs,
-                            created: now_secs(),
-                        })
+                        Ok(Materialized { outputs, created })
                     });
                     match result {
                         Ok(made) => {
@@ -1151,11 +1149,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Records `outputs` for `key`, made at `created`: the same time the solve reports for the
+/// result, so a cached rebuild (which reports the record's time) gives the very same image.
 fn record(
     context: &Context,
     key: &CacheKey,
     outputs: &[Option<SnapshotId>],
     name: &str,
+    created: u64,
 ) -> Result<(), SourceFailure> {
     let plain: Vec<Option<String>> = outputs
         .iter()
@@ -1163,7 +1164,7 @@ fn record(
         .collect();
     context
         .records
-        .put(key, &plain, name)
+        .put_created(key, &plain, name, created)
         .map_err(|e| SourceFailure::Other(Arc::new(e)))
 }
 
@@ -1268,7 +1269,8 @@ async fn run_source(
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![snapshot];
         hold(context, &outputs);
-        record(context, &key, &outputs, name)?;
+        let created = now_secs();
+        record(context, &key, &outputs, name, created)?;
         remember(
             context,
             &identity,
@@ -1277,7 +1279,7 @@ async fn run_source(
                 ..Default::default()
             },
         );
-        return Ok(Resolved::ready(key, false, outputs, now_secs()));
+        return Ok(Resolved::ready(key, false, outputs, created));
     }
     if let Some(local_name) = identifier.strip_prefix("local://") {
         let dir = context
@@ -1316,8 +1318,9 @@ async fn run_source(
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![Some(snapshot)];
         hold(context, &outputs);
-        record(context, &key, &outputs, name)?;
-        return Ok(Resolved::ready(key, false, outputs, now_secs()));
+        let created = now_secs();
+        record(context, &key, &outputs, name, created)?;
+        return Ok(Resolved::ready(key, false, outputs, created));
     }
     if identifier.starts_with("git://") {
         return git::run_git_source(context, source, ignore_cache, progress, name).await;
