@@ -272,11 +272,12 @@ pub struct BuildArgs {
     /// SBOM attestation shorthand (refused: attestations are not supported yet).
     #[arg(long)]
     pub sbom: Option<String>,
-    /// External cache sources (`ref` alone means `type=registry,ref=<ref>`).
+    /// External cache sources (`ref` alone means `type=registry,ref=<ref>`; an image pushed
+    /// with an inline cache is a cache source too).
     #[arg(long)]
     pub cache_from: Vec<String>,
-    /// Cache export destinations (`type=registry,ref=…` or `type=local,dest=…`, `mode=min|max`;
-    /// `ref` alone means `type=registry,ref=<ref>`).
+    /// Cache export destinations (`type=registry,ref=…`, `type=local,dest=…`, `mode=min|max`,
+    /// or `type=inline` into the exported image; `ref` alone means `type=registry,ref=<ref>`).
     #[arg(long)]
     pub cache_to: Vec<String>,
     /// Networking mode for RUN: default, none or host.

@@ -214,14 +214,10 @@ pub fn resolve_build_args(
         if key.is_empty() {
             bail!("invalid build arg {arg:?}");
         }
-        if key == "BUILDKIT_INLINE_CACHE" {
-            match parse_go_bool(&value) {
-                Some(true) => {
-                    bail!("kiln build: build-arg BUILDKIT_INLINE_CACHE (inline cache export) is not supported yet")
-                }
-                Some(false) => {}
-                None => tracing::warn!(value, "invalid BUILDKIT_INLINE_CACHE value"),
-            }
+        // BUILDKIT_INLINE_CACHE=1 travels as a build arg; kilnd (like
+        // buildkitd) turns it into an inline cache export.
+        if key == "BUILDKIT_INLINE_CACHE" && parse_go_bool(&value).is_none() {
+            tracing::warn!(value, "invalid BUILDKIT_INLINE_CACHE value");
         }
         // buildctl's --opt map: last wins for a repeated key.
         attrs.insert(format!("build-arg:{key}"), value);
@@ -423,6 +419,10 @@ fn check_cache_entry(
             }
             Ok(())
         }
+        "inline" if flag == "--cache-to" => Ok(()),
+        "inline" => bail!(
+            "kiln build: {flag} type=inline does not exist; read an inline cache with {flag} <image>"
+        ),
         other => bail!("kiln build: cache type {other} ({flag}) is not supported yet"),
     }
 }
@@ -738,10 +738,13 @@ mod tests {
     }
 
     #[test]
-    fn inline_cache_is_refused_not_ignored() {
+    fn inline_cache_build_arg_and_type_pass_to_the_daemon() {
         let env = env_of(&[]);
-        assert!(resolve_build_args(&["BUILDKIT_INLINE_CACHE=1".into()], &env).is_err());
-        assert!(resolve_build_args(&["BUILDKIT_INLINE_CACHE=0".into()], &env).is_ok());
+        let attrs = resolve_build_args(&["BUILDKIT_INLINE_CACHE=1".into()], &env).unwrap();
+        assert_eq!(attrs["build-arg:BUILDKIT_INLINE_CACHE"], "1");
+        let s = resolve(&["--cache-to", "type=inline", "."], &[]).unwrap();
+        assert_eq!(s.cache_exports[0].0, "inline");
+        assert!(err(&["--cache-from", "type=inline", "."]).contains("does not exist"));
     }
 
     #[test]
@@ -956,8 +959,8 @@ mod tests {
             "duplicate cache exports"
         );
         assert_eq!(
-            err(&["--cache-to", "type=inline", "."]),
-            "kiln build: cache type inline (--cache-to) is not supported yet"
+            err(&["--cache-to", "type=gha", "."]),
+            "kiln build: cache type gha (--cache-to) is not supported yet"
         );
         assert_eq!(
             err(&["--cache-to", "type=local", "."]),

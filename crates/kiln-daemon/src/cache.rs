@@ -1,5 +1,5 @@
 //! Remote cache: `--cache-to` (export) and `--cache-from` (import) for the
-//! `registry` and `local` backends.
+//! `registry`, `local` and `inline` backends.
 //!
 //! The cache is BuildKit's remote cache shape: a cache config blob
 //! (`application/vnd.buildkit.cacheconfig.v0`, JSON `{layers, records}`)
@@ -27,6 +27,16 @@
 //!   `kiln.session-dir` attr) and copies blobs into the worker's store when
 //!   a result is applied.
 //!
+//! - `inline` (`--cache-to type=inline`, or the build arg
+//!   `BUILDKIT_INLINE_CACHE=1`): the records ride in the exported image's
+//!   config under `moby.buildkit.cache.v0` (base64 of the JSON record list,
+//!   as BuildKit writes it); a record's result `layer` is an index into the
+//!   image's own layers, the chain being that layer and every one below it.
+//!   Only steps whose result is a prefix of the image's layer chain can be
+//!   carried (BuildKit's inline cache is `mode=min` too). Import is
+//!   `--cache-from type=registry,ref=<image>`: a manifest whose config is an
+//!   image config is read as an inline cache.
+//!
 //! `mode=min` (the default) writes results for the result vertex only,
 //! `mode=max` for every vertex; records for every vertex are written in both.
 
@@ -35,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
+use base64::Engine as _;
 use kiln_image::content::ContentStore;
 use kiln_image::oci::{media_types, Descriptor, ImageIndex, ImageManifest};
 use kiln_image::reference::Reference;
@@ -57,6 +68,9 @@ pub const SESSION_DIR_ATTR: &str = "kiln.session-dir";
 
 /// The index.json annotation holding a manifest's tag.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// The build arg nerdctl/buildx users set to ask for an inline cache.
+const INLINE_CACHE_BUILD_ARG: &str = "build-arg:BUILDKIT_INLINE_CACHE";
 
 /// The cache config (`application/vnd.buildkit.cacheconfig.v0`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +166,8 @@ pub enum Backend {
         /// `registry.insecure`.
         insecure: bool,
     },
+    /// Records in the exported image's config (export only).
+    Inline,
     /// An OCI layout on the client.
     Local {
         /// The tag in index.json (`tag`, default `latest`).
@@ -213,7 +229,12 @@ fn backend(entry: &CacheOptionsEntry, export: bool) -> anyhow::Result<Backend> {
                 session_dir: attrs.get(SESSION_DIR_ATTR).cloned(),
             })
         }
-        "inline" | "gha" | "s3" | "azblob" => {
+        "inline" if export => Ok(Backend::Inline),
+        "inline" => bail!(
+            "cache import type=inline does not exist: import an inline cache with \
+             type=registry,ref=<image>"
+        ),
+        "gha" | "s3" | "azblob" => {
             let what = if export { "export" } else { "import" };
             bail!("cache {what} type={} is not supported yet", entry.r#type)
         }
@@ -221,8 +242,13 @@ fn backend(entry: &CacheOptionsEntry, export: bool) -> anyhow::Result<Backend> {
     }
 }
 
-/// Parses the `Cache.Exports` of a solve request.
-pub fn parse_exports(entries: &[CacheOptionsEntry]) -> anyhow::Result<Vec<CacheExport>> {
+/// Parses the `Cache.Exports` of a solve request, adding an `inline` export
+/// when the frontend attrs carry `build-arg:BUILDKIT_INLINE_CACHE` set to
+/// true (as BuildKit's controller does).
+pub fn parse_exports(
+    entries: &[CacheOptionsEntry],
+    frontend_attrs: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<CacheExport>> {
     let mut seen = Vec::new();
     let mut out = Vec::new();
     for entry in entries {
@@ -238,6 +264,16 @@ pub fn parse_exports(entries: &[CacheOptionsEntry]) -> anyhow::Result<Vec<CacheE
         out.push(CacheExport {
             backend: backend(entry, true)?,
             mode,
+        });
+    }
+    let build_arg = frontend_attrs
+        .get(INLINE_CACHE_BUILD_ARG)
+        .map(|v| v.trim().to_ascii_lowercase());
+    let wants_inline = matches!(build_arg.as_deref(), Some("1" | "t" | "true"));
+    if wants_inline && !out.iter().any(|e| e.backend == Backend::Inline) {
+        out.push(CacheExport {
+            backend: Backend::Inline,
+            mode: Mode::Min,
         });
     }
     Ok(out)
@@ -383,6 +419,158 @@ async fn commit(
     ))
 }
 
+/// The steps of `result` an image made of `image_layers` can carry inline:
+/// walking down from the result vertex through each vertex's first input
+/// (the rootfs of a `RUN`, the destination of a `COPY`), every one-output
+/// vertex whose layer chain is a prefix of the image's (by diff id, so
+/// layers the exporter recompressed still match), paired with its chain's
+/// length. Inputs first. Ancestors of the result are already compressed as
+/// part of its chain, so asking for their layers costs nothing.
+async fn inline_steps<'a>(
+    worker: &dyn Worker,
+    result: &'a SolveResult,
+    image_layers: &[Layer],
+) -> anyhow::Result<Vec<(&'a CacheVertex, usize)>> {
+    let by_key: HashMap<&CacheKey, &CacheVertex> =
+        result.vertices.iter().map(|v| (&v.key, v)).collect();
+    let mut steps = Vec::new();
+    let mut next = result.vertices.iter().find(|v| v.is_result);
+    let mut seen = std::collections::HashSet::new();
+    while let Some(vertex) = next {
+        if !seen.insert(&vertex.key) {
+            break;
+        }
+        let Some(snapshot) = single_output(vertex) else {
+            break;
+        };
+        let chain = worker
+            .layers(snapshot)
+            .await
+            .with_context(|| format!("failed to export the layers of {snapshot}"))?;
+        let is_prefix = !chain.is_empty()
+            && chain.len() <= image_layers.len()
+            && chain
+                .iter()
+                .zip(image_layers)
+                .all(|(a, b)| a.diff_id == b.diff_id);
+        if is_prefix {
+            steps.push((vertex, chain.len()));
+        }
+        next = vertex
+            .inputs
+            .first()
+            .and_then(|(key, _)| by_key.get(key).copied());
+    }
+    steps.reverse();
+    Ok(steps)
+}
+
+/// The inline cache value (base64 of the JSON record list) for `steps`
+/// (vertex, length of its chain in `image_layers`): each record's result
+/// names the index of its top layer in the image. `None` when no step
+/// matched.
+fn inline_value(steps: &[(&CacheVertex, usize)], image_layers: &[Layer]) -> Option<String> {
+    if steps.is_empty() {
+        return None;
+    }
+    let vertices: Vec<CacheVertex> = steps.iter().map(|(v, _)| (*v).clone()).collect();
+    let chains: Vec<Option<Vec<Layer>>> = steps
+        .iter()
+        .map(|(_, n)| Some(image_layers[..*n].to_vec()))
+        .collect();
+    let mut config = build_config(&vertices, &chains);
+    // Every chain is a prefix of one list, so a layer's depth is its index
+    // in the image.
+    let mut depth: Vec<usize> = Vec::with_capacity(config.layers.len());
+    for layer in &config.layers {
+        let d = usize::try_from(layer.parent)
+            .ok()
+            .and_then(|p| depth.get(p))
+            .map_or(0, |d| d + 1);
+        depth.push(d);
+    }
+    for record in &mut config.records {
+        for result in &mut record.results {
+            result.layer = depth[result.layer];
+        }
+    }
+    let json = serde_json::to_vec(&config.records).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(json))
+}
+
+/// The inline cache of `result` for an image whose layers are
+/// `image_layers` (after any conversion), as the value of the config key
+/// `moby.buildkit.cache.v0`; `None` when no step's result is part of the image.
+pub async fn inline_cache(
+    worker: &dyn Worker,
+    result: &SolveResult,
+    image_layers: &[Layer],
+) -> anyhow::Result<Option<String>> {
+    let steps = inline_steps(worker, result, image_layers).await?;
+    Ok(inline_value(&steps, image_layers))
+}
+
+/// The parts of an image config an inline cache import reads.
+#[derive(Debug, Deserialize)]
+struct InlineImageConfig {
+    #[serde(default)]
+    rootfs: kiln_image::oci::RootFs,
+    #[serde(default)]
+    history: Vec<kiln_image::oci::History>,
+    #[serde(rename = "moby.buildkit.cache.v0", default)]
+    cache: Option<String>,
+}
+
+/// The cache config an image carries inline: the records from its config,
+/// its layers (each on the one below) described by the manifest, diff ids
+/// from the config's rootfs and times from its history. `None` when the
+/// image carries no inline cache.
+fn inline_config(
+    manifest: &ImageManifest,
+    config_bytes: &[u8],
+) -> anyhow::Result<Option<CacheConfig>> {
+    let image: InlineImageConfig =
+        serde_json::from_slice(config_bytes).context("invalid image config")?;
+    let Some(encoded) = image.cache.filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    if image.rootfs.diff_ids.len() != manifest.layers.len() {
+        bail!(
+            "the image config lists {} diff ids for {} layers",
+            image.rootfs.diff_ids.len(),
+            manifest.layers.len()
+        );
+    }
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .context("inline cache is not base64")?;
+    let records: Vec<CacheRecord> =
+        serde_json::from_slice(&json).context("invalid inline cache records")?;
+    let created: Vec<Option<String>> = image
+        .history
+        .iter()
+        .filter(|h| !h.empty_layer)
+        .map(|h| h.created.clone())
+        .collect();
+    let layers = manifest
+        .layers
+        .iter()
+        .zip(&image.rootfs.diff_ids)
+        .enumerate()
+        .map(|(i, (descriptor, diff_id))| CacheLayer {
+            blob: descriptor.digest.clone(),
+            parent: i as i64 - 1,
+            annotations: Some(LayerAnnotations {
+                media_type: descriptor.media_type.clone(),
+                diff_id: diff_id.clone(),
+                size: descriptor.size,
+                created_at: created.get(i).cloned().flatten(),
+            }),
+        })
+        .collect();
+    Ok(Some(CacheConfig { layers, records }))
+}
+
 /// Everything a cache export needs besides the solve result.
 pub struct ExportTarget<'a> {
     /// The worker holding the result.
@@ -404,8 +592,13 @@ pub async fn export(
     n: usize,
     vertex: &VertexProgress,
 ) -> anyhow::Result<()> {
+    if export.backend == Backend::Inline {
+        // Written into the image config by the image exporters.
+        return Ok(());
+    }
     let manifest = commit(target.worker, result, export.mode).await?;
     match &export.backend {
+        Backend::Inline => {}
         Backend::Registry {
             reference,
             insecure,
@@ -676,6 +869,7 @@ pub async fn import(
                 reference,
                 insecure,
             } => import_registry(source, reference, *insecure, vertex).await,
+            Backend::Inline => continue,
             Backend::Local {
                 tag,
                 digest,
@@ -711,9 +905,23 @@ async fn import_registry(
         .fetch_manifest_bytes(reference)
         .await
         .with_context(|| format!("failed to fetch cache manifest {reference}"))?;
-    let (config, blobs) = config_descriptor(&bytes, &media_type)
-        .with_context(|| format!("invalid cache manifest {reference}"))?;
     let store = source.worker.content();
+    let (config, blobs) = match config_descriptor(&bytes, &media_type) {
+        Ok(found) => found,
+        Err(not_cache) => {
+            // An image: its inline cache, if it carries one.
+            let results = inline_results(&resolver, reference, &bytes, &media_type, store)
+                .await
+                .with_context(|| format!("failed to read the inline cache of {reference}"))?;
+            vertex.status(&status, &status, 0, None, true);
+            return match results {
+                Some(results) => Ok(Arc::new(RegistryImport { results })),
+                None => Err(not_cache.context(format!(
+                    "{reference} is neither a cache manifest nor an image with an inline cache"
+                ))),
+            };
+        }
+    };
     resolver
         .fetch_blob(reference, &config, store)
         .await
@@ -727,6 +935,68 @@ async fn import_registry(
     Ok(Arc::new(RegistryImport {
         results: index_config(&config, &blobs, reference),
     }))
+}
+
+/// The results of the inline caches of the image `bytes` (a manifest, or an
+/// index whose every image manifest is read) of `reference`; `None` when no
+/// manifest carries one or `bytes` is no image.
+async fn inline_results(
+    resolver: &Resolver,
+    reference: &Reference,
+    bytes: &[u8],
+    media_type: &str,
+    store: &ContentStore,
+) -> anyhow::Result<Option<HashMap<CacheKey, ImportedResult>>> {
+    let manifests: Vec<Vec<u8>> = if media_types::is_index(media_type) {
+        let index: ImageIndex = serde_json::from_slice(bytes).context("invalid index")?;
+        let mut out = Vec::new();
+        for child in index
+            .manifests
+            .iter()
+            .filter(|m| media_types::is_manifest(&m.media_type))
+        {
+            let by_digest = reference.with_digest(child.digest.clone());
+            let (child_bytes, _) = resolver
+                .fetch_manifest_bytes(&by_digest)
+                .await
+                .with_context(|| format!("failed to fetch manifest {}", child.digest))?;
+            out.push(child_bytes);
+        }
+        out
+    } else if media_types::is_manifest(media_type) {
+        vec![bytes.to_vec()]
+    } else {
+        return Ok(None);
+    };
+    let mut found: Option<HashMap<CacheKey, ImportedResult>> = None;
+    for manifest_bytes in manifests {
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).context("invalid manifest")?;
+        if manifest.layers.is_empty() {
+            continue;
+        }
+        resolver
+            .fetch_blob(reference, &manifest.config, store)
+            .await
+            .with_context(|| format!("failed to fetch image config {}", manifest.config.digest))?;
+        let config_bytes = store
+            .read(&manifest.config.digest)
+            .with_context(|| format!("failed to read image config {}", manifest.config.digest))?;
+        let Some(config) = inline_config(&manifest, &config_bytes)
+            .with_context(|| format!("invalid image config {}", manifest.config.digest))?
+        else {
+            continue;
+        };
+        let blobs = manifest
+            .layers
+            .iter()
+            .map(|d| (d.digest.clone(), d.clone()))
+            .collect();
+        found
+            .get_or_insert_with(HashMap::new)
+            .extend(index_config(&config, &blobs, reference));
+    }
+    Ok(found)
 }
 
 /// The cache config descriptor and the layer descriptors of a cache
@@ -850,27 +1120,54 @@ mod tests {
 
     #[test]
     fn exports_parse_modes_and_refuse_duplicates() {
-        let exports = parse_exports(&[
-            entry(
-                "registry",
-                &[("ref", "127.0.0.1:5000/c:t"), ("mode", "max")],
-            ),
-            entry("local", &[("dest", "/x")]),
-        ])
+        let exports = parse_exports(
+            &[
+                entry(
+                    "registry",
+                    &[("ref", "127.0.0.1:5000/c:t"), ("mode", "max")],
+                ),
+                entry("local", &[("dest", "/x")]),
+            ],
+            &BTreeMap::new(),
+        )
         .unwrap();
         assert_eq!(exports[0].mode, Mode::Max);
         assert_eq!(exports[1].mode, Mode::Min);
         assert!(matches!(&exports[1].backend, Backend::Local { tag, .. } if tag == "latest"));
-        let dup = parse_exports(&[
-            entry("local", &[("dest", "/a")]),
-            entry("local", &[("dest", "/b")]),
-        ])
+        let dup = parse_exports(
+            &[
+                entry("local", &[("dest", "/a")]),
+                entry("local", &[("dest", "/b")]),
+            ],
+            &BTreeMap::new(),
+        )
         .unwrap_err();
         assert_eq!(dup.to_string(), "duplicate cache exports");
-        let inline = parse_exports(&[entry("inline", &[])]).unwrap_err();
-        assert!(inline.to_string().contains("not supported yet"), "{inline}");
-        assert!(parse_exports(&[entry("registry", &[])]).is_err());
-        assert!(parse_exports(&[entry("local", &[("mode", "all")])]).is_err());
+        let none = BTreeMap::new();
+        let inline = parse_exports(&[entry("inline", &[])], &none).unwrap();
+        assert_eq!(inline[0].backend, Backend::Inline);
+        let gha = parse_exports(&[entry("gha", &[])], &none).unwrap_err();
+        assert!(gha.to_string().contains("not supported yet"), "{gha}");
+        assert!(parse_exports(&[entry("registry", &[])], &none).is_err());
+        assert!(parse_exports(&[entry("local", &[("mode", "all")])], &none).is_err());
+        // The build arg buildx users set adds one inline export, once.
+        let arg = BTreeMap::from([(
+            "build-arg:BUILDKIT_INLINE_CACHE".to_string(),
+            "true".to_string(),
+        )]);
+        assert_eq!(
+            parse_exports(&[], &arg).unwrap()[0].backend,
+            Backend::Inline
+        );
+        assert_eq!(
+            parse_exports(&[entry("inline", &[])], &arg).unwrap().len(),
+            1
+        );
+        let off = BTreeMap::from([(
+            "build-arg:BUILDKIT_INLINE_CACHE".to_string(),
+            "0".to_string(),
+        )]);
+        assert!(parse_exports(&[], &off).unwrap().is_empty());
     }
 
     fn layer(n: u8) -> Layer {
@@ -945,6 +1242,71 @@ mod tests {
         assert!(config.records[0].results.is_empty());
         let reference = Reference::parse_normalized("127.0.0.1:5000/c:t").unwrap();
         assert!(index_config(&config, &HashMap::new(), &reference).is_empty());
+    }
+
+    #[test]
+    fn inline_cache_round_trips_through_an_image_config() {
+        let key = |s: &str| CacheKey::from_parts([("k", s.as_bytes())]);
+        let vertex = |name: &str, input: Option<&str>, created: u64| CacheVertex {
+            key: key(name),
+            inputs: input.map(|i| vec![(key(i), 0)]).unwrap_or_default(),
+            outputs: vec![Some(name.into())],
+            created,
+            is_result: false,
+        };
+        let base = vertex("base", None, 1_700_000_000);
+        let run = vertex("run", Some("base"), 1_700_000_100);
+        // The image's layers: two base layers, then the RUN layer.
+        let image = vec![layer(1), layer(2), layer(3)];
+        let value = inline_value(&[(&base, 2), (&run, 3)], &image).unwrap();
+        let records: Vec<CacheRecord> = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(&value)
+                .unwrap(),
+        )
+        .unwrap();
+        // Result layers are indexes into the image's layers, as BuildKit writes them.
+        assert_eq!(records[0].results[0].layer, 1);
+        assert_eq!(records[1].results[0].layer, 2);
+        assert_eq!(records[1].inputs[0][0].link, 0);
+
+        let manifest = ImageManifest {
+            schema_version: 2,
+            media_type: Some(media_types::OCI_MANIFEST.to_string()),
+            config: Descriptor::new(media_types::OCI_CONFIG, Digest::of(b"c"), 1),
+            layers: image.iter().map(|l| l.descriptor.clone()).collect(),
+            annotations: None,
+        };
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": image.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>()},
+            "moby.buildkit.cache.v0": value,
+        });
+        let parsed = inline_config(&manifest, config.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        let reference = Reference::parse_normalized("127.0.0.1:5000/app:1").unwrap();
+        let blobs = manifest
+            .layers
+            .iter()
+            .map(|d| (d.digest.clone(), d.clone()))
+            .collect();
+        let results = index_config(&parsed, &blobs, &reference);
+        assert_eq!(results[&key("base")].layers, image[..2].to_vec());
+        assert_eq!(results[&key("run")].layers, image);
+        assert_eq!(results[&key("run")].reference, reference);
+
+        // An image without the key carries no cache; a lying rootfs is an error.
+        let plain = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": []}});
+        let mut empty = manifest.clone();
+        empty.layers.clear();
+        assert!(inline_config(&empty, plain.to_string().as_bytes())
+            .unwrap()
+            .is_none());
+        let lying = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": []}, "moby.buildkit.cache.v0": "W10="});
+        assert!(inline_config(&manifest, lying.to_string().as_bytes()).is_err());
+        assert!(inline_value(&[], &image).is_none());
     }
 
     #[test]

@@ -104,8 +104,12 @@ pub struct RegistryConfig {
     pub http: bool,
     /// Skip TLS verification.
     pub insecure: bool,
-    /// Mirrors (parsed, not used yet).
+    /// Pull mirrors (`host[:port]`), tried in order before the host.
     pub mirrors: Vec<String>,
+    /// Extra CA certificate files (PEM) trusted for TLS to this host.
+    pub ca: Vec<PathBuf>,
+    /// Client certificates (`[[registry."host".keypair]]`): refused at start, not supported yet.
+    pub keypair: Vec<toml::Value>,
 }
 
 /// `[worker.oci]`.

@@ -360,7 +360,7 @@ impl ControlService {
         let request_ref = request.r#ref.clone();
         let worker = self.solver.worker().clone();
         let cache = request.cache.clone().unwrap_or_default();
-        let cache_exports = crate::cache::parse_exports(&cache.exports)
+        let cache_exports = crate::cache::parse_exports(&cache.exports, &request.frontend_attrs)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         let _imports = if cache.imports.is_empty() {
             None
@@ -430,6 +430,27 @@ impl ControlService {
         };
 
         let mut response = BTreeMap::new();
+        let makes_image = kinds.iter().any(|k| {
+            matches!(
+                k,
+                ExporterKind::Image | ExporterKind::Docker | ExporterKind::Oci
+            )
+        });
+        let inline = cache_exports
+            .iter()
+            .any(|e| e.backend == crate::cache::Backend::Inline);
+        if inline && !makes_image {
+            let vertex = progress.start_vertex(
+                &frontend::synthetic_digest(&[&request_ref, "inline cache"]),
+                "exporting inline cache",
+                Vec::new(),
+            );
+            vertex.log(
+                2,
+                b"WARNING: inline cache needs an image, docker or oci exporter; no cache written\n",
+            );
+            vertex.done();
+        }
         let input = exporter::ExportInput {
             worker: worker.as_ref(),
             snapshot: result.snapshot.as_ref(),
@@ -437,6 +458,7 @@ impl ControlService {
             created: result.created,
             session: session.as_deref(),
             tmp_dir: &tmp_root,
+            inline_cache: inline.then_some(&result),
         };
         for (index, ((_, attrs), kind)) in exporters.iter().zip(kinds).enumerate() {
             let title = kind.title();

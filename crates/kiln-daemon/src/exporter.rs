@@ -21,7 +21,7 @@ use kiln_image::oci::{media_types, Descriptor, History, ImageConfig, ImageManife
 use kiln_image::reference::Reference;
 use kiln_image::registry::{BlobPush, RegistryHosts, Resolver};
 use kiln_image::Digest;
-use kiln_solver::VertexProgress;
+use kiln_solver::{SolveResult, VertexProgress};
 use kiln_worker::{SnapshotId, Worker};
 
 /// An image written to the content store.
@@ -75,6 +75,35 @@ pub struct ExportOptions {
     pub rewrite_timestamp: bool,
     /// `source-date-epoch` (seconds).
     pub source_date_epoch: Option<u64>,
+    /// `annotation.KEY=VALUE` and `annotation-manifest.KEY=VALUE`: the manifest's annotations.
+    pub manifest_annotations: BTreeMap<String, String>,
+}
+
+/// The manifest annotations of the attrs (`annotation.KEY` and `annotation-manifest.KEY`, as
+/// BuildKit). Annotations of an index or of descriptors, and platform-qualified ones
+/// (`annotation[linux/amd64].KEY`), are refused: kiln exports one manifest here.
+fn manifest_annotations(
+    attrs: &BTreeMap<String, String>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in attrs {
+        if !key.starts_with("annotation") {
+            continue;
+        }
+        let name = key
+            .strip_prefix("annotation.")
+            .or_else(|| key.strip_prefix("annotation-manifest."));
+        match name {
+            Some(name) if !name.is_empty() => {
+                out.insert(name.to_string(), value.clone());
+            }
+            _ => bail!(
+                "exporter attribute {key}: only annotation.KEY and annotation-manifest.KEY \
+                 (manifest annotations) are supported"
+            ),
+        }
+    }
+    Ok(out)
 }
 
 impl ExportOptions {
@@ -116,6 +145,7 @@ impl ExportOptions {
             force_compression: bool_attr(attrs, "force-compression", false)?,
             rewrite_timestamp: bool_attr(attrs, "rewrite-timestamp", false)?,
             source_date_epoch,
+            manifest_annotations: manifest_annotations(attrs)?,
         })
     }
 }
@@ -206,12 +236,16 @@ fn oci_media_type(docker: &str) -> String {
 
 /// Writes the image config and manifest for `snapshot` (its layers bottom to
 /// top, converted as `options` asks) into the worker's content store.
+/// With `inline_cache`, the records of that solve whose results are part of
+/// the image go into the config under `moby.buildkit.cache.v0` (see
+/// [`crate::cache`]).
 pub async fn commit_image(
     worker: &dyn Worker,
     snapshot: Option<&SnapshotId>,
     mut config: ImageConfig,
     created: Option<u64>,
     options: &ExportOptions,
+    inline_cache: Option<&SolveResult>,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
     let oci_mediatypes = options.oci_media_types;
@@ -275,7 +309,24 @@ pub async fn commit_image(
             empty_layer: false,
         });
     }
-    let config_bytes = serde_json::to_vec(&config).context("failed to encode image config")?;
+    let cache = match inline_cache {
+        Some(result) => {
+            let value = crate::cache::inline_cache(worker, result, &layers)
+                .await
+                .context("failed to write the inline cache")?;
+            if value.is_none() {
+                let text = "WARNING: inline cache: no build step's result is part of the image\n";
+                progress.log(2, text.as_bytes());
+            }
+            value
+        }
+        None => None,
+    };
+    let config_bytes = serde_json::to_vec(&ConfigWithCache {
+        config: &config,
+        cache,
+    })
+    .context("failed to encode image config")?;
     let content = worker.content();
     let config_digest = content
         .write_blob(&config_bytes)
@@ -305,7 +356,8 @@ pub async fn commit_image(
                 Descriptor::new(media_type, l.descriptor.digest.clone(), l.descriptor.size)
             })
             .collect(),
-        annotations: None,
+        annotations: (!options.manifest_annotations.is_empty())
+            .then(|| options.manifest_annotations.clone()),
     };
     let manifest_bytes = serde_json::to_vec(&manifest).context("failed to encode manifest")?;
     let manifest_digest = content
@@ -320,6 +372,19 @@ pub async fn commit_image(
         config: config_digest,
         created,
     })
+}
+
+/// An image config with BuildKit's inline cache key next to its fields
+/// (serialized exactly as the bare config when there is no cache).
+#[derive(serde::Serialize)]
+struct ConfigWithCache<'a> {
+    #[serde(flatten)]
+    config: &'a ImageConfig,
+    #[serde(
+        rename = "moby.buildkit.cache.v0",
+        skip_serializing_if = "Option::is_none"
+    )]
+    cache: Option<String>,
 }
 
 /// Converts the layers `options` asks to convert. Layers pulled from a
@@ -378,6 +443,9 @@ pub struct ExportInput<'a> {
     pub session: Option<&'a kiln_session::Session>,
     /// Where temporary files go.
     pub tmp_dir: &'a Path,
+    /// The solve whose cache goes inline into image configs (`--cache-to
+    /// type=inline`), if asked.
+    pub inline_cache: Option<&'a SolveResult>,
 }
 
 /// Runs exporter number `index` of kind `kind` with `attrs`, returning its
@@ -399,6 +467,7 @@ pub async fn export(
         input.image_config.clone(),
         input.created,
         &options,
+        input.inline_cache,
         vertex,
     )
     .await?;
@@ -833,6 +902,25 @@ mod tests {
             ExportOptions::parse(ExporterKind::Image, &attrs(&[("compression-level", "x")]))
                 .is_err()
         );
+        let o = ExportOptions::parse(
+            ExporterKind::Image,
+            &attrs(&[("annotation.a", "1"), ("annotation-manifest.b", "2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            o.manifest_annotations,
+            BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())])
+        );
+        for refused in [
+            "annotation-index.a",
+            "annotation[linux/amd64].a",
+            "annotation.",
+        ] {
+            let error = ExportOptions::parse(ExporterKind::Image, &attrs(&[(refused, "1")]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("only annotation.KEY"), "{refused}: {error}");
+        }
         // push is an image exporter attr only.
         let o = ExportOptions::parse(ExporterKind::Oci, &attrs(&[("push", "true")])).unwrap();
         assert!(!o.push && o.oci_media_types);
@@ -863,6 +951,7 @@ mod tests {
             created: Some(1_600_000_000),
             session: None,
             tmp_dir: tmp.path(),
+            inline_cache: None,
         };
         let a = attrs(&[
             ("name", &format!("{repo}:one,{repo}:two")),
@@ -888,6 +977,7 @@ mod tests {
             resolved.config.clone(),
             Some(1_600_000_000),
             &options,
+            None,
             &vertex(),
         )
         .await
@@ -932,6 +1022,7 @@ mod tests {
                     config,
                     Some(created),
                     &options,
+                    None,
                     &vertex(),
                 )
                 .await

@@ -76,9 +76,13 @@ async fn shutdown_signal() {
     }
 }
 
-fn registry_hosts(config: &Config) -> RegistryHosts {
+/// The `[registry."host"]` tables as the resolver's settings: CA files read, mirrors checked
+/// (`host[:port]` only: a scheme or a path is refused rather than misread).
+fn registry_hosts(
+    registries: &std::collections::BTreeMap<String, config::RegistryConfig>,
+) -> anyhow::Result<RegistryHosts> {
     let mut hosts = RegistryHosts::default();
-    for (host, settings) in &config.registries {
+    for (host, settings) in registries {
         hosts.insert(
             host.clone(),
             HostConfig {
@@ -86,8 +90,43 @@ fn registry_hosts(config: &Config) -> RegistryHosts {
                 insecure: settings.insecure,
             },
         );
+        for mirror in &settings.mirrors {
+            let valid = !mirror.is_empty()
+                && !mirror.contains("://")
+                && !mirror.contains('/')
+                && kiln_image::reference::Reference::parse_normalized(&format!(
+                    "{mirror}/kiln/probe:latest"
+                ))
+                .is_ok_and(|r| r.domain() == mirror);
+            if !valid {
+                anyhow::bail!(
+                    "invalid mirror {mirror:?} of [registry.\"{host}\"]: expected host[:port] \
+                     (set http = true under the mirror's own [registry.\"{mirror}\"] for plain http)"
+                );
+            }
+        }
+        if !settings.keypair.is_empty() {
+            anyhow::bail!(
+                "client certificates (keypair) of [registry.\"{host}\"] are not supported yet"
+            );
+        }
+        if !settings.mirrors.is_empty() {
+            hosts.set_mirrors(host.clone(), settings.mirrors.clone());
+        }
+        for path in &settings.ca {
+            let pem = std::fs::read(path).with_context(|| {
+                format!(
+                    "failed to read CA certificate {} of [registry.\"{host}\"]",
+                    path.display()
+                )
+            })?;
+            hosts.add_ca(host.clone(), pem);
+        }
     }
-    hosts
+    // Bad PEM is reported at start, not at the first pull.
+    kiln_image::registry::Resolver::new(hosts.clone())
+        .context("invalid [registry] settings in the config")?;
+    Ok(hosts)
 }
 
 fn parse_platforms(list: &[String]) -> anyhow::Result<Option<Vec<kiln_image::oci::Platform>>> {
@@ -107,7 +146,7 @@ fn parse_platforms(list: &[String]) -> anyhow::Result<Option<Vec<kiln_image::oci
 /// worker is used when the OCI worker is off and it is enabled (`auto`: when
 /// its socket exists). kiln runs one worker per daemon: when both are
 /// enabled explicitly, the OCI worker wins and a warning says so.
-async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
+async fn open_worker(config: &Config, hosts: &RegistryHosts) -> anyhow::Result<Arc<dyn Worker>> {
     let runc = config
         .oci
         .binary
@@ -143,7 +182,7 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
             OciWorkerConfig {
                 root: config.root.clone(),
                 runc_binary: runc,
-                registry_hosts: registry_hosts(config),
+                registry_hosts: hosts.clone(),
                 labels: config.oci.labels.clone(),
                 platforms: parse_platforms(&config.oci.platforms)?,
             },
@@ -189,7 +228,7 @@ async fn open_worker(config: &Config) -> anyhow::Result<Arc<dyn Worker>> {
                 .unwrap_or_else(|| config::DEFAULT_CONTAINERD_SNAPSHOTTER.to_string()),
             runc_binary: runc,
             rootless: config.containerd.rootless.unwrap_or(false),
-            registry_hosts: registry_hosts(config),
+            registry_hosts: hosts.clone(),
             labels: config.containerd.labels.clone(),
             platforms: parse_platforms(&config.containerd.platforms)?,
         })
@@ -242,8 +281,9 @@ fn server_tls(files: &config::TlsFiles) -> anyhow::Result<tonic::transport::Serv
 async fn run(config: Config) -> anyhow::Result<()> {
     let lock = listen::RootLock::acquire(&config.root)?;
     tracing::debug!(lock = %lock.path().display(), "locked the root");
-    exporter::set_registry_hosts(registry_hosts(&config));
-    let worker = open_worker(&config).await?;
+    let hosts = registry_hosts(&config.registries)?;
+    exporter::set_registry_hosts(hosts.clone());
+    let worker = open_worker(&config, &hosts).await?;
     // The table of the worker in use: its parallelism bound and its garbage collection.
     let (gc_enabled, tuning) = if worker.image_store().is_some() {
         (config.containerd.gc, &config.containerd.tuning)
@@ -384,5 +424,59 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registries(toml_text: &str) -> std::collections::BTreeMap<String, config::RegistryConfig> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            registry: std::collections::BTreeMap<String, config::RegistryConfig>,
+        }
+        toml::from_str::<File>(toml_text).unwrap().registry
+    }
+
+    #[test]
+    fn registry_settings_are_checked_at_start() {
+        let ok = registries("[registry.\"example.invalid\"]\nmirrors = [\"127.0.0.1:5000\"]\n");
+        assert!(registry_hosts(&ok).is_ok());
+        for bad in ["http://127.0.0.1:5000", "mirror.example/prefix", ""] {
+            let list = registries(&format!(
+                "[registry.\"docker.io\"]\nmirrors = [\"{bad}\"]\n"
+            ));
+            let error = registry_hosts(&list).unwrap_err().to_string();
+            assert!(error.starts_with("invalid mirror"), "{bad}: {error}");
+        }
+        let missing = registries("[registry.\"r.example\"]\nca = [\"/nonexistent/ca.pem\"]\n");
+        let error = format!("{:#}", registry_hosts(&missing).unwrap_err());
+        assert!(
+            error.starts_with(
+                "failed to read CA certificate /nonexistent/ca.pem of [registry.\"r.example\"]"
+            ),
+            "{error}"
+        );
+        let keypair =
+            registries("[[registry.\"r.example\".keypair]]\nkey = \"/k.pem\"\ncert = \"/c.pem\"\n");
+        let error = registry_hosts(&keypair).unwrap_err().to_string();
+        assert!(error.contains("not supported yet"), "{error}");
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("bad.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let bad = registries(&format!(
+            "[registry.\"r.example\"]\nca = [\"{}\"]\n",
+            pem.display()
+        ));
+        let error = format!("{:#}", registry_hosts(&bad).unwrap_err());
+        assert!(
+            error.contains("invalid CA certificate for registry r.example"),
+            "{error}"
+        );
     }
 }

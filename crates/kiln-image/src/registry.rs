@@ -38,6 +38,15 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// A CA certificate configured for a registry host is not valid PEM.
+    #[error("invalid CA certificate for registry {host}")]
+    Certificate {
+        /// The registry host the certificate was configured for.
+        host: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
     /// The request failed before an HTTP status was received.
     #[error("failed to fetch {url} for {reference}")]
     Request {
@@ -248,6 +257,10 @@ pub struct RegistryHosts {
     hosts: BTreeMap<String, HostConfig>,
     /// Hosts reached over https without certificate checks, then over plain http.
     lenient: std::collections::BTreeSet<String>,
+    /// Pull mirrors per host (`host[:port]` each), tried in order before the host itself.
+    mirrors: BTreeMap<String, Vec<String>>,
+    /// Extra trusted CA certificates (PEM) per host.
+    cas: BTreeMap<String, Vec<Vec<u8>>>,
 }
 
 /// One way to reach a host: base URL and TLS leniency.
@@ -255,6 +268,10 @@ pub struct RegistryHosts {
 struct Endpoint {
     base: String,
     insecure: bool,
+    /// The registry domain whose settings (CA certificates) apply: the host's, or a mirror's.
+    domain: String,
+    /// A pull mirror: any failure falls through to the next endpoint.
+    mirror: bool,
 }
 
 impl RegistryHosts {
@@ -287,7 +304,35 @@ impl RegistryHosts {
         self.hosts.get(host)
     }
 
-    /// Endpoints to try for `domain`, in order.
+    /// Sets the pull mirrors of `host` (BuildKit's `[registry."host"] mirrors`): each a
+    /// registry `host[:port]`, reached with its own settings. Pulls try them in order and fall
+    /// back to `host` when a mirror fails or lacks the content; pushes never use them.
+    pub fn set_mirrors(&mut self, host: impl Into<String>, mirrors: Vec<String>) -> &mut Self {
+        self.mirrors.insert(host.into(), mirrors);
+        self
+    }
+
+    /// Trusts the PEM certificate(s) `pem` for TLS to `host` (BuildKit's `ca`), on top of the
+    /// system's roots.
+    pub fn add_ca(&mut self, host: impl Into<String>, pem: Vec<u8>) -> &mut Self {
+        self.cas.entry(host.into()).or_default().push(pem);
+        self
+    }
+
+    /// Endpoints a pull tries for `domain`: its mirrors' endpoints, then its own.
+    fn pull_endpoints(&self, domain: &str) -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        for mirror in self.mirrors.get(domain).into_iter().flatten() {
+            out.extend(self.endpoints(mirror).into_iter().map(|mut e| {
+                e.mirror = true;
+                e
+            }));
+        }
+        out.extend(self.endpoints(domain));
+        out
+    }
+
+    /// Endpoints to try for `domain` itself (no mirrors), in order.
     fn endpoints(&self, domain: &str) -> Vec<Endpoint> {
         let host = if domain == DEFAULT_DOMAIN {
             "registry-1.docker.io"
@@ -299,34 +344,48 @@ impl RegistryHosts {
             Some(c) if c.http => vec![Endpoint {
                 base: format!("http://{host}"),
                 insecure: false,
+                domain: domain.to_owned(),
+                mirror: false,
             }],
             _ if lenient => vec![
                 Endpoint {
                     base: format!("https://{host}"),
                     insecure: true,
+                    domain: domain.to_owned(),
+                    mirror: false,
                 },
                 Endpoint {
                     base: format!("http://{host}"),
                     insecure: false,
+                    domain: domain.to_owned(),
+                    mirror: false,
                 },
             ],
             Some(c) => vec![Endpoint {
                 base: format!("https://{host}"),
                 insecure: c.insecure,
+                domain: domain.to_owned(),
+                mirror: false,
             }],
             None if is_loopback(domain) => vec![
                 Endpoint {
                     base: format!("https://{host}"),
                     insecure: false,
+                    domain: domain.to_owned(),
+                    mirror: false,
                 },
                 Endpoint {
                     base: format!("http://{host}"),
                     insecure: false,
+                    domain: domain.to_owned(),
+                    mirror: false,
                 },
             ],
             None => vec![Endpoint {
                 base: format!("https://{host}"),
                 insecure: false,
+                domain: domain.to_owned(),
+                mirror: false,
             }],
         }
     }
@@ -447,6 +506,8 @@ struct Inner {
     hosts: RegistryHosts,
     client: reqwest::Client,
     insecure_client: reqwest::Client,
+    /// Domain → a client that also trusts the domain's configured CA certificates.
+    ca_clients: HashMap<String, reqwest::Client>,
     /// `(host, scope)` → bearer token.
     tokens: Mutex<HashMap<(String, String), String>>,
     /// Domain → index of the endpoint that worked.
@@ -520,19 +581,41 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
 impl Resolver {
     /// A resolver for `hosts`.
     pub fn new(hosts: RegistryHosts) -> Result<Self> {
-        let build = |insecure: bool| {
+        let builder = || {
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(30))
-                .danger_accept_invalid_certs(insecure)
                 .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        };
+        let build = |insecure: bool| {
+            builder()
+                .danger_accept_invalid_certs(insecure)
                 .build()
                 .map_err(|source| Error::Client { source })
         };
+        let mut ca_clients = HashMap::new();
+        for (host, pems) in &hosts.cas {
+            let certificate_error = |source| Error::Certificate {
+                host: host.clone(),
+                source,
+            };
+            let mut client = builder();
+            for pem in pems {
+                for certificate in
+                    reqwest::Certificate::from_pem_bundle(pem).map_err(certificate_error)?
+                {
+                    client = client.add_root_certificate(certificate);
+                }
+            }
+            // The certificates are only decoded here: a build failure is theirs.
+            let client = client.build().map_err(certificate_error)?;
+            ca_clients.insert(host.clone(), client);
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 hosts,
                 client: build(false)?,
                 insecure_client: build(true)?,
+                ca_clients,
                 tokens: Mutex::new(HashMap::new()),
                 working: Mutex::new(HashMap::new()),
             }),
@@ -798,11 +881,7 @@ impl Resolver {
             .min(endpoints.len().saturating_sub(1));
         let mut last_err = None;
         for (i, endpoint) in endpoints.iter().enumerate().skip(start) {
-            let client = if endpoint.insecure {
-                &self.inner.insecure_client
-            } else {
-                &self.inner.client
-            };
+            let client = self.client_for(endpoint);
             let url = format!("{}/v2/", endpoint.base);
             match client.get(&url).send().await {
                 Ok(_) => {
@@ -1093,20 +1172,40 @@ impl Resolver {
         accept: Option<&str>,
     ) -> Result<(String, Response)> {
         let domain = reference.domain();
-        let endpoints = self.inner.hosts.endpoints(domain);
+        let endpoints = self.inner.hosts.pull_endpoints(domain);
+        // Indexes into the pull list (mirrors included) are kept apart from the push list's.
+        let working_key = format!("{domain} (pull)");
         let start = self
             .lock_working()
-            .get(domain)
+            .get(&working_key)
             .copied()
             .unwrap_or(0)
             .min(endpoints.len().saturating_sub(1));
         let mut last_err = None;
+        // Whether a mirror that answered was passed over: the endpoint that worked then is
+        // only right for this content, not to be remembered for the domain.
+        let mut passed_mirror = false;
         for (i, endpoint) in endpoints.iter().enumerate().skip(start) {
             let url = format!("{}/v2/{}/{}", endpoint.base, reference.path(), suffix);
-            match self.get_authorized(reference, endpoint, &url, accept).await {
+            let answer = self.get_authorized(reference, endpoint, &url, accept).await;
+            if endpoint.mirror {
+                match answer.and_then(|response| check_status(reference, url.clone(), response)) {
+                    Ok(found) => {
+                        tracing::debug!(%reference, %url, "served by mirror");
+                        return Ok(found);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%reference, %url, error = %e, "mirror failed, trying the next endpoint");
+                        passed_mirror |= !matches!(e, Error::Request { .. });
+                        last_err = Some(e);
+                        continue;
+                    }
+                }
+            }
+            match answer {
                 Ok(response) => {
-                    if i != start {
-                        self.lock_working().insert(domain.to_owned(), i);
+                    if i != start && !passed_mirror {
+                        self.lock_working().insert(working_key, i);
                     }
                     return check_status(reference, url, response);
                 }
@@ -1122,6 +1221,19 @@ impl Resolver {
             url: domain.to_owned(),
             status: StatusCode::BAD_GATEWAY,
         }))
+    }
+
+    /// The HTTP client for `endpoint`: no certificate checks for an insecure one, the
+    /// domain's configured CAs trusted when it has some.
+    fn client_for(&self, endpoint: &Endpoint) -> &reqwest::Client {
+        if endpoint.insecure {
+            &self.inner.insecure_client
+        } else {
+            self.inner
+                .ca_clients
+                .get(&endpoint.domain)
+                .unwrap_or(&self.inner.client)
+        }
     }
 
     fn lock_working(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
@@ -1174,11 +1286,7 @@ impl Resolver {
         scopes: &[String],
         build: &(dyn Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder> + Sync),
     ) -> Result<Response, SendError> {
-        let client = if endpoint.insecure {
-            &self.inner.insecure_client
-        } else {
-            &self.inner.client
-        };
+        let client = self.client_for(endpoint);
         let scope = auth::current();
         let host = endpoint_host(&endpoint.base);
         let key = (endpoint.base.clone(), scopes.join(" "));
@@ -1496,6 +1604,52 @@ mod tests {
         );
         assert_eq!(bases("127.0.0.2:5000"), ["https://127.0.0.2:5000"]);
         assert!(hosts.endpoints("self.example")[0].insecure);
+    }
+
+    #[test]
+    fn mirrors_come_first_for_pulls_only_with_their_own_settings() {
+        let mut hosts = RegistryHosts::new().with(
+            "mirror.example",
+            HostConfig {
+                http: true,
+                insecure: false,
+            },
+        );
+        hosts.set_mirrors(
+            "docker.io",
+            vec!["mirror.example".into(), "127.0.0.1:5000".into()],
+        );
+        let pull: Vec<(String, bool, String)> = hosts
+            .pull_endpoints("docker.io")
+            .into_iter()
+            .map(|e| (e.base, e.mirror, e.domain))
+            .collect();
+        let row = |b: &str, m: bool, d: &str| (b.to_string(), m, d.to_string());
+        assert_eq!(
+            pull,
+            [
+                row("http://mirror.example", true, "mirror.example"),
+                row("https://127.0.0.1:5000", true, "127.0.0.1:5000"),
+                row("http://127.0.0.1:5000", true, "127.0.0.1:5000"),
+                row("https://registry-1.docker.io", false, "docker.io"),
+            ]
+        );
+        assert!(hosts.endpoints("docker.io").iter().all(|e| !e.mirror));
+        assert_eq!(hosts.pull_endpoints("ghcr.io").len(), 1);
+    }
+
+    #[test]
+    fn invalid_ca_is_an_error_naming_the_host() {
+        let mut hosts = RegistryHosts::new();
+        hosts.add_ca(
+            "reg.example",
+            b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec(),
+        );
+        let error = Resolver::new(hosts).err().expect("invalid PEM accepted");
+        assert_eq!(
+            error.to_string(),
+            "invalid CA certificate for registry reg.example"
+        );
     }
 
     #[test]

@@ -140,8 +140,9 @@ pub(crate) async fn run_git_source(
     let snapshot = result?;
     let outputs = vec![Some(snapshot)];
     hold(context, &outputs);
-    record(context, &key, &outputs, name)?;
-    Ok(Resolved::ready(key, false, outputs, now_secs()))
+    let created = now_secs();
+    record(context, &key, &outputs, name, created)?;
+    Ok(Resolved::ready(key, false, outputs, created))
 }
 
 async fn clone_and_snapshot(

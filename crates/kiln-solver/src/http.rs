@@ -298,8 +298,9 @@ pub(crate) async fn run_http_source(
                     Ok(snapshot) => {
                         let outputs = vec![Some(snapshot)];
                         hold(context, &outputs);
-                        record(context, &key, &outputs, name)
-                            .map(|()| Resolved::ready(key.clone(), false, outputs, now_secs()))
+                        let created = now_secs();
+                        record(context, &key, &outputs, name, created)
+                            .map(|()| Resolved::ready(key.clone(), false, outputs, created))
                     }
                     Err(e) => Err(SourceFailure::Worker(e)),
                 },

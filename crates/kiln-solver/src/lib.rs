@@ -321,13 +321,19 @@ struct Resolved {
 impl Resolved {
     /// A result that exists already.
     fn ready(key: CacheKey, cached: bool, outputs: Vec<Option<SnapshotId>>, created: u64) -> Self {
+        let materialize: MaterializeFuture =
+            futures::future::ready(Ok(Arc::new(Materialized { outputs, created })))
+                .boxed()
+                .shared();
+        // Polled once here so `peek` sees the result even when nothing awaits
+        // it (a local hit below a later hit): the solve's `vertices` report
+        // its outputs, and cache exports can carry it.
+        let _ = materialize.clone().now_or_never();
         Self {
             key,
             cached,
             ran: Arc::new(std::sync::atomic::AtomicBool::new(!cached)),
-            materialize: futures::future::ready(Ok(Arc::new(Materialized { outputs, created })))
-                .boxed()
-                .shared(),
+            materialize,
         }
     }
 
@@ -876,17 +882,15 @@ async fn run_vertex(
                     };
                     let result = result.map_err(SourceFailure::Worker).and_then(|outputs| {
                         hold(&context, &outputs);
-                        record(&context, &key, &outputs, &name)?;
+                        let created = now_secs();
+                        record(&context, &key, &outputs, &name, created)?;
                         remember(
                             &context,
                             &explain::exact_identity(&name, &explained.op),
                             &explained,
                         );
                         remember(&context, &explain::step_identity(&name), &explained);
-                        Ok(Materialized {
-                            outputs,
-                            created: now_secs(),
-                        })
+                        Ok(Materialized { outputs, created })
                     });
                     match result {
                         Ok(made) => {
@@ -1152,11 +1156,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Records `outputs` for `key`, made at `created`: the same time the solve reports for the
+/// result, so a cached rebuild (which reports the record's time) gives the very same image.
 fn record(
     context: &Context,
     key: &CacheKey,
     outputs: &[Option<SnapshotId>],
     name: &str,
+    created: u64,
 ) -> Result<(), SourceFailure> {
     let plain: Vec<Option<String>> = outputs
         .iter()
@@ -1164,7 +1171,7 @@ fn record(
         .collect();
     context
         .records
-        .put(key, &plain, name)
+        .put_created(key, &plain, name, created)
         .map_err(|e| SourceFailure::Other(Arc::new(e)))
 }
 
@@ -1269,7 +1276,8 @@ async fn run_source(
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![snapshot];
         hold(context, &outputs);
-        record(context, &key, &outputs, name)?;
+        let created = now_secs();
+        record(context, &key, &outputs, name, created)?;
         remember(
             context,
             &identity,
@@ -1278,7 +1286,7 @@ async fn run_source(
                 ..Default::default()
             },
         );
-        return Ok(Resolved::ready(key, false, outputs, now_secs()));
+        return Ok(Resolved::ready(key, false, outputs, created));
     }
     if let Some(local_name) = identifier.strip_prefix("local://") {
         let dir = context
@@ -1317,8 +1325,9 @@ async fn run_source(
             .map_err(SourceFailure::Worker)?;
         let outputs = vec![Some(snapshot)];
         hold(context, &outputs);
-        record(context, &key, &outputs, name)?;
-        return Ok(Resolved::ready(key, false, outputs, now_secs()));
+        let created = now_secs();
+        record(context, &key, &outputs, name, created)?;
+        return Ok(Resolved::ready(key, false, outputs, created));
     }
     if identifier.starts_with("git://") {
         return git::run_git_source(context, source, ignore_cache, progress, name).await;

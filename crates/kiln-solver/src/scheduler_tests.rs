@@ -658,3 +658,31 @@ async fn a_solve_dropped_mid_exec_leaves_no_record_and_the_step_runs_again() {
     let again = solve(&solver, &definition).await;
     assert_eq!((again.executed, again.cached), (0, 1));
 }
+
+#[tokio::test]
+async fn a_fully_cached_solve_reports_every_vertex_output() {
+    let (_dir, _worker, solver) = solver_with(0);
+    let definition = fan_in();
+    let solve_vertices = || async {
+        solver
+            .solve(
+                &definition,
+                Arc::new(NoLocals),
+                ProgressWriter::discard(),
+                SolveOptions::default(),
+            )
+            .await
+            .unwrap()
+            .vertices
+    };
+    let first = solve_vertices().await;
+    // The branches are local hits below a hit on the join: never awaited,
+    // still reported with their snapshots (what cache exports carry).
+    let again = solve_vertices().await;
+    assert_eq!(again.len(), 5);
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(a.key, b.key);
+        assert!(!b.outputs.is_empty(), "no outputs for {}", b.key);
+        assert_eq!(a.outputs, b.outputs);
+    }
+}

@@ -6,6 +6,9 @@
 //! - [`run`] runs a command and captures its output as [`Output`].
 //! - [`BUSYBOX`] names the base-image fixture `scripts/fixtures` pushes to
 //!   the local registry.
+//! - [`Registry`] starts a private `docker-registry` (optionally with TLS or
+//!   auth) on a free loopback port; [`make_ca`] makes test certificates with
+//!   the `openssl` CLI; [`free_port`] finds a port.
 //!
 //! Tests that need the outside services (containerd, the registry) expect
 //! them started by `scripts/services start` (as `.ci/run` does).
@@ -240,5 +243,139 @@ impl Kilnd {
 impl Drop for Kilnd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Runs `openssl` with `args` in `dir`, panicking with its output on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    run(Command::new("openssl").current_dir(dir).args(args)).success();
+}
+
+/// A CA (`<name>-ca.pem`) and, signed by it, a certificate `<name>-<leaf>`
+/// for each leaf: `(leaf, subjectAltName or None for a client cert)`.
+pub fn make_ca(dir: &Path, name: &str, leaves: &[(&str, Option<&str>)]) {
+    let ca_key = format!("{name}-ca-key.pem");
+    let ca = format!("{name}-ca.pem");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+        ],
+    );
+    for (leaf, san) in leaves {
+        let key = format!("{name}-{leaf}-key.pem");
+        let csr = format!("{name}-{leaf}.csr");
+        let cert = format!("{name}-{leaf}.pem");
+        let ext = format!("{name}-{leaf}.ext");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={leaf}"),
+            ],
+        );
+        let extensions = match san {
+            Some(san) => format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+            None => "extendedKeyUsage=clientAuth\n".to_string(),
+        };
+        std::fs::write(dir.join(&ext), extensions).unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `docker-registry` process the test started, killed on drop.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Starts docker-registry with its storage and config under `dir` on a free loopback port;
+    /// `http_extra` is YAML under `http:` (indented two spaces, e.g. a `tls:` block), `extra`
+    /// top-level YAML (e.g. an `auth:` section). Returns once the port accepts connections.
+    pub fn start(dir: &Path, http_extra: &str, extra: &str) -> Self {
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: warn\n\
+             storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {host}\n{http_extra}\
+             {extra}",
+            root = dir.join("data").display(),
+        );
+        std::fs::write(dir.join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn docker-registry");
+        let registry = Registry { child, host };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&registry.host).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
     }
 }

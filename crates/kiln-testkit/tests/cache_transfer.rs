@@ -314,3 +314,128 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     assert_eq!(container_runs(&log_c), 0, "C started a container");
     assert_eq!(layer_digests(&build_c.out), layers_a);
 }
+
+/// The `skopeo inspect` of `image` (`--config` or the manifest), raw JSON.
+fn skopeo_json(image: &str, config: bool) -> serde_json::Value {
+    let mut command = Command::new("skopeo");
+    command.args(["inspect", "--raw", "--tls-verify=false"]);
+    if config {
+        command.arg("--config");
+    }
+    let out = run(command.arg(format!("docker://{image}"))).success();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// Inline cache: kilnd A pushes an image with `--cache-to type=inline` (and
+/// again with the build arg `BUILDKIT_INLINE_CACHE=1`); the records sit in
+/// the image config under `moby.buildkit.cache.v0`; a fresh kilnd B given
+/// `--cache-from <image>` runs no step and makes the same layers.
+#[test]
+fn inline_cache_travels_in_the_image() {
+    use base64::Engine as _;
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("ctx");
+    std::fs::create_dir(&context).unwrap();
+    let nonce: u64 = rand::random();
+    dockerfile(&context, &format!("inline-{nonce}"));
+    let repo = format!("127.0.0.1:5000/kiln-test/inline-{nonce:x}");
+
+    let (runc_a, log_a) = counting_runc(work.path(), "a");
+    let address_a = format!("unix://{}/a.sock", work.path().display());
+    let daemon_a = Kilnd::start(
+        &address_a,
+        &["--oci-worker-binary", runc_a.to_str().unwrap()],
+    );
+    let push = |tag: &str, extra: &[&str]| {
+        let mut command = Command::new(cargo_bin("kiln"));
+        command
+            .args(["build", "--progress=plain", "--buildkit-host", &address_a])
+            .args(extra)
+            .arg("-o")
+            .arg(format!("type=image,name={repo}:{tag},push=true"))
+            .arg(&context);
+        let out = run(&mut command);
+        assert_eq!(
+            out.code,
+            0,
+            "push {tag} failed:\n{}\nkilnd A:\n{}",
+            out.stderr,
+            daemon_a.log_text()
+        );
+        out
+    };
+    push("inline", &["--cache-to", "type=inline"]);
+    assert_eq!(container_runs(&log_a), 3, "A runs the three RUN steps");
+    // The build arg buildx users set asks for the same thing; the rebuild is
+    // fully cached, so the very same image (with the same cache) results.
+    push("arg", &["--build-arg", "BUILDKIT_INLINE_CACHE=1"]);
+    let manifest = skopeo_json(&format!("{repo}:inline"), false);
+    assert_eq!(
+        skopeo_json(&format!("{repo}:arg"), false),
+        manifest,
+        "the build arg gives another image than type=inline"
+    );
+    let config = skopeo_json(&format!("{repo}:inline"), true);
+    let cache = config["moby.buildkit.cache.v0"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no inline cache in the config: {config}"));
+    let records: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(cache)
+            .unwrap(),
+    )
+    .unwrap();
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 4, "busybox + three RUN layers: {manifest}");
+    // The base and each RUN step, results pointing into the image's layers.
+    let result_layers: Vec<u64> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["layers"][0]["layer"].as_u64())
+        .collect();
+    assert_eq!(result_layers, vec![0, 1, 2, 3], "records: {records}");
+
+    // Without the cache request the image carries no cache.
+    push("plain", &[]);
+    assert!(
+        skopeo_json(&format!("{repo}:plain"), true)
+            .get("moby.buildkit.cache.v0")
+            .is_none(),
+        "an image built without inline cache carries one"
+    );
+
+    // kilnd B, empty root: every step from the image's inline cache.
+    let (runc_b, log_b) = counting_runc(work.path(), "b");
+    let address_b = format!("unix://{}/b.sock", work.path().display());
+    let daemon_b = Kilnd::start(
+        &address_b,
+        &["--oci-worker-binary", runc_b.to_str().unwrap()],
+    );
+    let build_b = Build {
+        address: &address_b,
+        context: &context,
+        out: work.path().join("b.tar"),
+    };
+    let imported = build_b.run(&["--cache-from", &format!("{repo}:inline")]);
+    assert_eq!(
+        imported.code,
+        0,
+        "import build failed:\n{}\nkilnd B:\n{}",
+        imported.stderr,
+        daemon_b.log_text()
+    );
+    assert_all_cached(&imported, "inline import");
+    assert_eq!(
+        container_runs(&log_b),
+        0,
+        "B started a container:\n{}",
+        imported.stderr
+    );
+    assert_eq!(layer_digests(&build_b.out), layers, "B made other layers");
+}

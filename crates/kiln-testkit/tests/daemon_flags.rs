@@ -8,15 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kiln_testkit::{cargo_bin, run};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kiln_testkit::{cargo_bin, free_port, run};
 
 fn terminate(child: &mut Child) {
     // SAFETY: signalling our own child.

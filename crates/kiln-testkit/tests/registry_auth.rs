@@ -16,37 +16,15 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
-use kiln_testkit::{cargo_bin, run, Kilnd, BUSYBOX};
+use kiln_testkit::{cargo_bin, run, Kilnd, Registry, BUSYBOX};
 
 const USER: &str = "kilnuser";
 const PASSWORD: &str = "Sup3r-s3cret-pw";
-
-/// A `docker-registry` process, killed on drop.
-struct Registry {
-    child: Child,
-    host: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts docker-registry with htpasswd auth for USER/PASSWORD under `dir`.
 fn start_registry(dir: &Path) -> Registry {
@@ -61,33 +39,7 @@ fn start_registry(dir: &Path) -> Registry {
 
 /// Starts docker-registry under `dir` with the `auth:` section `auth`.
 fn start_registry_with(dir: &Path, auth: &str) -> Registry {
-    let port = free_port();
-    let host = format!("127.0.0.1:{port}");
-    let config = format!(
-        "version: 0.1\n\
-         log:\n  level: warn\n\
-         storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {host}\n\
-         auth:\n{auth}",
-        root = dir.join("data").display(),
-    );
-    std::fs::write(dir.join("config.yml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(dir.join("config.yml"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn docker-registry");
-    let registry = Registry { child, host };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&registry.host).is_err() {
-        assert!(Instant::now() < deadline, "docker-registry did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    registry
+    Registry::start(dir, "", &format!("auth:\n{auth}"))
 }
 
 /// A DOCKER_CONFIG directory holding `json` as config.json.

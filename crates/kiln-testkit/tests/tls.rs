@@ -2,94 +2,10 @@
 //! certificates required (`--tlscacert`): certificates are made by the
 //! `openssl` CLI in the test.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
-
-/// Runs `openssl` with `args` in `dir`, panicking with its output on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    run(Command::new("openssl").current_dir(dir).args(args)).success();
-}
-
-/// A CA (`<name>-ca.pem`) and, signed by it, a certificate `<name>-<leaf>`
-/// for each leaf: `(leaf, subjectAltName or None for a client cert)`.
-fn make_ca(dir: &Path, name: &str, leaves: &[(&str, Option<&str>)]) {
-    let ca_key = format!("{name}-ca-key.pem");
-    let ca = format!("{name}-ca.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name} test CA"),
-        ],
-    );
-    for (leaf, san) in leaves {
-        let key = format!("{name}-{leaf}-key.pem");
-        let csr = format!("{name}-{leaf}.csr");
-        let cert = format!("{name}-{leaf}.pem");
-        let ext = format!("{name}-{leaf}.ext");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={leaf}"),
-            ],
-        );
-        let extensions = match san {
-            Some(san) => format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
-            None => "extendedKeyUsage=clientAuth\n".to_string(),
-        };
-        std::fs::write(dir.join(&ext), extensions).unwrap();
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kiln_testkit::{cargo_bin, free_port, make_ca, run, Kilnd, Output, BUSYBOX};
 
 struct Fixture {
     certs: PathBuf,
