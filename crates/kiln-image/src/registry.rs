@@ -598,11 +598,8 @@ impl Resolver {
         // A single manifest says its platform only in its config: check it as containerd's
         // matcher does, so an amd64-only image never silently becomes an arm64 base.
         if !config.os.is_empty() && !config.architecture.is_empty() {
-            let image_platform = Platform::new(
-                &config.os,
-                &config.architecture,
-                config.variant.as_deref(),
-            );
+            let image_platform =
+                Platform::new(&config.os, &config.architecture, config.variant.as_deref());
             if !platform.matches(&image_platform) {
                 return Err(Error::NoMatchingPlatform {
                     reference: reference.to_string(),

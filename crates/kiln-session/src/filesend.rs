@@ -200,10 +200,7 @@ pub async fn send_dirs(
     clamp_mtime: Option<i64>,
 ) -> Result<DirSendStats, Error> {
     let walk_trees = trees.to_vec();
-    let first = trees
-        .first()
-        .map(|t| t.root.clone())
-        .unwrap_or_default();
+    let first = trees.first().map(|t| t.root.clone()).unwrap_or_default();
     let mut entries = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let mut walked = Vec::with_capacity(walk_trees.len());
         for tree in walk_trees {

@@ -116,7 +116,9 @@ fn clean_relative(path: &str) -> String {
 /// (the prefix directory itself sent with the tree root's mode and time), or, without a
 /// prefix, at the top. A path present in several trees is sent from the last (a merge, the
 /// later tree winning, as BuildKit's `platform-split=false`).
-pub(crate) fn combine(trees: Vec<(Option<String>, PathBuf, Vec<Entry>)>) -> Result<Vec<Entry>, Error> {
+pub(crate) fn combine(
+    trees: Vec<(Option<String>, PathBuf, Vec<Entry>)>,
+) -> Result<Vec<Entry>, Error> {
     // fsutil's ComparePath order: component by component, i.e. `/` sorting before any byte.
     let key = |path: &str| -> Vec<u8> {
         path.bytes()
@@ -134,7 +136,13 @@ pub(crate) fn combine(trees: Vec<(Option<String>, PathBuf, Vec<Entry>)>) -> Resu
                 mod_time: mtime_nanos(&metadata),
                 ..Stat::default()
             };
-            out.insert(key(prefix), Entry { stat, source: root.clone() });
+            out.insert(
+                key(prefix),
+                Entry {
+                    stat,
+                    source: root.clone(),
+                },
+            );
         }
         for mut entry in entries {
             if let Some(prefix) = &prefix {
@@ -470,7 +478,11 @@ mod tests {
         fs::write(two.path().join("only-two"), "2").unwrap();
         let walked = |dir: &tempfile::TempDir, prefix: Option<&str>| {
             let entries = walk(dir.path(), &WalkFilter::default()).unwrap();
-            (prefix.map(str::to_string), dir.path().to_path_buf(), entries)
+            (
+                prefix.map(str::to_string),
+                dir.path().to_path_buf(),
+                entries,
+            )
         };
         let single = walk(one.path(), &WalkFilter::default()).unwrap();
 
