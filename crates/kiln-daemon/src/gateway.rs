@@ -205,7 +205,21 @@ impl LlbBridge for GatewayService {
             &job.build_ref,
             job.policy.clone(),
         );
-        let (result, config) = kiln_image::registry::auth::scope(auth, build).await?;
+        let built = kiln_image::registry::auth::scope(auth, build).await?;
+        let (result, config) = match (built.multi_platform, built.platforms.as_slice()) {
+            (false, [_]) => built
+                .platforms
+                .into_iter()
+                .next()
+                .map(|p| (p.result, p.image_config))
+                .ok_or_else(|| Status::internal("the build returned no result"))?,
+            _ => {
+                return Err(Status::unimplemented(
+                    "multi-platform results over the gateway API (buildctl build) are not supported yet: \
+                     build one platform at a time, or use kiln build --platform a,b",
+                ))
+            }
+        };
         let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
         let config_json =
             serde_json::to_vec(&config).map_err(|e| Status::internal(e.to_string()))?;
