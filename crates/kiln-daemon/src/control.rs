@@ -478,8 +478,7 @@ impl ControlService {
                 let returned = returned.await.map_err(|_| {
                     Status::cancelled("the frontend ended without returning a result")
                 })??;
-                let (result, config) = job.take_result(returned)?;
-                Built::single(result, config)
+                job.take_result(returned)?
             }
             (frontend, definition) => {
                 self.build(
