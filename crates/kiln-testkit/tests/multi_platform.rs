@@ -2,9 +2,10 @@
 //! sandboxed kilnd (OCI worker) solves one result per platform and exports an image index
 //! (`image` pushed to the local registry, `oci` tarball, landing in containerd) or one
 //! directory per platform (`local`, `tar`; `platform-split=false` merges). Checked from
-//! outside with skopeo, umoci and ctr. There is no binfmt emulation here, so the Dockerfiles
-//! run their `RUN` steps on the build platform only; a `RUN` for a foreign platform and a base
-//! image without the wanted platform must fail clearly.
+//! outside with skopeo, umoci and ctr; the containerd worker names the index in its namespace.
+//! There is no binfmt emulation here, so the Dockerfiles run their `RUN` steps on the build
+//! platform only; a `RUN` for a foreign platform and a base image without the wanted platform
+//! must fail clearly.
 //!
 //! Needs `cargo build -p kiln-cli -p kiln-daemon --bins` first, containerd, runc, skopeo, umoci
 //! and the local registry holding the (amd64-only) busybox fixture.
@@ -351,4 +352,59 @@ fn foreign_platform_steps_and_bases_fail_clearly() {
             refused.stderr
         );
     }
+}
+
+#[test]
+fn containerd_worker_stores_the_index_with_every_platform() {
+    if !containerd_available() {
+        eprintln!("containerd is not running: skipped");
+        return;
+    }
+    let ns = Namespace(unique("kilntest-multiplat-ctrd"));
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("ctx");
+    context(&ctx, DOCKERFILE);
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(
+        &socket,
+        &[
+            "--oci-worker=false",
+            "--containerd-worker=true",
+            "--containerd-worker-namespace",
+            &ns.0,
+        ],
+    );
+    let name = format!("127.0.0.1:5000/kiln-test/{}:ctrd", unique("multiplat"));
+    let built = kiln(
+        &ns.0,
+        &socket,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &format!("type=image,name={name},unpack=true"),
+        ],
+        &ctx,
+    );
+    assert_eq!(
+        built.code,
+        0,
+        "{}\nkilnd:\n{}",
+        built.stderr,
+        daemon.log_text()
+    );
+    let images = ctr(&ns.0, &["images", "ls"]).success();
+    let line = images
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .unwrap_or_else(|| panic!("{name} not in\n{}", images.stdout));
+    assert!(
+        line.contains("application/vnd.docker.distribution.manifest.list.v2+json"),
+        "{line}"
+    );
+    assert!(line.contains("linux/amd64,linux/arm64"), "{line}");
+    // Every platform's content is present (nothing missing for either manifest).
+    let check = ctr(&ns.0, &["images", "check", &format!("name=={name}")]).success();
+    assert!(check.stdout.contains("complete"), "{}", check.stdout);
 }
