@@ -142,7 +142,7 @@ pub struct ContainerdView<'a> {
 pub fn plan_output(
     output: Option<&ExplicitOutput>,
     tags: &[String],
-    platform: Option<&kiln_image::oci::Platform>,
+    platforms: &[kiln_image::oci::Platform],
     worker_labels: &BTreeMap<String, String>,
     containerd: &ContainerdView<'_>,
 ) -> OutputPlan {
@@ -161,13 +161,12 @@ pub fn plan_output(
     };
     match output {
         None => {
-            let platforms: Vec<_> = platform.cloned().into_iter().collect();
             let choice = choose_output(
                 worker_labels,
                 containerd.uuid,
                 containerd.namespace,
                 containerd.snapshotter,
-                &platforms,
+                platforms,
             );
             let mut exporter = choice.exporter(tags);
             let (landing, reason) = if choice.needs_loading() {
@@ -177,7 +176,7 @@ pub fn plan_output(
                     format!(
                         "{}: the exporter writes only the blobs containerd lacks into it \
                          over the session",
-                        sharing_mismatch(worker_labels, containerd, platform)
+                        sharing_mismatch(worker_labels, containerd, platforms)
                     ),
                 )
             } else {
@@ -218,7 +217,7 @@ pub fn plan_output(
 pub fn sharing_mismatch(
     labels: &BTreeMap<String, String>,
     containerd: &ContainerdView<'_>,
-    platform: Option<&kiln_image::oci::Platform>,
+    platforms: &[kiln_image::oci::Platform],
 ) -> String {
     use crate::output::{
         LABEL_CONTAINERD_NAMESPACE, LABEL_CONTAINERD_UUID, LABEL_EXECUTOR, LABEL_SNAPSHOTTER,
@@ -238,9 +237,17 @@ pub fn sharing_mismatch(
             Some(_) => {}
         }
     }
-    match platform {
-        Some(p) => format!("the target platform {p} is not the host's"),
-        None => "the worker does not share this containerd".to_string(),
+    match platforms {
+        [] => "the worker does not share this containerd".to_string(),
+        [p] => format!("the target platform {} is not the host's", p.id()),
+        several => format!(
+            "several target platforms ({}) make an index, landed as an OCI image",
+            several
+                .iter()
+                .map(kiln_image::oci::Platform::id)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -316,7 +323,7 @@ pub async fn run(globals: &Globals, settings: BuildSettings) -> anyhow::Result<(
     let plan = plan_output(
         settings.output.as_ref(),
         &settings.tags,
-        settings.platform.as_ref(),
+        &settings.platforms,
         &worker.labels,
         &ContainerdView {
             uuid: &containerd_uuid,
@@ -617,17 +624,15 @@ async fn land(
         );
     }
     let stats = store.stats();
-    let platform = match &settings.platform {
-        Some(p) => kiln_containerd::Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
-        None => kiln_containerd::Platform::host(),
-    };
+    let platforms = landing_platforms(settings);
+    let platform = &platforms[0];
     let name = settings
         .tags
         .first()
         .cloned()
         .unwrap_or_else(|| format!("{}@{}", globals.snapshotter, target.digest));
     let images = store
-        .finish(&target, std::slice::from_ref(&name), &platform)
+        .finish(&target, std::slice::from_ref(&name), &platforms)
         .await
         .context("failed to name the image in containerd")?;
     let mut stdout = std::io::stdout();
@@ -636,7 +641,7 @@ async fn land(
             eprintln!("unpacking {} ({})...", image.name, image.target.digest);
         }
         containerd
-            .unpack(&globals.namespace, image, &globals.snapshotter, &platform)
+            .unpack(&globals.namespace, image, &globals.snapshotter, platform)
             .await
             .with_context(|| format!("failed to unpack {}", image.name))?;
         if settings.quiet {
@@ -657,6 +662,25 @@ async fn land(
     Ok(())
 }
 
+/// The platforms a landed image keeps, the one unpacked first: the `--platform` values (the
+/// host's among them first, else the first given, as nerdctl unpacks the best match), or the
+/// host's.
+fn landing_platforms(settings: &BuildSettings) -> Vec<kiln_containerd::Platform> {
+    let host = kiln_image::oci::Platform::host();
+    let mut wanted = settings.platforms.clone();
+    if let Some(at) = wanted.iter().position(|p| host.matches(p)) {
+        let native = wanted.remove(at);
+        wanted.insert(0, native);
+    }
+    if wanted.is_empty() {
+        wanted.push(host);
+    }
+    wanted
+        .iter()
+        .map(|p| kiln_containerd::Platform::new(&p.os, &p.architecture, p.variant.as_deref()))
+        .collect()
+}
+
 /// Imports the archive into containerd, unpacks it and applies extra tags (§1.5, §1.8).
 async fn load(
     containerd: &Containerd,
@@ -672,15 +696,14 @@ async fn load(
     }
     let archive = std::fs::File::open(archive_path)
         .with_context(|| format!("failed to open {}", archive_path.display()))?;
-    let platform = match &settings.platform {
-        Some(p) => kiln_containerd::Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
-        None => kiln_containerd::Platform::host(),
-    };
-    let options = ImportOptions::new(
+    let mut platforms = landing_platforms(settings);
+    let platform = platforms.remove(0);
+    let mut options = ImportOptions::new(
         settings.tags.first().cloned(),
         platform.clone(),
         &globals.snapshotter,
     );
+    options.more_platforms = platforms;
     let images = containerd
         .import_archive(&globals.namespace, archive, &options)
         .await
@@ -747,7 +770,7 @@ mod tests {
 
     #[test]
     fn containerd_worker_lands_directly() {
-        let plan = plan_output(None, &tags(), None, &labels("containerd"), &VIEW);
+        let plan = plan_output(None, &tags(), &[], &labels("containerd"), &VIEW);
         assert_eq!(plan.landing, Landing::Direct);
         assert_eq!(plan.exporter.0, "image");
         assert_eq!(plan.exporter.1["unpack"], "true");
@@ -757,7 +780,7 @@ mod tests {
 
     #[test]
     fn oci_worker_writes_into_the_content_store_and_says_why() {
-        let plan = plan_output(None, &tags(), None, &labels("oci"), &VIEW);
+        let plan = plan_output(None, &tags(), &[], &labels("oci"), &VIEW);
         assert_eq!(plan.landing, Landing::Store);
         assert_eq!(plan.exporter.0, "docker");
         assert_eq!(plan.exporter.1["tar"], "false");
@@ -769,7 +792,7 @@ mod tests {
             uuid: "uuid-2",
             ..VIEW
         };
-        let plan = plan_output(None, &[], None, &labels("containerd"), &other);
+        let plan = plan_output(None, &[], &[], &labels("containerd"), &other);
         assert_eq!(plan.landing, Landing::Store);
         assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
         assert!(plan.reason.contains("uuid"), "{}", plan.reason);
@@ -781,15 +804,31 @@ mod tests {
             },
         )
         .unwrap();
-        let plan = plan_output(None, &[], Some(&foreign), &labels("containerd"), &VIEW);
+        let plan = plan_output(
+            None,
+            &[],
+            std::slice::from_ref(&foreign),
+            &labels("containerd"),
+            &VIEW,
+        );
         assert_eq!(plan.landing, Landing::Store);
         assert!(plan.reason.contains("platform"), "{}", plan.reason);
+        // Several platforms: an OCI index through the store, never a docker tar.
+        let both = [kiln_image::oci::Platform::host(), foreign];
+        let plan = plan_output(None, &[], &both, &labels("containerd"), &VIEW);
+        assert_eq!(plan.landing, Landing::Store);
+        assert_eq!(plan.exporter.0, "oci");
+        assert!(
+            plan.reason.contains("several target platforms"),
+            "{}",
+            plan.reason
+        );
     }
 
     #[test]
     fn explicit_outputs() {
         let out = parse_output("type=docker,dest=x.tar").unwrap();
-        let plan = plan_output(Some(&out), &tags(), None, &labels("containerd"), &VIEW);
+        let plan = plan_output(Some(&out), &tags(), &[], &labels("containerd"), &VIEW);
         assert_eq!(plan.landing, Landing::File("x.tar".into()));
         assert_eq!(plan.exporter.0, "docker");
         // A tarball carries every tag.
@@ -798,11 +837,11 @@ mod tests {
             "docker.io/library/a:latest,docker.io/library/b:1"
         );
         let out = parse_output("type=oci").unwrap();
-        let plan = plan_output(Some(&out), &tags(), None, &labels("oci"), &VIEW);
+        let plan = plan_output(Some(&out), &tags(), &[], &labels("oci"), &VIEW);
         assert_eq!(plan.landing, Landing::Load);
         assert_eq!(plan.exporter.1["name"], "docker.io/library/a:latest");
         let out = parse_output("dir").unwrap();
-        let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
+        let plan = plan_output(Some(&out), &[], &[], &labels("oci"), &VIEW);
         assert_eq!(plan.exporter.0, "local");
         assert!(
             !plan.exporter.1.contains_key("dest"),
@@ -811,7 +850,7 @@ mod tests {
         assert_eq!(plan.exporter.1["dangling-name-prefix"], "<none>");
         assert_eq!(plan.landing, Landing::Directory("dir".into()));
         let out = parse_output("type=tar,dest=-").unwrap();
-        let plan = plan_output(Some(&out), &[], None, &labels("oci"), &VIEW);
+        let plan = plan_output(Some(&out), &[], &[], &labels("oci"), &VIEW);
         assert_eq!(plan.landing, Landing::Stdout);
     }
 }

@@ -366,7 +366,7 @@ async fn landing_of(
     let plan = plan_output(
         None,
         &[],
-        None,
+        &[],
         &worker.labels,
         &ContainerdView {
             uuid: &uuid,

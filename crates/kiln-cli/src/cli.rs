@@ -283,7 +283,9 @@ pub struct BuildArgs {
     /// Networking mode for RUN: default, none or host.
     #[arg(long)]
     pub network: Option<String>,
-    /// Target platform (one; several are not supported yet).
+    /// Set target platform for build (e.g. linux/amd64); several (comma-separated or the flag
+    /// repeated) build a multi-platform image index. Without binfmt emulation a RUN for a
+    /// foreign platform fails: run steps in `FROM --platform=$BUILDPLATFORM` stages instead.
     #[arg(long, value_delimiter = ',')]
     pub platform: Vec<String>,
     /// Additional build contexts: `name=DIR` (served as a local), `name=docker-image://REF`.

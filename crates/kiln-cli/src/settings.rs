@@ -55,8 +55,9 @@ pub struct BuildSettings {
     pub frontend_attrs: BTreeMap<String, String>,
     /// `--output`, parsed; `None` = choose from the worker (§1.4).
     pub output: Option<ExplicitOutput>,
-    /// The one `--platform`, if given.
-    pub platform: Option<Platform>,
+    /// `--platform` values (deduplicated, canonical: `linux/arm64`), in the order given;
+    /// empty = the worker's platform. Several build a multi-platform image (an index).
+    pub platforms: Vec<Platform>,
     /// Entitlements (`--network=host` adds `network.host` and `security.insecure`).
     pub entitlements: Vec<String>,
     /// `--cache-from`, normalized to `(type, attrs)`.
@@ -306,24 +307,19 @@ pub fn parse_output(value: &str) -> anyhow::Result<ExplicitOutput> {
     Ok(ExplicitOutput { kind, attrs, dest })
 }
 
-/// `--platform` (deduplicated; commas already split): one platform is
-/// honoured, several are refused until multi-platform builds exist.
-pub fn resolve_platforms(platforms: &[String]) -> anyhow::Result<Option<Platform>> {
-    let list: Vec<String> = dedupe(platforms)
-        .into_iter()
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .collect();
-    match list.as_slice() {
-        [] => Ok(None),
-        [one] => Platform::parse(one)
-            .map(Some)
-            .ok_or_else(|| anyhow!("invalid platform {one:?} (expected os/arch[/variant])")),
-        several => bail!(
-            "kiln build: building for several platforms ({}) is not supported yet",
-            several.join(",")
-        ),
+/// `--platform` (commas already split): each parsed and made canonical (`linux/aarch64` →
+/// `linux/arm64`), duplicates dropped, order kept.
+pub fn resolve_platforms(platforms: &[String]) -> anyhow::Result<Vec<Platform>> {
+    let mut out: Vec<Platform> = Vec::new();
+    for text in platforms.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let platform = Platform::parse(text)
+            .map(|p| p.canonical())
+            .ok_or_else(|| anyhow!("invalid platform {text:?} (expected os/arch[/variant])"))?;
+        if !out.contains(&platform) {
+            out.push(platform);
+        }
     }
+    Ok(out)
 }
 
 /// The frontend attribute and entitlements of a `--network` mode.
@@ -500,9 +496,10 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
     if let Some(target) = args.target.as_deref().filter(|t| !t.is_empty()) {
         frontend_attrs.insert("target".to_string(), target.to_string());
     }
-    let platform = resolve_platforms(&args.platform)?;
-    if let Some(platform) = &platform {
-        frontend_attrs.insert("platform".to_string(), platform.to_string());
+    let platforms = resolve_platforms(&args.platform)?;
+    if !platforms.is_empty() {
+        let list: Vec<String> = platforms.iter().map(Platform::id).collect();
+        frontend_attrs.insert("platform".to_string(), list.join(","));
     }
     let (context_attrs, named_locals) = resolve_build_contexts(&args.build_context)?;
     frontend_attrs.extend(context_attrs);
@@ -588,7 +585,7 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
         quiet: args.quiet,
         frontend_attrs,
         output,
-        platform,
+        platforms,
         entitlements,
         cache_imports,
         cache_exports,
@@ -883,8 +880,8 @@ mod tests {
         assert_eq!(a["label:b"], "");
         assert_eq!(a["force-network-mode"], "none");
         assert_eq!(a["add-hosts"], "h1=10.0.0.1,h2=::1");
-        assert_eq!(a["platform"], "linux/arm64/v8");
-        assert_eq!(s.platform.unwrap().architecture, "arm64");
+        assert_eq!(a["platform"], "linux/arm64");
+        assert_eq!(s.platforms[0].architecture, "arm64");
         assert!(s.entitlements.is_empty());
 
         let s = resolve(&["--no-cache=false", "--pull=false", "."], &[]).unwrap();
@@ -910,13 +907,23 @@ mod tests {
         assert!(err(&["--add-host", "h:notanip", "."]).starts_with("invalid IP address"));
         assert!(err(&["--add-host", "nohost", "."]).starts_with("bad format for add-host"));
         assert!(err(&["--add-host", "h:host-gateway", "."]).contains("not supported yet"));
-        assert_eq!(
-            err(&["--platform", "linux/amd64,linux/arm64", "."]),
-            "kiln build: building for several platforms (linux/amd64,linux/arm64) is not supported yet"
-        );
+        // Several platforms (comma lists and repeated flags) are one canonical, ordered list.
+        let s = resolve(
+            &[
+                "--platform",
+                "linux/arm64/v8,linux/amd64",
+                "--platform=linux/aarch64",
+                ".",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.frontend_attrs["platform"], "linux/arm64,linux/amd64");
+        assert_eq!(s.platforms.len(), 2);
         assert!(err(&["--platform", "nonsense", "."]).starts_with("invalid platform"));
         // The same platform twice is one platform.
-        assert!(resolve(&["--platform", "linux/amd64,linux/amd64", "."], &[]).is_ok());
+        let s = resolve(&["--platform", "linux/amd64,linux/amd64", "."], &[]).unwrap();
+        assert_eq!(s.frontend_attrs["platform"], "linux/amd64");
     }
 
     #[test]

@@ -156,15 +156,15 @@ impl ExportStore {
             .is_some())
     }
 
-    /// Sets the gc labels from `target` down (only `platform`'s manifests of an index), points
-    /// every name in `names` at `target`, and drops the lease. The blobs must all be present.
+    /// Sets the gc labels from `target` down (of an index, only the manifests for one of
+    /// `platforms`), points every name in `names` at `target`, and drops the lease. The blobs must all be present.
     pub async fn finish(
         self,
         target: &Descriptor,
         names: &[String],
-        platform: &Platform,
+        platforms: &[Platform],
     ) -> Result<Vec<ImportedImage>> {
-        let result = self.name(target, names, platform).await;
+        let result = self.name(target, names, platforms).await;
         self.abandon().await;
         result
     }
@@ -173,7 +173,7 @@ impl ExportStore {
         &self,
         target: &Descriptor,
         names: &[String],
-        platform: &Platform,
+        platforms: &[Platform],
     ) -> Result<Vec<ImportedImage>> {
         let containerd = &self.inner.containerd;
         let namespace = self.inner.namespace.as_str();
@@ -183,7 +183,7 @@ impl ExportStore {
             namespace,
             small_blobs: &small_blobs,
         };
-        set_gc_labels(&blobs, target, platform, 0).await?;
+        set_gc_labels(&blobs, target, platforms, 0).await?;
         let target = Descriptor {
             platform: None,
             ..target.clone()

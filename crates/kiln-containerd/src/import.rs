@@ -40,6 +40,10 @@ pub struct ImportOptions {
     /// Platform whose manifests are kept from an index (the others are not referenced by gc
     /// labels, like containerd's importer with a platform matcher).
     pub platform: Platform,
+    /// Further platforms whose manifests are kept too (a multi-platform build lands every
+    /// platform it built, as nerdctl's import with all `--platform` values); `platform` stays
+    /// the one unpacked.
+    pub more_platforms: Vec<Platform>,
     /// Prefix of the name given to an image that has no name: `<prefix>@<manifest digest>`.
     /// nerdctl's load path uses the snapshotter name (`overlayfs@sha256:…`), see reference §1.5.
     pub digest_ref_prefix: String,
@@ -51,8 +55,16 @@ impl ImportOptions {
         ImportOptions {
             name,
             platform,
+            more_platforms: Vec::new(),
             digest_ref_prefix: snapshotter.to_string(),
         }
+    }
+
+    /// Every platform kept: `platform` first, then `more_platforms`.
+    pub fn platforms(&self) -> Vec<Platform> {
+        std::iter::once(self.platform.clone())
+            .chain(self.more_platforms.iter().cloned())
+            .collect()
     }
 }
 
@@ -225,7 +237,7 @@ impl Containerd {
         };
         let mut images = Vec::new();
         for (position, entry) in index.manifests.iter().enumerate() {
-            set_gc_labels(&blobs, entry, &options.platform, 0).await?;
+            set_gc_labels(&blobs, entry, &options.platforms(), 0).await?;
             let name = image_name(entry, position, options);
             let target = Descriptor {
                 platform: None,
@@ -299,7 +311,7 @@ impl BlobSource<'_> {
 pub(crate) async fn set_gc_labels(
     blobs: &BlobSource<'_>,
     descriptor: &Descriptor,
-    platform: &Platform,
+    platforms: &[Platform],
     depth: usize,
 ) -> Result<()> {
     sha256_hex(&descriptor.digest).ok_or_else(|| Error::InvalidDigest {
@@ -316,7 +328,12 @@ pub(crate) async fn set_gc_labels(
         let children: Vec<&Descriptor> = index
             .manifests
             .iter()
-            .filter(|child| child.platform.as_ref().is_none_or(|p| platform.matches(p)))
+            .filter(|child| {
+                child
+                    .platform
+                    .as_ref()
+                    .is_none_or(|p| platforms.iter().any(|wanted| wanted.matches(p)))
+            })
             .collect();
         let labels: Vec<(String, String)> = children
             .iter()
@@ -329,7 +346,7 @@ pub(crate) async fn set_gc_labels(
             })
             .collect();
         for child in children {
-            Box::pin(set_gc_labels(blobs, child, platform, depth + 1)).await?;
+            Box::pin(set_gc_labels(blobs, child, platforms, depth + 1)).await?;
         }
         blobs
             .containerd

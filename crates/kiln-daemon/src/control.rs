@@ -206,10 +206,52 @@ fn anyhow_status(e: anyhow::Error) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// A solved build: one result per target platform.
+pub(crate) struct Built {
+    /// The results, in the order the platforms were asked for.
+    pub platforms: Vec<PlatformSolved>,
+    /// A multi-platform result (BuildKit's `refs` map), exported as an index or one directory
+    /// per platform; otherwise exactly one platform.
+    pub multi_platform: bool,
+}
+
+/// The solved result of one target platform.
+pub(crate) struct PlatformSolved {
+    /// The target platform (canonical).
+    pub platform: Platform,
+    /// The solved result.
+    pub result: kiln_solver::SolveResult,
+    /// Its image config.
+    pub image_config: ImageConfig,
+}
+
+impl Built {
+    /// A single-platform result; its platform is read from the image config.
+    pub(crate) fn single(result: kiln_solver::SolveResult, image_config: ImageConfig) -> Self {
+        let platform = if image_config.os.is_empty() || image_config.architecture.is_empty() {
+            Platform::host()
+        } else {
+            Platform::new(
+                &image_config.os,
+                &image_config.architecture,
+                image_config.variant.as_deref(),
+            )
+        };
+        Self {
+            platforms: vec![PlatformSolved {
+                platform: platform.canonical(),
+                result,
+                image_config,
+            }],
+            multi_platform: false,
+        }
+    }
+}
+
 impl ControlService {
-    /// Runs a frontend (`dockerfile.v0`) or a raw definition to a solved
-    /// result and its image config — what both `Control.Solve` and the
-    /// gateway's `LLBBridge.Solve` do.
+    /// Runs a frontend (`dockerfile.v0`) or a raw definition to solved
+    /// results (one per target platform) and their image configs — what both
+    /// `Control.Solve` and the gateway's `LLBBridge.Solve` do.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn build(
         &self,
@@ -221,10 +263,10 @@ impl ControlService {
         progress: &ProgressWriter,
         build_ref: &str,
         policy: Option<Arc<SourcePolicy>>,
-    ) -> Result<(kiln_solver::SolveResult, ImageConfig), Status> {
+    ) -> Result<Built, Status> {
         let worker = self.solver.worker().clone();
         let tmp_root = self.root.join("tmp");
-        let (definition, image_config) = match (frontend, definition) {
+        let (builds, multi_platform) = match (frontend, definition) {
             ("dockerfile.v0", _) => {
                 if session_id.is_empty() {
                     return Err(Status::invalid_argument(
@@ -249,16 +291,21 @@ impl ControlService {
                 )
                 .await
                 .map_err(anyhow_status)?;
-                (result.definition, result.image_config)
+                (result.platforms, result.multi_platform)
             }
             ("", Some(definition)) => {
-                let host = Platform::host();
+                let host = Platform::host().canonical();
                 let config = ImageConfig {
-                    architecture: host.architecture,
-                    os: host.os,
+                    architecture: host.architecture.clone(),
+                    os: host.os.clone(),
                     ..Default::default()
                 };
-                (definition, config)
+                let build = frontend::PlatformBuild {
+                    platform: host,
+                    definition,
+                    image_config: config,
+                };
+                (vec![build], false)
             }
             ("", None) => {
                 return Err(Status::invalid_argument(
@@ -267,13 +314,6 @@ impl ControlService {
             }
             (other, _) => return Err(Status::not_found(format!("frontend {other:?} not found"))),
         };
-        let definition = match &policy {
-            Some(policy) => policy
-                .apply(&definition)
-                .map_err(|e| Status::failed_precondition(e.to_string()))?,
-            None => definition,
-        };
-        check_entitlements(&definition, &self.entitlements, entitlements)?;
         let locals = Arc::new(SessionLocals::new(
             self.sessions.clone(),
             session_id.to_string(),
@@ -292,12 +332,42 @@ impl ControlService {
                 session_id.to_string(),
             ))),
         };
-        let result = self
-            .solver
-            .solve(&definition, locals, progress.clone(), options)
+        let mut definitions = Vec::with_capacity(builds.len());
+        for build in &builds {
+            let definition = match &policy {
+                Some(policy) => policy
+                    .apply(&build.definition)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?,
+                None => build.definition.clone(),
+            };
+            check_entitlements(&definition, &self.entitlements, entitlements)?;
+            definitions.push(definition);
+        }
+        // The platforms solve concurrently; steps they share (same cache key, such as a
+        // `FROM --platform=$BUILDPLATFORM` stage) run once.
+        let solves = definitions.iter().map(|definition| {
+            self.solver.solve(
+                definition,
+                locals.clone(),
+                progress.clone(),
+                options.clone(),
+            )
+        });
+        let results = futures::future::try_join_all(solves)
             .await
             .map_err(|e| solve_error(&e))?;
-        Ok((result, image_config))
+        Ok(Built {
+            platforms: builds
+                .into_iter()
+                .zip(results)
+                .map(|(build, result)| PlatformSolved {
+                    platform: build.platform,
+                    result,
+                    image_config: build.image_config,
+                })
+                .collect(),
+            multi_platform,
+        })
     }
 
     /// The registry credentials of the build of `session_id` (see `registry_auth`).
@@ -362,6 +432,14 @@ impl ControlService {
         let cache = request.cache.clone().unwrap_or_default();
         let cache_exports = crate::cache::parse_exports(&cache.exports, &request.frontend_attrs)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        if !cache_exports.is_empty()
+            && frontend::target_platforms(&request.frontend_attrs).is_ok_and(|p| p.len() > 1)
+        {
+            return Err(Status::unimplemented(
+                "exporting the build cache of a multi-platform build is not supported yet: \
+                 build one platform per --cache-to",
+            ));
+        }
         let _imports = if cache.imports.is_empty() {
             None
         } else {
@@ -397,7 +475,7 @@ impl ControlService {
             None => None,
         };
 
-        let (result, image_config) = match (request.frontend.as_str(), request.definition) {
+        let built = match (request.frontend.as_str(), request.definition) {
             ("", None) => {
                 // buildctl's path: the frontend runs through LLBBridge calls
                 // keyed by this ref, and hands its result back with Return.
@@ -451,14 +529,26 @@ impl ControlService {
             );
             vertex.done();
         }
+        let refs: Vec<exporter::ExportRef> = built
+            .platforms
+            .iter()
+            .map(|p| exporter::ExportRef {
+                platform: p.platform.clone(),
+                snapshot: p.result.snapshot.clone(),
+                image_config: p.image_config.clone(),
+                created: p.result.created,
+            })
+            .collect();
         let input = exporter::ExportInput {
             worker: worker.as_ref(),
-            snapshot: result.snapshot.as_ref(),
-            image_config: &image_config,
-            created: result.created,
+            refs: &refs,
+            multi_platform: built.multi_platform,
             session: session.as_deref(),
             tmp_dir: &tmp_root,
-            inline_cache: inline.then_some(&result),
+            inline_cache: match built.platforms.as_slice() {
+                [one] if inline => Some(&one.result),
+                _ => None,
+            },
         };
         for (index, ((_, attrs), kind)) in exporters.iter().zip(kinds).enumerate() {
             let title = kind.title();
@@ -484,13 +574,23 @@ impl ControlService {
             tmp_dir: &tmp_root,
             hosts: exporter::registry_hosts(),
         };
+        let result = match built.platforms.as_slice() {
+            [one] => Some(&one.result),
+            _ => None,
+        };
         for (n, export) in cache_exports.iter().enumerate() {
+            let Some(result) = result else {
+                return Err(Status::unimplemented(
+                    "exporting the build cache of a multi-platform build is not supported yet: \
+                     build one platform per --cache-to",
+                ));
+            };
             let vertex = progress.start_vertex(
                 &frontend::synthetic_digest(&[&request_ref, "exporting cache", &n.to_string()]),
                 "exporting cache",
                 Vec::new(),
             );
-            match crate::cache::export(&target, &result, export, n, &vertex).await {
+            match crate::cache::export(&target, result, export, n, &vertex).await {
                 Ok(()) => vertex.done(),
                 Err(e) => {
                     vertex.failed(&format!("{e:#}"));

@@ -17,7 +17,9 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use kiln_image::compression::{Compression, CompressionOptions};
 use kiln_image::convert::{self, ConvertTarget};
-use kiln_image::oci::{media_types, Descriptor, History, ImageConfig, ImageManifest, RootFs};
+use kiln_image::oci::{
+    media_types, Descriptor, History, ImageConfig, ImageIndex, ImageManifest, Platform, RootFs,
+};
 use kiln_image::reference::Reference;
 use kiln_image::registry::{BlobPush, RegistryHosts, Resolver};
 use kiln_image::Digest;
@@ -27,10 +29,10 @@ use kiln_worker::{SnapshotId, Worker};
 /// An image written to the content store.
 #[derive(Clone, Debug)]
 pub struct CommittedImage {
-    /// The manifest descriptor.
+    /// The manifest descriptor (an index for a multi-platform result).
     pub manifest: Descriptor,
-    /// The config digest.
-    pub config: Digest,
+    /// The config digest (`None` for a multi-platform index, as BuildKit reports none).
+    pub config: Option<Digest>,
     /// The config's `created` time (RFC 3339).
     pub created: String,
 }
@@ -369,7 +371,7 @@ pub async fn commit_image(
     progress.status(&status, &status, 0, None, true);
     Ok(CommittedImage {
         manifest: Descriptor::new(manifest_type, manifest_digest, manifest_bytes.len() as u64),
-        config: config_digest,
+        config: Some(config_digest),
         created,
     })
 }
@@ -429,16 +431,28 @@ fn convert_layers(
     Ok(out)
 }
 
+/// The result of one target platform.
+#[derive(Clone, Debug)]
+pub struct ExportRef {
+    /// The target platform (canonical).
+    pub platform: Platform,
+    /// The result snapshot (`None` = scratch).
+    pub snapshot: Option<SnapshotId>,
+    /// The frontend's image config.
+    pub image_config: ImageConfig,
+    /// When the result was first built (seconds since the epoch).
+    pub created: Option<u64>,
+}
+
 /// What every exporter works from.
 pub struct ExportInput<'a> {
     /// The worker holding the result.
     pub worker: &'a dyn Worker,
-    /// The result snapshot (`None` = scratch).
-    pub snapshot: Option<&'a SnapshotId>,
-    /// The frontend's image config.
-    pub image_config: &'a ImageConfig,
-    /// When the result was first built (seconds since the epoch).
-    pub created: Option<u64>,
+    /// The results, one per target platform (exactly one when not `multi_platform`).
+    pub refs: &'a [ExportRef],
+    /// A multi-platform result (BuildKit's `refs` map with `refs.platforms`): image exporters
+    /// write an index, file exporters one directory per platform.
+    pub multi_platform: bool,
     /// The client's session, for file exporters.
     pub session: Option<&'a kiln_session::Session>,
     /// Where temporary files go.
@@ -446,6 +460,85 @@ pub struct ExportInput<'a> {
     /// The solve whose cache goes inline into image configs (`--cache-to
     /// type=inline`), if asked.
     pub inline_cache: Option<&'a SolveResult>,
+}
+
+impl ExportInput<'_> {
+    /// The one result of a single-platform build.
+    pub fn single(&self) -> anyhow::Result<&ExportRef> {
+        match (self.multi_platform, self.refs) {
+            (false, [one]) => Ok(one),
+            _ => bail!("expected a single-platform result"),
+        }
+    }
+}
+
+/// Commits the result as an image: its manifest for a single-platform result, else one
+/// manifest per platform and an index over them (each entry carrying its `platform`; OCI
+/// index or Docker manifest list after the manifests' media types), as BuildKit's image
+/// exporters do.
+pub async fn commit_result(
+    input: &ExportInput<'_>,
+    options: &ExportOptions,
+    progress: &VertexProgress,
+) -> anyhow::Result<CommittedImage> {
+    if !input.multi_platform {
+        let one = input.single()?;
+        return commit_image(
+            input.worker,
+            one.snapshot.as_ref(),
+            one.image_config.clone(),
+            one.created,
+            options,
+            input.inline_cache,
+            progress,
+        )
+        .await;
+    }
+    let mut manifests = Vec::with_capacity(input.refs.len());
+    let mut created = None;
+    for one in input.refs {
+        // Inline cache is refused for several platforms (`--cache-to` with a multi-platform
+        // build), so none goes into these configs.
+        let image = commit_image(
+            input.worker,
+            one.snapshot.as_ref(),
+            one.image_config.clone(),
+            one.created,
+            options,
+            None,
+            progress,
+        )
+        .await
+        .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
+        let mut descriptor = image.manifest;
+        descriptor.platform = Some(one.platform.canonical());
+        manifests.push(descriptor);
+        created = created.max(Some(image.created));
+    }
+    let media_type = if options.oci_media_types {
+        media_types::OCI_INDEX
+    } else {
+        media_types::DOCKER_MANIFEST_LIST
+    };
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: Some(media_type.to_string()),
+        manifests,
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&index).context("failed to encode image index")?;
+    let digest = input
+        .worker
+        .content()
+        .write_blob(&bytes)
+        .context("failed to write image index")?;
+    let status = format!("exporting manifest list {digest}");
+    progress.status(&status, &status, 0, None, true);
+    Ok(CommittedImage {
+        manifest: Descriptor::new(media_type, digest, bytes.len() as u64),
+        config: None,
+        created: created.unwrap_or_default(),
+    })
 }
 
 /// Runs exporter number `index` of kind `kind` with `attrs`, returning its
@@ -461,16 +554,13 @@ pub async fn export(
         return crate::fsexport::export(kind, index, attrs, input, vertex).await;
     }
     let options = ExportOptions::parse(kind, attrs)?;
-    let image = commit_image(
-        input.worker,
-        input.snapshot,
-        input.image_config.clone(),
-        input.created,
-        &options,
-        input.inline_cache,
-        vertex,
-    )
-    .await?;
+    if kind == ExporterKind::Docker && input.multi_platform {
+        bail!(
+            "docker exporter does not currently support exporting manifest lists: \
+             use the oci exporter (-o type=oci) or the image exporter for several platforms"
+        );
+    }
+    let image = commit_result(input, &options, vertex).await?;
     let mut names = options.names.clone();
     if options.name_canonical {
         for name in &options.names {
@@ -548,26 +638,42 @@ pub async fn write_to_session_store(
     vertex: &VertexProgress,
 ) -> anyhow::Result<StoreWrite> {
     let content = worker.content();
-    let manifest_bytes = content
-        .read(&image.manifest.digest)
-        .with_context(|| format!("failed to read manifest {}", image.manifest.digest))?;
-    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
-        .with_context(|| format!("invalid manifest {}", image.manifest.digest))?;
-    let mut blobs: Vec<(&str, Digest, u64)> = manifest
-        .layers
-        .iter()
-        .map(|layer| ("layer", layer.digest.clone(), layer.size))
-        .collect();
-    blobs.push((
-        "config",
-        manifest.config.digest.clone(),
-        manifest.config.size,
-    ));
-    blobs.push((
-        "manifest",
-        image.manifest.digest.clone(),
-        image.manifest.size,
-    ));
+    let read_manifest = |digest: &Digest| -> anyhow::Result<ImageManifest> {
+        let bytes = content
+            .read(digest)
+            .with_context(|| format!("failed to read manifest {digest}"))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("invalid manifest {digest}"))
+    };
+    // Children before parents: each manifest after its layers and config, an index last.
+    let mut manifests = Vec::new();
+    if media_types::is_index(&image.manifest.media_type) {
+        let bytes = content
+            .read(&image.manifest.digest)
+            .with_context(|| format!("failed to read index {}", image.manifest.digest))?;
+        let index: ImageIndex = serde_json::from_slice(&bytes)
+            .with_context(|| format!("invalid index {}", image.manifest.digest))?;
+        manifests.extend(index.manifests);
+    } else {
+        manifests.push(image.manifest.clone());
+    }
+    let mut blobs: Vec<(&str, Digest, u64)> = Vec::new();
+    for descriptor in &manifests {
+        let manifest = read_manifest(&descriptor.digest)?;
+        for layer in &manifest.layers {
+            if !blobs.iter().any(|(_, d, _)| *d == layer.digest) {
+                blobs.push(("layer", layer.digest.clone(), layer.size));
+            }
+        }
+        blobs.push((
+            "config",
+            manifest.config.digest.clone(),
+            manifest.config.size,
+        ));
+        blobs.push(("manifest", descriptor.digest.clone(), descriptor.size));
+    }
+    if media_types::is_index(&image.manifest.media_type) {
+        blobs.push(("index", image.manifest.digest.clone(), image.manifest.size));
+    }
 
     let status = "writing image to the client's content store";
     let total: u64 = blobs.iter().map(|(_, _, size)| size).sum();
@@ -641,7 +747,17 @@ async fn store_image(
         }
     }
     let unpack = bool_attr(attrs, "unpack", false)?;
-    let platform = kiln_image::oci::Platform::host();
+    // The platform containers run: the host's when built, else the first one built (a
+    // foreign platform's files unpack fine; only running them needs emulation).
+    let host = Platform::host();
+    let platform = input
+        .refs
+        .iter()
+        .map(|r| &r.platform)
+        .find(|p| host.matches(p))
+        .or_else(|| input.refs.first().map(|r| &r.platform))
+        .cloned()
+        .unwrap_or(host);
     for name in &stored {
         let status = format!("naming to {name}");
         vertex.status(&status, &status, 0, None, false);
@@ -726,10 +842,12 @@ pub fn response(
         "containerimage.digest".to_string(),
         image.manifest.digest.to_string(),
     );
-    out.insert(
-        "containerimage.config.digest".to_string(),
-        image.config.to_string(),
-    );
+    if let Some(config) = &image.config {
+        out.insert(
+            "containerimage.config.digest".to_string(),
+            config.to_string(),
+        );
+    }
     let descriptor = serde_json::to_vec(&image.manifest).context("failed to encode descriptor")?;
     out.insert(
         "containerimage.descriptor".to_string(),
@@ -944,11 +1062,16 @@ mod tests {
             .unwrap()
             .as_nanos();
         let repo = format!("127.0.0.1:5000/kiln-test/export-{nanos}");
+        let refs = [ExportRef {
+            platform: Platform::host().canonical(),
+            snapshot: base.clone(),
+            image_config: resolved.config.clone(),
+            created: Some(1_600_000_000),
+        }];
         let input = ExportInput {
             worker: &worker,
-            snapshot: base.as_ref(),
-            image_config: &resolved.config,
-            created: Some(1_600_000_000),
+            refs: &refs,
+            multi_platform: false,
             session: None,
             tmp_dir: tmp.path(),
             inline_cache: None,

@@ -20,8 +20,19 @@ use kiln_solver::ProgressWriter;
 use kiln_worker::Worker;
 use sha2::{Digest as _, Sha256};
 
-/// What the frontend hands to the solver and the exporter.
+/// What the frontend hands to the solver and the exporter: one build per target platform.
 pub struct FrontendResult {
+    /// The builds, in the order the platforms were asked for.
+    pub platforms: Vec<PlatformBuild>,
+    /// Whether the result is a multi-platform one (several platforms, or the `multi-platform`
+    /// attr / `BUILDKIT_MULTI_PLATFORM` build-arg): BuildKit's `refs` map, exported as an index.
+    pub multi_platform: bool,
+}
+
+/// The build of one target platform.
+pub struct PlatformBuild {
+    /// The target platform (canonical: `linux/arm64`, not `linux/arm64/v8`).
+    pub platform: Platform,
     /// The LLB of the target stage.
     pub definition: pb::Definition,
     /// The image config of the target stage (rootfs filled by the exporter).
@@ -67,6 +78,8 @@ struct WorkerResolver {
     /// The build's source policy: applied before a base image is resolved, as BuildKit's
     /// frontend resolves through it.
     policy: Option<Arc<SourcePolicy>>,
+    /// Name the platform in progress (a multi-platform build resolves once per platform).
+    multi_platform: bool,
 }
 
 /// The frontend attr `image-resolve-mode` (`kiln build --pull[=false]`).
@@ -130,7 +143,11 @@ impl ImageMetaResolver for WorkerResolver {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<(Digest, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
-        let name = format!("[internal] load metadata for {reference}");
+        let name = if self.multi_platform {
+            format!("[{} internal] load metadata for {reference}", platform.id())
+        } else {
+            format!("[internal] load metadata for {reference}")
+        };
         let vertex = self.progress.start_vertex(
             &synthetic_digest(&[&self.build_ref, &name]),
             &name,
@@ -163,12 +180,14 @@ impl ImageMetaResolver for WorkerResolver {
                     kiln_worker::LABEL_PREFIX,
                     kiln_worker_oci::BASE_IMAGES_LABEL
                 ));
-                // An authentication failure is about the registry, not about
-                // where images live: no note about image stores then.
+                // An authentication failure, or an image found without the wanted
+                // platform, is about the registry's answer, not about where images
+                // live: no note about image stores then.
                 let unauthorized = matches!(&e, kiln_worker::Error::Resolve { source, .. }
                     if matches!(**source, kiln_image::Error::Registry(
                         kiln_image::registry::Error::Unauthorized { .. }
-                        | kiln_image::registry::Error::Auth { .. })));
+                        | kiln_image::registry::Error::Auth { .. }
+                        | kiln_image::registry::Error::NoMatchingPlatform { .. })));
                 let e = with_causes(&e);
                 let message = match (self.worker.image_store(), base_images) {
                     _ if unauthorized => format!("{reference}: {e}"),
@@ -194,23 +213,42 @@ impl ImageMetaResolver for WorkerResolver {
     }
 }
 
-/// Parses `platform` (`linux/amd64[/v8]`, first of a list) or the host's.
-fn target_platform(attrs: &BTreeMap<String, String>) -> anyhow::Result<Platform> {
-    match attrs.get("platform").map(String::as_str) {
-        None | Some("") => Ok(Platform::host()),
-        Some(list) => {
-            let platforms: Vec<&str> = list
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .collect();
-            if platforms.len() > 1 {
-                bail!("building for several platforms is not supported yet");
-            }
-            let first = platforms.first().copied().unwrap_or_default();
-            Platform::parse(first).with_context(|| format!("invalid platform {first:?}"))
+/// Parses the `platform` attr (`linux/amd64,linux/arm64`; duplicates dropped) into canonical
+/// platforms; none given means the host's.
+pub fn target_platforms(attrs: &BTreeMap<String, String>) -> anyhow::Result<Vec<Platform>> {
+    let mut platforms: Vec<Platform> = Vec::new();
+    for text in attrs
+        .get("platform")
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let platform = Platform::parse(text)
+            .map(|p| p.canonical())
+            .ok_or_else(|| UserError {
+                message: format!("invalid platform {text:?} (expected os/arch[/variant])"),
+            })?;
+        if !platforms.contains(&platform) {
+            platforms.push(platform);
         }
     }
+    if platforms.is_empty() {
+        platforms.push(Platform::host().canonical());
+    }
+    Ok(platforms)
+}
+
+/// Whether the build asks for a multi-platform result: several platforms, the
+/// `multi-platform` attr, or the `BUILDKIT_MULTI_PLATFORM` build-arg (as BuildKit).
+fn multi_platform_requested(attrs: &BTreeMap<String, String>, platforms: usize) -> bool {
+    let on = |key: &str| {
+        attrs
+            .get(key)
+            .is_some_and(|v| matches!(v.trim(), "1" | "true" | ""))
+    };
+    platforms > 1 || on("multi-platform") || on("build-arg:BUILDKIT_MULTI_PLATFORM")
 }
 
 /// `error: cause: cause…`, each cause once (a cause whose text the message already holds, as
@@ -502,13 +540,24 @@ pub async fn dockerfile(
         }
     }
     let named_contexts = named_contexts(attrs).map_err(|message| UserError { message })?;
-    let options = CompileOptions {
+    let platforms = target_platforms(attrs)?;
+    let multi_platform = multi_platform_requested(attrs, platforms.len());
+    // BUILDPLATFORM is where the steps run: the worker's first platform, as BuildKit.
+    let build_platform = worker
+        .platforms()
+        .first()
+        .cloned()
+        .unwrap_or_else(Platform::host)
+        .canonical();
+    let template = CompileOptions {
         filename: filename.clone(),
         source,
         target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
         build_args,
         labels,
-        platform: target_platform(attrs)?,
+        platform: build_platform.clone(),
+        build_platform,
+        multi_platform,
         session_id: session.id().to_string(),
         context_name: context_key,
         excludes,
@@ -523,23 +572,42 @@ pub async fn dockerfile(
         build_ref: build_ref.to_string(),
         mode: ResolveMode::parse(attrs.get("image-resolve-mode").map(String::as_str))?,
         policy,
+        multi_platform,
     };
-    let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
-        .await
-        .map_err(|e| {
-            let message = with_causes(&e);
-            match e.location(&parsed, &text) {
-                Some(location) => DockerfileError {
-                    excerpt: location.excerpt(&filename, text.as_bytes()),
-                    message,
+    // One compile per target platform; each resolves its own base images (the manifest of
+    // that platform), and the solver runs what the platforms share (a `--platform=$BUILDPLATFORM`
+    // stage) once.
+    let mut builds = Vec::with_capacity(platforms.len());
+    for platform in platforms {
+        let options = CompileOptions {
+            platform: platform.clone(),
+            ..template.clone()
+        };
+        let compiled = kiln_dockerfile::compile(&parsed, &options, &resolver)
+            .await
+            .map_err(|e| {
+                let mut message = with_causes(&e);
+                if multi_platform {
+                    message.push_str(&format!(" (building for {})", platform.id()));
                 }
-                .into(),
-                None => anyhow::Error::from(UserError { message }),
-            }
-        })?;
+                match e.location(&parsed, &text) {
+                    Some(location) => DockerfileError {
+                        excerpt: location.excerpt(&filename, text.as_bytes()),
+                        message,
+                    }
+                    .into(),
+                    None => anyhow::Error::from(UserError { message }),
+                }
+            })?;
+        builds.push(PlatformBuild {
+            platform,
+            definition: compiled.definition,
+            image_config: compiled.image_config,
+        });
+    }
     Ok(FrontendResult {
-        definition: compiled.definition,
-        image_config: compiled.image_config,
+        platforms: builds,
+        multi_platform,
     })
 }
 
@@ -620,10 +688,29 @@ mod tests {
     #[test]
     fn platform_attr() {
         let mut attrs = BTreeMap::new();
-        assert_eq!(target_platform(&attrs).unwrap(), Platform::host());
+        assert_eq!(
+            target_platforms(&attrs).unwrap(),
+            vec![Platform::host().canonical()]
+        );
+        assert!(!multi_platform_requested(&attrs, 1));
         attrs.insert("platform".into(), "linux/arm64".into());
-        assert_eq!(target_platform(&attrs).unwrap().architecture, "arm64");
-        attrs.insert("platform".into(), "linux/arm64,linux/amd64".into());
-        assert!(target_platform(&attrs).is_err());
+        assert_eq!(target_platforms(&attrs).unwrap()[0].id(), "linux/arm64");
+        attrs.insert(
+            "platform".into(),
+            "linux/arm64/v8, linux/amd64,linux/aarch64".into(),
+        );
+        let ids: Vec<String> = target_platforms(&attrs)
+            .unwrap()
+            .iter()
+            .map(Platform::id)
+            .collect();
+        assert_eq!(ids, ["linux/arm64", "linux/amd64"]);
+        assert!(multi_platform_requested(&attrs, 2));
+        attrs.insert("platform".into(), "linux".into());
+        let err = target_platforms(&attrs).unwrap_err().to_string();
+        assert!(err.contains("invalid platform \"linux\""), "{err}");
+        let mut attrs = BTreeMap::new();
+        attrs.insert("build-arg:BUILDKIT_MULTI_PLATFORM".into(), "1".into());
+        assert!(multi_platform_requested(&attrs, 1));
     }
 }

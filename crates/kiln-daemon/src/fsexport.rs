@@ -9,7 +9,10 @@
 //! Both read the snapshot through a read-only [`kiln_worker::SnapshotView`];
 //! a scratch result is an empty tree. With `source-date-epoch`, modification
 //! times later than the epoch are clamped to it (reproducible output).
-//! Single platform only: `platform-split=true` and `mode=delete` are refused.
+//! A multi-platform result goes one directory per platform (`linux_amd64/`, `linux_arm64/`)
+//! unless `platform-split=false` merges the platforms' trees (the later platform winning on a
+//! shared path), as BuildKit; `platform-split=true` splits a single platform too.
+//! `mode=delete` is refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::Metadata;
@@ -21,6 +24,7 @@ use anyhow::{bail, Context as _};
 use kiln_solver::VertexProgress;
 
 use crate::exporter::{bool_attr, ExportInput, ExporterKind};
+use kiln_session::filesend::DirTree;
 
 /// Runs the `local` or `tar` exporter number `index`; their response is
 /// empty, as BuildKit's.
@@ -31,9 +35,9 @@ pub async fn export(
     input: &ExportInput<'_>,
     vertex: &VertexProgress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    if bool_attr(attrs, "platform-split", false)? {
-        bail!("platform-split=true is not supported yet (kiln builds one platform)");
-    }
+    // As BuildKit: a multi-platform result goes one directory per platform unless
+    // `platform-split=false` merges them; a single platform only splits when asked.
+    let split = bool_attr(attrs, "platform-split", input.multi_platform)?;
     match attrs.get("mode").map(String::as_str) {
         None | Some("") | Some("copy") => {}
         Some("delete") => bail!("mode=delete of the local exporter is not supported yet"),
@@ -50,34 +54,53 @@ pub async fn export(
         .session
         .context("the local and tar exporters need a session to send the files to")?;
 
-    // A scratch result is an empty tree.
-    let empty;
-    let view;
-    let root: &Path = match input.snapshot {
-        Some(id) => {
-            view = input
-                .worker
-                .snapshot_path(id)
-                .await
-                .context("failed to open the result filesystem")?;
-            view.path()
-        }
-        None => {
-            std::fs::create_dir_all(input.tmp_dir)
-                .with_context(|| format!("failed to create {}", input.tmp_dir.display()))?;
-            empty = tempfile::tempdir_in(input.tmp_dir)
-                .context("failed to create an empty directory")?;
-            empty.path()
-        }
-    };
+    // Each platform's tree: its snapshot's read-only view, or an empty directory for scratch.
+    std::fs::create_dir_all(input.tmp_dir)
+        .with_context(|| format!("failed to create {}", input.tmp_dir.display()))?;
+    let mut views = Vec::new();
+    let mut empties = Vec::new();
+    let mut trees = Vec::with_capacity(input.refs.len());
+    for one in input.refs {
+        let root = match &one.snapshot {
+            Some(id) => {
+                let view = input.worker.snapshot_path(id).await.with_context(|| {
+                    format!(
+                        "failed to open the result filesystem of {}",
+                        one.platform.id()
+                    )
+                })?;
+                let root = view.path().to_path_buf();
+                views.push(view);
+                root
+            }
+            None => {
+                let empty = tempfile::tempdir_in(input.tmp_dir)
+                    .context("failed to create an empty directory")?;
+                let root = empty.path().to_path_buf();
+                empties.push(empty);
+                root
+            }
+        };
+        trees.push(DirTree {
+            prefix: split.then(|| one.platform.id().replace('/', "_")),
+            root,
+        });
+    }
+    // Platform directories in name order (the transfer is sorted anyway; the tar follows it).
+    trees.sort_by(|a, b| a.prefix.cmp(&b.prefix));
     let response = BTreeMap::new();
     match kind {
         ExporterKind::Local => {
             vertex.status("copying files", "copying files", 0, None, false);
-            let stats =
-                kiln_session::filesend::send_dir(session.channel(), index, &response, root, epoch)
-                    .await
-                    .context("failed to copy the files to the client")?;
+            let stats = kiln_session::filesend::send_dirs(
+                session.channel(),
+                index,
+                &response,
+                &trees,
+                epoch,
+            )
+            .await
+            .context("failed to copy the files to the client")?;
             tracing::info!(
                 entries = stats.entries,
                 files = stats.files_sent,
@@ -94,15 +117,12 @@ pub async fn export(
         }
         ExporterKind::Tar => {
             let tmp_dir = input.tmp_dir.to_path_buf();
-            let source = root.to_path_buf();
-            std::fs::create_dir_all(&tmp_dir)
-                .with_context(|| format!("failed to create {}", tmp_dir.display()))?;
             let file = tokio::task::spawn_blocking(move || -> anyhow::Result<std::fs::File> {
                 let mut file = tempfile::tempfile_in(&tmp_dir)
                     .context("failed to create a temporary tarball")?;
                 {
                     let mut writer = std::io::BufWriter::new(&mut file);
-                    write_tar(&source, &mut writer, epoch)?;
+                    write_tars(&trees, &mut writer, epoch)?;
                     writer.flush().context("failed to write the tarball")?;
                 }
                 std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
@@ -124,17 +144,46 @@ pub async fn export(
         }
         other => bail!("{other:?} is not a file exporter"),
     }
+    drop(views);
+    drop(empties);
     Ok(response)
 }
 
-/// Writes the tree at `root` as a tar to `out`: entries in sorted
-/// depth-first order, paths relative (directories with a trailing `/`),
-/// owners, modes, symlinks, hardlinks and device nodes kept, sockets
-/// skipped; times later than `epoch` (seconds) clamped to it.
-pub fn write_tar(root: &Path, out: impl Write, epoch: Option<i64>) -> anyhow::Result<()> {
+/// Writes the trees as one tar to `out`, each under its prefix directory, or at the top
+/// without one (merged: a path in several trees appears once per tree, the last winning on
+/// extraction, as BuildKit's `platform-split=false`). Entries in sorted depth-first order,
+/// paths relative (directories with a trailing `/`), owners, modes, symlinks, hardlinks and
+/// device nodes kept, sockets skipped; times later than `epoch` (seconds) clamped to it.
+pub fn write_tars(trees: &[DirTree], out: impl Write, epoch: Option<i64>) -> anyhow::Result<()> {
     let mut builder = tar::Builder::new(out);
-    let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    append_dir(&mut builder, root, Path::new(""), epoch, &mut inodes)?;
+    for tree in trees {
+        let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+        let top = match &tree.prefix {
+            Some(prefix) => {
+                let metadata = std::fs::symlink_metadata(&tree.root)
+                    .with_context(|| format!("failed to stat {}", tree.root.display()))?;
+                append_entry(
+                    &mut builder,
+                    &tree.root,
+                    Path::new(prefix),
+                    &metadata,
+                    epoch,
+                    &mut inodes,
+                )
+                .with_context(|| format!("failed to add {prefix} to the tarball"))?;
+                PathBuf::from(prefix)
+            }
+            None => PathBuf::new(),
+        };
+        append_dir(
+            &mut builder,
+            &tree.root,
+            Path::new(""),
+            &top,
+            epoch,
+            &mut inodes,
+        )?;
+    }
     builder
         .into_inner()
         .context("failed to finish the tarball")?
@@ -143,10 +192,12 @@ pub fn write_tar(root: &Path, out: impl Write, epoch: Option<i64>) -> anyhow::Re
     Ok(())
 }
 
+/// Appends the entries under `root/rel_dir`, named `top/rel…` in the tarball.
 fn append_dir<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &Path,
     rel_dir: &Path,
+    top: &Path,
     epoch: Option<i64>,
     inodes: &mut HashMap<(u64, u64), PathBuf>,
 ) -> anyhow::Result<()> {
@@ -162,10 +213,11 @@ fn append_dir<W: Write>(
         let path = root.join(&rel);
         let metadata = std::fs::symlink_metadata(&path)
             .with_context(|| format!("failed to stat {}", path.display()))?;
-        append_entry(builder, &path, &rel, &metadata, epoch, inodes)
-            .with_context(|| format!("failed to add {} to the tarball", rel.display()))?;
+        let name = top.join(&rel);
+        append_entry(builder, &path, &name, &metadata, epoch, inodes)
+            .with_context(|| format!("failed to add {} to the tarball", name.display()))?;
         if metadata.is_dir() {
-            append_dir(builder, root, &rel, epoch, inodes)?;
+            append_dir(builder, root, &rel, top, epoch, inodes)?;
         }
     }
     Ok(())
@@ -237,7 +289,11 @@ mod tests {
         nix::unistd::mkfifo(&root.join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
 
         let mut bytes = Vec::new();
-        write_tar(root, &mut bytes, Some(1_000)).unwrap();
+        let tree = |prefix: Option<&str>| DirTree {
+            prefix: prefix.map(str::to_string),
+            root: root.to_path_buf(),
+        };
+        write_tars(&[tree(None)], &mut bytes, Some(1_000)).unwrap();
         let mut archive = tar::Archive::new(bytes.as_slice());
         let mut seen = Vec::new();
         for entry in archive.entries().unwrap() {
@@ -267,5 +323,37 @@ mod tests {
                 "run2.sh -> run.sh",
             ]
         );
+
+        // One directory per platform; hard links stay inside their platform's directory.
+        let mut bytes = Vec::new();
+        write_tars(
+            &[tree(Some("linux_amd64")), tree(Some("linux_arm64"))],
+            &mut bytes,
+            None,
+        )
+        .unwrap();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut paths = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let mut path = entry.path().unwrap().display().to_string();
+            if entry.header().entry_type() == tar::EntryType::Link {
+                path.push_str(&format!(
+                    " -> {}",
+                    entry.link_name().unwrap().unwrap().display()
+                ));
+            }
+            paths.push(path);
+        }
+        assert_eq!(paths[0], "linux_amd64/");
+        assert!(
+            paths.contains(&"linux_arm64/etc/app/conf".to_string()),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"linux_arm64/run2.sh -> linux_arm64/run.sh".to_string()),
+            "{paths:?}"
+        );
+        assert_eq!(paths.len(), 16, "{paths:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_image::oci::ImageConfig;
+use kiln_image::oci::{ImageConfig, Platform};
 use kiln_proto::moby::buildkit::v1::apicaps::ApiCap;
 use kiln_proto::moby::buildkit::v1::frontend::llb_bridge_server::LlbBridge;
 use kiln_proto::moby::buildkit::v1::frontend::{
@@ -19,7 +19,7 @@ use kiln_solver::{ProgressWriter, SolveResult};
 use tokio::sync::{oneshot, Notify};
 use tonic::{Request, Response, Status};
 
-use crate::control::ControlService;
+use crate::control::{Built, ControlService, PlatformSolved};
 use crate::policy::SourcePolicy;
 
 /// The metadata key naming the build an `LLBBridge` call belongs to.
@@ -39,6 +39,7 @@ const FRONTEND_CAPS: &[&str] = &[
 
 /// A solved result held until `Return` names it.
 struct Solved {
+    platform: Platform,
     result: SolveResult,
     config: ImageConfig,
 }
@@ -77,34 +78,105 @@ impl Job {
         (job, rx)
     }
 
-    /// The solved result and image config the returned result names (an
-    /// empty result is scratch); the frontend's `containerimage.config`
-    /// metadata wins over the config recorded at solve time.
-    pub fn take_result(&self, returned: gw::Result) -> Result<(SolveResult, ImageConfig), Status> {
-        let id = match &returned.result {
-            Some(ResultKind::Ref(r)) => r.id.clone(),
-            Some(ResultKind::RefDeprecated(id)) => id.clone(),
-            Some(ResultKind::Refs(_)) | Some(ResultKind::RefsDeprecated(_)) => {
-                return Err(Status::unimplemented(
-                    "multi-platform results are not supported yet",
-                ))
-            }
-            None => String::new(),
+    /// The solved results the returned result names: one ref (an empty result is scratch),
+    /// or BuildKit's multi-platform shape — a `refs` map keyed by platform id with the
+    /// `refs.platforms` metadata listing them. The frontend's `containerimage.config`
+    /// (`containerimage.config/<platform id>`) metadata wins over the config recorded at solve
+    /// time.
+    pub fn take_result(&self, returned: gw::Result) -> Result<Built, Status> {
+        let config_of = |key: &str, solved: Solved| -> Result<PlatformSolved, Status> {
+            let image_config = match returned.metadata.get(key) {
+                Some(bytes) => serde_json::from_slice(bytes)
+                    .map_err(|e| Status::invalid_argument(format!("invalid {key}: {e}")))?,
+                None => solved.config,
+            };
+            Ok(PlatformSolved {
+                platform: solved.platform,
+                result: solved.result,
+                image_config,
+            })
         };
-        let solved = self
-            .results
+        let refs = match &returned.result {
+            Some(ResultKind::Ref(r)) => {
+                let solved = self.take(&r.id)?;
+                let one = config_of(CONFIG_KEY, solved)?;
+                return Ok(Built::single(one.result, one.image_config));
+            }
+            Some(ResultKind::RefDeprecated(id)) => {
+                let solved = self.take(id)?;
+                let one = config_of(CONFIG_KEY, solved)?;
+                return Ok(Built::single(one.result, one.image_config));
+            }
+            None => {
+                let solved = self.take("")?;
+                let one = config_of(CONFIG_KEY, solved)?;
+                return Ok(Built::single(one.result, one.image_config));
+            }
+            Some(ResultKind::Refs(map)) => map
+                .refs
+                .iter()
+                .map(|(k, r)| (k.clone(), r.id.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            Some(ResultKind::RefsDeprecated(map)) => map.refs.clone(),
+        };
+        let listed: ResultPlatforms = match returned.metadata.get(PLATFORMS_KEY) {
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| Status::invalid_argument(format!("invalid {PLATFORMS_KEY}: {e}")))?,
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "a result with several refs needs the {PLATFORMS_KEY} metadata naming their platforms"
+                )))
+            }
+        };
+        if listed.platforms.len() != refs.len() {
+            return Err(Status::invalid_argument(format!(
+                "{PLATFORMS_KEY} lists {} platforms for {} refs",
+                listed.platforms.len(),
+                refs.len()
+            )));
+        }
+        let mut platforms = Vec::with_capacity(refs.len());
+        for entry in listed.platforms {
+            let id = refs.get(&entry.id).ok_or_else(|| {
+                Status::invalid_argument(format!("no ref for platform {:?}", entry.id))
+            })?;
+            let mut solved = self.take(id)?;
+            solved.platform = entry.platform.canonical();
+            platforms.push(config_of(&format!("{CONFIG_KEY}/{}", entry.id), solved)?);
+        }
+        Ok(Built {
+            platforms,
+            multi_platform: true,
+        })
+    }
+
+    fn take(&self, id: &str) -> Result<Solved, Status> {
+        self.results
             .lock()
             .map_err(|_| Status::internal("gateway results poisoned"))?
-            .remove(&id)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown result reference {id:?}")))?;
-        let config = match returned.metadata.get("containerimage.config") {
-            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
-                Status::invalid_argument(format!("invalid containerimage.config: {e}"))
-            })?,
-            None => solved.config,
-        };
-        Ok((solved.result, config))
+            .remove(id)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown result reference {id:?}")))
     }
+}
+
+/// The metadata key of an image config (`/<platform id>` appended per platform).
+const CONFIG_KEY: &str = "containerimage.config";
+/// The metadata key listing a multi-platform result's platforms (BuildKit's `exptypes`).
+const PLATFORMS_KEY: &str = "refs.platforms";
+
+/// The `refs.platforms` metadata: `{"Platforms":[{"ID":"linux/arm64","Platform":{…}}]}`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResultPlatforms {
+    #[serde(rename = "Platforms")]
+    platforms: Vec<ResultPlatform>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResultPlatform {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Platform")]
+    platform: Platform,
 }
 
 /// Gateway jobs by ref.
@@ -205,29 +277,91 @@ impl LlbBridge for GatewayService {
             &job.build_ref,
             job.policy.clone(),
         );
-        let (result, config) = kiln_image::registry::auth::scope(auth, build).await?;
-        let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
-        let config_json =
-            serde_json::to_vec(&config).map_err(|e| Status::internal(e.to_string()))?;
-        job.results
+        let built = kiln_image::registry::auth::scope(auth, build).await?;
+        let mut results = job
+            .results
             .lock()
-            .map_err(|_| Status::internal("gateway results poisoned"))?
-            .insert(id.clone(), Solved { result, config });
+            .map_err(|_| Status::internal("gateway results poisoned"))?;
         let mut metadata = BTreeMap::new();
-        metadata.insert("containerimage.config".to_string(), config_json);
-        let response = if request.allow_result_return {
-            gw::SolveResponse {
+        let result = if built.multi_platform {
+            // BuildKit's multi-platform result: refs by platform id, their configs under
+            // `containerimage.config/<id>`, and `refs.platforms` listing them in order.
+            if !request.allow_result_return {
+                return Err(Status::unimplemented(
+                    "a multi-platform result can only be returned inline (allowResultReturn)",
+                ));
+            }
+            let mut refs = BTreeMap::new();
+            let mut listed = Vec::new();
+            for one in built.platforms {
+                let platform_id = one.platform.id();
+                let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
+                metadata.insert(
+                    format!("{CONFIG_KEY}/{platform_id}"),
+                    serde_json::to_vec(&one.image_config)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                );
+                listed.push(ResultPlatform {
+                    id: platform_id.clone(),
+                    platform: one.platform.clone(),
+                });
+                refs.insert(
+                    platform_id,
+                    gw::Ref {
+                        id: id.clone(),
+                        def: None,
+                    },
+                );
+                results.insert(
+                    id,
+                    Solved {
+                        platform: one.platform,
+                        result: one.result,
+                        config: one.image_config,
+                    },
+                );
+            }
+            metadata.insert(
+                PLATFORMS_KEY.to_string(),
+                serde_json::to_vec(&ResultPlatforms { platforms: listed })
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            );
+            ResultKind::Refs(gw::RefMap { refs })
+        } else {
+            let one = built
+                .platforms
+                .into_iter()
+                .next()
+                .ok_or_else(|| Status::internal("the build returned no result"))?;
+            let id = format!("{}-{}", job.build_ref, rand::random::<u64>());
+            metadata.insert(
+                CONFIG_KEY.to_string(),
+                serde_json::to_vec(&one.image_config)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            );
+            results.insert(
+                id.clone(),
+                Solved {
+                    platform: one.platform,
+                    result: one.result,
+                    config: one.image_config,
+                },
+            );
+            ResultKind::Ref(gw::Ref { id, def: None })
+        };
+        drop(results);
+        let response = match result {
+            ResultKind::Ref(r) if !request.allow_result_return => gw::SolveResponse {
+                r#ref: r.id,
+                result: None,
+            },
+            result => gw::SolveResponse {
                 r#ref: String::new(),
                 result: Some(gw::Result {
-                    result: Some(ResultKind::Ref(gw::Ref { id, def: None })),
+                    result: Some(result),
                     metadata,
                 }),
-            }
-        } else {
-            gw::SolveResponse {
-                r#ref: id,
-                result: None,
-            }
+            },
         };
         Ok(Response::new(response))
     }

@@ -60,8 +60,12 @@ pub struct CompileOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--label` values, merged into the result's labels.
     pub labels: BTreeMap<String, String>,
-    /// Target platform.
+    /// Target platform (`TARGETPLATFORM`, the platform of stages without `--platform`).
     pub platform: Platform,
+    /// The platform the build runs on (`BUILDPLATFORM`): the worker's, whatever the target.
+    pub build_platform: Platform,
+    /// This compile is one platform of a multi-platform build: step names carry the platform.
+    pub multi_platform: bool,
     /// Session id for the local context source.
     pub session_id: String,
     /// Name of the main context local source (default `context`).
@@ -100,6 +104,8 @@ impl Default for CompileOptions {
             build_args: BTreeMap::new(),
             labels: BTreeMap::new(),
             platform: Platform::host(),
+            build_platform: Platform::host(),
+            multi_platform: false,
             session_id: String::new(),
             context_name: "context".to_string(),
             excludes: Vec::new(),
@@ -606,15 +612,24 @@ impl Compiler<'_> {
                 .iter()
                 .filter(|c| matches!(c.keyword.as_str(), "RUN" | "COPY" | "ADD" | "WORKDIR"))
                 .count();
+            let platform = platforms[i]
+                .clone()
+                .unwrap_or_else(|| self.options.platform.clone());
+            // A multi-platform build names each step's platform, as BuildKit does
+            // (`[linux/arm64 build 2/3] RUN …`), so the platforms' steps tell apart.
+            let step_prefix = if self.options.multi_platform {
+                format!("{} {stage_name}", platform.id())
+                    .trim_end()
+                    .to_string()
+            } else {
+                stage_name.clone()
+            };
             let mut prefix = Prefix {
-                stage_name: stage_name.clone(),
+                stage_name: step_prefix,
                 index: 0,
                 total,
                 onbuild: false,
             };
-            let platform = platforms[i]
-                .clone()
-                .unwrap_or_else(|| self.options.platform.clone());
             let mut state = match &bases[i] {
                 Base::Stage(j) => states[*j].clone().ok_or_else(|| CompileError::Circular {
                     line: stage.span.start,
@@ -767,15 +782,18 @@ impl Compiler<'_> {
 
     /// Global scope: BuildKit's platform args, then `ARG`s before the first `FROM`.
     fn meta_args(&self, target: usize) -> Result<Vec<(String, String)>, CompileError> {
-        let p = &self.options.platform;
-        let platform = p.to_string();
-        let variant = p.variant.clone().unwrap_or_default();
         let mut args = Vec::new();
-        for prefix in ["BUILD", "TARGET"] {
-            args.push((format!("{prefix}PLATFORM"), platform.clone()));
+        for (prefix, p) in [
+            ("BUILD", &self.options.build_platform),
+            ("TARGET", &self.options.platform),
+        ] {
+            args.push((format!("{prefix}PLATFORM"), p.to_string()));
             args.push((format!("{prefix}OS"), p.os.clone()));
             args.push((format!("{prefix}ARCH"), p.architecture.clone()));
-            args.push((format!("{prefix}VARIANT"), variant.clone()));
+            args.push((
+                format!("{prefix}VARIANT"),
+                p.variant.clone().unwrap_or_default(),
+            ));
         }
         args.push((
             "TARGETSTAGE".to_string(),

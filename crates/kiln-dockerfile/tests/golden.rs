@@ -94,6 +94,7 @@ fn options_for(dir: &Path, source: &str) -> CompileOptions {
         labels: extra.labels,
         excludes: extra.excludes,
         platform: Platform::parse(extra.platform.as_deref().unwrap_or("linux/amd64")).unwrap(),
+        build_platform: Platform::parse("linux/amd64").unwrap(),
         session_id: "test-session".to_string(),
         ..Default::default()
     }

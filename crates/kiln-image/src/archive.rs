@@ -44,6 +44,12 @@ pub enum Error {
         /// The index.
         digest: Digest,
     },
+    /// An index inside the exported index: kiln writes one level of platforms.
+    #[error("nested image index {digest} cannot be archived")]
+    NestedIndex {
+        /// The inner index.
+        digest: Digest,
+    },
     /// Encoding `index.json` or `manifest.json` failed.
     #[error("failed to encode {file}")]
     Encode {
@@ -122,7 +128,9 @@ pub fn write_docker_archive(
 /// and [`ANNOTATION_REF_NAME`] = tag, and [`ANNOTATION_CREATED`] when given), or one descriptor
 /// without names; with `docker_manifest`, docker's `manifest.json` lists the familiar `name:tag`
 /// of every tagged name. Entries are sorted by path with fixed metadata, so the same inputs give
-/// the same bytes.
+/// the same bytes. `manifest` may be an image index (a multi-platform image; not with
+/// `docker_manifest`, a docker archive holds one platform): `index.json` then names the index
+/// and the archive holds every platform's manifest, config and layers.
 pub fn write_archive(
     out: impl Write,
     store: &ContentStore,
@@ -130,31 +138,60 @@ pub fn write_archive(
     names: &[Reference],
     options: &ArchiveOptions,
 ) -> Result<()> {
-    if media_types::is_index(&manifest.media_type) {
-        return Err(Error::ManifestList {
-            digest: manifest.digest.clone(),
-        });
-    }
     let read = |digest: &Digest| {
         store.read(digest).map_err(|source| Error::Content {
             digest: digest.clone(),
             source,
         })
     };
-    let manifest_bytes = read(&manifest.digest)?;
-    let image: ImageManifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|source| Error::Manifest {
-            digest: manifest.digest.clone(),
-            source,
-        })?;
-    if image
-        .media_type
-        .as_deref()
-        .is_some_and(media_types::is_index)
-    {
-        return Err(Error::ManifestList {
-            digest: manifest.digest.clone(),
-        });
+    let parse_manifest = |digest: &Digest| -> Result<(ImageManifest, bool)> {
+        let bytes = read(digest)?;
+        let image: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {
+                digest: digest.clone(),
+                source,
+            })?;
+        let nested = image
+            .media_type
+            .as_deref()
+            .is_some_and(media_types::is_index);
+        Ok((image, nested))
+    };
+    // The images the archive holds: the one manifest, or every manifest of an index (the `oci`
+    // exporter's multi-platform tarball; index.json then names the index, as BuildKit's does).
+    let mut images = Vec::new();
+    let mut blobs: Vec<&Digest> = vec![&manifest.digest];
+    let index_children;
+    if media_types::is_index(&manifest.media_type) {
+        if options.docker_manifest {
+            return Err(Error::ManifestList {
+                digest: manifest.digest.clone(),
+            });
+        }
+        let bytes = read(&manifest.digest)?;
+        let index: ImageIndex =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {
+                digest: manifest.digest.clone(),
+                source,
+            })?;
+        index_children = index.manifests;
+        for child in &index_children {
+            if !media_types::is_manifest(&child.media_type) {
+                return Err(Error::NestedIndex {
+                    digest: child.digest.clone(),
+                });
+            }
+            blobs.push(&child.digest);
+            images.push(parse_manifest(&child.digest)?.0);
+        }
+    } else {
+        let (image, nested) = parse_manifest(&manifest.digest)?;
+        if nested {
+            return Err(Error::ManifestList {
+                digest: manifest.digest.clone(),
+            });
+        }
+        images.push(image);
     }
 
     let mut base = manifest.clone();
@@ -182,16 +219,19 @@ pub fn write_archive(
         manifests: descriptors,
         annotations: None,
     };
-    let repo_tags = names
+    let mut repo_tags: Vec<String> = names
         .iter()
         .filter_map(|n| n.tag().and_then(|t| n.with_tag(t).ok()))
         .map(|n| n.familiar())
         .collect();
-    let docker_manifest = vec![DockerManifestEntry {
-        config: blob_path(&image.config.digest),
-        repo_tags,
-        layers: image.layers.iter().map(|l| blob_path(&l.digest)).collect(),
-    }];
+    let docker_manifest: Vec<DockerManifestEntry> = images
+        .iter()
+        .map(|image| DockerManifestEntry {
+            config: blob_path(&image.config.digest),
+            repo_tags: std::mem::take(&mut repo_tags),
+            layers: image.layers.iter().map(|l| blob_path(&l.digest)).collect(),
+        })
+        .collect();
     let index_json = encode("index.json", &index)?;
     let manifest_json = encode("manifest.json", &docker_manifest)?;
     let layout_json = encode(
@@ -201,10 +241,10 @@ pub fn write_archive(
         },
     )?;
 
-    let mut blobs: Vec<&Digest> = std::iter::once(&manifest.digest)
-        .chain(std::iter::once(&image.config.digest))
-        .chain(image.layers.iter().map(|l| &l.digest))
-        .collect();
+    for image in &images {
+        blobs.push(&image.config.digest);
+        blobs.extend(image.layers.iter().map(|l| &l.digest));
+    }
     blobs.sort();
     blobs.dedup();
 

@@ -195,6 +195,23 @@ impl Platform {
         }
     }
 
+    /// containerd's `platforms.Normalize`: [normalized](Self::normalized), then the variant
+    /// that is the architecture's only default dropped (`arm64/v8` → `arm64`), the form BuildKit
+    /// writes in image configs, index descriptors and `TARGETPLATFORM`.
+    pub fn canonical(&self) -> Self {
+        let mut p = self.normalized();
+        if p.architecture == "arm64" && p.variant.as_deref() == Some("v8") {
+            p.variant = None;
+        }
+        p
+    }
+
+    /// BuildKit's platform id (`platforms.Format` of the canonical form): `linux/arm64`,
+    /// `linux/arm/v7`; the keys of a multi-platform result.
+    pub fn id(&self) -> String {
+        self.canonical().to_string()
+    }
+
     /// Whether a manifest for `other` can run where `self` is wanted: same OS, architecture and
     /// variant once both are [normalized](Self::normalized). OS version and features are ignored.
     pub fn matches(&self, other: &Platform) -> bool {
@@ -413,6 +430,16 @@ mod tests {
         assert!(v["platform"].get("variant").is_none());
         let back: Descriptor = serde_json::from_value(v).unwrap();
         assert_eq!(back, d);
+    }
+
+    #[test]
+    fn platform_ids_are_containerds() {
+        let arm = Platform::parse("linux/aarch64").unwrap();
+        assert_eq!(arm.id(), "linux/arm64");
+        assert_eq!(arm.canonical().variant, None);
+        assert!(arm.canonical().matches(&arm));
+        assert_eq!(Platform::parse("linux/arm").unwrap().id(), "linux/arm/v7");
+        assert_eq!(Platform::parse("linux/x86_64").unwrap().id(), "linux/amd64");
     }
 
     #[test]

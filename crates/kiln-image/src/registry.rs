@@ -678,6 +678,20 @@ impl Resolver {
         let config_bytes = self.fetch_config(reference, &manifest.config).await?;
         let config: ImageConfig =
             parse_json(reference, "config", &manifest.config.digest, &config_bytes)?;
+        // A single manifest says its platform only in its config: check it as containerd's
+        // matcher does, so an amd64-only image never silently becomes an arm64 base.
+        if !config.os.is_empty() && !config.architecture.is_empty() {
+            let image_platform =
+                Platform::new(&config.os, &config.architecture, config.variant.as_deref());
+            if !platform.matches(&image_platform) {
+                return Err(Error::NoMatchingPlatform {
+                    reference: reference.to_string(),
+                    platform: platform.to_string(),
+                    digest,
+                    available: image_platform.to_string(),
+                });
+            }
+        }
         Ok(ResolvedImage {
             reference: reference.clone(),
             manifest_digest: digest,

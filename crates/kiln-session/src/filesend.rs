@@ -173,11 +173,44 @@ pub async fn send_dir(
     root: &Path,
     clamp_mtime: Option<i64>,
 ) -> Result<DirSendStats, Error> {
-    let walk_root = root.to_path_buf();
-    let mut entries =
-        tokio::task::spawn_blocking(move || send::walk(&walk_root, &WalkFilter::default()))
-            .await
-            .map_err(|join| Error::io("walk", root, std::io::Error::other(join)))??;
+    let trees = [DirTree {
+        prefix: None,
+        root: root.to_path_buf(),
+    }];
+    send_dirs(channel, exporter_index, metadata, &trees, clamp_mtime).await
+}
+
+/// One tree of a [`send_dirs`] transfer.
+#[derive(Debug, Clone)]
+pub struct DirTree {
+    /// The directory the tree is sent under (`linux_amd64`), or `None` for the top.
+    pub prefix: Option<String>,
+    /// The tree on disk.
+    pub root: PathBuf,
+}
+
+/// [`send_dir`] of several trees in one transfer: the `local` exporter of a multi-platform
+/// result, one prefix directory per platform (`platform-split`), or the trees merged at the
+/// top without prefixes (a path in several trees is sent from the last).
+pub async fn send_dirs(
+    channel: Channel,
+    exporter_index: usize,
+    metadata: &BTreeMap<String, String>,
+    trees: &[DirTree],
+    clamp_mtime: Option<i64>,
+) -> Result<DirSendStats, Error> {
+    let walk_trees = trees.to_vec();
+    let first = trees.first().map(|t| t.root.clone()).unwrap_or_default();
+    let mut entries = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let mut walked = Vec::with_capacity(walk_trees.len());
+        for tree in walk_trees {
+            let entries = send::walk(&tree.root, &WalkFilter::default())?;
+            walked.push((tree.prefix, tree.root, entries));
+        }
+        send::combine(walked)
+    })
+    .await
+    .map_err(|join| Error::io("walk", &first, std::io::Error::other(join)))??;
     if let Some(epoch) = clamp_mtime {
         let limit = epoch.saturating_mul(1_000_000_000);
         for entry in &mut entries {

@@ -870,10 +870,18 @@ async fn run_vertex(
                                     Some(session) => session.clone(),
                                     None => Arc::new(kiln_worker::NoSession),
                                 };
-                            context
-                                .worker
-                                .exec_in_session(exec, &input_snapshots, session, &progress)
-                                .await
+                            match foreign_platform(
+                                op.platform.as_ref(),
+                                &context.worker.platforms(),
+                            ) {
+                                Some(refused) => Err(refused),
+                                None => {
+                                    context
+                                        .worker
+                                        .exec_in_session(exec, &input_snapshots, session, &progress)
+                                        .await
+                                }
+                            }
                         }
                         Some(pb::op::Op::File(file)) => {
                             context.worker.file(file, &input_snapshots).await
@@ -1175,6 +1183,24 @@ fn record(
         .map_err(|e| SourceFailure::Other(Arc::new(e)))
 }
 
+/// The refusal of an exec whose platform none of the worker's platforms runs (a `RUN` of a
+/// foreign-platform stage without binfmt emulation); `None` when it can run.
+fn foreign_platform(
+    platform: Option<&pb::Platform>,
+    worker_platforms: &[Platform],
+) -> Option<kiln_worker::Error> {
+    let wanted = to_platform(platform);
+    if worker_platforms.is_empty() || worker_platforms.iter().any(|p| p.matches(&wanted)) {
+        return None;
+    }
+    let available: Vec<String> = worker_platforms.iter().map(Platform::id).collect();
+    Some(kiln_worker::Error::ForeignPlatform {
+        platform: wanted.id(),
+        host: available[0].clone(),
+        available: available.join(", "),
+    })
+}
+
 fn to_platform(platform: Option<&pb::Platform>) -> Platform {
     match platform {
         Some(p) if !p.os.is_empty() => Platform {
@@ -1425,6 +1451,26 @@ mod tests {
         assert_eq!(first, checksum_dir(dir.path()).unwrap());
         std::fs::write(dir.path().join("sub/a"), b"ONE").unwrap();
         assert_ne!(first, checksum_dir(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn foreign_platform_execs_are_refused_naming_both_platforms() {
+        let amd64 = Platform::new("linux", "amd64", None);
+        let arm64 = pb::Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            ..Default::default()
+        };
+        let refused = foreign_platform(Some(&arm64), std::slice::from_ref(&amd64))
+            .unwrap()
+            .to_string();
+        assert!(
+            refused.contains("exec format error: building for linux/arm64 on a linux/amd64 host needs binfmt emulation"),
+            "{refused}"
+        );
+        let both = [amd64.clone(), Platform::new("linux", "arm64", Some("v8"))];
+        assert!(foreign_platform(Some(&arm64), &both).is_none());
+        assert!(foreign_platform(None, &[Platform::host()]).is_none());
     }
 }
 

@@ -127,3 +127,138 @@ async fn buildctl_gateway_sequence_builds_and_exports() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+/// A multi-platform build through the gateway comes back in BuildKit's shape — refs keyed by
+/// platform id, `refs.platforms` listing them, a config per platform — and, returned as is,
+/// exports as an index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_multi_platform_result_has_buildkits_shape_and_exports_an_index() {
+    let work = tempfile::tempdir().unwrap();
+    let socket = format!("unix://{}/kilnd.sock", work.path().display());
+    let daemon = Kilnd::start(&socket, &[]);
+    let context = work.path().join("ctx");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM scratch\nCOPY a.txt /a.txt\n",
+    )
+    .unwrap();
+    std::fs::write(context.join("a.txt"), "a\n").unwrap();
+    let out = work.path().join("multi.tar");
+
+    let channel = kiln_client::connect_channel(&socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let control = api::control_client::ControlClient::new(channel.clone());
+    let session = kiln_session::client::SessionBuilder::new("gateway-multi")
+        .local_dir("context", &context)
+        .local_dir("dockerfile", &context)
+        .file_send_path(out.clone())
+        .run(control.clone())
+        .await
+        .unwrap();
+    let build_ref = format!("gwmulti{}", std::process::id());
+    let solve = {
+        let mut control = control.clone();
+        let request = api::SolveRequest {
+            r#ref: build_ref.clone(),
+            session: session.id().to_string(),
+            exporters: vec![api::Exporter {
+                r#type: "oci".to_string(),
+                attrs: BTreeMap::new(),
+            }],
+            ..Default::default()
+        };
+        tokio::spawn(async move { control.solve(request).await })
+    };
+
+    let mut bridge = LlbBridgeClient::new(channel);
+    let mut options = BTreeMap::new();
+    options.insert(
+        "platform".to_string(),
+        "linux/amd64,linux/arm64".to_string(),
+    );
+    let solved = bridge
+        .solve(with_build_id(
+            gw::SolveRequest {
+                frontend: "dockerfile.v0".to_string(),
+                frontend_opt: options,
+                allow_result_return: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("LLBBridge.Solve failed: {e}\nkilnd:\n{}", daemon.log_text()))
+        .into_inner();
+    let result = solved.result.expect("an inline result");
+    let Some(gw::result::Result::Refs(refs)) = &result.result else {
+        panic!("expected a refs map, got {:?}", result.result);
+    };
+    let keys: Vec<&String> = refs.refs.keys().collect();
+    assert_eq!(keys, ["linux/amd64", "linux/arm64"]);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&result.metadata["refs.platforms"]).unwrap();
+    assert_eq!(listed["Platforms"][1]["ID"], "linux/arm64");
+    assert_eq!(listed["Platforms"][1]["Platform"]["architecture"], "arm64");
+    let arm_config: serde_json::Value =
+        serde_json::from_slice(&result.metadata["containerimage.config/linux/arm64"]).unwrap();
+    assert_eq!(arm_config["architecture"], "arm64");
+    bridge
+        .r#return(with_build_id(
+            gw::ReturnRequest {
+                result: Some(result),
+                error: None,
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap();
+    let response = solve
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\nkilnd:\n{}", daemon.log_text()))
+        .into_inner();
+    assert!(!response
+        .exporter_response
+        .contains_key("containerimage.config.digest"));
+    session.close().await.unwrap();
+
+    let inspected = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}", out.display()))
+        .output()
+        .unwrap();
+    assert!(
+        inspected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspected.stderr)
+    );
+    let index: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(
+        index["manifests"][1]["platform"]["architecture"], "arm64",
+        "{index}"
+    );
+    assert_eq!(
+        &response.exporter_response["containerimage.digest"],
+        &format!("sha256:{}", sha256_hex(&inspected.stdout))
+    );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}

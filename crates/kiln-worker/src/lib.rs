@@ -243,6 +243,21 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An exec for a platform the worker cannot run (no binfmt emulation for it): refused
+    /// before the process starts, where it would fail with `exec format error` or worse.
+    #[error(
+        "exec format error: building for {platform} on a {host} host needs binfmt emulation \
+         (qemu-user-static registered with binfmt_misc, and the platform listed in the worker's \
+         platforms, e.g. kilnd --oci-worker-platform); this worker runs {available}"
+    )]
+    ForeignPlatform {
+        /// The platform the step is for.
+        platform: String,
+        /// The worker's native platform.
+        host: String,
+        /// Every platform the worker runs, comma-separated.
+        available: String,
+    },
     /// The op asks for something this worker does not implement.
     #[error("{what} is not supported by this worker")]
     Unsupported {

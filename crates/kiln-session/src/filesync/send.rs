@@ -1,7 +1,7 @@
 //! fsutil DiffCopy **sender**: walks a local directory in `ComparePath`
 //! order, sends one STAT per entry and serves file contents on request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -112,6 +112,52 @@ fn clean_relative(path: &str) -> String {
 }
 
 /// Walks `root` and returns the entries to send, in order.
+/// The entries of several trees as one sorted transfer: each tree's paths under its prefix
+/// (the prefix directory itself sent with the tree root's mode and time), or, without a
+/// prefix, at the top. A path present in several trees is sent from the last (a merge, the
+/// later tree winning, as BuildKit's `platform-split=false`).
+pub(crate) fn combine(
+    trees: Vec<(Option<String>, PathBuf, Vec<Entry>)>,
+) -> Result<Vec<Entry>, Error> {
+    // fsutil's ComparePath order: component by component, i.e. `/` sorting before any byte.
+    let key = |path: &str| -> Vec<u8> {
+        path.bytes()
+            .map(|b| if b == b'/' { 0 } else { b })
+            .collect()
+    };
+    let mut out: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
+    for (prefix, root, entries) in trees {
+        if let Some(prefix) = &prefix {
+            let metadata = std::fs::symlink_metadata(&root)
+                .map_err(|source| Error::io("stat", &root, source))?;
+            let stat = Stat {
+                path: prefix.clone(),
+                mode: go_mode(&metadata),
+                mod_time: mtime_nanos(&metadata),
+                ..Stat::default()
+            };
+            out.insert(
+                key(prefix),
+                Entry {
+                    stat,
+                    source: root.clone(),
+                },
+            );
+        }
+        for mut entry in entries {
+            if let Some(prefix) = &prefix {
+                entry.stat.path = format!("{prefix}/{}", entry.stat.path);
+                // A hard link names the first path of its inode in the same transfer.
+                if kind(entry.stat.mode) == Kind::File && !entry.stat.linkname.is_empty() {
+                    entry.stat.linkname = format!("{prefix}/{}", entry.stat.linkname);
+                }
+            }
+            out.insert(key(&entry.stat.path), entry);
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
 pub(crate) fn walk(root: &Path, filter: &WalkFilter) -> Result<Vec<Entry>, Error> {
     let metadata =
         std::fs::metadata(root).map_err(|source| Error::io("stat local dir", root, source))?;
@@ -424,6 +470,51 @@ mod tests {
 
     fn paths(entries: &[Entry]) -> Vec<&str> {
         entries.iter().map(|e| e.stat.path.as_str()).collect()
+    }
+
+    #[test]
+    fn combined_trees_split_under_prefixes_or_merge() {
+        let (one, two) = (tree(), tree());
+        fs::write(two.path().join("only-two"), "2").unwrap();
+        let walked = |dir: &tempfile::TempDir, prefix: Option<&str>| {
+            let entries = walk(dir.path(), &WalkFilter::default()).unwrap();
+            (
+                prefix.map(str::to_string),
+                dir.path().to_path_buf(),
+                entries,
+            )
+        };
+        let single = walk(one.path(), &WalkFilter::default()).unwrap();
+
+        // A single tree without prefix is the walk itself.
+        let same = combine(vec![walked(&one, None)]).unwrap();
+        assert_eq!(paths(&same), paths(&single));
+
+        // Prefixes: each tree under its directory, hard links renamed with it, symlinks not.
+        let split = combine(vec![
+            walked(&one, Some("linux_amd64")),
+            walked(&two, Some("linux_arm64")),
+        ])
+        .unwrap();
+        assert_eq!(split.len(), 2 * single.len() + 3);
+        assert_eq!(paths(&split)[0], "linux_amd64");
+        assert_eq!(paths(&split)[single.len() + 1], "linux_arm64");
+        let hard = split
+            .iter()
+            .find(|e| e.stat.path == "linux_arm64/hard")
+            .unwrap();
+        assert_eq!(hard.stat.linkname, "linux_arm64/a.b");
+        let link = split
+            .iter()
+            .find(|e| e.stat.path == "linux_arm64/link")
+            .unwrap();
+        assert_eq!(link.stat.linkname, "a/b/c.txt");
+
+        // No prefixes: one merged tree, each path once, taken from the last tree.
+        let merged = combine(vec![walked(&one, None), walked(&two, None)]).unwrap();
+        assert_eq!(merged.len(), single.len() + 1);
+        let from_two = merged.iter().find(|e| e.stat.path == "a/b/c.txt").unwrap();
+        assert!(from_two.source.starts_with(two.path()));
     }
 
     #[test]
