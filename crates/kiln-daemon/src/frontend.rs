@@ -188,25 +188,29 @@ impl ImageMetaResolver for WorkerResolver {
                         kiln_image::registry::Error::Unauthorized { .. }
                         | kiln_image::registry::Error::Auth { .. }
                         | kiln_image::registry::Error::NoMatchingPlatform { .. })));
-                let e = with_causes(&e);
+                // The worker's own "failed to resolve <ref>" is dropped: the compiler says it.
+                let e = match &e {
+                    kiln_worker::Error::Resolve { source, .. } => with_causes(source.as_ref()),
+                    other => with_causes(other),
+                };
                 let message = match (self.worker.image_store(), base_images) {
-                    _ if unauthorized => format!("{reference}: {e}"),
+                    _ if unauthorized => e,
                     // The documented limitation users hit most: an image
                     // built earlier lives in containerd, out of reach.
                     (None, None) => format!(
-                        "{}: {e}; note: the OCI worker cannot use images stored in containerd (such as images \
+                        "{e}; note: the OCI worker cannot use images stored in containerd (such as images \
                          built earlier with kiln build): push the image to a registry, run kilnd with the \
                          containerd worker in that namespace, or let the OCI worker read them with \
                          --oci-worker-containerd-images=<namespace> ([worker.oci] containerd-images)",
-                        reference
                     ),
                     (None, Some(source)) => format!(
-                        "{reference}: {e}; note: the OCI worker looked for it in the registry and in {source} \
+                        "{e}; note: the OCI worker looked for it in the registry and in {source} \
                          (its only containerd namespace): images of other namespaces are not visible"
                     ),
-                    (Some(_), _) => format!("{reference}: {e}"),
+                    (Some(_), _) => e,
                 };
-                vertex.failed(&message);
+                // The step is named by the reference; its error says it as BuildKit's does.
+                vertex.failed(&format!("{reference}: {message}"));
                 Err(message.into())
             }
         }
