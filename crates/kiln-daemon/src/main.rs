@@ -65,15 +65,19 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// SIGTERM or SIGINT, with both handlers installed now: a signal that arrives once the
+/// daemon has said it is ready (`READY=1`, the socket answering) must stop it cleanly
+/// (`STOPPING=1`, sockets removed), never kill it with the default action.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 /// The `[registry."host"]` tables as the resolver's settings: CA files read, mirrors checked
@@ -279,6 +283,7 @@ fn server_tls(files: &config::TlsFiles) -> anyhow::Result<tonic::transport::Serv
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal().context("failed to install the signal handlers")?;
     let lock = listen::RootLock::acquire(&config.root)?;
     tracing::debug!(lock = %lock.path().display(), "locked the root");
     let hosts = registry_hosts(&config.registries)?;
@@ -377,7 +382,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping server"),
+        _ = shutdown => tracing::info!("stopping server"),
         Some(result) = servers.join_next() => {
             result.context("server task failed")?.context("server failed")?;
         }
