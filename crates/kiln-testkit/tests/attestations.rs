@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kiln_testkit::{cargo_bin, run, Kilnd, Output, BUSYBOX};
+use kiln_testkit::{cargo_bin, containerd_available, ctr, run, Kilnd, Namespace, Output, BUSYBOX};
 use serde_json::Value;
 
 /// A name no other test run uses.
@@ -31,7 +31,12 @@ COPY hello.txt /hello.txt
 ";
 
 fn kiln(socket: &str, args: &[&str], ctx: &Path) -> Output {
+    kiln_in("default", socket, args, ctx)
+}
+
+fn kiln_in(namespace: &str, socket: &str, args: &[&str], ctx: &Path) -> Output {
     run(Command::new(cargo_bin("kiln"))
+        .args(["--namespace", namespace])
         .args(["build", "--buildkit-host", socket, "--progress=plain"])
         .args(args)
         .arg(ctx)
@@ -293,6 +298,28 @@ fn provenance_attestations_pushed_and_archived() {
         "{}",
         refused.stderr
     );
+
+    // Landed in containerd (the default output): the index keeps the attestation manifest of
+    // the landed platform alive (a gc reference from the index).
+    if containerd_available() {
+        let ns = Namespace(unique("kilntest-attest"));
+        let name = format!("{repo}:landed");
+        ok(kiln_in(
+            &ns.0,
+            &socket,
+            &["--provenance=true", "-t", &name],
+            &ctx,
+        ));
+        let images = ctr(&ns.0, &["images", "ls"]).success().stdout;
+        assert!(images.contains("linux/amd64,unknown/unknown"), "{images}");
+        let content = ctr(&ns.0, &["content", "ls"]).success().stdout;
+        assert!(
+            content
+                .lines()
+                .any(|l| l.contains("containerd.io/gc.ref.content.m.1=sha256:")),
+            "no gc reference to the attestation manifest:\n{content}"
+        );
+    }
 
     // SBOMs need a scanner image kiln does not run.
     let refused = kiln(&socket, &["--sbom=true"], &ctx);
