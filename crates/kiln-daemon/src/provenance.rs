@@ -141,13 +141,17 @@ pub struct BuildFacts<'a> {
 }
 
 /// The frontend attrs BuildKit leaves out of `invocation.parameters.args`: host-specific
-/// ones, attestation requests and the local contexts (named in `locals` instead).
-fn included_arg(key: &str) -> bool {
+/// ones, attestation requests and local contexts (named in `locals` instead); kiln's own
+/// `kiln.*` attrs too.
+fn included_arg(key: &str, value: &str) -> bool {
+    let local_context = (key == "context" || key.starts_with("context:"))
+        && (value.is_empty() || value.starts_with("local:"));
     !matches!(
         key,
-        "cgroup-parent" | "image-resolve-mode" | "platform" | "cache-imports" | "context"
+        "cgroup-parent" | "image-resolve-mode" | "platform" | "cache-imports"
     ) && !key.starts_with("attest:")
         && !key.starts_with("kiln.")
+        && !local_context
 }
 
 /// `pkg:docker/<namespace>/<name>@<tag or digest>?platform=<os>%2F<arch>`, the package URL
@@ -247,7 +251,7 @@ pub fn predicate(
 ) -> anyhow::Result<Value> {
     let mut args = serde_json::Map::new();
     let mut complete_parameters = true;
-    for (key, value) in facts.attrs.iter().filter(|(k, _)| included_arg(k)) {
+    for (key, value) in facts.attrs.iter().filter(|(k, v)| included_arg(k, v)) {
         if request.mode == Mode::Min && (key.starts_with("build-arg:") || key.starts_with("label:"))
         {
             complete_parameters = false;
@@ -412,6 +416,8 @@ mod tests {
             ("target", "final"),
             ("platform", "linux/amd64"),
             ("attest:provenance", "mode=max"),
+            ("context:assets", "local:assets"),
+            ("context:base", "docker-image://alpine"),
         ]);
         let facts = BuildFacts {
             frontend: "dockerfile.v0",
@@ -429,7 +435,12 @@ mod tests {
         assert_eq!(max["buildType"], BUILD_TYPE);
         assert_eq!(
             max["invocation"]["parameters"]["args"],
-            json!({ "build-arg:GREETING": "hi", "label:a": "b", "target": "final" })
+            json!({
+                "build-arg:GREETING": "hi",
+                "context:base": "docker-image://alpine",
+                "label:a": "b",
+                "target": "final",
+            })
         );
         assert_eq!(
             max["invocation"]["parameters"]["locals"],
@@ -451,7 +462,7 @@ mod tests {
         let min = predicate(&request, &facts, &definition).unwrap();
         assert_eq!(
             min["invocation"]["parameters"]["args"],
-            json!({ "target": "final" })
+            json!({ "context:base": "docker-image://alpine", "target": "final" })
         );
         assert_eq!(min["metadata"]["completeness"]["parameters"], false);
 

@@ -280,6 +280,56 @@ fn provenance_attestations_pushed_and_archived() {
     let inspected = skopeo(&["inspect", &archive]);
     assert_eq!(inspected["Architecture"], "amd64");
 
+    // Several platforms: every image manifest first, then one attestation manifest for each,
+    // in the same order, each about its platform's manifest.
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(
+        scratch.join("Dockerfile"),
+        "FROM scratch\nCOPY hello.txt /\n",
+    )
+    .unwrap();
+    std::fs::write(scratch.join("hello.txt"), "hello\n").unwrap();
+    let multi = work.path().join("multi.tar");
+    ok(kiln(
+        &socket,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--provenance=mode=max",
+            "-o",
+            &format!("type=oci,dest={}", multi.display()),
+        ],
+        &scratch,
+    ));
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", multi.display()),
+    ]);
+    let manifests = raw["manifests"].as_array().unwrap();
+    let platforms: Vec<String> = manifests
+        .iter()
+        .map(|m| {
+            format!("{}/{}", m["platform"]["os"], m["platform"]["architecture"]).replace('"', "")
+        })
+        .collect();
+    assert_eq!(
+        platforms,
+        [
+            "linux/amd64",
+            "linux/arm64",
+            "unknown/unknown",
+            "unknown/unknown"
+        ]
+    );
+    for (image, attestation) in manifests[..2].iter().zip(&manifests[2..]) {
+        assert_eq!(
+            attestation["annotations"]["vnd.docker.reference.digest"],
+            image["digest"]
+        );
+    }
+
     // A docker tarball cannot carry them: refused, not dropped.
     let refused = kiln(
         &socket,
