@@ -251,7 +251,9 @@ pub struct BuildArgs {
     /// `local` merges the files into the directory, owned by the caller.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
-    /// Provenance attestation shorthand (refused: attestations are not supported yet).
+    /// SLSA provenance attestation: `true`, `false`, or `mode=min|max[,builder-id=<uri>]`
+    /// (= `--attest type=provenance,…`; the image and oci exporters then write an index with
+    /// an attestation manifest per platform).
     #[arg(long)]
     pub provenance: Option<String>,
     /// Always (`--pull`) or never (`--pull=false`) pull base images.
@@ -263,13 +265,15 @@ pub struct BuildArgs {
     /// Extra privileged entitlement (not supported yet).
     #[arg(long)]
     pub allow: Vec<String>,
-    /// Attestation parameters `type=X[,...]` (refused unless `disabled=true`).
+    /// Attestation parameters `type=X[,...]`: `type=provenance[,mode=min|max]`; `type=sbom` is
+    /// refused (it needs a scanner image kiln does not run).
     #[arg(long)]
     pub attest: Vec<String>,
     /// SSH agent to forward: `default` (`$SSH_AUTH_SOCK`) or `<id>=<socket>`; key files are not supported yet.
     #[arg(long)]
     pub ssh: Vec<String>,
-    /// SBOM attestation shorthand (refused: attestations are not supported yet).
+    /// SBOM attestation shorthand (refused unless `false`: BuildKit runs a scanner image,
+    /// docker/buildkit-syft-scanner, which kiln does not).
     #[arg(long)]
     pub sbom: Option<String>,
     /// External cache sources (`ref` alone means `type=registry,ref=<ref>`; an image pushed

@@ -540,19 +540,27 @@ pub fn resolve_build(args: &BuildArgs, env: Env<'_>) -> anyhow::Result<BuildSett
     if let Some(hosts) = resolve_add_hosts(&args.add_host)? {
         frontend_attrs.insert("add-hosts".to_string(), hosts);
     }
-    // kilnd has no attestation support and ignores unknown attributes, so an
-    // enabled attestation is refused here rather than silently dropped.
+    // kilnd attests provenance only; any other kind is refused here rather than sent (an
+    // older kilnd would drop unknown attributes silently).
     let attestations = resolve_attestations(
         &args.attest,
         args.sbom.as_deref(),
         args.provenance.as_deref(),
     )?;
-    if let Some(kind) = attestations.keys().next() {
-        let kind = kind.trim_start_matches("attest:");
-        bail!(
-            "kiln build: {kind} attestations (--attest/--sbom/--provenance) are not supported yet"
-        );
+    for kind in attestations.keys() {
+        match kind.trim_start_matches("attest:") {
+            "provenance" => {}
+            "sbom" => bail!(
+                "kiln build: sbom attestations (--sbom, --attest type=sbom) are not supported: \
+                 BuildKit generates them by running a scanner image (docker/buildkit-syft-scanner), \
+                 which kiln does not run"
+            ),
+            other => bail!(
+                "kiln build: {other} attestations are not supported (only type=provenance is)"
+            ),
+        }
     }
+    frontend_attrs.extend(attestations);
     let cache_imports = dedupe(&args.cache_from)
         .iter()
         .map(|v| normalize_cache(v))
@@ -1009,11 +1017,18 @@ mod tests {
                 .to_string()
                 .starts_with("invalid value for attribute \"disabled\"")
         );
-        // kilnd would drop them silently: refused client-side unless disabled.
+        // SBOMs need a scanner image: refused client-side unless disabled.
+        assert!(err(&["--sbom=true", "."]).contains("docker/buildkit-syft-scanner"));
         assert_eq!(
-            err(&["--sbom=true", "."]),
-            "kiln build: sbom attestations (--attest/--sbom/--provenance) are not supported yet"
+            err(&["--attest=type=spdx", "."]),
+            "kiln build: spdx attestations are not supported (only type=provenance is)"
         );
+        let s = resolve(&["--provenance=mode=max", "."], &[]).unwrap();
+        assert_eq!(s.frontend_attrs["attest:provenance"], "mode=max");
+        let s = resolve(&["--attest=type=provenance", "."], &[]).unwrap();
+        assert_eq!(s.frontend_attrs["attest:provenance"], "");
+        let s = resolve(&["--provenance=false", "."], &[]).unwrap();
+        assert!(!s.frontend_attrs.contains_key("attest:provenance"));
         assert!(resolve(
             &[
                 "--provenance=false",

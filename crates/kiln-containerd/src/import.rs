@@ -308,6 +308,38 @@ impl BlobSource<'_> {
 /// Sets the labels containerd's garbage collector follows, from `descriptor` down:
 /// `containerd.io/gc.ref.content.m.<i>` on indexes (children of `platform` and children without
 /// a platform), `containerd.io/gc.ref.content.config` and `.l.<i>` on manifests.
+/// The manifests of `index` an image keeps: those of the wanted platforms (or without one),
+/// and the attestation manifests (BuildKit's `vnd.docker.reference.type=attestation-manifest`,
+/// platform `unknown/unknown`) of the kept ones, so that provenance stays with the image.
+fn kept_children<'a>(index: &'a ImageIndex, platforms: &[Platform]) -> Vec<&'a Descriptor> {
+    let wanted = |child: &Descriptor| {
+        child
+            .platform
+            .as_ref()
+            .is_none_or(|p| platforms.iter().any(|wanted| wanted.matches(p)))
+    };
+    let attests_kept = |child: &Descriptor| {
+        child
+            .annotations
+            .get("vnd.docker.reference.type")
+            .is_some_and(|t| t == "attestation-manifest")
+            && child
+                .annotations
+                .get("vnd.docker.reference.digest")
+                .is_some_and(|subject| {
+                    index
+                        .manifests
+                        .iter()
+                        .any(|m| &m.digest == subject && wanted(m))
+                })
+    };
+    index
+        .manifests
+        .iter()
+        .filter(|child| wanted(child) || attests_kept(child))
+        .collect()
+}
+
 pub(crate) async fn set_gc_labels(
     blobs: &BlobSource<'_>,
     descriptor: &Descriptor,
@@ -325,16 +357,7 @@ pub(crate) async fn set_gc_labels(
             digest: descriptor.digest.clone(),
             source,
         })?;
-        let children: Vec<&Descriptor> = index
-            .manifests
-            .iter()
-            .filter(|child| {
-                child
-                    .platform
-                    .as_ref()
-                    .is_none_or(|p| platforms.iter().any(|wanted| wanted.matches(p)))
-            })
-            .collect();
+        let children = kept_children(&index, platforms);
         let labels: Vec<(String, String)> = children
             .iter()
             .enumerate()
@@ -602,6 +625,43 @@ mod tests {
                 .collect(),
             platform: None,
         }
+    }
+
+    #[test]
+    fn attestation_manifests_follow_the_platforms_they_attest() {
+        let manifest = |digest: char, platform: &str, annotations: &[(&str, &str)]| {
+            let mut descriptor = entry(annotations);
+            descriptor.digest = format!("sha256:{}", digest.to_string().repeat(64));
+            let (os, arch) = platform.split_once('/').unwrap();
+            descriptor.platform = Some(Platform::new(os, arch, None));
+            descriptor
+        };
+        let amd = manifest('a', "linux/amd64", &[]);
+        let arm = manifest('b', "linux/arm64", &[]);
+        let attests = |subject: &Descriptor, digest| {
+            manifest(
+                digest,
+                "unknown/unknown",
+                &[
+                    ("vnd.docker.reference.type", "attestation-manifest"),
+                    ("vnd.docker.reference.digest", &subject.digest),
+                ],
+            )
+        };
+        let index = ImageIndex {
+            media_type: Some(media_types::OCI_INDEX.to_string()),
+            manifests: vec![
+                amd.clone(),
+                arm.clone(),
+                attests(&amd, 'c'),
+                attests(&arm, 'd'),
+            ],
+        };
+        let kept: Vec<&str> = kept_children(&index, &[Platform::new("linux", "amd64", None)])
+            .iter()
+            .map(|d| &d.digest[7..8])
+            .collect();
+        assert_eq!(kept, ["a", "c"]);
     }
 
     #[test]

@@ -223,6 +223,9 @@ pub(crate) struct PlatformSolved {
     pub result: kiln_solver::SolveResult,
     /// Its image config.
     pub image_config: ImageConfig,
+    /// The definition that was solved (after the source policy); `None` when a gateway
+    /// frontend solved it (provenance needs it for its materials).
+    pub definition: Option<pb::Definition>,
 }
 
 impl Built {
@@ -242,6 +245,7 @@ impl Built {
                 platform: platform.canonical(),
                 result,
                 image_config,
+                definition: None,
             }],
             multi_platform: false,
         }
@@ -360,10 +364,12 @@ impl ControlService {
             platforms: builds
                 .into_iter()
                 .zip(results)
-                .map(|(build, result)| PlatformSolved {
+                .zip(definitions)
+                .map(|((build, result), definition)| PlatformSolved {
                     platform: build.platform,
                     result,
                     image_config: build.image_config,
+                    definition: Some(definition),
                 })
                 .collect(),
             multi_platform,
@@ -475,6 +481,15 @@ impl ControlService {
             None => None,
         };
 
+        let provenance = crate::provenance::requested(&request.frontend_attrs)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        if provenance.is_some() && request.frontend.is_empty() {
+            return Err(Status::unimplemented(
+                "provenance attestations need the builtin dockerfile.v0 frontend: \
+                 kiln does not attest builds of a raw definition or a gateway frontend yet",
+            ));
+        }
+        let started = chrono::Utc::now();
         let built = match (request.frontend.as_str(), request.definition) {
             ("", None) => {
                 // buildctl's path: the frontend runs through LLBBridge calls
@@ -529,16 +544,36 @@ impl ControlService {
             );
             vertex.done();
         }
-        let refs: Vec<exporter::ExportRef> = built
-            .platforms
-            .iter()
-            .map(|p| exporter::ExportRef {
+        let facts = crate::provenance::BuildFacts {
+            frontend: &request.frontend,
+            attrs: &request.frontend_attrs,
+            build_ref: &request_ref,
+            started,
+            finished: chrono::Utc::now(),
+            build_platform: worker
+                .platforms()
+                .first()
+                .cloned()
+                .unwrap_or_else(Platform::host)
+                .canonical(),
+        };
+        let mut refs: Vec<exporter::ExportRef> = Vec::with_capacity(built.platforms.len());
+        for p in &built.platforms {
+            let provenance = match (&provenance, &p.definition) {
+                (Some(request), Some(definition)) => Some(
+                    crate::provenance::predicate(request, &facts, definition)
+                        .map_err(|e| Status::internal(format!("{e:#}")))?,
+                ),
+                _ => None,
+            };
+            refs.push(exporter::ExportRef {
                 platform: p.platform.clone(),
                 snapshot: p.result.snapshot.clone(),
                 image_config: p.image_config.clone(),
                 created: p.result.created,
-            })
-            .collect();
+                provenance,
+            });
+        }
         let input = exporter::ExportInput {
             worker: worker.as_ref(),
             refs: &refs,

@@ -442,6 +442,8 @@ pub struct ExportRef {
     pub image_config: ImageConfig,
     /// When the result was first built (seconds since the epoch).
     pub created: Option<u64>,
+    /// The SLSA provenance predicate to attest for this platform's image (`attest:provenance`).
+    pub provenance: Option<serde_json::Value>,
 }
 
 /// What every exporter works from.
@@ -481,7 +483,8 @@ pub async fn commit_result(
     options: &ExportOptions,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
-    if !input.multi_platform {
+    let attested = input.refs.iter().any(|r| r.provenance.is_some());
+    if !input.multi_platform && !attested {
         let one = input.single()?;
         return commit_image(
             input.worker,
@@ -494,7 +497,20 @@ pub async fn commit_result(
         )
         .await;
     }
+    // As BuildKit, attestations need an OCI index (a Docker manifest list cannot hold
+    // them), so they switch the whole image to OCI media types.
+    let attested_options;
+    let options = if attested && !options.oci_media_types {
+        attested_options = ExportOptions {
+            oci_media_types: true,
+            ..options.clone()
+        };
+        &attested_options
+    } else {
+        options
+    };
     let mut manifests = Vec::with_capacity(input.refs.len());
+    let mut attestations = Vec::new();
     let mut created = None;
     for one in input.refs {
         // Inline cache is refused for several platforms (`--cache-to` with a multi-platform
@@ -512,9 +528,22 @@ pub async fn commit_result(
         .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
         let mut descriptor = image.manifest;
         descriptor.platform = Some(one.platform.canonical());
+        if let Some(predicate) = &one.provenance {
+            attestations.push(
+                commit_attestation(input.worker, predicate, &descriptor, options, progress)
+                    .with_context(|| {
+                        format!(
+                            "failed to write the provenance attestation for {}",
+                            one.platform.id()
+                        )
+                    })?,
+            );
+        }
         manifests.push(descriptor);
         created = created.max(Some(image.created));
     }
+    // Attestation manifests follow every image manifest, as in BuildKit's indexes.
+    manifests.extend(attestations);
     let media_type = if options.oci_media_types {
         media_types::OCI_INDEX
     } else {
@@ -541,6 +570,76 @@ pub async fn commit_result(
     })
 }
 
+/// Writes the attestation manifest of `image` (one platform's manifest): an OCI manifest of
+/// platform `unknown/unknown` whose one layer is the in-toto statement of `predicate` about
+/// `image`, as BuildKit's `commitAttestationsManifest`. Returns its index descriptor, carrying
+/// the `vnd.docker.reference.*` annotations that tie it to `image`.
+fn commit_attestation(
+    worker: &dyn Worker,
+    predicate: &serde_json::Value,
+    image: &Descriptor,
+    options: &ExportOptions,
+    progress: &VertexProgress,
+) -> anyhow::Result<Descriptor> {
+    use crate::provenance;
+    let platform = image.platform.clone().unwrap_or_else(Platform::host);
+    let statement = provenance::statement(predicate, &image.digest, &options.names, &platform)?;
+    let content = worker.content();
+    let statement_digest = content
+        .write_blob(&statement)
+        .context("failed to write the in-toto statement")?;
+    let mut layer = Descriptor::new(
+        provenance::IN_TOTO_MEDIA_TYPE,
+        statement_digest.clone(),
+        statement.len() as u64,
+    );
+    layer.annotations = Some(BTreeMap::from([(
+        provenance::PREDICATE_TYPE_ANNOTATION.to_string(),
+        provenance::PREDICATE_TYPE.to_string(),
+    )]));
+    // The statement is not a tar: its digest stands for the diff id, as in BuildKit.
+    let config = serde_json::json!({
+        "architecture": "unknown",
+        "os": "unknown",
+        "config": {},
+        "rootfs": { "type": "layers", "diff_ids": [statement_digest.to_string()] },
+    });
+    let config_bytes = serde_json::to_vec(&config).context("failed to encode config")?;
+    let config_digest = content
+        .write_blob(&config_bytes)
+        .context("failed to write the attestation config")?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(media_types::OCI_MANIFEST.to_string()),
+        config: Descriptor::new(
+            media_types::OCI_CONFIG,
+            config_digest,
+            config_bytes.len() as u64,
+        ),
+        layers: vec![layer],
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&manifest).context("failed to encode manifest")?;
+    let digest = content
+        .write_blob(&bytes)
+        .context("failed to write the attestation manifest")?;
+    let status = format!("exporting attestation manifest {digest}");
+    progress.status(&status, &status, 0, None, true);
+    let mut descriptor = Descriptor::new(media_types::OCI_MANIFEST, digest, bytes.len() as u64);
+    descriptor.annotations = Some(BTreeMap::from([
+        (
+            provenance::REFERENCE_DIGEST_ANNOTATION.to_string(),
+            image.digest.to_string(),
+        ),
+        (
+            provenance::REFERENCE_TYPE_ANNOTATION.to_string(),
+            provenance::ATTESTATION_MANIFEST.to_string(),
+        ),
+    ]));
+    descriptor.platform = Some(Platform::new("unknown", "unknown", None));
+    Ok(descriptor)
+}
+
 /// Runs exporter number `index` of kind `kind` with `attrs`, returning its
 /// response keys.
 pub async fn export(
@@ -558,6 +657,17 @@ pub async fn export(
         bail!(
             "docker exporter does not currently support exporting manifest lists: \
              use the oci exporter (-o type=oci) or the image exporter for several platforms"
+        );
+    }
+    if kind == ExporterKind::Docker
+        && bool_attr(attrs, "tar", true)?
+        && input.refs.iter().any(|r| r.provenance.is_some())
+    {
+        // A docker tarball names one manifest in manifest.json; BuildKit's docker exporter
+        // drops attestations there, kiln refuses instead of losing them silently.
+        bail!(
+            "docker exporter cannot hold attestations: use the oci exporter (-o type=oci) \
+             or the image exporter for a build with provenance"
         );
     }
     let image = commit_result(input, &options, vertex).await?;
@@ -1067,6 +1177,7 @@ mod tests {
             snapshot: base.clone(),
             image_config: resolved.config.clone(),
             created: Some(1_600_000_000),
+            provenance: None,
         }];
         let input = ExportInput {
             worker: &worker,

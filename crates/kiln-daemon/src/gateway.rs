@@ -94,6 +94,7 @@ impl Job {
                 platform: solved.platform,
                 result: solved.result,
                 image_config,
+                definition: None,
             })
         };
         let refs = match &returned.result {

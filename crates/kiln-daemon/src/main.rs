@@ -14,6 +14,7 @@ mod jobs;
 mod listen;
 mod locals;
 mod policy;
+mod provenance;
 mod registry_auth;
 mod secrets;
 mod tuning;
