@@ -1254,7 +1254,9 @@ impl Resolver {
     /// status (`GET <location>`, `Range: 0-N`) says how much the registry kept, and the upload
     /// continues from byte N+1 — which may be inside the failed chunk. A session the registry no
     /// longer knows (distribution cancels one whose PATCH it half-received) is replaced by a new
-    /// one from byte 0. Chunk failures count against [`PushOptions::attempts`].
+    /// one from byte 0. Chunk failures count against [`PushOptions::attempts`] within one call;
+    /// the caller retries the whole upload at most that many times again, so the number of
+    /// requests stays bounded (attempts² chunk failures at worst).
     async fn upload_chunks(
         &self,
         reference: &Reference,
