@@ -216,6 +216,8 @@ pub enum Error {
         status: StatusCode,
         /// The start of the registry's error body (with a leading `: `), or empty.
         detail: String,
+        /// The response's `Retry-After`, when it gave one in seconds.
+        retry_after: Option<Duration>,
     },
     /// A blob to push could not be read from the content store.
     #[error("failed to read blob {digest} to push to {reference}")]
@@ -464,17 +466,97 @@ impl PushReport {
     }
 }
 
+/// How pushes retry transient failures and split large blobs.
+///
+/// Every push request (blob HEAD, upload POST/PATCH/PUT, manifest PUT) that fails without an
+/// HTTP answer or with a 5xx, 408 or 429 is tried again, at most `attempts` times in all, after
+/// `initial_backoff` doubled on each failure or the registry's `Retry-After`, either capped at
+/// `max_backoff`. Blobs larger than `chunk_size` are uploaded in PATCH chunks; a failed chunk
+/// resumes where the registry says the upload stands (`GET <location>` → `Range: 0-N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOptions {
+    /// Tries per request, the first included (at least 1).
+    pub attempts: u32,
+    /// Wait after the first failure.
+    pub initial_backoff: Duration,
+    /// Longest wait, `Retry-After` included.
+    pub max_backoff: Duration,
+    /// Blobs above this many bytes go in chunks of this size (at least 1).
+    pub chunk_size: u64,
+}
+
+impl Default for PushOptions {
+    /// 5 attempts, 500 ms doubling up to 10 s, 32 MiB chunks (containerd's pusher also sends
+    /// tens of MiB per request; smaller chunks only add round trips on a healthy link).
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+            chunk_size: 32 << 20,
+        }
+    }
+}
+
+impl PushOptions {
+    /// The wait after the `failures`-th failure (1-based): the registry's `retry_after` if it
+    /// gave one, else `initial_backoff × 2^(failures-1)`; never more than `max_backoff`.
+    pub fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        let delay = retry_after.unwrap_or_else(|| {
+            self.initial_backoff
+                .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        });
+        delay.min(self.max_backoff)
+    }
+}
+
 /// Whether a push failure is worth one more try: no HTTP answer, or a 5xx / 408 / 429.
 fn is_transient(e: &Error) -> bool {
     match e {
         Error::PushRequest { .. } => true,
-        Error::PushStatus { status, .. } => {
-            status.is_server_error()
-                || *status == StatusCode::REQUEST_TIMEOUT
-                || *status == StatusCode::TOO_MANY_REQUESTS
-        }
+        Error::PushStatus { status, .. } => is_transient_status(*status),
         _ => false,
     }
+}
+
+fn is_transient_status(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// The `Retry-After` of a refused push request.
+fn retry_after_of(e: &Error) -> Option<Duration> {
+    match e {
+        Error::PushStatus { retry_after, .. } => *retry_after,
+        _ => None,
+    }
+}
+
+/// A `Retry-After` in seconds (the HTTP-date form is ignored: the backoff applies instead).
+fn retry_after_header(response: &Response) -> Option<Duration> {
+    let value = response.headers().get(reqwest::header::RETRY_AFTER)?;
+    let seconds: u64 = value.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// The bytes a registry holds of an upload, from its `Range: 0-N` (N the last byte's offset).
+/// `0-0` is read as nothing uploaded: distribution answers it for an empty upload, and a
+/// one-byte upload is not something a chunked push leaves behind.
+fn uploaded_bytes(response: &Response) -> Option<u64> {
+    let value = response
+        .headers()
+        .get(reqwest::header::RANGE)?
+        .to_str()
+        .ok()?;
+    let value = value.trim();
+    let range = value.strip_prefix("bytes=").unwrap_or(value);
+    let (start, end) = range.split_once('-')?;
+    let (start, end): (u64, u64) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
+    if start != 0 {
+        return None;
+    }
+    Some(if end == 0 { 0 } else { end + 1 })
 }
 
 /// The `Location` of an upload response, resolved against the repository URL.
@@ -512,6 +594,8 @@ struct Inner {
     tokens: Mutex<HashMap<(String, String), String>>,
     /// Domain → index of the endpoint that worked.
     working: Mutex<HashMap<String, usize>>,
+    /// Retries and chunking of pushes.
+    push: PushOptions,
 }
 
 #[derive(Deserialize)]
@@ -579,8 +663,13 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 impl Resolver {
-    /// A resolver for `hosts`.
+    /// A resolver for `hosts` with the default [`PushOptions`].
     pub fn new(hosts: RegistryHosts) -> Result<Self> {
+        Self::with_push_options(hosts, PushOptions::default())
+    }
+
+    /// A resolver for `hosts` whose pushes retry and chunk as `push` says.
+    pub fn with_push_options(hosts: RegistryHosts, push: PushOptions) -> Result<Self> {
         let builder = || {
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(30))
@@ -618,6 +707,11 @@ impl Resolver {
                 ca_clients,
                 tokens: Mutex::new(HashMap::new()),
                 working: Mutex::new(HashMap::new()),
+                push: PushOptions {
+                    attempts: push.attempts.max(1),
+                    chunk_size: push.chunk_size.max(1),
+                    ..push
+                },
             }),
         })
     }
@@ -839,8 +933,8 @@ impl Resolver {
 
     /// Pushes one blob of `store` to the repository of `reference`: nothing when the registry
     /// has it, a cross-repository mount when the store knows the blob from another repository
-    /// of the same registry, else a monolithic upload (POST then PUT, tried twice on transient
-    /// failures).
+    /// of the same registry, else an upload: POST then PUT, or above [`PushOptions::chunk_size`]
+    /// resumable PATCH chunks; transient failures are retried as [`PushOptions`] says.
     pub async fn push_blob(
         &self,
         reference: &Reference,
@@ -947,6 +1041,7 @@ impl Resolver {
         if status.is_success() {
             return Ok(response);
         }
+        let retry_after = retry_after_header(&response);
         let body = response.text().await.unwrap_or_default();
         let body = body.trim();
         let detail = if body.is_empty() {
@@ -960,7 +1055,30 @@ impl Resolver {
             url: url.to_owned(),
             status,
             detail,
+            retry_after,
         })
+    }
+
+    /// Runs `op` until it succeeds, fails with a non-transient error, or has been tried
+    /// [`PushOptions::attempts`] times, waiting [`PushOptions::backoff`] between tries.
+    async fn retrying<T, F, Fut>(&self, reference: &Reference, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let options = &self.inner.push;
+        let mut failures = 0;
+        loop {
+            match op().await {
+                Err(e) if failures + 1 < options.attempts && is_transient(&e) => {
+                    failures += 1;
+                    let delay = options.backoff(failures, retry_after_of(&e));
+                    tracing::warn!(%reference, what, failures, ?delay, error = %e, "retrying push request");
+                    tokio::time::sleep(delay).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn push_blob_to(
@@ -981,20 +1099,48 @@ impl Resolver {
         };
 
         let head_url = format!("{repo}/blobs/{digest}");
-        let head = self
-            .send_authorized(
-                reference,
-                endpoint,
-                std::slice::from_ref(&push_scope),
-                &|c| Ok(c.head(&head_url)),
-            )
+        let exists = self
+            .retrying(reference, &what, || async {
+                let response = self
+                    .send_authorized(
+                        reference,
+                        endpoint,
+                        std::slice::from_ref(&push_scope),
+                        &|c| Ok(c.head(&head_url)),
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Request(source) => Error::PushRequest {
+                            reference: reference.to_string(),
+                            what: what.clone(),
+                            url: head_url.clone(),
+                            source,
+                        },
+                        SendError::Other(e) => e,
+                    })?;
+                let status = response.status();
+                if is_transient_status(status) {
+                    return Err(Error::PushStatus {
+                        reference: reference.to_string(),
+                        what: what.clone(),
+                        url: head_url.clone(),
+                        status,
+                        detail: String::new(),
+                        retry_after: retry_after_header(&response),
+                    });
+                }
+                Ok(status.is_success())
+            })
             .await;
-        if let Ok(response) = head {
-            if response.status().is_success() {
+        match exists {
+            Ok(true) => {
                 tracing::debug!(%reference, %digest, "blob already in the registry");
                 record();
                 return Ok(BlobPush::Existing);
             }
+            Ok(false) => {}
+            // The upload decides: it has its own retries and a clearer error.
+            Err(e) => tracing::debug!(%reference, %digest, error = %e, "blob HEAD failed"),
         }
 
         // Cross-repository mount from a repository of the same registry that has the blob.
@@ -1023,25 +1169,16 @@ impl Resolver {
             }
         }
 
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .upload(reference, endpoint, descriptor, store, location.take())
-                .await
-            {
-                Ok(()) => break,
-                Err(e) if attempt < 2 && is_transient(&e) => {
-                    tracing::warn!(%reference, %digest, error = %e, "retrying blob upload");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.retrying(reference, &what, || {
+            self.upload(reference, endpoint, descriptor, store, location.take())
+        })
+        .await?;
         record();
         Ok(BlobPush::Uploaded)
     }
 
-    /// One monolithic upload: POST (unless `location` is already open), then PUT with the blob.
+    /// One upload: POST (unless `location` is already open), then either PUT with the whole blob
+    /// or, above [`PushOptions::chunk_size`], PATCH chunks and an empty PUT.
     async fn upload(
         &self,
         reference: &Reference,
@@ -1052,32 +1189,25 @@ impl Resolver {
     ) -> Result<()> {
         let digest = &descriptor.digest;
         let what = format!("blob {digest}");
-        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
         let scopes = [format!("repository:{}:pull,push", reference.path())];
         let mut location = match location {
             Some(l) => l,
-            None => {
-                let url = format!("{repo}/blobs/uploads/");
-                let response = self
-                    .push_send(reference, endpoint, &what, &url, &scopes, &|c| {
-                        Ok(c.post(&url).header(reqwest::header::CONTENT_LENGTH, "0"))
-                    })
-                    .await?;
-                upload_location(reference, &repo, &response)?.ok_or_else(|| Error::Location {
-                    reference: reference.to_string(),
-                    location: String::new(),
-                })?
-            }
+            None => self.start_upload(reference, endpoint, &what).await?,
         };
-        location
-            .query_pairs_mut()
-            .append_pair("digest", &digest.to_string());
-        let url = location.to_string();
         let size = store.info(digest).map_err(|source| Error::PushContent {
             reference: reference.to_string(),
             digest: digest.clone(),
             source,
         })?;
+        if size > self.inner.push.chunk_size {
+            return self
+                .upload_chunks(reference, endpoint, descriptor, store, location, size)
+                .await;
+        }
+        location
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let url = location.to_string();
         self.push_send(reference, endpoint, &what, &url, &scopes, &|c| {
             let file = store
                 .open_blob(digest)
@@ -1096,6 +1226,150 @@ impl Resolver {
         Ok(())
     }
 
+    /// Opens an upload session (POST) and returns its location.
+    async fn start_upload(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        what: &str,
+    ) -> Result<reqwest::Url> {
+        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
+        let scopes = [format!("repository:{}:pull,push", reference.path())];
+        let url = format!("{repo}/blobs/uploads/");
+        let response = self
+            .push_send(reference, endpoint, what, &url, &scopes, &|c| {
+                Ok(c.post(&url).header(reqwest::header::CONTENT_LENGTH, "0"))
+            })
+            .await?;
+        upload_location(reference, &repo, &response)?.ok_or_else(|| Error::Location {
+            reference: reference.to_string(),
+            location: String::new(),
+        })
+    }
+
+    /// A chunked upload into the open session `location`: PATCH chunks of
+    /// [`PushOptions::chunk_size`] with `Content-Range`, then PUT `?digest=` with no body.
+    ///
+    /// A chunk that fails transiently is not simply sent again: after the backoff the session's
+    /// status (`GET <location>`, `Range: 0-N`) says how much the registry kept, and the upload
+    /// continues from byte N+1 — which may be inside the failed chunk. A session the registry no
+    /// longer knows (distribution cancels one whose PATCH it half-received) is replaced by a new
+    /// one from byte 0. Chunk failures count against [`PushOptions::attempts`] within one call;
+    /// the caller retries the whole upload at most that many times again, so the number of
+    /// requests stays bounded (attempts² chunk failures at worst).
+    async fn upload_chunks(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        descriptor: &Descriptor,
+        store: &ContentStore,
+        mut location: reqwest::Url,
+        size: u64,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+
+        let digest = &descriptor.digest;
+        let what = format!("blob {digest}");
+        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
+        let scopes = [format!("repository:{}:pull,push", reference.path())];
+        let content_err = |source| Error::PushContent {
+            reference: reference.to_string(),
+            digest: digest.clone(),
+            source,
+        };
+        let file = store.open_blob(digest).map_err(content_err)?;
+        let options = &self.inner.push;
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        while offset < size {
+            let end = (offset + options.chunk_size).min(size);
+            let mut chunk = vec![0u8; (end - offset) as usize];
+            file.read_exact_at(&mut chunk, offset).map_err(|source| {
+                content_err(content::Error::Io {
+                    path: store.path(digest),
+                    source,
+                })
+            })?;
+            let url = location.to_string();
+            let sent = self
+                .push_send(reference, endpoint, &what, &url, &scopes, &|c| {
+                    Ok(c.patch(&url)
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(
+                            reqwest::header::CONTENT_RANGE,
+                            format!("{offset}-{}", end - 1),
+                        )
+                        .header(reqwest::header::CONTENT_LENGTH, chunk.len().to_string())
+                        .body(chunk.clone()))
+                })
+                .await;
+            match sent {
+                Ok(response) => {
+                    if let Some(next) = upload_location(reference, &repo, &response)? {
+                        location = next;
+                    }
+                    offset = end;
+                }
+                Err(e) if failures + 1 < options.attempts && is_transient(&e) => {
+                    failures += 1;
+                    let delay = options.backoff(failures, retry_after_of(&e));
+                    tracing::warn!(%reference, %digest, offset, failures, ?delay, error = %e, "chunk failed; resuming the upload");
+                    tokio::time::sleep(delay).await;
+                    match self
+                        .upload_status(reference, endpoint, &what, &location)
+                        .await
+                    {
+                        Ok((next, uploaded)) if uploaded <= size => {
+                            location = next;
+                            offset = uploaded;
+                        }
+                        status => {
+                            tracing::warn!(%reference, %digest, status = ?status.map(|(_, n)| n), "upload session lost; starting over");
+                            location = self.start_upload(reference, endpoint, &what).await?;
+                            offset = 0;
+                        }
+                    }
+                    tracing::debug!(%reference, %digest, offset, "upload resumes");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        location
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let url = location.to_string();
+        self.push_send(reference, endpoint, &what, &url, &scopes, &|c| {
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, "0"))
+        })
+        .await?;
+        tracing::debug!(%reference, %digest, size, failures, "uploaded blob in chunks");
+        Ok(())
+    }
+
+    /// An upload session's status: its (possibly new) location and the bytes the registry has.
+    async fn upload_status(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        what: &str,
+        location: &reqwest::Url,
+    ) -> Result<(reqwest::Url, u64)> {
+        let repo = format!("{}/v2/{}", endpoint.base, reference.path());
+        let scopes = [format!("repository:{}:pull,push", reference.path())];
+        let url = location.to_string();
+        let response = self
+            .push_send(reference, endpoint, what, &url, &scopes, &|c| {
+                Ok(c.get(&url))
+            })
+            .await?;
+        let uploaded = uploaded_bytes(&response).unwrap_or(0);
+        let next =
+            upload_location(reference, &repo, &response)?.unwrap_or_else(|| location.clone());
+        Ok((next, uploaded))
+    }
+
     async fn put_manifest(
         &self,
         reference: &Reference,
@@ -1110,10 +1384,13 @@ impl Resolver {
             reference.path()
         );
         let scopes = [format!("repository:{}:pull,push", reference.path())];
-        self.push_send(reference, endpoint, "manifest", &url, &scopes, &|c| {
+        let build = |c: &reqwest::Client| {
             Ok(c.put(&url)
                 .header(CONTENT_TYPE, media_type)
                 .body(bytes.to_vec()))
+        };
+        self.retrying(reference, "manifest", || {
+            self.push_send(reference, endpoint, "manifest", &url, &scopes, &build)
         })
         .await?;
         Ok(())
@@ -1664,6 +1941,24 @@ mod tests {
             error.to_string(),
             "invalid CA certificate for registry reg.example"
         );
+    }
+
+    #[test]
+    fn push_backoff_doubles_honours_retry_after_and_is_capped() {
+        let options = PushOptions {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            chunk_size: 1,
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(options.backoff(1, None), ms(100));
+        assert_eq!(options.backoff(2, None), ms(200));
+        assert_eq!(options.backoff(4, None), ms(800));
+        assert_eq!(options.backoff(5, None), ms(1000));
+        assert_eq!(options.backoff(40, None), ms(1000));
+        assert_eq!(options.backoff(1, Some(ms(300))), ms(300));
+        assert_eq!(options.backoff(1, Some(Duration::from_secs(120))), ms(1000));
     }
 
     #[test]

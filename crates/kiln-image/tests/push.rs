@@ -7,7 +7,7 @@ use std::process::Command;
 use kiln_image::content::ContentStore;
 use kiln_image::oci::{media_types, Descriptor, ImageConfig, ImageManifest, Platform, RootFs};
 use kiln_image::reference::Reference;
-use kiln_image::registry::{BlobPush, RegistryHosts, Resolver};
+use kiln_image::registry::{BlobPush, PushOptions, RegistryHosts, Resolver};
 use kiln_image::Digest;
 
 const BUSYBOX: &str = "127.0.0.1:5000/busybox:latest";
@@ -168,4 +168,73 @@ async fn push_by_digest_has_no_tag_and_checks_the_digest() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("expected"), "{err}");
+}
+
+#[tokio::test]
+async fn chunked_push_of_a_blob_larger_than_a_chunk_arrives_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ContentStore::open(tmp.path()).unwrap();
+    // 1 MiB chunks: the 3.5 MiB layer goes in four PATCHes and a closing PUT.
+    let resolver = Resolver::with_push_options(
+        RegistryHosts::new(),
+        PushOptions {
+            chunk_size: 1 << 20,
+            ..PushOptions::default()
+        },
+    )
+    .unwrap();
+    let mut x: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let layer: Vec<u8> = (0..(7 << 19))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let layer_digest = store.write_blob(&layer).unwrap();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = store.write_blob(config).unwrap();
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(media_types::OCI_MANIFEST.into()),
+        config: Descriptor::new(media_types::OCI_CONFIG, config_digest, config.len() as u64),
+        layers: vec![Descriptor::new(
+            media_types::OCI_LAYER,
+            layer_digest.clone(),
+            layer.len() as u64,
+        )],
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let manifest_desc = Descriptor::new(
+        media_types::OCI_MANIFEST,
+        store.write_blob(&bytes).unwrap(),
+        bytes.len() as u64,
+    );
+
+    let repo = unique_repo("chunked");
+    let target = Reference::parse_normalized(&format!("{repo}:v1")).unwrap();
+    let report = resolver
+        .push_image(&target, &manifest_desc, &store)
+        .await
+        .unwrap();
+    assert_eq!(report.count(BlobPush::Uploaded), 2, "{report:?}");
+    assert_eq!(
+        skopeo_digest(&format!("{repo}:v1")),
+        manifest_desc.digest.to_string()
+    );
+    // The registry serves the layer back with the same bytes (fetch_blob checks the digest).
+    let fetched = tempfile::tempdir().unwrap();
+    let fetched = ContentStore::open(fetched.path()).unwrap();
+    resolver
+        .fetch_blob(&target, &manifest.layers[0], &fetched)
+        .await
+        .unwrap();
+    assert_eq!(fetched.read(&layer_digest).unwrap(), layer);
 }
