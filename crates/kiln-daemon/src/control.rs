@@ -535,6 +535,7 @@ impl ControlService {
             .map(|p| exporter::ExportRef {
                 platform: p.platform.clone(),
                 snapshot: p.result.snapshot.clone(),
+                lazy: p.result.lazy.clone(),
                 image_config: p.image_config.clone(),
                 created: p.result.created,
             })
