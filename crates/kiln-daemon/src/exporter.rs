@@ -236,32 +236,33 @@ fn oci_media_type(docker: &str) -> String {
     }
 }
 
-/// Writes the image config and manifest for `snapshot` (its layers bottom to
-/// top, converted as `options` asks) into the worker's content store.
-/// Without a snapshot, `lazy` (a base image the worker has not pulled) gives
-/// the layers as its manifest names them: their blobs stay in the registry,
-/// recorded as the blobs' sources so a push mounts them, unless a conversion
-/// needs their bytes (see [`fetch_lazy_layers`] for exporters that do).
+/// Writes the image config and manifest for `result` (its snapshot's layers
+/// bottom to top, converted as `options` asks; its image config and creation
+/// time) into the worker's content store.
+/// Without a snapshot, `result.lazy` (a base image the worker has not pulled)
+/// gives the layers as its manifest names them: their blobs stay in the
+/// registry, recorded as the blobs' sources so a push mounts them, unless a
+/// conversion needs their bytes (see [`fetch_lazy_layers`] for exporters
+/// that do).
 /// With `inline_cache`, the records of that solve whose results are part of
 /// the image go into the config under `moby.buildkit.cache.v0` (see
 /// [`crate::cache`]).
 pub async fn commit_image(
     worker: &dyn Worker,
-    snapshot: Option<&SnapshotId>,
-    lazy: Option<&LazyImage>,
-    mut config: ImageConfig,
-    created: Option<u64>,
+    result: &ExportRef,
     options: &ExportOptions,
     inline_cache: Option<&SolveResult>,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
+    let mut config = result.image_config.clone();
+    let created = result.created;
     let oci_mediatypes = options.oci_media_types;
     progress.status("exporting layers", "exporting layers", 0, None, false);
     let clamp = options
         .source_date_epoch
         .filter(|_| options.rewrite_timestamp);
     let converts = options.compression.is_some() || clamp.is_some();
-    let mut layers = match (snapshot, lazy) {
+    let mut layers = match (&result.snapshot, &result.lazy) {
         (Some(id), _) => worker.layers(id).await.context("failed to export layers")?,
         (None, Some(image)) => {
             record_sources(worker, image);
@@ -498,35 +499,16 @@ pub async fn commit_result(
 ) -> anyhow::Result<CommittedImage> {
     if !input.multi_platform {
         let one = input.single()?;
-        return commit_image(
-            input.worker,
-            one.snapshot.as_ref(),
-            one.lazy.as_ref(),
-            one.image_config.clone(),
-            one.created,
-            options,
-            input.inline_cache,
-            progress,
-        )
-        .await;
+        return commit_image(input.worker, one, options, input.inline_cache, progress).await;
     }
     let mut manifests = Vec::with_capacity(input.refs.len());
     let mut created = None;
     for one in input.refs {
         // Inline cache is refused for several platforms (`--cache-to` with a multi-platform
         // build), so none goes into these configs.
-        let image = commit_image(
-            input.worker,
-            one.snapshot.as_ref(),
-            one.lazy.as_ref(),
-            one.image_config.clone(),
-            one.created,
-            options,
-            None,
-            progress,
-        )
-        .await
-        .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
+        let image = commit_image(input.worker, one, options, None, progress)
+            .await
+            .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
         let mut descriptor = image.manifest;
         descriptor.platform = Some(one.platform.canonical());
         manifests.push(descriptor);
@@ -1207,18 +1189,9 @@ mod tests {
 
         // The same image again: no blob is uploaded.
         let options = ExportOptions::parse(ExporterKind::Image, &a).unwrap();
-        let image = commit_image(
-            &worker,
-            base.as_ref(),
-            None,
-            resolved.config.clone(),
-            Some(1_600_000_000),
-            &options,
-            None,
-            &vertex(),
-        )
-        .await
-        .unwrap();
+        let image = commit_image(&worker, &refs[0], &options, None, &vertex())
+            .await
+            .unwrap();
         assert_eq!(&image.manifest.digest.to_string(), digest);
         assert_eq!(push(&worker, &image, &options, &vertex()).await.unwrap(), 0);
 
@@ -1253,18 +1226,16 @@ mod tests {
             let config = config.clone();
             async move {
                 let options = ExportOptions::parse(ExporterKind::Image, &a).unwrap();
-                commit_image(
-                    worker,
-                    Some(&snapshot),
-                    None,
-                    config,
-                    Some(created),
-                    &options,
-                    None,
-                    &vertex(),
-                )
-                .await
-                .unwrap()
+                let result = ExportRef {
+                    platform: Platform::host().canonical(),
+                    snapshot: Some(snapshot),
+                    lazy: None,
+                    image_config: config,
+                    created: Some(created),
+                };
+                commit_image(worker, &result, &options, None, &vertex())
+                    .await
+                    .unwrap()
             }
         };
         let epoch = attrs(&[
