@@ -569,6 +569,7 @@ impl ControlService {
             refs.push(exporter::ExportRef {
                 platform: p.platform.clone(),
                 snapshot: p.result.snapshot.clone(),
+                lazy: p.result.lazy.clone(),
                 image_config: p.image_config.clone(),
                 created: p.result.created,
                 provenance,

@@ -23,7 +23,7 @@ use kiln_image::oci::{
 use kiln_image::reference::Reference;
 use kiln_image::registry::{BlobPush, RegistryHosts, Resolver};
 use kiln_image::Digest;
-use kiln_solver::{SolveResult, VertexProgress};
+use kiln_solver::{LazyImage, SolveResult, VertexProgress};
 use kiln_worker::{SnapshotId, Worker};
 
 /// An image written to the content store.
@@ -236,30 +236,44 @@ fn oci_media_type(docker: &str) -> String {
     }
 }
 
-/// Writes the image config and manifest for `snapshot` (its layers bottom to
-/// top, converted as `options` asks) into the worker's content store.
+/// Writes the image config and manifest for `result` (its snapshot's layers
+/// bottom to top, converted as `options` asks; its image config and creation
+/// time) into the worker's content store.
+/// Without a snapshot, `result.lazy` (a base image the worker has not pulled)
+/// gives the layers as its manifest names them: their blobs stay in the
+/// registry, recorded as the blobs' sources so a push mounts them, unless a
+/// conversion needs their bytes (see [`fetch_lazy_layers`] for exporters
+/// that do).
 /// With `inline_cache`, the records of that solve whose results are part of
 /// the image go into the config under `moby.buildkit.cache.v0` (see
 /// [`crate::cache`]).
 pub async fn commit_image(
     worker: &dyn Worker,
-    snapshot: Option<&SnapshotId>,
-    mut config: ImageConfig,
-    created: Option<u64>,
+    result: &ExportRef,
     options: &ExportOptions,
     inline_cache: Option<&SolveResult>,
     progress: &VertexProgress,
 ) -> anyhow::Result<CommittedImage> {
+    let mut config = result.image_config.clone();
+    let created = result.created;
     let oci_mediatypes = options.oci_media_types;
     progress.status("exporting layers", "exporting layers", 0, None, false);
-    let mut layers = match snapshot {
-        Some(id) => worker.layers(id).await.context("failed to export layers")?,
-        None => Vec::new(),
-    };
     let clamp = options
         .source_date_epoch
         .filter(|_| options.rewrite_timestamp);
-    if options.compression.is_some() || clamp.is_some() {
+    let converts = options.compression.is_some() || clamp.is_some();
+    let mut layers = match (&result.snapshot, &result.lazy) {
+        (Some(id), _) => worker.layers(id).await.context("failed to export layers")?,
+        (None, Some(image)) => {
+            record_sources(worker, image);
+            if converts {
+                fetch_lazy_layers(worker, image, progress).await?;
+            }
+            image.layers.clone()
+        }
+        (None, None) => Vec::new(),
+    };
+    if converts {
         let store = worker.content().clone();
         let options = options.clone();
         layers =
@@ -436,8 +450,10 @@ fn convert_layers(
 pub struct ExportRef {
     /// The target platform (canonical).
     pub platform: Platform,
-    /// The result snapshot (`None` = scratch).
+    /// The result snapshot (`None` = scratch, or `lazy`).
     pub snapshot: Option<SnapshotId>,
+    /// The result is a base image the worker has not pulled: its layers are in the registry.
+    pub lazy: Option<LazyImage>,
     /// The frontend's image config.
     pub image_config: ImageConfig,
     /// When the result was first built (seconds since the epoch).
@@ -486,16 +502,7 @@ pub async fn commit_result(
     let attested = input.refs.iter().any(|r| r.provenance.is_some());
     if !input.multi_platform && !attested {
         let one = input.single()?;
-        return commit_image(
-            input.worker,
-            one.snapshot.as_ref(),
-            one.image_config.clone(),
-            one.created,
-            options,
-            input.inline_cache,
-            progress,
-        )
-        .await;
+        return commit_image(input.worker, one, options, input.inline_cache, progress).await;
     }
     // As BuildKit, attestations need an OCI index (a Docker manifest list cannot hold
     // them), so they switch the whole image to OCI media types.
@@ -515,17 +522,9 @@ pub async fn commit_result(
     for one in input.refs {
         // Inline cache is refused for several platforms (`--cache-to` with a multi-platform
         // build), so none goes into these configs.
-        let image = commit_image(
-            input.worker,
-            one.snapshot.as_ref(),
-            one.image_config.clone(),
-            one.created,
-            options,
-            None,
-            progress,
-        )
-        .await
-        .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
+        let image = commit_image(input.worker, one, options, None, progress)
+            .await
+            .with_context(|| format!("failed to export the image for {}", one.platform.id()))?;
         let mut descriptor = image.manifest;
         descriptor.platform = Some(one.platform.canonical());
         if let Some(predicate) = &one.provenance {
@@ -679,10 +678,38 @@ pub async fn export(
     }
     let response = response(&image, &names)?;
     if options.push {
-        push(input.worker, &image, &options, vertex).await?;
+        // Lazy layers are mounted from the image's repository when the target is in the same
+        // registry; otherwise (or when the registry refuses the mount) their bytes are needed.
+        let same_registry = input
+            .refs
+            .iter()
+            .filter_map(|r| r.lazy.as_ref())
+            .all(|lazy| {
+                options
+                    .names
+                    .iter()
+                    .all(|name| name.domain() == lazy.reference.domain())
+            });
+        if !same_registry {
+            fetch_all_lazy_layers(input, vertex).await?;
+        }
+        if let Err(e) = push(input.worker, &image, &options, vertex).await {
+            if !missing_lazy_layers(input) {
+                return Err(e);
+            }
+            tracing::debug!(error = %format!("{e:#}"), "push without the lazy layers failed, fetching them");
+            fetch_all_lazy_layers(input, vertex).await?;
+            push(input.worker, &image, &options, vertex).await?;
+        }
+    }
+    if kind == ExporterKind::Image && input.worker.image_store().is_some() {
+        fetch_all_lazy_layers(input, vertex).await?;
     }
     if kind == ExporterKind::Image {
         store_image(kind, attrs, input, &image, &options.names, vertex).await?;
+    }
+    if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) {
+        fetch_all_lazy_layers(input, vertex).await?;
     }
     if matches!(kind, ExporterKind::Docker | ExporterKind::Oci) && !bool_attr(attrs, "tar", true)? {
         let session = input
@@ -722,6 +749,73 @@ pub async fn export(
         vertex.status("sending tarball", "sending tarball", sent, Some(sent), true);
     }
     Ok(response)
+}
+
+/// Records the image's repository as the source of each of its layers, so a push to another
+/// repository of the same registry mounts them instead of uploading bytes kiln never fetched.
+fn record_sources(worker: &dyn Worker, image: &LazyImage) {
+    let source = image.reference.name();
+    for layer in &image.layers {
+        if let Err(e) = worker
+            .content()
+            .add_source(&layer.descriptor.digest, &source)
+        {
+            tracing::warn!(digest = %layer.descriptor.digest, error = %e, "failed to record blob source");
+        }
+    }
+}
+
+/// Whether a lazy result has a layer blob the worker's content store lacks.
+fn missing_lazy_layers(input: &ExportInput<'_>) -> bool {
+    input
+        .refs
+        .iter()
+        .filter_map(|r| r.lazy.as_ref())
+        .flat_map(|lazy| &lazy.layers)
+        .any(|layer| !input.worker.content().has(&layer.descriptor.digest))
+}
+
+/// [`fetch_lazy_layers`] for every lazy result of `input`.
+async fn fetch_all_lazy_layers(
+    input: &ExportInput<'_>,
+    progress: &VertexProgress,
+) -> anyhow::Result<()> {
+    for lazy in input.refs.iter().filter_map(|r| r.lazy.as_ref()) {
+        fetch_lazy_layers(input.worker, lazy, progress).await?;
+    }
+    Ok(())
+}
+
+/// Downloads the layer blobs of a base image the worker has not pulled into its content store
+/// (only the ones it lacks, digests verified), from the repository the image came from: for
+/// exporters that need the bytes (tarballs, a client's content store, an image store, layer
+/// conversion). The image is not unpacked.
+pub async fn fetch_lazy_layers(
+    worker: &dyn Worker,
+    image: &LazyImage,
+    progress: &VertexProgress,
+) -> anyhow::Result<()> {
+    let missing: Vec<&kiln_worker::Layer> = image
+        .layers
+        .iter()
+        .filter(|l| !worker.content().has(&l.descriptor.digest))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let resolver = Resolver::new(registry_hosts()).context("failed to create registry client")?;
+    for layer in missing {
+        let digest = &layer.descriptor.digest;
+        let status = format!("fetching {digest}");
+        progress.status(&status, &status, 0, Some(layer.descriptor.size), false);
+        resolver
+            .fetch_blob(&image.reference, &layer.descriptor, worker.content())
+            .await
+            .with_context(|| format!("failed to fetch layer {digest} of {}", image.reference))?;
+        let size = layer.descriptor.size;
+        progress.status(&status, &status, size, Some(size), true);
+    }
+    Ok(())
 }
 
 /// What [`write_to_session_store`] moved.
@@ -1175,6 +1269,7 @@ mod tests {
         let refs = [ExportRef {
             platform: Platform::host().canonical(),
             snapshot: base.clone(),
+            lazy: None,
             image_config: resolved.config.clone(),
             created: Some(1_600_000_000),
             provenance: None,
@@ -1205,17 +1300,9 @@ mod tests {
 
         // The same image again: no blob is uploaded.
         let options = ExportOptions::parse(ExporterKind::Image, &a).unwrap();
-        let image = commit_image(
-            &worker,
-            base.as_ref(),
-            resolved.config.clone(),
-            Some(1_600_000_000),
-            &options,
-            None,
-            &vertex(),
-        )
-        .await
-        .unwrap();
+        let image = commit_image(&worker, &refs[0], &options, None, &vertex())
+            .await
+            .unwrap();
         assert_eq!(&image.manifest.digest.to_string(), digest);
         assert_eq!(push(&worker, &image, &options, &vertex()).await.unwrap(), 0);
 
@@ -1250,17 +1337,16 @@ mod tests {
             let config = config.clone();
             async move {
                 let options = ExportOptions::parse(ExporterKind::Image, &a).unwrap();
-                commit_image(
-                    worker,
-                    Some(&snapshot),
-                    config,
-                    Some(created),
-                    &options,
-                    None,
-                    &vertex(),
-                )
-                .await
-                .unwrap()
+                let result = ExportRef {
+                    platform: Platform::host().canonical(),
+                    snapshot: Some(snapshot),
+                    lazy: None,
+                    image_config: config,
+                    created: Some(created),
+                };
+                commit_image(worker, &result, &options, None, &vertex())
+                    .await
+                    .unwrap()
             }
         };
         let epoch = attrs(&[

@@ -61,7 +61,14 @@ pub async fn export(
     let mut empties = Vec::new();
     let mut trees = Vec::with_capacity(input.refs.len());
     for one in input.refs {
-        let root = match &one.snapshot {
+        // A base image nobody pulled: its tree is needed now.
+        let pulled = match (&one.snapshot, &one.lazy) {
+            (None, Some(lazy)) => lazy.snapshot().await.with_context(|| {
+                format!("failed to pull {} for the local export", lazy.reference)
+            })?,
+            _ => None,
+        };
+        let root = match one.snapshot.as_ref().or(pulled.as_ref()) {
             Some(id) => {
                 let view = input.worker.snapshot_path(id).await.with_context(|| {
                     format!(

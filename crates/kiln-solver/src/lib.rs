@@ -44,7 +44,7 @@ use kiln_image::oci::Platform;
 use kiln_image::reference::Reference;
 use kiln_llb::Graph;
 use kiln_proto::pb;
-use kiln_worker::{Lease, SnapshotId, SnapshotUsage, Worker};
+use kiln_worker::{Layer, Lease, SnapshotId, SnapshotUsage, Worker};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
@@ -231,6 +231,40 @@ pub struct SolveResult {
     /// Every vertex that resolved, inputs before the vertices using them
     /// (what a cache exporter writes).
     pub vertices: Vec<CacheVertex>,
+    /// The result is a base image the worker has not pulled (see
+    /// [`Worker::pulls_lazily`]): `snapshot` is `None` and this says what it is.
+    pub lazy: Option<LazyImage>,
+}
+
+/// A result that is a registry image not pulled yet: its layers as the manifest names them
+/// (blobs in the registry, not necessarily in the worker's content store), and the pull that
+/// makes its snapshot when an exporter needs the tree.
+#[derive(Clone)]
+pub struct LazyImage {
+    /// The image, as resolved (its layer blobs live in this repository).
+    pub reference: Reference,
+    /// Its layers, bottom → top: the manifest's descriptors (digests and media types as they
+    /// are) with the config's diff ids.
+    pub layers: Vec<Layer>,
+    materialize: MaterializeFuture,
+}
+
+impl LazyImage {
+    /// Pulls the image (once, shared with every other user of the same solve) and returns its
+    /// snapshot, `None` for an image without layers.
+    pub async fn snapshot(&self) -> Result<Option<SnapshotId>, Arc<Error>> {
+        let made = self.materialize.clone().await?;
+        Ok(made.outputs.first().cloned().flatten())
+    }
+}
+
+impl fmt::Debug for LazyImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyImage")
+            .field("reference", &self.reference.to_string())
+            .field("layers", &self.layers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Per-solve options.
@@ -316,6 +350,16 @@ struct Resolved {
     /// Whether the vertex ran (for a miss: whether its result was needed).
     ran: Arc<std::sync::atomic::AtomicBool>,
     materialize: MaterializeFuture,
+    /// For an image source the worker pulls lazily: the image and its layers, so a result
+    /// that is the image itself can be exported without the pull.
+    lazy: Option<Arc<LazyLayers>>,
+}
+
+/// What a lazily pulled image source is made of, known from its manifest and config.
+struct LazyLayers {
+    reference: Reference,
+    layers: Vec<Layer>,
+    created: u64,
 }
 
 impl Resolved {
@@ -334,6 +378,7 @@ impl Resolved {
             cached,
             ran: Arc::new(std::sync::atomic::AtomicBool::new(!cached)),
             materialize,
+            lazy: None,
         }
     }
 
@@ -538,6 +583,7 @@ impl Solver {
                 created: None,
                 leases: Leases::default(),
                 vertices: Vec::new(),
+                lazy: None,
             });
         };
         let context = Arc::new(Context {
@@ -583,7 +629,24 @@ impl Solver {
         // Keys first (every vertex is reachable from the result), then the
         // result itself, which makes exactly the inputs it needs.
         let resolved = top.await?;
-        let materialized = resolved.materialize.clone().await?;
+        let index = usize::try_from(result.index).unwrap_or(usize::MAX);
+        // A result that is a base image nobody pulled stays unpulled: exporters take its layers
+        // from the registry (and pull it only if they need its tree).
+        let lazy = match (&resolved.lazy, resolved.materialize.peek()) {
+            (Some(image), None) if index == 0 => Some(LazyImage {
+                reference: image.reference.clone(),
+                layers: image.layers.clone(),
+                materialize: resolved.materialize.clone(),
+            }),
+            _ => None,
+        };
+        let materialized = match (&lazy, &resolved.lazy) {
+            (Some(_), Some(image)) => Arc::new(Materialized {
+                outputs: Vec::new(),
+                created: image.created,
+            }),
+            _ => resolved.materialize.clone().await?,
+        };
         let mut stats = SolveStats::default();
         for digest in graph.topological_order() {
             let Some(Ok(r)) = futures.get(digest).and_then(|f| f.peek()) else {
@@ -606,7 +669,6 @@ impl Solver {
                 }
             }
         }
-        let index = usize::try_from(result.index).unwrap_or(usize::MAX);
         let snapshot = materialized.outputs.get(index).cloned().flatten();
         let mut vertices = Vec::new();
         for digest in graph.topological_order() {
@@ -647,6 +709,7 @@ impl Solver {
             created: Some(materialized.created),
             leases: context.leases.clone(),
             vertices,
+            lazy,
         })
     }
 }
@@ -729,6 +792,7 @@ async fn run_vertex(
                 ignore_cache,
                 &progress,
                 &name,
+                Arc::new(vertex_error.clone()),
             )
             .await;
             finish(&progress, result, vertex_error)
@@ -928,6 +992,7 @@ async fn run_vertex(
                 cached: false,
                 ran,
                 materialize,
+                lazy: None,
             }))
         }
         Some(pb::op::Op::Merge(_)) => Err(Arc::new(Error::Unsupported {
@@ -1140,6 +1205,7 @@ fn import_lookup(
         cached: true,
         ran: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         materialize: apply.boxed().shared(),
+        lazy: None,
     })
 }
 
@@ -1220,6 +1286,7 @@ async fn run_source(
     ignore_cache: bool,
     progress: &VertexProgress,
     name: &str,
+    vertex_error: Arc<dyn Fn(kiln_worker::Error) -> Arc<Error> + Send + Sync>,
 ) -> Result<Resolved, SourceFailure> {
     let identifier = source.identifier.as_str();
     if let Some(reference) = identifier.strip_prefix("docker-image://") {
@@ -1273,6 +1340,50 @@ async fn run_source(
                 return Ok(resolved);
             }
         }
+        let source_digest = reference
+            .digest()
+            .unwrap_or(&resolved.manifest_digest)
+            .to_string();
+        let identity = format!("image\0{identifier}\0{platform_id}");
+        if let Some(layers) = lazy_layers(context.worker.as_ref(), &resolved) {
+            let reason = if ignore_cache {
+                "cache disabled".to_string()
+            } else {
+                context.explain.explain_source(&identity, &source_digest)
+            };
+            progress.log(2, format!("{}{reason}\n", explain::MISS_PREFIX).as_bytes());
+            remember(
+                context,
+                &identity,
+                &explain::KeyParts {
+                    source: source_digest,
+                    ..Default::default()
+                },
+            );
+            let created = lazy_created(context, &key, name, ignore_cache)?;
+            let lazy = Arc::new(LazyLayers {
+                reference: resolved.reference.clone(),
+                layers,
+                created,
+            });
+            let pull = pull_image(
+                context.clone(),
+                key.clone(),
+                resolved,
+                name.to_string(),
+                progress.clone(),
+                ignore_cache,
+                created,
+                vertex_error,
+            );
+            return Ok(Resolved {
+                key,
+                cached: false,
+                ran: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                materialize: pull.boxed().shared(),
+                lazy: Some(lazy),
+            });
+        }
         // Another build pulling the same image: wait for it, then take its
         // record, so the pull and unpack happen once.
         let _pulling = match ignore_cache {
@@ -1284,11 +1395,6 @@ async fn run_source(
                 return Ok(resolved);
             }
         }
-        let source_digest = reference
-            .digest()
-            .unwrap_or(&resolved.manifest_digest)
-            .to_string();
-        let identity = format!("image\0{identifier}\0{platform_id}");
         let reason = if ignore_cache {
             "cache disabled".to_string()
         } else {
@@ -1365,6 +1471,92 @@ async fn run_source(
     Err(SourceFailure::Other(Arc::new(Error::Unsupported {
         what: format!("source {scheme}://"),
     })))
+}
+
+/// The layers of `image` as an export would name them, when `worker` pulls lazily; `None` to
+/// pull now (an eager worker, or a manifest and config that disagree, which the pull reports).
+fn lazy_layers(
+    worker: &dyn Worker,
+    image: &kiln_image::registry::ResolvedImage,
+) -> Option<Vec<Layer>> {
+    let diff_ids = &image.config.rootfs.diff_ids;
+    if !worker.pulls_lazily() || image.manifest.layers.len() != diff_ids.len() {
+        return None;
+    }
+    Some(
+        image
+            .manifest
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(descriptor, diff_id)| Layer {
+                descriptor: descriptor.clone(),
+                diff_id: diff_id.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// When a lazily pulled image source was first used: kept in a record of its own (without
+/// outputs) so a rebuild that still never pulls it reports the same time, and so gives the
+/// same image, as a rebuild whose pull is a cache hit does.
+fn lazy_created(
+    context: &Context,
+    key: &CacheKey,
+    name: &str,
+    ignore_cache: bool,
+) -> Result<u64, SourceFailure> {
+    let created_key = CacheKey::from_parts([("lazy-image-created", key.as_str().as_bytes())]);
+    if !ignore_cache {
+        if let Some(record) = context.records.get(&created_key) {
+            return Ok(record.created);
+        }
+    }
+    let created = now_secs();
+    context
+        .records
+        .put_created(&created_key, &[], name, created)
+        .map_err(|e| SourceFailure::Other(Arc::new(e)))?;
+    Ok(created)
+}
+
+/// The deferred pull of a lazily pulled image source: once per build (another build pulling
+/// the same image is waited for and its record taken), recorded with the time the source was
+/// first used.
+#[allow(clippy::too_many_arguments)]
+async fn pull_image(
+    context: Arc<Context>,
+    key: CacheKey,
+    image: kiln_image::registry::ResolvedImage,
+    name: String,
+    progress: VertexProgress,
+    ignore_cache: bool,
+    created: u64,
+    vertex_error: Arc<dyn Fn(kiln_worker::Error) -> Arc<Error> + Send + Sync>,
+) -> Result<Arc<Materialized>, Arc<Error>> {
+    let _pulling = match ignore_cache {
+        false => Some(context.inflight.acquire(key.as_str()).await),
+        true => None,
+    };
+    if !ignore_cache {
+        if let Some(resolved) = lookup(&context, &key) {
+            return resolved.materialize.clone().await;
+        }
+    }
+    tracing::debug!(reference = %image.reference, "pulling a lazily resolved image");
+    let snapshot = context
+        .worker
+        .pull(&image, &progress)
+        .await
+        .map_err(|e| vertex_error(e))?;
+    let outputs = vec![snapshot];
+    hold(&context, &outputs);
+    match record(&context, &key, &outputs, &name, created) {
+        Ok(()) => {}
+        Err(SourceFailure::Worker(e)) => return Err(vertex_error(e)),
+        Err(SourceFailure::Other(e)) => return Err(e),
+    }
+    Ok(Arc::new(Materialized { outputs, created }))
 }
 
 /// A checksum of a directory's content: paths, types, permission bits,

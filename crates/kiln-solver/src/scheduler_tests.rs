@@ -30,6 +30,7 @@ struct FakeWorker {
     execs: Mutex<Vec<String>>,
     pulls: AtomicUsize,
     snapshots: Mutex<HashSet<SnapshotId>>,
+    lazy: std::sync::atomic::AtomicBool,
 }
 
 impl FakeWorker {
@@ -43,6 +44,7 @@ impl FakeWorker {
             execs: Mutex::new(Vec::new()),
             pulls: AtomicUsize::new(0),
             snapshots: Mutex::new(HashSet::new()),
+            lazy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -82,6 +84,9 @@ impl Worker for FakeWorker {
     }
     fn content(&self) -> &ContentStore {
         &self.content
+    }
+    fn pulls_lazily(&self) -> bool {
+        self.lazy.load(Ordering::SeqCst)
     }
     async fn resolve_image(
         &self,
@@ -246,6 +251,20 @@ fn from_image() -> pb::Definition {
     let base = OutputRef::new(builder.add(source, &[]).unwrap(), 0);
     let step = exec(&mut builder, "step", &[base]);
     builder.build(Some(step))
+}
+
+/// An image alone (a result that needs only the image's layers).
+fn image_only() -> pb::Definition {
+    let mut builder = DefinitionBuilder::new();
+    let source = pb::Op {
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: "docker-image://127.0.0.1:5000/busybox:latest".into(),
+            attrs: BTreeMap::new(),
+        })),
+        ..Default::default()
+    };
+    let base = OutputRef::new(builder.add(source, &[]).unwrap(), 0);
+    builder.build(Some(base))
 }
 
 /// Four independent steps joined by a fifth.
@@ -685,4 +704,62 @@ async fn a_fully_cached_solve_reports_every_vertex_output() {
         assert!(!b.outputs.is_empty(), "no outputs for {}", b.key);
         assert_eq!(a.outputs, b.outputs);
     }
+}
+
+#[tokio::test]
+async fn a_lazily_pulling_worker_pulls_only_when_a_step_runs_on_the_image() {
+    let (_dir, worker, solver) = solver_with(0);
+    worker.lazy.store(true, Ordering::SeqCst);
+    let solve_image = || async {
+        solver
+            .solve(
+                &image_only(),
+                Arc::new(NoLocals),
+                ProgressWriter::discard(),
+                SolveOptions::default(),
+            )
+            .await
+            .unwrap()
+    };
+    let first = solve_image().await;
+    assert_eq!(
+        worker.pulls.load(Ordering::SeqCst),
+        0,
+        "nothing needed the tree"
+    );
+    assert_eq!(first.snapshot, None);
+    let lazy = first.lazy.clone().expect("a lazy result");
+    assert_eq!(lazy.reference.to_string(), "127.0.0.1:5000/busybox:latest");
+    // Not pulled, so not recorded, yet a rebuild reports the same time (the same image).
+    let second = solve_image().await;
+    assert_eq!(second.created, first.created);
+    assert!(second.lazy.is_some());
+    // An exporter that needs the tree pulls it, once.
+    let pulled = lazy.snapshot().await.unwrap().expect("a snapshot");
+    assert_eq!(
+        lazy.snapshot().await.unwrap().as_deref(),
+        Some(pulled.as_str())
+    );
+    assert_eq!(worker.pulls.load(Ordering::SeqCst), 1);
+    // Now a local record: the image is a cache hit, and a step on it does not pull again.
+    let third = solve_image().await;
+    assert_eq!(
+        (third.snapshot.as_deref(), third.lazy.is_none()),
+        (Some(pulled.as_str()), true)
+    );
+    assert_eq!(third.created, first.created);
+    solve(&solver, &from_image()).await;
+    assert_eq!(worker.pulls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        worker.take_events()[0],
+        Event::Start("step".into(), vec![Some(pulled)])
+    );
+
+    // A fresh worker: the step needs the image, so it is pulled for it, once.
+    let (_dir, worker, solver) = solver_with(0);
+    worker.lazy.store(true, Ordering::SeqCst);
+    let stats = solve(&solver, &from_image()).await;
+    assert_eq!(worker.pulls.load(Ordering::SeqCst), 1);
+    assert_eq!(worker.execs(), vec!["step"]);
+    assert_eq!(stats.executed, 2);
 }

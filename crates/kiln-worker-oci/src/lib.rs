@@ -601,6 +601,12 @@ impl Worker for OciWorker {
         Ok(parent)
     }
 
+    /// Lazy: a base image is pulled when an exec or file op first needs its tree
+    /// (`snapshot_from_dir`, `exec` and `file` never see an image that was not pulled).
+    fn pulls_lazily(&self) -> bool {
+        true
+    }
+
     async fn snapshot_from_dir(&self, dir: &Path) -> Result<SnapshotId, Error> {
         let snapshots = self.snapshots.clone();
         let dir = dir.to_path_buf();

@@ -421,6 +421,15 @@ pub trait Worker: Send + Sync {
         progress: &dyn ProgressSink,
     ) -> Result<Option<SnapshotId>, Error>;
 
+    /// Whether the solver may defer [`pull`](Self::pull) of a base image until a step needs
+    /// its tree (BuildKit's lazy refs). Until then a result that is the image itself is exported
+    /// from the manifest's layer descriptors, whose blobs are *not* in
+    /// [`content`](Self::content): exporters fetch them from the image's registry, or a push
+    /// mounts them from it. The default (`false`) keeps pulls eager.
+    fn pulls_lazily(&self) -> bool {
+        false
+    }
+
     /// Makes a snapshot holding a copy of the directory `dir` (for local sources).
     async fn snapshot_from_dir(&self, dir: &Path) -> Result<SnapshotId, Error>;
 
