@@ -1343,6 +1343,7 @@ mod tests {
                     lazy: None,
                     image_config: config,
                     created: Some(created),
+                    provenance: None,
                 };
                 commit_image(worker, &result, &options, None, &vertex())
                     .await
