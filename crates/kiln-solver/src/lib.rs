@@ -535,6 +535,14 @@ impl Solver {
             self.forget_records(&removed)?;
             pruned.extend(chosen.into_iter().filter(|r| removed.contains(&r.id)));
         }
+        if !pruned.is_empty() && self.records.all().is_empty() {
+            let dir = self.state_dir.join(LAZY_IMAGES_DIR);
+            if let Err(source) = std::fs::remove_dir_all(&dir) {
+                if source.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::Io { path: dir, source });
+                }
+            }
+        }
         tracing::info!(count = pruned.len(), "pruned build cache");
         Ok(pruned)
     }
@@ -1497,25 +1505,30 @@ fn lazy_layers(
     )
 }
 
+/// Where the first-use times of lazily pulled images are kept: beside the cache records, not
+/// among them (they name no snapshot, so they are no cache entry); a prune that empties the
+/// cache empties them too.
+const LAZY_IMAGES_DIR: &str = "lazy-images";
+
 /// When a lazily pulled image source was first used: kept in a record of its own (without
-/// outputs) so a rebuild that still never pulls it reports the same time, and so gives the
-/// same image, as a rebuild whose pull is a cache hit does.
+/// outputs, under [`LAZY_IMAGES_DIR`]) so a rebuild that still never pulls it reports the same
+/// time, and so gives the same image, as a rebuild whose pull is a cache hit does.
 fn lazy_created(
     context: &Context,
     key: &CacheKey,
     name: &str,
     ignore_cache: bool,
 ) -> Result<u64, SourceFailure> {
-    let created_key = CacheKey::from_parts([("lazy-image-created", key.as_str().as_bytes())]);
+    let store = CacheRecords::open(&context.state_dir.join(LAZY_IMAGES_DIR))
+        .map_err(|e| SourceFailure::Other(Arc::new(e)))?;
     if !ignore_cache {
-        if let Some(record) = context.records.get(&created_key) {
+        if let Some(record) = store.get(key) {
             return Ok(record.created);
         }
     }
     let created = now_secs();
-    context
-        .records
-        .put_created(&created_key, &[], name, created)
+    store
+        .put_created(key, &[], name, created)
         .map_err(|e| SourceFailure::Other(Arc::new(e)))?;
     Ok(created)
 }
