@@ -284,6 +284,8 @@ pub struct SolveOptions {
 pub struct Solver {
     worker: Arc<dyn Worker>,
     records: CacheRecords,
+    /// First-use times of lazily pulled images (see [`lazy_created`]).
+    lazy_images: CacheRecords,
     explain: explain::ExplainIndex,
     state_dir: PathBuf,
     /// One prune at a time (API and garbage collection).
@@ -392,6 +394,7 @@ type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Resolved>, Arc<Error>>>
 struct Context {
     worker: Arc<dyn Worker>,
     records: CacheRecords,
+    lazy_images: CacheRecords,
     explain: explain::ExplainIndex,
     locals: Arc<dyn LocalSources>,
     progress: ProgressWriter,
@@ -407,6 +410,8 @@ impl Solver {
     /// A solver for `worker`, keeping cache records in `state_dir/cache`.
     pub fn open(worker: Arc<dyn Worker>, state_dir: &Path) -> Result<Self, Error> {
         let records = CacheRecords::open(&state_dir.join("cache"))?;
+        // Opened once: opening removes leftover temporary files, which must not race a write.
+        let lazy_images = CacheRecords::open(&state_dir.join(LAZY_IMAGES_DIR))?;
         let explain_dir = state_dir.join("cache").join("explain");
         let explain = explain::ExplainIndex::open(&explain_dir).map_err(|source| Error::Io {
             path: explain_dir,
@@ -415,6 +420,7 @@ impl Solver {
         Ok(Self {
             worker,
             records,
+            lazy_images,
             explain,
             state_dir: state_dir.to_path_buf(),
             prune_lock: tokio::sync::Mutex::new(()),
@@ -536,11 +542,8 @@ impl Solver {
             pruned.extend(chosen.into_iter().filter(|r| removed.contains(&r.id)));
         }
         if !pruned.is_empty() && self.records.all().is_empty() {
-            let dir = self.state_dir.join(LAZY_IMAGES_DIR);
-            if let Err(source) = std::fs::remove_dir_all(&dir) {
-                if source.kind() != std::io::ErrorKind::NotFound {
-                    return Err(Error::Io { path: dir, source });
-                }
+            for (key, _) in self.lazy_images.all() {
+                self.lazy_images.remove(&key)?;
             }
         }
         tracing::info!(count = pruned.len(), "pruned build cache");
@@ -597,6 +600,7 @@ impl Solver {
         let context = Arc::new(Context {
             worker: self.worker.clone(),
             records: self.records.clone(),
+            lazy_images: self.lazy_images.clone(),
             explain: self.explain.clone(),
             locals,
             progress,
@@ -1519,8 +1523,7 @@ fn lazy_created(
     name: &str,
     ignore_cache: bool,
 ) -> Result<u64, SourceFailure> {
-    let store = CacheRecords::open(&context.state_dir.join(LAZY_IMAGES_DIR))
-        .map_err(|e| SourceFailure::Other(Arc::new(e)))?;
+    let store = &context.lazy_images;
     if !ignore_cache {
         if let Some(record) = store.get(key) {
             return Ok(record.created);
