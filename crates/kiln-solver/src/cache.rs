@@ -93,7 +93,9 @@ pub struct CacheRecords {
 
 impl CacheRecords {
     /// Opens (creating) the store in `dir`, removing leftovers of
-    /// interrupted writes.
+    /// interrupted writes. Open a directory once per process and share the
+    /// (cheaply cloned) store: the sweep would also remove a concurrent
+    /// writer's temporary file.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),

@@ -79,6 +79,15 @@ fn layer_digests(archive: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A kilnd with an empty root, named `name`, whose runc counts container starts: the daemon,
+/// its address and the runc log.
+fn counting_daemon(dir: &Path, name: &str) -> (Kilnd, String, PathBuf) {
+    let (runc, log) = counting_runc(dir, name);
+    let address = format!("unix://{}/{name}.sock", dir.display());
+    let daemon = Kilnd::start(&address, &["--oci-worker-binary", runc.to_str().unwrap()]);
+    (daemon, address, log)
+}
+
 struct Build<'a> {
     address: &'a str,
     context: &'a Path,
@@ -137,12 +146,7 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     let cache_ref = format!("127.0.0.1:5000/kiln-test/cache-{nonce:x}:latest");
 
     // kilnd A builds and exports (registry, mode=max).
-    let (runc_a, log_a) = counting_runc(work.path(), "a");
-    let address_a = format!("unix://{}/a.sock", work.path().display());
-    let daemon_a = Kilnd::start(
-        &address_a,
-        &["--oci-worker-binary", runc_a.to_str().unwrap()],
-    );
+    let (daemon_a, address_a, log_a) = counting_daemon(work.path(), "a");
     let build_a = Build {
         address: &address_a,
         context: &context,
@@ -190,12 +194,7 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     );
 
     // kilnd B, empty root: everything from the registry cache (bare ref form).
-    let (runc_b, log_b) = counting_runc(work.path(), "b");
-    let address_b = format!("unix://{}/b.sock", work.path().display());
-    let daemon_b = Kilnd::start(
-        &address_b,
-        &["--oci-worker-binary", runc_b.to_str().unwrap()],
-    );
+    let (daemon_b, address_b, log_b) = counting_daemon(work.path(), "b");
     let build_b = Build {
         address: &address_b,
         context: &context,
@@ -227,12 +226,7 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
     let min_ref = format!("127.0.0.1:5000/kiln-test/cache-{nonce:x}:min");
     let min_export = build_a.run(&["--cache-to", &min_ref]);
     assert_eq!(min_export.code, 0, "{}", min_export.stderr);
-    let (runc_d, log_d) = counting_runc(work.path(), "d");
-    let address_d = format!("unix://{}/d.sock", work.path().display());
-    let daemon_d = Kilnd::start(
-        &address_d,
-        &["--oci-worker-binary", runc_d.to_str().unwrap()],
-    );
+    let (daemon_d, address_d, log_d) = counting_daemon(work.path(), "d");
     let build_d = Build {
         address: &address_d,
         context: &context,
@@ -288,12 +282,7 @@ fn registry_and_local_cache_travel_to_an_empty_daemon() {
         index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
         "latest"
     );
-    let (runc_c, log_c) = counting_runc(work.path(), "c");
-    let address_c = format!("unix://{}/c.sock", work.path().display());
-    let daemon_c = Kilnd::start(
-        &address_c,
-        &["--oci-worker-binary", runc_c.to_str().unwrap()],
-    );
+    let (daemon_c, address_c, log_c) = counting_daemon(work.path(), "c");
     let build_c = Build {
         address: &address_c,
         context: &context,
@@ -340,12 +329,7 @@ fn inline_cache_travels_in_the_image() {
     dockerfile(&context, &format!("inline-{nonce}"));
     let repo = format!("127.0.0.1:5000/kiln-test/inline-{nonce:x}");
 
-    let (runc_a, log_a) = counting_runc(work.path(), "a");
-    let address_a = format!("unix://{}/a.sock", work.path().display());
-    let daemon_a = Kilnd::start(
-        &address_a,
-        &["--oci-worker-binary", runc_a.to_str().unwrap()],
-    );
+    let (daemon_a, address_a, log_a) = counting_daemon(work.path(), "a");
     let push = |tag: &str, extra: &[&str]| {
         let mut command = Command::new(cargo_bin("kiln"));
         command
@@ -411,12 +395,7 @@ fn inline_cache_travels_in_the_image() {
     );
 
     // kilnd B, empty root: every step from the image's inline cache.
-    let (runc_b, log_b) = counting_runc(work.path(), "b");
-    let address_b = format!("unix://{}/b.sock", work.path().display());
-    let daemon_b = Kilnd::start(
-        &address_b,
-        &["--oci-worker-binary", runc_b.to_str().unwrap()],
-    );
+    let (daemon_b, address_b, log_b) = counting_daemon(work.path(), "b");
     let build_b = Build {
         address: &address_b,
         context: &context,
