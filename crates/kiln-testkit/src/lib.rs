@@ -379,3 +379,37 @@ impl Registry {
         registry
     }
 }
+
+/// Runs `argv` with `listener` as fd 3 and `LISTEN_PID`/`LISTEN_FDS` set
+/// (via `sh -c 'exec …'`, which keeps the pid), as systemd's socket unit would.
+pub fn spawn_socket_activated(
+    listener: &impl std::os::fd::AsRawFd,
+    argv: &[String],
+    log: &Path,
+) -> Child {
+    let fd = listener.as_raw_fd();
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
+        .arg("sh")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().unwrap()
+}

@@ -3,7 +3,6 @@
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -106,34 +105,18 @@ fn notify_socket_gets_ready_after_the_listeners_and_stopping() {
     }
 }
 
-/// Spawns kilnd with `listener` as fd 3 and `LISTEN_PID`/`LISTEN_FDS` set
-/// for kilnd's own pid (through `sh -c 'exec …'`, which keeps the pid).
+/// Spawns kilnd as a socket unit would, with `listener` as fd 3.
 fn spawn_activated(listener: &impl std::os::fd::AsRawFd, root: &Path, log: &Path) -> Child {
-    let fd = listener.as_raw_fd();
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --root \"$1\" --config /dev/null --addr fd://")
-        .arg(cargo_bin("kilnd"))
-        .arg(root)
-        .stdin(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
-    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            // dup2 onto itself keeps close-on-exec: clear it then.
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.spawn().unwrap()
+    let argv: Vec<String> = vec![
+        cargo_bin("kilnd").display().to_string(),
+        "--root".into(),
+        root.display().to_string(),
+        "--config".into(),
+        "/dev/null".into(),
+        "--addr".into(),
+        "fd://".into(),
+    ];
+    kiln_testkit::spawn_socket_activated(listener, &argv, log)
 }
 
 #[test]

@@ -3,9 +3,8 @@
 //! run (socket-activated, with `--root` overridden); re-running updates,
 //! uninstall removes.
 
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use kiln_testkit::{cargo_bin, containerd_available, run, Output};
@@ -18,40 +17,6 @@ fn setup(prefix: &Path, namespace: &str, args: &[&str]) -> Output {
         .arg(prefix)
         .env("CONTAINERD_NAMESPACE", namespace)
         .env_remove("CONTAINERD_SNAPSHOTTER"))
-}
-
-/// Runs `argv` with `listener` as fd 3 and `LISTEN_PID`/`LISTEN_FDS` set
-/// (via `sh -c 'exec …'`, which keeps the pid), as systemd's socket unit would.
-fn spawn_activated(
-    listener: &std::os::unix::net::UnixListener,
-    argv: &[String],
-    log: &Path,
-) -> Child {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(listener);
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
-        .arg("sh")
-        .args(argv)
-        .stdin(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
-    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            // dup2 onto itself keeps close-on-exec: clear it then.
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.spawn().unwrap()
 }
 
 #[test]
@@ -128,7 +93,7 @@ enabled = true
     let socket = work.path().join("kilnd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let log = work.path().join("kilnd.log");
-    let mut daemon = spawn_activated(&listener, &argv, &log);
+    let mut daemon = kiln_testkit::spawn_socket_activated(&listener, &argv, &log);
     drop(listener);
     let address = format!("unix://{}", socket.display());
     let mut info = None;
